@@ -1,0 +1,116 @@
+"""Adapter for timm ``VisionTransformer`` and its subclasses (DeiT, DINO, registers)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from captum_ext.adapters.base import ModelAdapter, Point, Readout, register_adapter
+
+__all__ = ["TimmViTAdapter"]
+
+
+@register_adapter
+class TimmViTAdapter(ModelAdapter):
+    """timm ``VisionTransformer`` (``vit_*``, ``deit_*`` incl. distilled, DINO, register models).
+
+    Prefix tokens come from ``model.num_prefix_tokens`` (CLS, DIST, registers).
+    The readout is the CLS row, the mean of CLS and DIST rows for distilled
+    DeiT, or the mean of patch rows for ``global_pool`` other than ``'token'``.
+    Attention probabilities are read at each block's ``attn.attn_drop`` with
+    ``fused_attn`` switched off for the call.
+    """
+
+    family = "timm VisionTransformer"
+    modality = "image"
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        blocks = getattr(model, "blocks", None)
+        return (
+            hasattr(model, "patch_embed")
+            and hasattr(model, "num_prefix_tokens")
+            and isinstance(blocks, nn.Sequential | nn.ModuleList)
+            and len(blocks) > 0
+            and all(hasattr(b, "attn") and hasattr(b, "norm1") for b in blocks)
+        )
+
+    @property
+    def blocks(self) -> Sequence[nn.Module]:
+        return list(self.model.blocks)
+
+    @property
+    def num_heads(self) -> int:
+        return int(self.model.blocks[-1].attn.num_heads)
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.model.num_prefix_tokens)
+
+    def _default_readout(self) -> Readout:
+        if getattr(self.model, "dist_token", None) is not None:
+            return "cls_dist"
+        if getattr(self.model, "global_pool", "token") == "token":
+            return "cls"
+        return "mean"
+
+    @property
+    def patch_size(self) -> tuple[int, int]:
+        return tuple(int(p) for p in self.model.patch_embed.patch_size)
+
+    def grid_size(self, inputs: torch.Tensor) -> tuple[int, int]:
+        ph, pw = self.patch_size
+        h, w = inputs.shape[-2:]
+        if getattr(self.model.patch_embed, "dynamic_img_pad", False):
+            return -(-h // ph), -(-w // pw)
+        return h // ph, w // pw
+
+    def _check_image_size(self, inputs: torch.Tensor, method: str) -> None:
+        pe = self.model.patch_embed
+        if getattr(pe, "dynamic_img_pad", False):
+            return
+        super()._check_image_size(inputs, method)
+        dynamic = getattr(self.model, "dynamic_img_size", False)
+        img_size = getattr(pe, "img_size", None)
+        h, w = inputs.shape[-2:]
+        if not dynamic and getattr(pe, "strict_img_size", True) and img_size is not None:
+            if (h, w) != tuple(img_size):
+                raise ValueError(
+                    f"{method}: this timm ViT was built for {img_size[0]}x{img_size[1]} images; "
+                    f"got {h}x{w}. Resize the input, or create the model with "
+                    "dynamic_img_size=True."
+                )
+
+    def pre_attention_point(self, block: int = -1) -> Point:
+        blk = self.model.blocks[block]
+        return Point(blk.attn, "input", None, f"blocks[{block}].attn input (norm1 output)")
+
+    def attention_point(self, block: int) -> Point:
+        attn = self.model.blocks[block].attn
+        drop = getattr(attn, "attn_drop", None)
+        if not isinstance(drop, nn.Module):
+            raise NotImplementedError(
+                f"blocks[{block}].attn ({type(attn).__name__}) has no attn_drop module where "
+                "attention probabilities can be read; supported: timm Attention."
+            )
+        return Point(drop, "output", None, f"blocks[{block}].attn.attn_drop")
+
+    def token_point(self) -> Point:
+        return Point(self.model.patch_drop, "output", None, "patch_drop output")
+
+    @contextlib.contextmanager
+    def attention_probabilities(self) -> Iterator[None]:
+        changed = []
+        try:
+            for blk in self.model.blocks:
+                attn = blk.attn
+                if getattr(attn, "fused_attn", False):
+                    changed.append(attn)
+                    attn.fused_attn = False
+            yield
+        finally:
+            for attn in changed:
+                attn.fused_attn = True

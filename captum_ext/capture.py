@@ -1,0 +1,171 @@
+"""The hook engine: forward hooks that read (or replace) tensors, always removed.
+
+Methods never register hooks themselves. They describe what they need as
+:class:`Hook` objects (a :class:`~captum_ext.adapters.Point` plus an optional
+transform) and run the model inside :func:`hooks` and :func:`model_state`.
+Gradients are taken with ``torch.autograd.grad`` on captured tensors, never
+with module backward hooks (full backward hooks silently do not fire when the
+module input does not require grad).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from captum_ext.adapters.base import Point
+
+__all__ = ["Hook", "as_leaf", "hooks", "model_state"]
+
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+_HIDDEN_KWARGS = ("hidden_states", "x", "input")
+
+
+def as_leaf(t: torch.Tensor) -> torch.Tensor:
+    """A detached copy that requires grad: the gradient root of a method.
+
+    Substituting it for a model tensor makes every later tensor require grad
+    even when all parameters are frozen and the input does not require grad,
+    and ``torch.autograd.grad`` w.r.t. it is the total derivative of the score
+    w.r.t. that tensor.
+    """
+    return t.detach().requires_grad_(True)
+
+
+@dataclass
+class Hook:
+    """What to do at a point: optionally transform the tensor, and record it.
+
+    Attributes:
+        point: Where the tensor is.
+        transform: Applied to the tensor; the result replaces it in the
+            forward pass (e.g. :func:`as_leaf`, noise, token removal).
+        record: Keep the (transformed) tensor in :attr:`tensors`.
+        tensors: One entry per call of the module in the last forward pass.
+    """
+
+    point: Point
+    transform: Transform | None = None
+    record: bool = True
+    tensors: list[torch.Tensor | None] = field(default_factory=list)
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """The tensor of the single call of the module; clear errors otherwise."""
+        if not self.tensors:
+            raise RuntimeError(
+                f"{self.point.name or type(self.point.module).__name__} was not called during "
+                "the forward pass; pass a layer that the model uses."
+            )
+        if len(self.tensors) > 1:
+            raise RuntimeError(
+                f"{self.point.name or type(self.point.module).__name__} was called "
+                f"{len(self.tensors)} times in one forward pass; pass a layer that runs once."
+            )
+        return self.tensors[0]
+
+    def _apply(self, value: Any) -> Any:
+        """Reads/replaces the tensor inside ``value`` (tensor or tuple); returns the new value."""
+        idx = self.point.index
+        t = value if idx is None else value[idx]
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(
+                f"{self.point.name}: expected a tensor, got {type(t).__name__}; pass the module "
+                "whose output are the tokens (B, N, D)."
+            )
+        if t is not None and self.transform is not None:
+            t = self.transform(t)
+            if idx is None:
+                value = t
+            else:
+                value = (*value[:idx], t, *value[idx + 1 :])
+        if self.record:
+            self.tensors.append(t)
+        return value
+
+
+def _output_hook(h: Hook):
+    def fn(module: nn.Module, args: Any, output: Any) -> Any:
+        new = h._apply(output)
+        return new if h.transform is not None else None
+
+    return fn
+
+
+def _input_hook(h: Hook):
+    def fn(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if args:
+            new0 = h._apply(args[0])
+            return ((new0, *args[1:]), kwargs) if h.transform is not None else None
+        for key in _HIDDEN_KWARGS:
+            if key in kwargs:
+                kwargs = dict(kwargs)
+                kwargs[key] = h._apply(kwargs[key])
+                return (args, kwargs) if h.transform is not None else None
+        raise RuntimeError(f"{h.point.name}: the module was called without a tensor input.")
+
+    return fn
+
+
+@contextlib.contextmanager
+def hooks(specs: Sequence[Hook]) -> Iterator[Sequence[Hook]]:
+    """Registers the forward hooks of ``specs``; removes every handle on exit.
+
+    Handles are removed in ``finally``: after success, after an exception in
+    the forward pass, after a bad target.
+    """
+    handles = []
+    try:
+        for h in specs:
+            h.tensors.clear()
+            if h.point.where == "output":
+                handles.append(h.point.module.register_forward_hook(_output_hook(h)))
+            else:
+                handles.append(
+                    h.point.module.register_forward_pre_hook(_input_hook(h), with_kwargs=True)
+                )
+        yield specs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+_CHECKPOINT_FLAGS = ("grad_checkpointing", "gradient_checkpointing")
+
+
+@contextlib.contextmanager
+def model_state(model: nn.Module, grad: bool = True) -> Iterator[None]:
+    """Eval mode, gradient checkpointing off and grad enabled (or disabled) for one call.
+
+    Every module's ``training`` flag and every checkpointing flag is restored
+    exactly in ``finally``, so models with mixed modes (e.g. frozen BatchNorm)
+    come back as they were. Grad is enabled because ``captum.metrics.
+    sensitivity_max`` calls ``attribute`` under ``torch.no_grad()``.
+    """
+    if grad and torch.is_inference_mode_enabled():
+        raise RuntimeError(
+            "captum_ext needs gradients, which torch.inference_mode() forbids; call attribute() "
+            "outside inference_mode (torch.no_grad() is fine)."
+        )
+    modes = [(m, m.training) for m in model.modules()]
+    flags = []
+    try:
+        for m in model.modules():
+            for name in _CHECKPOINT_FLAGS:
+                if getattr(m, name, None) is True:
+                    flags.append((m, name))
+                    setattr(m, name, False)
+        model.eval()
+        with torch.set_grad_enabled(grad):
+            yield
+    finally:
+        for m, name in flags:
+            setattr(m, name, True)
+        for m, mode in modes:
+            m.training = mode
