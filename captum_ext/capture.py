@@ -81,10 +81,7 @@ class Hook:
             )
         if t is not None and self.transform is not None:
             t = self.transform(t)
-            if idx is None:
-                value = t
-            else:
-                value = (*value[:idx], t, *value[idx + 1 :])
+            value = t if idx is None else (*value[:idx], t, *value[idx + 1 :])
         if self.record:
             self.tensors.append(t)
         return value

@@ -9,6 +9,7 @@ inside a user's wrapper module).
 from captum_ext.adapters.base import (
     ModelAdapter,
     Point,
+    TokenRemoval,
     adapter_for,
     model_output_to_tensor,
     register_adapter,
@@ -24,6 +25,7 @@ __all__ = [
     "ModelAdapter",
     "Point",
     "TimmViTAdapter",
+    "TokenRemoval",
     "adapter_for",
     "model_output_to_tensor",
     "register_adapter",

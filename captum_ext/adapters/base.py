@@ -21,6 +21,7 @@ from captum_ext.errors import UnsupportedModelError
 __all__ = [
     "ModelAdapter",
     "Point",
+    "TokenRemoval",
     "adapter_for",
     "model_output_to_tensor",
     "register_adapter",
@@ -241,9 +242,56 @@ class ModelAdapter:
         args = _as_tuple(additional_forward_args)
         return model_output_to_tensor(self.model(inputs, *args))
 
-    def readout_weights(self, num_tokens: int, device: torch.device) -> torch.Tensor:
-        """Weights ``(N,)`` over token rows that form the readout (sum to 1)."""
-        w = torch.zeros(num_tokens, device=device)
+    # ------------------------------------------------------------------ token removal (TAM)
+    def token_removal(
+        self, inputs: torch.Tensor, additional_forward_args: Any = None
+    ) -> TokenRemoval:
+        """Which tokens may be removed, and what to feed the model when they are.
+
+        Tokens are removed at :meth:`token_point` (after position embeddings,
+        before the first block) by a hook that the method installs; this
+        describes the rest. Images: every token but the prefix tokens (CLS,
+        DIST, registers) may go, and each shortened row is fed the whole
+        image (the hook replaces its tokens). Text: every attended position
+        but the first and the last attended ones ([CLS]/<s> and [SEP]/</s>)
+        may go, padding never; each row is fed ``input_ids`` and every
+        ``(B, T, ...)`` extra argument (the attention mask) with the removed
+        positions cut out, so that the model's own shapes (its attention mask,
+        a wrapper's pooling) agree with the shortened sequence. The attention
+        mask is read from ``additional_forward_args[0]``.
+
+        Args:
+            inputs: Images ``(B, C, H, W)`` or ``input_ids (B, T)``.
+            additional_forward_args: Extra positional model arguments.
+
+        Returns:
+            A :class:`TokenRemoval` with ``removable (B, N)``.
+        """
+        extra = _as_tuple(additional_forward_args)
+        b = inputs.shape[0]
+        if self.modality == "image":
+            h, w = self.grid_size(inputs)
+            p = self.num_prefix_tokens
+            removable = torch.ones(b, p + h * w, dtype=torch.bool, device=inputs.device)
+            removable[:, :p] = False
+            return TokenRemoval(inputs, extra, removable, slice_tokens=False)
+        t = inputs.shape[1]
+        mask = extra[0] if extra else None
+        if isinstance(mask, torch.Tensor) and tuple(mask.shape) == (b, t):
+            attended = mask.to(inputs.device) != 0
+        else:
+            attended = torch.ones(b, t, dtype=torch.bool, device=inputs.device)
+        pos = torch.arange(t, device=inputs.device).expand(b, t)
+        first = attended.int().argmax(1, keepdim=True)
+        last = t - 1 - attended.flip(1).int().argmax(1, keepdim=True)
+        removable = attended & (pos != first) & (pos != last)
+        return TokenRemoval(inputs, extra, removable, slice_tokens=True)
+
+    def readout_weights(
+        self, num_tokens: int, device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """Weights ``(N,)`` over token rows that form the readout (sum to 1), in ``dtype``."""
+        w = torch.zeros(num_tokens, device=device, dtype=dtype)
         if self.readout == "cls":
             w[0] = 1.0
         elif self.readout == "cls_dist":
@@ -252,6 +300,56 @@ class ModelAdapter:
             p = self.num_prefix_tokens
             w[p:] = 1.0 / max(num_tokens - p, 1)
         return w
+
+
+@dataclass(frozen=True)
+class TokenRemoval:
+    """Model arguments for copies of a batch with tokens removed.
+
+    Built by :meth:`ModelAdapter.token_removal`; used by token ablation (TAM).
+
+    Attributes:
+        inputs: The batch: images ``(B, C, H, W)`` or ``input_ids (B, T)``.
+        additional_forward_args: The extra positional model arguments.
+        removable: ``(B, N)`` bool, the tokens at the token point that may be
+            removed (never prefix tokens, special text tokens or padding).
+        slice_tokens: ``True`` (text) when ``inputs`` and the ``(B, T, ...)``
+            extra tensors are cut along the token axis like the tokens;
+            ``False`` (images) when each row gets its whole example.
+    """
+
+    inputs: torch.Tensor
+    additional_forward_args: tuple
+    removable: torch.Tensor
+    slice_tokens: bool
+
+    def model_args(
+        self, rows: torch.Tensor, keep_index: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple]:
+        """Inputs and extra arguments for R shortened rows.
+
+        Args:
+            rows: ``(R,)`` example of each row.
+            keep_index: ``(R, L)`` ascending token positions each row keeps.
+
+        Returns:
+            ``(inputs, additional_forward_args)`` with R rows: tensors whose
+            first axis is the batch are indexed with ``rows`` (and, when
+            ``slice_tokens``, those of shape ``(B, T, ...)`` are cut to
+            ``keep_index``); other arguments are passed unchanged.
+        """
+        b = self.inputs.shape[0]
+        t = self.inputs.shape[1] if self.slice_tokens else -1
+
+        def pick(v: Any) -> Any:
+            if not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape[0] != b:
+                return v
+            rows_v = rows.to(v.device)
+            if self.slice_tokens and v.dim() >= 2 and v.shape[1] == t:
+                return v[rows_v[:, None], keep_index.to(v.device)]
+            return v[rows_v]
+
+        return pick(self.inputs), tuple(pick(v) for v in self.additional_forward_args)
 
 
 def _as_tuple(args: Any) -> tuple:

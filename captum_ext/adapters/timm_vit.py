@@ -76,13 +76,13 @@ class TimmViTAdapter(ModelAdapter):
         dynamic = getattr(self.model, "dynamic_img_size", False)
         img_size = getattr(pe, "img_size", None)
         h, w = inputs.shape[-2:]
-        if not dynamic and getattr(pe, "strict_img_size", True) and img_size is not None:
-            if (h, w) != tuple(img_size):
-                raise ValueError(
-                    f"{method}: this timm ViT was built for {img_size[0]}x{img_size[1]} images; "
-                    f"got {h}x{w}. Resize the input, or create the model with "
-                    "dynamic_img_size=True."
-                )
+        strict = not dynamic and getattr(pe, "strict_img_size", True) and img_size is not None
+        if strict and (h, w) != tuple(img_size):
+            raise ValueError(
+                f"{method}: this timm ViT was built for {img_size[0]}x{img_size[1]} images; "
+                f"got {h}x{w}. Resize the input, or create the model with "
+                "dynamic_img_size=True."
+            )
 
     def pre_attention_point(self, block: int = -1) -> Point:
         blk = self.model.blocks[block]

@@ -2,5 +2,16 @@
 
 from captum_ext.attr.attention_map import AttentionMap
 from captum_ext.attr.cdam import CDAM, ConceptCDAM
+from captum_ext.attr.relevance import RelevancePropagation
+from captum_ext.attr.rollout import AttentionRollout
+from captum_ext.attr.tam import TAM, TokenAblation
 
-__all__ = ["CDAM", "AttentionMap", "ConceptCDAM"]
+__all__ = [
+    "CDAM",
+    "TAM",
+    "AttentionMap",
+    "AttentionRollout",
+    "ConceptCDAM",
+    "RelevancePropagation",
+    "TokenAblation",
+]

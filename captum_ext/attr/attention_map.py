@@ -81,7 +81,7 @@ class AttentionMap(Attribution):
         x, was_tuple = unpack_inputs(inputs, self._method)
         self.adapter.check_inputs(x, self._method)
         (attn,) = capture_attention(self.adapter, x, additional_forward_args, [self.layer])
-        w = self.adapter.readout_weights(attn.shape[-1], attn.device).to(attn.dtype)
+        w = self.adapter.readout_weights(attn.shape[-1], attn.device, attn.dtype)
         rows = torch.einsum("n,bhnm->bhm", w, attn)
         scores = rows.mean(1) if self.heads == "mean" else rows
         return pack_output(
@@ -100,8 +100,12 @@ def capture_attention(
 
 
 def require_attention(h: Hook) -> torch.Tensor:
-    """The captured probabilities, or a clear error when the model did not form them."""
-    t = h.tensor
+    """The captured probabilities, or a clear error when the model did not form them.
+
+    A point that was never called (timm's fused kernel skips ``attn_drop``) or
+    that returned ``None`` (HF SDPA) is a :class:`MissingAttentionError`.
+    """
+    t = h.tensors[0] if len(h.tensors) == 1 else (h.tensor if h.tensors else None)
     if t is None or t.dim() != 4:
         raise MissingAttentionError(
             f"{h.point.name} returned no attention probabilities (got "

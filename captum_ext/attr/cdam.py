@@ -155,7 +155,7 @@ class CDAM(LayerAttribution, GradientAttribution):
         if self.variant == "plain":
             return self._one_pass(x, extra, score_fns, None)
         stream = self.adapter.block_input_point(-1)
-        gen = torch.Generator(device=x.device).manual_seed(self.seed)
+        gen = torch.Generator().manual_seed(self.seed)  # CPU: same noise on every device
         total: list[torch.Tensor] | None = None
         if self.variant == "smooth":
             transforms = [_noise(self.noise_level, gen) for _ in range(self.n_samples)]
@@ -272,7 +272,7 @@ def _noise(level: float, gen: torch.Generator) -> Callable[[torch.Tensor], torch
     def tf(x: torch.Tensor) -> torch.Tensor:
         flat = x.detach().flatten(1)
         sigma = level * (flat.amax(1) - flat.amin(1))
-        noise = torch.randn(x.shape, generator=gen, device=x.device, dtype=x.dtype)
+        noise = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
         return x + noise * sigma.view(-1, *([1] * (x.dim() - 1)))
 
     return tf

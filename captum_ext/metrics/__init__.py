@@ -1,0 +1,60 @@
+"""Evaluation metrics for (class-discriminative) explanations.
+
+Every metric returns one value per example (a ``(B,)`` tensor, or ``(B, F)`` for ROAD). Maps
+are ``(B, H, W)`` / ``(B, 1, H, W)`` (``(B, C, H, W)`` is summed over channels), token maps
+``(B, P)``; masks are ``(B, H, W)`` bool. Wherever a metric needs attributions it accepts a
+tensor or a Captum ``Attribution`` object plus ``attribute_kwargs``.
+
+Metadata (direction, category, reference) is available declaratively through
+:func:`metric_info` / :data:`METRICS` and the ``fn.metric_info`` attribute.
+"""
+
+from __future__ import annotations
+
+from ._common import METRICS, MetricInfo, metric_info
+from .complexity import sparsity
+from .discrimination import discrimination_score
+from .faithfulness import (
+    TTAME_KEEP,
+    average_drop,
+    average_drop_ttame,
+    deletion_auc,
+    gaussian_blur,
+    increase_in_confidence,
+    insertion_auc,
+    token_perturbation_auc,
+)
+from .localisation import pointing_game, relevance_mass_accuracy, relevance_rank_accuracy
+from .road import ROAD_TTAME_PERCENTAGES, noisy_linear_imputation, road
+from .sanity import model_randomisation
+from .similarity import pearson, spearman
+from .text import ERASER_FRACTIONS, comprehensiveness, sufficiency, token_auprc
+
+__all__ = [
+    "ERASER_FRACTIONS",
+    "METRICS",
+    "ROAD_TTAME_PERCENTAGES",
+    "TTAME_KEEP",
+    "MetricInfo",
+    "average_drop",
+    "average_drop_ttame",
+    "comprehensiveness",
+    "deletion_auc",
+    "discrimination_score",
+    "gaussian_blur",
+    "increase_in_confidence",
+    "insertion_auc",
+    "metric_info",
+    "model_randomisation",
+    "noisy_linear_imputation",
+    "pearson",
+    "pointing_game",
+    "relevance_mass_accuracy",
+    "relevance_rank_accuracy",
+    "road",
+    "sparsity",
+    "spearman",
+    "sufficiency",
+    "token_auprc",
+    "token_perturbation_auc",
+]

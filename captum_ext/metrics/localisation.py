@@ -1,0 +1,182 @@
+"""Localisation metrics: does the explanation point at the annotated object?
+
+All functions take an attribution map ``(B, H, W)``, ``(B, 1, H, W)`` or ``(B, C, H, W)``
+(summed over channels) -- or a Captum ``Attribution`` object together with ``inputs``,
+``target`` and ``attribute_kwargs`` -- and boolean ground-truth masks ``(B, H, W)``, and return
+one float64 value per example, shape ``(B,)``.
+
+An **empty mask** has no defined answer: every metric here returns ``NaN`` for that example
+(use ``torch.nanmean`` to aggregate).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._common import as_masks, register_metric, resolve_map, stable_order
+
+__all__ = ["pointing_game", "relevance_mass_accuracy", "relevance_rank_accuracy"]
+
+
+def _disk(radius: int, device: torch.device) -> Tensor:
+    r = torch.arange(-radius, radius + 1, device=device, dtype=torch.float64)
+    return ((r.view(-1, 1) ** 2 + r.view(1, -1) ** 2) <= radius**2).double()
+
+
+def dilate(masks: Tensor, tolerance: int) -> Tensor:
+    """Dilate bool masks ``(B, H, W)`` by a Euclidean disk of radius ``tolerance`` pixels."""
+    if tolerance < 0:
+        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    if tolerance == 0:
+        return masks
+    k = _disk(tolerance, masks.device).view(1, 1, 2 * tolerance + 1, 2 * tolerance + 1)
+    hit = F.conv2d(masks.unsqueeze(1).double(), k, padding=tolerance)
+    return hit[:, 0] > 0.5
+
+
+@register_metric(
+    "pointing_game",
+    higher_is_better=True,
+    category="localisation",
+    reference="Zhang et al., Top-down Neural Attention by Excitation Backprop, ECCV 2016",
+)
+def pointing_game(
+    attributions: Any,
+    masks: Any,
+    tolerance: int = 0,
+    *,
+    inputs: Tensor | None = None,
+    target: Any = None,
+    attribute_kwargs: dict[str, Any] | None = None,
+) -> Tensor:
+    """Pointing game hit per example (Zhang et al. 2016).
+
+    The maximum of the map is a *hit* when it lies inside the ground-truth mask dilated by
+    ``tolerance`` pixels (Zhang et al. use a 15-pixel tolerance; the dilation is a Euclidean
+    disk of that radius).
+
+    **Ties.** When several pixels share the maximal value the result is the *fraction of the
+    tied maxima that lie inside the (dilated) mask* (exact float equality defines a tie). This
+    avoids both the leniency of "any tied maximum counts" and the arbitrariness of picking the
+    first one. A constant map ties every pixel, so it scores the share of the image the
+    dilated mask covers -- exactly the chance level.
+
+    Args:
+        attributions: Map ``(B, H, W)`` / ``(B, 1, H, W)`` / ``(B, C, H, W)`` (summed over
+            channels), or a Captum ``Attribution`` object.
+        masks: Bool masks ``(B, H, W)``.
+        tolerance: Dilation radius in pixels; ``0`` means the maximum must be in the mask.
+        inputs: Model inputs, only needed when ``attributions`` is an ``Attribution`` object.
+        target: Target class passed to ``.attribute``.
+        attribute_kwargs: Extra keyword arguments for ``.attribute``.
+
+    Returns:
+        ``(B,)`` float64 in ``[0, 1]``; ``NaN`` where the mask is empty.
+
+    Raises:
+        ValueError: On NaN/infinite maps or mismatched shapes.
+    """
+    a = resolve_map(attributions, inputs, target, attribute_kwargs).double()
+    m = as_masks(masks, a.shape)
+    if m.device != a.device:
+        m = m.to(a.device)
+    dm = dilate(m, tolerance)
+    tied = a == a.amax(dim=(1, 2), keepdim=True)
+    hits = (tied & dm).sum(dim=(1, 2)).double() / tied.sum(dim=(1, 2)).double()
+    empty = ~m.any(dim=2).any(dim=1)
+    return hits.masked_fill(empty, float("nan"))
+
+
+@register_metric(
+    "relevance_mass_accuracy",
+    higher_is_better=True,
+    category="localisation",
+    reference="Arras et al., CLEVR-XAI: A benchmark dataset for the ground truth evaluation "
+    "of neural network explanations, Information Fusion 2022",
+)
+def relevance_mass_accuracy(
+    attributions: Any,
+    masks: Any,
+    positive_only: bool = True,
+    *,
+    inputs: Tensor | None = None,
+    target: Any = None,
+    attribute_kwargs: dict[str, Any] | None = None,
+) -> Tensor:
+    """Relevance mass accuracy (Arras et al. 2022).
+
+    ``R_in / R_total``: the relevance inside the mask divided by the relevance in the whole
+    map. With ``positive_only=True`` (the paper's convention) only positive relevance is
+    counted, so the value is in ``[0, 1]``; with ``False`` the raw (signed) values are summed,
+    which can leave ``[0, 1]``.
+
+    Args:
+        attributions: Map or ``Attribution`` object (see :func:`pointing_game`).
+        masks: Bool masks ``(B, H, W)``.
+        positive_only: Clamp the map at zero before summing.
+        inputs: Model inputs, only for the ``Attribution`` path.
+        target: Target class passed to ``.attribute``.
+        attribute_kwargs: Extra keyword arguments for ``.attribute``.
+
+    Returns:
+        ``(B,)`` float64; ``NaN`` where the total relevance is zero or the mask is empty.
+    """
+    a = resolve_map(attributions, inputs, target, attribute_kwargs).double()
+    m = as_masks(masks, a.shape).to(a.device)
+    if positive_only:
+        a = a.clamp(min=0)
+    total = a.sum(dim=(1, 2))
+    inside = (a * m).sum(dim=(1, 2))
+    out = inside / total
+    bad = (total == 0) | ~m.flatten(1).any(dim=1)
+    return out.masked_fill(bad, float("nan"))
+
+
+@register_metric(
+    "relevance_rank_accuracy",
+    higher_is_better=True,
+    category="localisation",
+    reference="Arras et al., CLEVR-XAI, Information Fusion 2022",
+)
+def relevance_rank_accuracy(
+    attributions: Any,
+    masks: Any,
+    *,
+    inputs: Tensor | None = None,
+    target: Any = None,
+    attribute_kwargs: dict[str, Any] | None = None,
+) -> Tensor:
+    """Relevance rank accuracy (Arras et al. 2022).
+
+    With ``K`` the number of mask pixels, the share of the ``K`` highest-relevance pixels that
+    lie inside the mask. Pixels are ranked by their (signed) relevance in descending order with
+    a **stable** sort, so ties are broken deterministically by row-major position (the pixel
+    that comes first in ``H x W`` raster order ranks higher). A constant map therefore selects
+    the first ``K`` pixels in raster order.
+
+    Args:
+        attributions: Map or ``Attribution`` object (see :func:`pointing_game`).
+        masks: Bool masks ``(B, H, W)``.
+        inputs: Model inputs, only for the ``Attribution`` path.
+        target: Target class passed to ``.attribute``.
+        attribute_kwargs: Extra keyword arguments for ``.attribute``.
+
+    Returns:
+        ``(B,)`` float64 in ``[0, 1]``; ``NaN`` where the mask is empty.
+    """
+    a = resolve_map(attributions, inputs, target, attribute_kwargs)
+    m = as_masks(masks, a.shape).to(a.device)
+    flat_a = a.reshape(a.shape[0], -1)
+    flat_m = m.reshape(m.shape[0], -1)
+    k = flat_m.sum(dim=1)
+    order = stable_order(flat_a, descending=True)
+    in_mask_sorted = flat_m.gather(1, order)
+    pos = torch.arange(flat_a.shape[1], device=a.device).view(1, -1)
+    top = pos < k.view(-1, 1)
+    hits = (in_mask_sorted & top).sum(dim=1).double()
+    out = hits / k.double()
+    return out.masked_fill(k == 0, float("nan"))

@@ -1,0 +1,369 @@
+"""TAM (token ablation) against literal references that physically delete tokens, in float64."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from captum.attr import PerturbationAttribution
+
+from captum_ext.attr.tam import TAM, TokenAblation
+from tests import tiny_models as tm
+
+ATOL = 1e-10
+CASES = {c.name: c for c in tm.ALL_MODELS}
+
+
+@functools.cache
+def _model(name: str) -> torch.nn.Module:
+    return tm.build(CASES[name])
+
+
+def _inputs(name: str, batch: int = 2) -> tuple[torch.Tensor, tuple | None]:
+    x, extra = tm.make_inputs(CASES[name], batch=batch)
+    return x, (extra or None)
+
+
+def _tokens_out(name: str) -> str:
+    return "tokens" if CASES[name].modality == "image" else "input"
+
+
+# ----------------------------------------------------------------- literal references
+def _delete(x: torch.Tensor, drop: list[int]) -> torch.Tensor:
+    """Physically deletes positions ``drop`` of axis 1 by concatenating slices."""
+    for j in sorted(drop, reverse=True):
+        x = torch.cat([x[:, :j], x[:, j + 1 :]], dim=1)
+    return x
+
+
+def _timm_logits(m, img: torch.Tensor, drop: list[int]) -> torch.Tensor:
+    x = m.patch_embed(img)
+    x = m._pos_embed(x)
+    x = m.patch_drop(x)
+    x = m.norm_pre(x)
+    x = _delete(x, drop)
+    x = m.blocks(x)
+    x = m.norm(x)
+    return m.forward_head(x)
+
+
+def _hf_vit_logits(m, img: torch.Tensor, drop: list[int]) -> torch.Tensor:
+    h = _delete(m.vit.embeddings(img), drop)
+    for layer in m.vit.layers:
+        h = layer(h, None)
+    h = m.vit.layernorm(h)
+    return m.classifier(h[:, 0])
+
+
+def _text_logits(m, ids: torch.Tensor, mask: torch.Tensor, drop: list[int]) -> torch.Tensor:
+    t = ids.shape[1]
+    if hasattr(m, "roberta"):
+        pad = m.config.pad_token_id
+        ne = ids.ne(pad).long()
+        pos = torch.cumsum(ne, dim=1) * ne + pad  # RoBERTa's full-sequence positions
+    else:
+        pos = torch.arange(t)[None]
+    ids, mask, pos = _delete(ids, drop), _delete(mask, drop), _delete(pos, drop)
+    if isinstance(m, tm.MeanPoolBert):
+        h = m.encoder(ids, attention_mask=mask, position_ids=pos).last_hidden_state
+        w = mask[..., None].to(h.dtype)
+        return m.head((h * w).sum(1) / w.sum(1))
+    return m(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+
+
+def _ref_logits(name: str, m, x: torch.Tensor, extra, b: int, drop: list[int]) -> torch.Tensor:
+    """Logits ``(C,)`` of example b with token-point positions ``drop`` deleted."""
+    with torch.no_grad():
+        if CASES[name].modality == "text":
+            return _text_logits(m, x[b : b + 1], extra[0][b : b + 1], drop)[0]
+        if name == "hf_vit":
+            return _hf_vit_logits(m, x[b : b + 1], drop)[0]
+        return _timm_logits(m, x[b : b + 1], drop)[0]
+
+
+def _removable(name: str, m, x: torch.Tensor, extra, b: int) -> list[int]:
+    """Token-point positions the reference may delete in example b."""
+    if CASES[name].modality == "text":
+        length = int(extra[0][b].sum())
+        return list(range(1, length - 1))  # [CLS] ... [SEP] padding
+    prefix = 1 if name == "hf_vit" else m.num_prefix_tokens
+    with torch.no_grad():
+        n = m.vit.embeddings(x[:1]) if name == "hf_vit" else m._pos_embed(m.patch_embed(x[:1]))
+    return list(range(prefix, n.shape[1]))
+
+
+def _reference(name: str, target: int, groups=None) -> torch.Tensor:
+    """One deletion per forward at batch size 1: scores (B, N) over token-point positions.
+
+    ``groups``: per example, a list of lists of positions deleted together.
+    """
+    m = _model(name)
+    x, extra = _inputs(name)
+    rows = []
+    for b in range(x.shape[0]):
+        clean = _ref_logits(name, m, x, extra, b, [])[target]
+        removable = _removable(name, m, x, extra, b)
+        n = x.shape[1] if CASES[name].modality == "text" else removable[-1] + 1
+        row = torch.zeros(n, dtype=torch.float64)
+        for group in groups[b] if groups is not None else [[i] for i in removable]:
+            score = clean - _ref_logits(name, m, x, extra, b, group)[target]
+            row[group] = score
+        rows.append(row)
+    return torch.stack(rows)
+
+
+def _strip_prefix(name: str, scores: torch.Tensor) -> torch.Tensor:
+    if CASES[name].modality == "text":
+        return scores
+    m = _model(name)
+    prefix = 1 if name == "hf_vit" else m.num_prefix_tokens
+    return scores[:, prefix:]
+
+
+# ----------------------------------------------------------------- exactness
+@pytest.mark.parametrize("name", list(CASES))
+def test_equals_physical_deletion(name: str) -> None:
+    x, extra = _inputs(name)
+    got = TokenAblation(_model(name)).attribute(
+        x,
+        target=2,
+        additional_forward_args=extra,
+        perturbations_per_eval=5,
+        output=_tokens_out(name),
+    )
+    ref = _strip_prefix(name, _reference(name, target=2))
+    assert got.shape == ref.shape
+    assert ref.abs().max() > 1e-8  # the check can fail
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["timm_dynamic", "roberta", "meanpool_bert"])
+def test_batched_equals_unbatched(name: str) -> None:
+    x, extra = _inputs(name, batch=3)
+    tam = TokenAblation(_model(name))
+    out = _tokens_out(name)
+    runs = [
+        tam.attribute(
+            x, target=1, additional_forward_args=extra, perturbations_per_eval=k, output=out
+        )
+        for k in (1, 3, 64)
+    ]
+    singles = torch.cat(
+        [
+            tam.attribute(
+                x[b : b + 1],
+                target=1,
+                additional_forward_args=None if extra is None else (extra[0][b : b + 1],),
+                perturbations_per_eval=3,
+                output=out,
+            )
+            for b in range(x.shape[0])
+        ]
+    )
+    for run in [*runs[1:], singles]:
+        torch.testing.assert_close(run, runs[0], atol=ATOL, rtol=0)
+
+
+def test_window_equals_deleting_tiles_together() -> None:
+    name = "timm_vit"  # 4x4 grid, CLS at 0: window 2 -> four tiles of 4 tokens
+    x, _ = _inputs(name)
+    tiles = [
+        [1 + r * 4 + c for r in (r0, r0 + 1) for c in (c0, c0 + 1)]
+        for r0 in (0, 2)
+        for c0 in (0, 2)
+    ]
+    ref = _reference(name, target=3, groups=[tiles, tiles])[:, 1:]
+    for k in (1, 64):
+        got = TAM(_model(name)).attribute(
+            x, target=3, window=2, perturbations_per_eval=k, output="tokens"
+        )
+        torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+    assert got[0, 0] == got[0, 5]  # tokens of one tile share its score
+
+
+def test_uneven_window_and_feature_mask_groups_of_different_sizes() -> None:
+    name = "timm_nonsquare"  # 4x6 grid, CLS at 0
+    x, _ = _inputs(name)
+    m = _model(name)
+    tam = TAM(m)
+    # window (3, 4): tiles of 12, 8, 4 and 2 ... tokens, shortened rows of different lengths
+    got = tam.attribute(x, target=0, window=(3, 4), perturbations_per_eval=2, output="grid")
+    tile = lambda r0, r1, c0, c1: [1 + r * 6 + c for r in range(r0, r1) for c in range(c0, c1)]  # noqa: E731
+    tiles = [tile(0, 3, 0, 4), tile(0, 3, 4, 6), tile(3, 4, 0, 4), tile(3, 4, 4, 6)]
+    ref = _reference(name, target=0, groups=[tiles, tiles])[:, 1:].reshape(2, 1, 4, 6)
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+    # per-example feature_mask with a never-removed token (negative id)
+    g = torch.Generator().manual_seed(0)
+    fm = torch.randint(0, 5, (2, 24), generator=g)
+    fm[1, 7] = -1
+    got = tam.attribute(x, target=0, feature_mask=fm, output="tokens")
+    groups = [
+        [[1 + j for j in range(24) if fm[b, j] == v] for v in fm[b].unique() if v >= 0]
+        for b in (0, 1)
+    ]
+    ref = _reference(name, target=0, groups=groups)[:, 1:]
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+    assert got[1, 7] == 0
+
+
+def test_text_feature_mask_keeps_special_tokens() -> None:
+    name = "bert"
+    x, extra = _inputs(name)
+    fm = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2, 2])  # shared by both rows
+    got = TAM(_model(name)).attribute(x, target=1, additional_forward_args=extra, feature_mask=fm)
+    groups = []
+    for b in range(2):
+        keep = _removable(name, None, x, extra, b)
+        groups.append(
+            [[i for i in keep if fm[i] == v] for v in (0, 1, 2) if any(fm[i] == v for i in keep)]
+        )
+    torch.testing.assert_close(got, _reference(name, 1, groups), atol=ATOL, rtol=0)
+    assert (got[:, 0] == 0).all() and got[1, 7] == 0  # [CLS]; [SEP] of the shorter row
+    # window=2 over text: runs of two positions, special tokens and padding kept
+    got = TAM(_model(name)).attribute(x, target=1, additional_forward_args=extra, window=2)
+    groups = []
+    for b in range(2):
+        keep = _removable(name, None, x, extra, b)
+        runs = [[i for i in keep if i // 2 == r] for r in range(5)]
+        groups.append([run for run in runs if run])
+    torch.testing.assert_close(got, _reference(name, 1, groups), atol=ATOL, rtol=0)
+
+
+def test_attribute_targets_matches_single_targets() -> None:
+    name = "timm_deit_distilled"
+    x, _ = _inputs(name)
+    tam = TAM(_model(name))
+    many = tam.attribute_targets(x, [0, [1, 4], torch.tensor([3, 2])], perturbations_per_eval=7)
+    assert many.shape == (3, 2, 1, 32, 32)
+    for k, t in enumerate([0, [1, 4], torch.tensor([3, 2])]):
+        torch.testing.assert_close(many[k], tam.attribute(x, target=t), atol=ATOL, rtol=0)
+
+
+# ----------------------------------------------------------------- removal vs key masking
+def _key_masking_scores(m, x: torch.Tensor, target: int) -> torch.Tensor:
+    """f(x) - f(x with key j masked in every attention layer), the masking alternative."""
+    with torch.no_grad():
+        clean = m(x)[:, target]
+        n = m._pos_embed(m.patch_embed(x[:1])).shape[1]
+        p = m.num_prefix_tokens
+        cols = []
+        for j in range(p, n):
+            mask = torch.ones(1, 1, n, n, dtype=torch.bool)
+            mask[..., j] = False
+            cols.append(clean - m(x, attn_mask=mask)[:, target])
+    return torch.stack(cols, dim=1)
+
+
+def test_cls_readout_removal_equals_key_masking_but_avg_pool_does_not() -> None:
+    x, _ = _inputs("timm_vit")
+    cls_model = _model("timm_vit")
+    got = TAM(cls_model).attribute(x, target=2, output="tokens")
+    torch.testing.assert_close(got, _key_masking_scores(cls_model, x, 2), atol=ATOL, rtol=0)
+
+    avg_model = _model("timm_avgpool")
+    got = TAM(avg_model).attribute(x, target=2, output="tokens")
+    assert (got - _key_masking_scores(avg_model, x, 2)).abs().max() > 1e-4
+
+
+# ----------------------------------------------------------------- Captum contract, outputs
+def test_captum_contract_and_outputs() -> None:
+    assert TAM is TokenAblation
+    m = _model("timm_vit")
+    tam = TAM(m)
+    assert isinstance(tam, PerturbationAttribution)
+    assert tam.multiplies_by_inputs is False and tam.has_convergence_delta() is False
+    assert hasattr(TokenAblation.attribute, "__wrapped__")  # log_usage, for NoiseTunnel
+    x, _ = _inputs("timm_vit")
+    out = tam.attribute((x,))
+    assert isinstance(out, tuple) and out[0].shape == (2, 1, 32, 32)
+    pred = m(x).argmax(1)
+    torch.testing.assert_close(out[0], tam.attribute(x, target=pred), atol=0, rtol=0)
+    assert tam.attribute(x, output="grid").shape == (2, 1, 4, 4)
+    with torch.no_grad():  # sensitivity_max calls attribute under no_grad
+        torch.testing.assert_close(tam.attribute(x), out[0], atol=0, rtol=0)
+
+
+def test_progress_bar(capsys: pytest.CaptureFixture[str]) -> None:
+    x, _ = _inputs("timm_vit", batch=1)
+    tam = TAM(_model("timm_vit"))
+    quiet = tam.attribute(x, target=0, perturbations_per_eval=4)
+    assert "TokenAblation" not in capsys.readouterr().err
+    shown = tam.attribute(x, target=0, perturbations_per_eval=4, show_progress=True)
+    err = capsys.readouterr().err
+    assert "TokenAblation" in err and "4/4" in err  # 16 patches, 4 per forward
+    torch.testing.assert_close(shown, quiet, atol=0, rtol=0)
+
+
+# ----------------------------------------------------------------- hygiene and errors
+def _hook_count(m: torch.nn.Module) -> int:
+    return sum(len(mod._forward_hooks) + len(mod._forward_pre_hooks) for mod in m.modules())
+
+
+@pytest.mark.parametrize("name", ["timm_vit", "hf_vit", "distilbert"])
+def test_hooks_removed_and_state_restored(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    m = tm.build(CASES[name])
+    m.train()
+    if name == "timm_vit":
+        m.blocks[0].attn.fused_attn = True
+        m.blocks[1].attn.fused_attn = False
+    fused = [getattr(a, "fused_attn", None) for a in m.modules()]
+    x, extra = _inputs(name)
+    tam = TAM(m)
+    tam.attribute(x, additional_forward_args=extra)  # success
+    with pytest.raises(ValueError, match="out of range"):  # bad target, after the clean pass
+        tam.attribute(x, target=99, additional_forward_args=extra)
+    calls = []
+    forward = tam.adapter.forward
+
+    def flaky(*args):
+        calls.append(1)
+        if len(calls) > 1:
+            raise RuntimeError("boom")
+        return forward(*args)
+
+    monkeypatch.setattr(tam.adapter, "forward", flaky)
+    with pytest.raises(RuntimeError, match="boom"):  # inside an ablated forward
+        tam.attribute(x, additional_forward_args=extra)
+    assert _hook_count(m) == 0
+    assert all(mod.training for mod in m.modules())
+    assert [getattr(a, "fused_attn", None) for a in m.modules()] == fused
+
+
+def test_clear_errors() -> None:
+    x, _ = _inputs("timm_vit")
+    tam = TAM(_model("timm_vit"))
+    bad = x.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        tam.attribute(bad)
+    with pytest.raises(ValueError, match="out of range"):
+        tam.attribute(x, target=7)
+    with pytest.raises(ValueError, match="got 3 targets for a batch of 2"):
+        tam.attribute(x, target=[0, 1, 2])
+    for window in (0, -1, (2,), (2, 0), 2.0, True):
+        with pytest.raises(ValueError, match="window must be"):
+            tam.attribute(x, window=window)
+    with pytest.raises(ValueError, match="larger than the 4x4 patch grid"):
+        tam.attribute(x, window=5)
+    with pytest.raises(ValueError, match=r"expected \(16,\) or \(2, 16\)"):
+        tam.attribute(x, feature_mask=torch.zeros(15, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer group ids"):
+        tam.attribute(x, feature_mask=torch.zeros(16))
+    with pytest.raises(ValueError, match="not both"):
+        tam.attribute(x, window=2, feature_mask=torch.arange(16))
+    with pytest.raises(ValueError, match="perturbations_per_eval"):
+        tam.attribute(x, perturbations_per_eval=0)
+    avg = TAM(_model("timm_avgpool"))  # no prefix token: one group would empty the sequence
+    with pytest.raises(ValueError, match="empty sequence"):
+        avg.attribute(x, feature_mask=torch.zeros(16, dtype=torch.long))
+    ids, extra = _inputs("bert")
+    text = TAM(_model("bert"))
+    with pytest.raises(ValueError, match="for text, window"):
+        text.attribute(ids, additional_forward_args=extra, window=(2, 2))
+    with pytest.raises(ValueError, match="output='grid' is for images"):
+        text.attribute(ids, additional_forward_args=extra, output="grid")
+    with pytest.raises(ValueError, match="targets must be a list"):
+        text.attribute_targets(ids, 3, additional_forward_args=extra)
+    with pytest.raises(ValueError, match="integer input_ids"):
+        text.attribute(ids.double(), additional_forward_args=extra)
