@@ -22,9 +22,9 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _timing import median_time, table  # noqa: E402
+from _timing import median_time, table
 
-from captum_ext import CDAM, AttentionMap  # noqa: E402
+from captum_ext import CDAM, AttentionMap
 
 
 def main() -> None:

@@ -1,0 +1,80 @@
+"""Methods by name, for the command line, the demo and the evaluation engine.
+
+``make_method("cdam", model)`` builds the Captum attribution object;
+:data:`METHODS` holds what callers need to know about each method (whether its
+maps are signed, whether they depend on the target, the paper).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from captum.attr import Attribution
+from torch import nn
+
+from captum_ext.attr import (
+    CDAM,
+    AttentionMap,
+    AttentionRollout,
+    RelevancePropagation,
+    TokenAblation,
+)
+
+__all__ = ["METHODS", "MethodSpec", "available_methods", "make_method"]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a caller needs to know about a method.
+
+    Attributes:
+        name: Registry name (``"cdam"``).
+        label: Display name (``"CDAM"``).
+        build: ``build(model, **kwargs)`` returns the attribution object.
+        signed: Maps hold positive and negative evidence (plot with a
+            diverging colormap centred at 0).
+        class_agnostic: The map does not depend on the target.
+        paper: Short citation.
+    """
+
+    name: str
+    label: str
+    build: Callable[..., Attribution]
+    signed: bool
+    class_agnostic: bool
+    paper: str
+
+
+METHODS: dict[str, MethodSpec] = {
+    s.name: s
+    for s in (
+        MethodSpec("cdam", "CDAM", CDAM, True, False, "Brocki & Chung 2023"),
+        MethodSpec("tam", "TAM", TokenAblation, True, False, "token ablation (CDAM paper)"),
+        MethodSpec(
+            "relevance", "Relevance", RelevancePropagation, False, False, "Chefer et al. 2021"
+        ),
+        MethodSpec("rollout", "Rollout", AttentionRollout, False, True, "Abnar & Zuidema 2020"),
+        MethodSpec("attention_map", "Attention map", AttentionMap, False, True, "baseline"),
+    )
+}
+
+
+def available_methods() -> list[str]:
+    """Registry names of every method."""
+    return list(METHODS)
+
+
+def make_method(name: str, model: nn.Module, **kwargs) -> Attribution:
+    """Builds method ``name`` for ``model``.
+
+    Raises:
+        ValueError: ``name`` is not a registered method (the message lists them).
+    """
+    try:
+        spec = METHODS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown method {name!r}; available: {', '.join(available_methods())}"
+        ) from None
+    return spec.build(model, **kwargs)
