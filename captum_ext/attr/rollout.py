@@ -135,8 +135,8 @@ def rollout_matrix(attn: torch.Tensor) -> torch.Tensor:
         ``(B, N, N)``, each row non-negative and summing to 1.
     """
     a = attn.mean(1)
-    a = a + torch.eye(a.shape[-1], dtype=a.dtype, device=a.device)
-    return a / a.sum(-1, keepdim=True)
+    a.diagonal(dim1=-2, dim2=-1).add_(1.0)  # + I, in place on the fresh head mean
+    return a.div_(a.sum(-1, keepdim=True))
 
 
 def _collect(store: list[torch.Tensor]):

@@ -1,0 +1,130 @@
+"""Cost and memory of relevance propagation (RP) and attention rollout.
+
+In one run on the same model and batch (DESIGN.md §8):
+- RP time relative to one forward+backward (target ≤ 1.2×), and Captum
+  ``LayerGradientXActivation`` / pytorch-grad-cam as gradient peers;
+- peak memory of the streaming RP (readout row accumulated in the backward
+  pass, O(B·N) extra) against the naive path that keeps all L attention
+  gradients (B, H, N, N): each mode runs in a fresh subprocess and reports its
+  peak resident memory (CPU) or ``torch.cuda.max_memory_allocated`` (CUDA);
+- rollout and the attention map relative to one forward (target ≤ 1.15×).
+
+    python benchmarks/bench_relevance.py [--model vit_small_patch16_224] [--batch 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+from pathlib import Path
+
+import timm
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _timing import median_time, table
+
+from captum_ext import AttentionMap, AttentionRollout, RelevancePropagation
+
+
+def build(name: str, device: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False).to(device).eval()
+
+
+def peak_memory(args: argparse.Namespace, streaming: bool) -> float:
+    """Peak memory in MiB of one RP call in a fresh process."""
+    cmd = [
+        sys.executable,
+        __file__,
+        "--model",
+        args.model,
+        "--batch",
+        str(args.batch),
+        "--device",
+        args.device,
+        "--memory-child",
+        "stream" if streaming else "naive",
+    ]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
+
+
+def memory_child(args: argparse.Namespace) -> None:
+    model = build(args.model, args.device)
+    x = torch.randn(args.batch, *model.pretrained_cfg["input_size"], device=args.device)
+    rp = RelevancePropagation(model, streaming=args.memory_child == "stream")
+    if args.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        rp.attribute(x, target=1)
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    else:
+        rp.attribute(x, target=1)
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_mib": peak}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="vit_small_patch16_224")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--memory-child", choices=["stream", "naive"], help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_child:
+        memory_child(args)
+        return
+
+    model = build(args.model, args.device)
+    x = torch.randn(args.batch, *model.pretrained_cfg["input_size"], device=args.device)
+    target = torch.arange(args.batch, device=args.device) % model.num_classes
+
+    def forward():
+        with torch.no_grad():
+            model(x)
+
+    def forward_backward():
+        model.zero_grad(set_to_none=True)
+        model(x).gather(1, target[:, None]).sum().backward()
+
+    rp = RelevancePropagation(model)
+    naive = RelevancePropagation(model, streaming=False)
+    rollout = AttentionRollout(model)
+    am = AttentionMap(model)
+    rows = [
+        ("forward (no grad)", median_time(forward, args.repeats)),
+        ("forward + backward", median_time(forward_backward, args.repeats)),
+        (
+            "RelevancePropagation (streaming)",
+            median_time(lambda: rp.attribute(x, target=target), args.repeats),
+        ),
+        (
+            "RelevancePropagation (naive)",
+            median_time(lambda: naive.attribute(x, target=target), args.repeats),
+        ),
+        ("AttentionRollout", median_time(lambda: rollout.attribute(x), args.repeats)),
+        ("AttentionMap", median_time(lambda: am.attribute(x), args.repeats)),
+    ]
+    print(
+        f"model {args.model}, batch {args.batch}, input {tuple(x.shape[1:])}, device "
+        f"{args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}"
+    )
+    print(table(rows, {"forward": rows[0][1], "forward+backward": rows[1][1]}))
+    n = model.patch_embed.num_patches + model.num_prefix_tokens
+    layer_grad = args.batch * model.blocks[0].attn.num_heads * n * n * 4 / 2**20
+    stream, full = peak_memory(args, True), peak_memory(args, False)
+    kind = "peak RSS of the process" if args.device == "cpu" else "peak CUDA allocation"
+    print(
+        f"\nmemory ({kind}): streaming {stream:.0f} MiB, naive {full:.0f} MiB, "
+        f"difference {full - stream:.0f} MiB; one layer's (B,H,N,N) gradient is "
+        f"{layer_grad:.1f} MiB, all {len(model.blocks)} layers {layer_grad * len(model.blocks):.0f} MiB"
+    )
+
+
+if __name__ == "__main__":
+    main()
