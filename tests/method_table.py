@@ -40,6 +40,4 @@ for _name, _kw, _signed, _agnostic in [
 ]:
     _cls = _optional(_name)
     if _cls is not None:
-        METHODS.append(
-            MethodCase(_name, lambda m, c=_cls, kw=_kw: c(m, **kw), _signed, _agnostic)
-        )
+        METHODS.append(MethodCase(_name, lambda m, c=_cls, kw=_kw: c(m, **kw), _signed, _agnostic))

@@ -2,7 +2,7 @@
 
 Runs offline on CPU in seconds and writes ``quickstart.png``. It trains a small
 timm ViT for a few hundred steps on a toy task — the class is whether a bright
-square sits in the left or right half — so that the maps have something to
+square is red or green — so that the maps have something to
 show, then explains both classes of one image.
 
     python tutorials/quickstart.py [--out quickstart.png]
@@ -22,13 +22,14 @@ from captum_ext.viz import figure_grid
 
 
 def toy_batch(n: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images (n, 3, 32, 32) with one bright 8x8 square; label 0 = left half, 1 = right half."""
+    """Images (n, 3, 32, 32): noise plus one 8x8 square, red (label 0) or green (label 1)."""
     x = torch.rand(n, 3, 32, 32, generator=gen) * 0.3
     y = torch.randint(0, 2, (n,), generator=gen)
     row = torch.randint(0, 4, (n,), generator=gen) * 8
-    col = torch.randint(0, 2, (n,), generator=gen) * 8 + y * 16
+    col = torch.randint(0, 4, (n,), generator=gen) * 8
     for i in range(n):
-        x[i, :, row[i] : row[i] + 8, col[i] : col[i] + 8] = 1.0
+        x[i, :, row[i] : row[i] + 8, col[i] : col[i] + 8] = 0.1
+        x[i, int(y[i]), row[i] : row[i] + 8, col[i] : col[i] + 8] = 1.0
     return x, y
 
 
@@ -49,7 +50,7 @@ def main() -> None:
         num_heads=2,
         num_classes=2,
     )
-    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for _ in tqdm(range(args.steps), desc="training a tiny ViT"):
         x, y = toy_batch(64, gen)
         loss = F.cross_entropy(model(x), y)

@@ -1,0 +1,257 @@
+"""Benchmark report: every attribution method on every zoo model, with baselines and sanity checks.
+
+Runs :func:`captum_ext.evaluation.evaluate` on the zoo models (localisation, discrimination,
+sparsity, RISE deletion / insertion and correlation with TAM for the image models; ERASER
+comprehensiveness / sufficiency and token AUPRC for the text model), repeats the evaluation on
+further held-out seeds (smaller sets) to show how much the means move between data sets, and
+runs the cascading model-parameter randomisation test (Adebayo et al. 2018) for CDAM and
+relevance propagation on ``shapes-vit``. Writes ``report.md`` and ``report.json`` to ``--out``
+and prints the markdown.
+
+    HF_HUB_OFFLINE=1 python benchmarks/report.py [--n 256] [--models shapes-vit ...]
+        [--methods cdam tam ...] [--out benchmarks/results] [--seeds 2] [--threads 1]
+
+Run time of the default command (n = 256, two extra seeds with n = 64, 1000 bootstrap
+resamples, RISE with 16 steps) on the development machine (CPU, one thread, two cores shared
+with other jobs): see ``meta.seconds`` in ``report.json`` and the header of ``report.md``
+(about 5 minutes for the five zoo models). ``--threads 1`` is the default because on a busy
+two-core machine one thread is several times faster than two.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+import torch
+
+from captum_ext import zoo
+from captum_ext.data import shapes
+from captum_ext.evaluation import DEFAULT_SEED, EvalResult, evaluate
+from captum_ext.metrics import model_randomisation
+from captum_ext.registry import METHODS, make_method
+
+SEED_METRICS = {
+    "image": ("relevance_mass_accuracy", "discrimination_score", "insertion_auc"),
+    "text": ("comprehensiveness", "token_auprc"),
+}
+SANITY_MODEL = "shapes-vit"
+SANITY_METHODS = ("cdam", "relevance")
+
+
+def _finite(x: Any) -> Any:
+    """NaN floats to ``None`` (JSON ``null``), recursively."""
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite(v) for v in x]
+    return x
+
+
+def sanity(model_name: str, n_images: int, device: str) -> dict[str, Any]:
+    """Cascading randomisation: Spearman similarity to the original map after each step.
+
+    Returns:
+        ``{"model", "n_images", "steps": [module names], "methods": {name: [similarity]},
+        "verdict": {name: str}}``.
+    """
+    model = zoo.load(model_name, device=device)
+    data = shapes(n_images, DEFAULT_SEED + 100, **zoo.data_kwargs(model_name))
+    target = data.labels.argmax(dim=1).to(device)  # first present class
+    images = data.images.to(device)
+    out: dict[str, Any] = {"model": model_name, "n_images": n_images, "methods": {}, "verdict": {}}
+    for name in SANITY_METHODS:
+
+        def explain(m: torch.nn.Module, x: torch.Tensor, t: Any, name: str = name) -> torch.Tensor:
+            return make_method(name, m).attribute(x, target=t, output="tokens")
+
+        steps = model_randomisation(model, explain, images, target, similarity="spearman")
+        out["steps"] = [s for s, _ in steps]
+        sims = [v for _, v in steps]
+        out["methods"][name] = sims
+        finite = [v for v in sims if not math.isnan(v)]
+        first, last = (finite[0], finite[-1]) if finite else (math.nan, math.nan)
+        passed = bool(finite) and last < 0.5  # from 1.0 (the unrandomised map)
+        out["verdict"][name] = (
+            f"{'falls' if passed else 'does NOT fall enough'}: {first:.2f} after the first "
+            f"step, {last:.2f} with every layer randomised (min {min(finite):.2f})"
+            if finite
+            else "undefined (constant maps)"
+        )
+    return out
+
+
+def sanity_markdown(s: dict[str, Any]) -> str:
+    names = list(s["methods"])
+    lines = [
+        f"## Sanity: cascading model-parameter randomisation ({s['model']})\n",
+        f"Spearman rank correlation between the token map of the trained model and the map "
+        f"after randomising the listed module and every module after it (from the head down; "
+        f"Adebayo et al. 2018), mean over {s['n_images']} images, target = first present "
+        "class. A method that depends on the learned parameters must fall towards 0.\n",
+        "| step | module | " + " | ".join(METHODS[n].label for n in names) + " |",
+        "|---:|---|" + "---:|" * len(names),
+    ]
+    for i, module in enumerate(s["steps"]):
+        vals = " | ".join(f"{s['methods'][n][i]:.3f}" for n in names)
+        lines.append(f"| {i + 1} | `{module or '(root: embeddings)'}` | {vals} |")
+    lines.append("")
+    lines += [f"- {METHODS[n].label}: {s['verdict'][n]}." for n in names]
+    return "\n".join(lines) + "\n"
+
+
+def seeds_markdown(runs: list[tuple[int, int, EvalResult]], main: EvalResult) -> str:
+    lines = [
+        "## Seed stability\n",
+        "Means on further held-out sets (other seeds, fewer items); the first value is the "
+        "main run above. Intervals there are over images of one set; this shows how much a "
+        "fresh set moves the means.\n",
+    ]
+    for model in main.models:
+        modality = main.meta[model].get("modality", "image")
+        metrics = [
+            m
+            for m in SEED_METRICS[modality]
+            if any(r["metric"] == m for r in main.rows if r["model"] == model)
+        ]
+        if not metrics:
+            continue
+        seeds = [f"{DEFAULT_SEED} (n={main.meta[model]['n_images']})"] + [
+            f"{s} (n={n})" for s, n, _ in runs
+        ]
+        lines.append(f"### {model}: seeds {', '.join(seeds)}\n")
+        lines.append("| method | " + " | ".join(metrics) + " |")
+        lines.append("|---|" + "---|" * len(metrics))
+        methods = list(dict.fromkeys(r["method"] for r in main.rows if r["model"] == model))
+        for meth in methods:
+            cells = []
+            for metric in metrics:
+                vals = []
+                for res in [main] + [r for _, _, r in runs]:
+                    try:
+                        vals.append(f"{res.get(model, meth, metric)['mean']:.3f}")
+                    except KeyError:
+                        vals.append("—")
+                cells.append(" / ".join(vals))
+            label = next(
+                r["label"] for r in main.rows if r["model"] == model and r["method"] == meth
+            )
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=256, help="held-out items per model (main run)")
+    p.add_argument("--models", nargs="*", default=None, help="zoo names (default: all)")
+    p.add_argument("--methods", nargs="*", default=None, help="registry names (default: all)")
+    p.add_argument("--out", default="benchmarks/results", help="output folder")
+    p.add_argument("--seeds", type=int, default=2, help="extra held-out seeds (n/4 items each)")
+    p.add_argument("--steps", type=int, default=16, help="RISE deletion/insertion steps")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    p.add_argument("--sanity-images", type=int, default=8)
+    p.add_argument("--no-sanity", action="store_true")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: leave as is)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--progress", action="store_true", help="tqdm progress bars")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    available = zoo.available()
+    models = args.models or available
+    missing = [m for m in models if m not in available]
+    if missing:
+        sys.exit(f"zoo models not found: {missing}; available: {available or 'none'}")
+    if not models:
+        sys.exit("no zoo models found; train them with benchmarks/train_zoo.py")
+
+    t0 = time.perf_counter()
+    common = dict(
+        methods=args.methods,
+        device=args.device,
+        bootstrap=args.bootstrap,
+        show_progress=args.progress,
+        steps=args.steps,
+    )
+    result = EvalResult()
+    for m in models:
+        result = result + evaluate(m, n=args.n, seed=DEFAULT_SEED, **common)
+        print(f"[report] {m}: {result.meta[m]['seconds']:.1f} s", file=sys.stderr)
+    t_main = time.perf_counter() - t0
+
+    runs: list[tuple[int, int, EvalResult]] = []
+    n_seed = max(8, args.n // 4)
+    for k in range(1, args.seeds + 1):
+        seed = DEFAULT_SEED + k
+        common_seed = {**common, "bootstrap": 0}
+        runs.append((seed, n_seed, evaluate(models, n=n_seed, seed=seed, **common_seed)))
+        print(f"[report] seed {seed} done", file=sys.stderr)
+    t_seeds = time.perf_counter() - t0 - t_main
+
+    san = None
+    if not args.no_sanity and SANITY_MODEL in models:
+        san = sanity(SANITY_MODEL, args.sanity_images, args.device)
+    total = time.perf_counter() - t0
+
+    argv = " ".join(sys.argv[1:])
+    header = [
+        "# captum_ext benchmark report\n",
+        f"Command: `HF_HUB_OFFLINE=1 python benchmarks/report.py {argv}`".rstrip() + "  ",
+        f"Run time: {total:.0f} s in all (main evaluation {t_main:.0f} s, extra seeds "
+        f"{t_seeds:.0f} s), {args.device}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s), {platform.machine()}. Main evaluation per "
+        "model: " + ", ".join(f"{m} {result.meta[m]['seconds']:.0f} s" for m in models) + ".\n",
+        "Every method explains every present class of every held-out image (a two-object "
+        "image gives two maps). Columns: pointing game, relevance mass and rank accuracy "
+        "against the class's mask, sparsity (share of tokens below 5 % of the max), class "
+        "discrimination D on two-object images (0.5 = class-agnostic), RISE deletion / "
+        "insertion AUC, and r(TAM), the Pearson correlation with token ablation's map. "
+        "Cells are `mean [95 % bootstrap interval]`; ↑/↓ mark the better direction. "
+        "Baselines: `random` (uniform noise) and `centre Gaussian`.\n",
+        "## Results\n",
+    ]
+    parts = ["\n".join(header), result.to_markdown()]
+    if runs:
+        parts.append(seeds_markdown(runs, result))
+    if san is not None:
+        parts.append(sanity_markdown(san))
+    md = "\n".join(parts)
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(md)
+    payload = {
+        **result.to_dict(),
+        "seeds": [{"seed": s, "n": n, **r.to_dict()} for s, n, r in runs],
+        "sanity": san,
+        "run": {
+            "command": f"python benchmarks/report.py {argv}".rstrip(),
+            "seconds": round(total, 1),
+            "seconds_main": round(t_main, 1),
+            "seconds_seeds": round(t_seeds, 1),
+            "device": args.device,
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+        },
+    }
+    text = json.dumps(_finite(payload), indent=1, ensure_ascii=False, allow_nan=False)
+    (out / "report.json").write_text(text + "\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,473 @@
+"""Models for ``captum-ext explain``: from a spec (``timm:ARCH``, ``hf:DIR``, ``zoo:NAME``)
+to the model, its own preprocessing, its class names and how its scores are read.
+
+Nothing is downloaded and nothing is unpickled: timm weights come from a local file
+(safetensors preferred; ``.pt``/``.pth``/``.bin`` through ``torch.load(weights_only=True)``),
+HuggingFace models from a local folder (``from_pretrained(DIR, local_files_only=True)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from captum_ext._cli_common import CLIError, first_line
+
+__all__ = [
+    "SPEC_HELP",
+    "LoadedModel",
+    "TokenizedText",
+    "load_model",
+    "load_weights_file",
+    "parse_spec",
+]
+
+SPEC_HELP = "timm:ARCH (with --weights FILE), hf:DIR or zoo:NAME"
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
+_HF_IMAGE_TYPES = ("vit", "deit")
+_HF_TEXT_TYPES = ("bert", "roberta", "distilbert", "xlm-roberta", "camembert")
+
+
+@dataclass
+class TokenizedText:
+    """One tokenised text: ``input_ids`` and ``attention_mask`` ``(1, T)`` and the tokens."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    tokens: list[str]
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to explain, with what the command needs to know about it.
+
+    Attributes:
+        model: The module, in eval mode, on the requested device.
+        spec: The spec it was loaded from.
+        modality: ``"image"`` or ``"text"``.
+        class_names: One name per output.
+        multi_label: Scores are independent sigmoids (else a softmax over classes).
+        preprocessing: What was done to inputs, for ``prediction.json``.
+        notes: Remarks printed to the user (e.g. a default normalisation was assumed).
+        image_transform: PIL image to the model's input ``(3, H, W)``; images only.
+        mean: Per-channel mean the transform subtracted (to show the input again).
+        std: Per-channel standard deviation the transform divided by.
+        tokenize: Text to :class:`TokenizedText`; text only.
+    """
+
+    model: nn.Module
+    spec: str
+    modality: Literal["image", "text"]
+    class_names: list[str]
+    multi_label: bool
+    preprocessing: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+    image_transform: Callable[[Any], torch.Tensor] | None = None
+    mean: Sequence[float] = (0.0, 0.0, 0.0)
+    std: Sequence[float] = (1.0, 1.0, 1.0)
+    tokenize: Callable[[str], TokenizedText] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's parameters are."""
+        return next(self.model.parameters()).device
+
+    def logits(self, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """Raw outputs ``(B, C)`` (HF ``ModelOutput``s are unpacked)."""
+        from captum_ext.adapters import model_output_to_tensor
+
+        with torch.no_grad():
+            args = (inputs,) if attention_mask is None else (inputs, attention_mask)
+            return model_output_to_tensor(self.model(*args)).float()
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """Scores in [0, 1]: sigmoid for multi-label models, softmax otherwise."""
+        return logits.sigmoid() if self.multi_label else logits.softmax(-1)
+
+    def display(self, x: torch.Tensor) -> torch.Tensor:
+        """The model input ``(..., 3, H, W)`` with the normalisation undone, in [0, 1]."""
+        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device)[:, None, None]
+        std = torch.tensor(self.std, dtype=x.dtype, device=x.device)[:, None, None]
+        return (x * std + mean).clamp(0, 1)
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """Splits ``kind:value`` and checks the kind.
+
+    Raises:
+        CLIError: Not one of the supported forms.
+    """
+    kind, sep, value = spec.partition(":")
+    if not sep or kind not in ("timm", "hf", "zoo") or not value:
+        raise CLIError(f"unknown model spec {spec!r}; use {SPEC_HELP}")
+    return kind, value
+
+
+def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from a local file, without unpickling.
+
+    ``.safetensors`` files are read with safetensors; ``.pt``, ``.pth`` and ``.bin`` with
+    ``torch.load(weights_only=True)``, which refuses anything but tensors and plain
+    containers. A checkpoint dict holding ``state_dict`` or ``model`` is unwrapped.
+
+    Raises:
+        CLIError: Missing file, unknown format, or not a dict of tensors.
+    """
+    if not path.is_file():
+        raise CLIError(f"--weights {path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except Exception as err:
+            raise CLIError(f"--weights {path}: not a safetensors file ({first_line(err)})") from err
+    elif suffix in WEIGHT_SUFFIXES:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise CLIError(
+                f"--weights {path}: not a plain tensor checkpoint; loaded with "
+                f"weights_only=True, nothing unpickled ({first_line(err)})"
+            ) from err
+    else:
+        raise CLIError(
+            f"--weights {path}: unknown format {suffix or '(no suffix)'!r}; use .safetensors "
+            "(preferred), .pt, .pth or .bin"
+        )
+    if isinstance(state, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(state.get(key), dict):
+                state = state[key]
+                break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CLIError(f"--weights {path}: expected a dict of tensors (a state dict)")
+    return state
+
+
+def load_model(
+    spec: str,
+    weights: Path | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    device: str = "cpu",
+) -> LoadedModel:
+    """Loads a model from ``spec`` (see :data:`SPEC_HELP`) onto ``device``, in eval mode.
+
+    Raises:
+        CLIError: Unknown spec, missing file or folder, weights that do not fit, or a
+            model the command cannot tell how to use.
+    """
+    kind, value = parse_spec(spec)
+    if model_kwargs and kind != "timm":
+        raise CLIError("--model-kwargs applies to timm: models only")
+    if kind == "timm":
+        loaded = _load_timm(value, weights, model_kwargs or {})
+    elif kind == "hf":
+        loaded = _load_hf(Path(value), weights)
+    else:
+        loaded = _load_zoo(value, weights, device)
+    loaded.spec = spec
+    loaded.model.to(device).eval()
+    return loaded
+
+
+def _apply_weights(model: nn.Module, weights: Path, spec: str) -> None:
+    state = load_weights_file(weights)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise CLIError(
+            f"{spec}: --weights {weights} do not fit the model ({first_line(err)})"
+        ) from err
+
+
+# --- timm ---------------------------------------------------------------------------------
+
+
+def _load_timm(arch: str, weights: Path | None, kwargs: dict[str, Any]) -> LoadedModel:
+    import timm
+    from timm.data import create_transform, resolve_data_config
+
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else " (see timm.list_models())"
+        raise CLIError(f"unknown timm architecture {arch!r}{hint}")
+    if weights is None:
+        raise CLIError(
+            f"timm:{arch} needs --weights FILE: its pretrained weights would need a download, "
+            "and captum-ext never downloads; pass a local .safetensors (or .pt/.pth/.bin) file"
+        )
+    state = load_weights_file(weights)
+    # timm drops the classifier when the model's num_classes differs from the pretrained
+    # config's (1000 for ImageNet archs): tell it how many classes the file's head has.
+    classifier = getattr(timm.models.get_pretrained_cfg(arch), "classifier", None) or "head"
+    classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    overlay: dict[str, Any] = {}
+    head = state.get(f"{classifiers[0]}.weight")
+    if head is not None:
+        kwargs = {"num_classes": head.shape[0], **kwargs}
+        overlay["num_classes"] = head.shape[0]
+    if weights.suffix.lower() == ".safetensors":
+        overlay["file"] = str(weights)
+    else:  # already loaded with weights_only=True; hand timm the tensors
+        overlay["state_dict"] = state
+    try:
+        model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    except (RuntimeError, TypeError, ValueError, KeyError, AssertionError) as err:
+        raise CLIError(
+            f"timm:{arch}: could not build the model with --weights {weights}"
+            f"{' and --model-kwargs' if kwargs else ''} ({first_line(err)})"
+        ) from err
+    config = resolve_data_config({}, model=model)
+    # The pretrained config keeps the architecture's default size (224) when img_size was
+    # changed through --model-kwargs; the patch embedding knows the size the model takes.
+    img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if img_size is not None and tuple(config["input_size"][1:]) != tuple(img_size):
+        config["input_size"] = (config["input_size"][0], *img_size)
+    transform = create_transform(**config)
+    names = _timm_class_names(model)
+    return LoadedModel(
+        model=model,
+        spec="",
+        modality="image",
+        class_names=names,
+        multi_label=False,
+        preprocessing={"source": "timm.data.resolve_data_config", **_jsonable(config)},
+        image_transform=lambda img: transform(img.convert("RGB")),
+        mean=tuple(config["mean"]),
+        std=tuple(config["std"]),
+    )
+
+
+def _timm_class_names(model: nn.Module) -> list[str]:
+    from timm.data import ImageNetInfo, infer_imagenet_subset
+
+    n = int(model.num_classes)
+    subset = infer_imagenet_subset(model)
+    if subset is not None:
+        try:
+            info = ImageNetInfo(subset)
+            return [info.index_to_description(i) for i in range(n)]
+        except Exception:  # label files missing in this timm build: fall back to numbers
+            pass
+    return [f"class {i}" for i in range(n)]
+
+
+def _jsonable(config: dict[str, Any]) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+
+
+# --- HuggingFace --------------------------------------------------------------------------
+
+
+def _load_hf(folder: Path, weights: Path | None) -> LoadedModel:
+    spec = f"hf:{folder}"
+    if not folder.is_dir():
+        raise CLIError(f"{spec}: no such folder")
+    if not (folder / "config.json").is_file():
+        raise CLIError(f"{spec}: no config.json in the folder; save the model with save_pretrained")
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    archs = list(config.architectures or [])
+    if any(a.endswith("ForImageClassification") for a in archs) or (
+        not archs and config.model_type in _HF_IMAGE_TYPES
+    ):
+        modality: Literal["image", "text"] = "image"
+        from transformers import AutoModelForImageClassification as auto
+    elif any(a.endswith("ForSequenceClassification") for a in archs) or (
+        not archs and config.model_type in _HF_TEXT_TYPES
+    ):
+        modality = "text"
+        from transformers import AutoModelForSequenceClassification as auto
+    else:
+        raise CLIError(
+            f"{spec}: holds {', '.join(archs) or config.model_type}; explain needs an image "
+            "classifier (e.g. ViTForImageClassification) or a text classifier "
+            "(e.g. BertForSequenceClassification)"
+        )
+    try:
+        with _quiet_transformers():
+            model = auto.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, RuntimeError) as err:
+        raise CLIError(f"{spec}: could not load the model ({first_line(err)})") from err
+    if weights is not None:
+        _apply_weights(model, weights, spec)
+    names = [str(model.config.id2label.get(i, f"class {i}")) for i in range(model.num_labels)]
+    multi = getattr(model.config, "problem_type", None) == "multi_label_classification"
+    loaded = LoadedModel(
+        model=model,
+        spec=spec,
+        modality=modality,
+        class_names=names,
+        multi_label=multi,
+        preprocessing={},
+    )
+    if modality == "image":
+        _hf_image_preprocessing(loaded, folder, config)
+    else:
+        _hf_tokenizer(loaded, folder, config)
+    return loaded
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No "Loading weights" progress bar on stderr (an error must stay one line); restored."""
+    from transformers.utils import logging
+
+    was = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            logging.enable_progress_bar()
+
+
+def _hf_image_preprocessing(loaded: LoadedModel, folder: Path, config: Any) -> None:
+    if (folder / "preprocessor_config.json").is_file():
+        from transformers import AutoImageProcessor
+
+        proc = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+        source = "preprocessor_config.json"
+    else:
+        from transformers import ViTImageProcessor
+
+        size = int(config.image_size)
+        proc = ViTImageProcessor(size={"height": size, "width": size})
+        source = f"no preprocessor_config.json: resize to image_size={size}, ViT default mean/std"
+        loaded.notes.append(
+            f"{loaded.spec}: no preprocessor_config.json; resized to the config's image_size "
+            f"{size} and normalised with mean {list(proc.image_mean)}, std "
+            f"{list(proc.image_std)} (HF ViT defaults)"
+        )
+    if getattr(proc, "do_normalize", True):
+        loaded.mean, loaded.std = tuple(proc.image_mean), tuple(proc.image_std)
+    loaded.image_transform = lambda img: proc(images=img.convert("RGB"), return_tensors="pt")[
+        "pixel_values"
+    ][0]
+    loaded.preprocessing = {
+        "source": source,
+        "processor": type(proc).__name__,
+        "mean": list(loaded.mean),
+        "std": list(loaded.std),
+    }
+
+
+def _hf_tokenizer(loaded: LoadedModel, folder: Path, config: Any) -> None:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as err:
+        raise CLIError(
+            f"{loaded.spec}: no usable tokenizer in the folder (save one there with "
+            f"tokenizer.save_pretrained): {first_line(err)}"
+        ) from err
+    max_len = int(getattr(config, "max_position_embeddings", 512))
+
+    def tokenize(text: str) -> TokenizedText:
+        enc = tok(text, return_tensors="pt", truncation=True, max_length=max_len)
+        ids = enc["input_ids"]
+        return TokenizedText(
+            ids, enc["attention_mask"], list(tok.convert_ids_to_tokens(ids[0].tolist()))
+        )
+
+    loaded.tokenize = tokenize
+    loaded.preprocessing = {"source": "tokenizer in the folder", "tokenizer": type(tok).__name__}
+
+
+# --- zoo ----------------------------------------------------------------------------------
+
+
+def zoo_module():
+    """``captum_ext.zoo``, or :class:`CLIError` when this installation has no zoo."""
+    try:
+        from captum_ext import zoo
+    except ImportError as err:
+        raise CLIError(
+            f"the model zoo (captum_ext.zoo) is not available in this installation ({err})"
+        ) from err
+    return zoo
+
+
+def check_zoo_name(name: str) -> None:
+    """Raises :class:`CLIError` naming the available models when ``name`` is not one."""
+    available = list(zoo_module().available())
+    if name not in available:
+        shown = ", ".join(available) or "none (this installation has no zoo weights)"
+        raise CLIError(f"unknown zoo model {name!r}; available: {shown}")
+
+
+def zoo_class_names(name: str) -> list[str]:
+    """Class names of zoo model ``name`` (its record's ``classes``)."""
+    info = zoo_module().info(name)
+    return [str(c) for c in info["classes"]]
+
+
+def zoo_multi_label(name: str) -> bool:
+    """Whether zoo model ``name`` scores classes with independent sigmoids."""
+    return zoo_module().info(name).get("task") == "multilabel"
+
+
+def _load_zoo(name: str, weights: Path | None, device: str) -> LoadedModel:
+    check_zoo_name(name)
+    zoo = zoo_module()
+    spec = f"zoo:{name}"
+    model = zoo.load(name, device=device)
+    if weights is not None:
+        _apply_weights(model, weights, spec)
+    info = zoo.info(name)
+    loaded = LoadedModel(
+        model=model,
+        spec=spec,
+        modality="text" if info.get("modality") == "text" else "image",
+        class_names=zoo_class_names(name),
+        multi_label=zoo_multi_label(name),
+        preprocessing={},
+    )
+    kwargs = zoo.data_kwargs(name)
+    if loaded.modality == "image":
+        size = int(kwargs.get("size", 32))
+
+        def transform(img: Any) -> torch.Tensor:
+            from PIL import Image
+
+            img = img.convert("RGB").resize((size, size), Image.BILINEAR)
+            return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+
+        loaded.image_transform = transform
+        loaded.preprocessing = {"source": "zoo", "resize": [size, size], "range": [0, 1]}
+    else:
+        _zoo_tokenizer(loaded, info, model)
+    return loaded
+
+
+def _zoo_tokenizer(loaded: LoadedModel, info: dict[str, Any], model: nn.Module) -> None:
+    from captum_ext.data import TEXT_VOCAB
+
+    vocab = list(info.get("vocab") or TEXT_VOCAB)
+    index = {w: i for i, w in enumerate(vocab)}
+    max_len = int(getattr(getattr(model, "config", None), "max_position_embeddings", 512))
+
+    def tokenize(text: str) -> TokenizedText:
+        words = [
+            w if w.startswith("[") else w.lower()
+            for w in re.findall(r"\[[A-Z]+\]|[\w']+", text)[: max_len - 2]
+        ]
+        tokens = [t if t in index else "[UNK]" for t in ("[CLS]", *words, "[SEP]")]
+        ids = torch.tensor([[index[t] for t in tokens]])
+        return TokenizedText(ids, torch.ones_like(ids), tokens)
+
+    loaded.tokenize = tokenize
+    loaded.preprocessing = {"source": "zoo", "tokenizer": "lower-case words over TEXT_VOCAB"}

@@ -1,0 +1,294 @@
+"""The evaluation engine on a tiny in-code ViT, CNN and BERT with a handful of benchmark items."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from captum_ext.data import TEXT_VOCAB, shapes, text_rationales
+from captum_ext.evaluation import (
+    BASELINES,
+    IMAGE_METRICS,
+    TEXT_METRICS,
+    EvalResult,
+    bootstrap_ci,
+    centre_gaussian_map,
+    evaluate,
+    random_map,
+)
+from captum_ext.registry import METHODS
+
+CLASS_AGNOSTIC = ["random", "centre-gaussian", "rollout", "attention_map"]
+
+
+def tiny_vit() -> nn.Module:
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        num_classes=4,
+    ).eval()
+
+
+def mask_oracle(data):
+    """A custom "method" whose map is the target class's ground-truth mask."""
+
+    def fn(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        out = []
+        for x, t in zip(images, targets.tolist()):
+            (j,) = [j for j in range(len(data)) if torch.equal(data.images[j], x.cpu())]
+            out.append(data.masks[j, t].float())
+        return torch.stack(out)[:, None]
+
+    return fn
+
+
+@pytest.fixture(scope="module")
+def data():
+    d = shapes(6, 11)
+    assert (d.labels.sum(1) == 2).sum() >= 2, "the fixture needs two-object images"
+    return d
+
+
+@pytest.fixture(scope="module")
+def result(data) -> EvalResult:
+    return evaluate(
+        tiny_vit(),
+        data=data,
+        name="tiny-vit",
+        steps=8,
+        bootstrap=200,
+        extra_maps={"oracle": mask_oracle(data)},
+    )
+
+
+def test_rows_for_every_method_and_metric(result):
+    methods = [*METHODS, *BASELINES, "oracle"]
+    want = {(m, k) for m in methods for k in IMAGE_METRICS} - {("tam", "pearson_tam")}
+    got = {(r["method"], r["metric"]) for r in result.rows}
+    assert got == want
+    for r in result.rows:
+        assert math.isfinite(r["mean"]), r
+        assert r["n"] > 0 and r["model"] == "tiny-vit"
+        assert isinstance(r["higher_is_better"], bool | None)
+    assert result.get("tiny-vit", "cdam", "deletion_auc")["higher_is_better"] is False
+    assert result.get("tiny-vit", "cdam", "pearson_tam")["higher_is_better"] is None
+
+
+def test_one_map_per_present_class(result, data):
+    n_pairs = int(data.labels.sum())
+    n_two = int((data.labels.sum(1) == 2).sum())
+    assert result.get("tiny-vit", "cdam", "pointing_game")["n"] == n_pairs
+    assert result.get("tiny-vit", "cdam", "discrimination_score")["n"] == n_two
+    assert result.meta["tiny-vit"]["n_pairs"] == n_pairs
+
+
+@pytest.mark.parametrize("method", CLASS_AGNOSTIC)
+def test_class_agnostic_maps_score_exactly_half(result, method):
+    values, _ = result.values[("tiny-vit", method, "discrimination_score")]
+    assert np.all(values == 0.5)
+
+
+def test_class_discriminative_method_is_not_half(result):
+    values, _ = result.values[("tiny-vit", "cdam", "discrimination_score")]
+    assert np.any(values != 0.5)
+
+
+def test_oracle_localises_perfectly(result):
+    for metric in ("pointing_game", "relevance_mass_accuracy", "relevance_rank_accuracy"):
+        assert result.get("tiny-vit", "oracle", metric)["mean"] == 1.0, metric
+    assert result.get("tiny-vit", "oracle", "discrimination_score")["mean"] == 1.0
+    assert result.get("tiny-vit", "random", "pointing_game")["mean"] < 1.0
+
+
+def test_oracle_at_pixel_resolution(data):
+    res = evaluate(
+        tiny_vit(),
+        methods=[],
+        data=data,
+        metrics=["pointing_game", "relevance_mass_accuracy"],
+        resolution="pixel",
+        bootstrap=0,
+        extra_maps={"oracle": mask_oracle(data)},
+    )
+    assert res.get("VisionTransformer", "oracle", "pointing_game")["mean"] == 1.0
+    assert res.get("VisionTransformer", "oracle", "relevance_mass_accuracy")["mean"] == 1.0
+    assert res.get("VisionTransformer", "centre-gaussian", "relevance_mass_accuracy")["mean"] < 0.5
+
+
+def test_interval_contains_mean(result):
+    for r in result.rows:
+        assert r["lo"] <= r["mean"] <= r["hi"], r
+
+
+def test_bootstrap_seeded():
+    v = np.random.default_rng(0).normal(size=50)
+    assert bootstrap_ci(v, seed=3) == bootstrap_ci(v, seed=3)
+    assert bootstrap_ci(v, seed=3) != bootstrap_ci(v, seed=4)
+
+
+def test_bootstrap_width_matches_normal_theory():
+    v = np.random.default_rng(1).normal(size=400)
+    mean, lo, hi = bootstrap_ci(v, n_boot=4000, seed=0)
+    half = 1.96 * v.std(ddof=1) / math.sqrt(v.size)
+    assert mean == pytest.approx(v.mean())
+    assert (hi - lo) / 2 == pytest.approx(half, rel=0.12)
+    assert (lo + hi) / 2 == pytest.approx(mean, abs=0.2 * half)
+
+
+def test_bootstrap_resamples_groups():
+    v = np.random.default_rng(2).normal(size=200)
+    twice = np.repeat(v, 2)
+    _, lo1, hi1 = bootstrap_ci(v, n_boot=2000, seed=0)
+    _, lo2, hi2 = bootstrap_ci(twice, groups=np.repeat(np.arange(200), 2), n_boot=2000, seed=0)
+    _, lo3, hi3 = bootstrap_ci(twice, n_boot=2000, seed=0)
+    assert (lo2, hi2) == pytest.approx((lo1, hi1))  # duplicates in one group add nothing
+    assert (hi3 - lo3) < 0.8 * (hi1 - lo1)  # counted as independent they would narrow it
+    m, lo, hi = bootstrap_ci([1.0, float("nan"), 3.0], n_boot=0)
+    assert m == 2.0 and math.isnan(lo) and math.isnan(hi)
+
+
+def test_evaluate_is_deterministic(data):
+    kw = dict(methods=["cdam"], data=data, metrics=["relevance_mass_accuracy"], bootstrap=100)
+    a = evaluate(tiny_vit(), **kw)
+    b = evaluate(tiny_vit(), **kw)
+    assert a.rows == b.rows
+    c = evaluate(tiny_vit(), bootstrap_seed=1, **kw)
+    assert [r["lo"] for r in c.rows] != [r["lo"] for r in a.rows]
+
+
+def test_markdown_lists_every_method(result):
+    md = result.to_markdown()
+    for name in [*METHODS, "oracle"]:
+        label = METHODS[name].label if name in METHODS else name
+        assert f"| {label} |" in md, label
+    assert "| random |" in md and "| centre Gaussian |" in md
+    assert "pointing ↑" in md and "deletion ↓" in md and "| r(TAM) |" in md
+    assert "### tiny-vit" in md
+
+
+def test_save_writes_markdown_and_json(result, tmp_path):
+    md, js = result.save(tmp_path / "out")
+    assert md.read_text() == result.to_markdown()
+    loaded = json.loads(js.read_text())
+    assert len(loaded["rows"]) == len(result.rows)
+    assert loaded["rows"][0].keys() >= {"model", "method", "metric", "mean", "lo", "hi", "n"}
+    assert loaded["meta"]["tiny-vit"]["n_images"] == 6
+
+
+def test_cnn_skips_transformer_methods():
+    torch.manual_seed(0)
+    cnn = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 4),
+    ).eval()
+    res = evaluate(cnn, data=shapes(3, 2), name="cnn", steps=4, bootstrap=50)
+    assert {r["method"] for r in res.rows} == set(BASELINES)
+    assert any("Skipped" in note and "CDAM" in note for note in res.notes["cnn"])
+    assert "pearson_tam" not in {r["metric"] for r in res.rows}
+
+
+def test_text_model_with_rationale_oracle():
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    cfg = BertConfig(
+        vocab_size=len(TEXT_VOCAB),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+        num_labels=2,
+    )
+    bert = BertForSequenceClassification(cfg).eval()
+    d = text_rationales(5, 3)
+
+    def oracle(ids: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        assert torch.equal(ids, d.input_ids)
+        return d.rationale.float()
+
+    res = evaluate(
+        (bert, d), methods=["cdam", "rollout"], bootstrap=50, extra_maps={"oracle": oracle}
+    )
+    want = {(m, k) for m in ("cdam", "rollout", "random", "oracle") for k in TEXT_METRICS}
+    assert {(r["method"], r["metric"]) for r in res.rows} == want
+    assert all(math.isfinite(r["mean"]) for r in res.rows)
+    assert res.get("BertForSequenceClassification", "oracle", "token_auprc")["mean"] == 1.0
+    assert res.get("BertForSequenceClassification", "random", "token_auprc")["mean"] < 1.0
+
+
+def test_bad_arguments_are_explained(data):
+    with pytest.raises(ValueError, match="unknown method"):
+        evaluate(tiny_vit(), methods=["gradcam"], data=data)
+    with pytest.raises(ValueError, match="unknown metric"):
+        evaluate(tiny_vit(), data=data, metrics=["accuracy"])
+    with pytest.raises(ValueError, match="held-out data"):
+        evaluate(tiny_vit())
+    with pytest.raises(ValueError, match="clash"):
+        evaluate(tiny_vit(), data=data, extra_maps={"random": random_map})
+
+
+def test_baseline_maps():
+    x = torch.zeros(3, 3, 16, 20)
+    r = random_map(x, seed=5)
+    assert r.shape == (3, 1, 16, 20)
+    assert torch.equal(r, random_map(x, seed=5)) and not torch.equal(r, random_map(x, seed=6))
+    assert not torch.equal(r[0], r[1])
+    g = centre_gaussian_map(x)
+    assert g.shape == (3, 1, 16, 20)
+    assert torch.equal(g, g.flip(-1)) and torch.equal(g, g.flip(-2))
+    assert g[0, 0, 8, 10] == g.max() and g[0, 0, 0, 0] < 0.2 * g.max()
+    assert random_map(torch.zeros(2, 7, dtype=torch.long)).shape == (2, 7)
+
+
+def test_zoo_names_generate_the_held_out_set(monkeypatch):
+    from captum_ext import zoo
+
+    calls = []
+    monkeypatch.setattr(zoo, "load", lambda name, device="cpu": calls.append(name) or tiny_vit())
+    monkeypatch.setattr(zoo, "data_kwargs", lambda name: {"layout": "free", "max_objects": 1})
+    monkeypatch.setattr(
+        zoo, "info", lambda name: {"modality": "image", "task": "multilabel", "family": "vit"}
+    )
+    res = evaluate(
+        ["a", "b"], methods=["cdam"], n=3, seed=7, metrics=["sparsity"], bootstrap=10, steps=2
+    )
+    assert calls == ["a", "b"] and res.models == ["a", "b"]
+    assert res.meta["a"]["layout"] == "free" and res.meta["a"]["n_images"] == 3
+    assert res.get("b", "cdam", "sparsity")["n"] == 3  # one object per image: one map each
+    expected = evaluate(
+        tiny_vit(),
+        methods=["cdam"],
+        data=shapes(3, 7, layout="free", max_objects=1),
+        metrics=["sparsity"],
+        bootstrap=10,
+    )
+    assert res.get("a", "cdam", "sparsity")["mean"] == expected.rows[0]["mean"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_matches_cpu(data):
+    # Continuous metrics only: float32 differences may flip an argmax or a rank.
+    metrics = ["relevance_mass_accuracy", "discrimination_score"]
+    kw = dict(methods=["cdam", "rollout"], data=data, metrics=metrics, bootstrap=50)
+    cpu = evaluate(tiny_vit(), **kw)
+    gpu = evaluate(tiny_vit(), device="cuda", **kw)
+    for a, b in zip(cpu.rows, gpu.rows):
+        assert (a["method"], a["metric"]) == (b["method"], b["metric"])
+        assert b["mean"] == pytest.approx(a["mean"], abs=1e-4), a
