@@ -137,10 +137,10 @@ def text_outputs(n: int, device: str, show_progress: bool = False):
         ``(html, figure, summary)``: Captum ``visualize_text`` HTML, the token-box
         figure and a summary.
     """
-    from captum_ext._cli_render import TextRow, quiet_html_text, text_figure
+    from captum_ext._cli_render import TextRow, text_figure
     from captum_ext.data import text_rationales
     from captum_ext.registry import METHODS, make_method
-    from captum_ext.viz import text_record
+    from captum_ext.viz import html_text, text_record
 
     zoo = zoo_module()
     model = zoo.load(TEXT_MODEL, device=device).eval()
@@ -195,7 +195,7 @@ def text_outputs(n: int, device: str, show_progress: bool = False):
         "each row scaled by its own max |score|",
     )
     summary = {"model": TEXT_MODEL, "seed": DEMO_SEED, "texts": n, "methods": list(TEXT_METHODS)}
-    return quiet_html_text(records), fig, summary
+    return html_text(records), fig, summary
 
 
 def run_metrics(

@@ -198,9 +198,9 @@ def _write(
 ) -> list[Path]:
     from safetensors.torch import save_file
 
-    from captum_ext._cli_render import TextRow, quiet_html_text, save_overlay, text_figure
+    from captum_ext._cli_render import TextRow, save_overlay, text_figure
     from captum_ext.registry import METHODS
-    from captum_ext.viz import text_record
+    from captum_ext.viz import html_text, text_record
 
     tensors: dict[str, torch.Tensor] = {}
     records, rows, entries = [], [], []
@@ -247,7 +247,7 @@ def _write(
             }
         )
     if records:
-        (out / "text.html").write_text(quiet_html_text(records))
+        (out / "text.html").write_text(html_text(records))
         fig = text_figure(rows, title=f"{loaded.spec}", note=_colour_note(methods))
         fig.savefig(out / "text.png", dpi=100)
     save_file(tensors, str(out / "attributions.safetensors"), metadata={"model": loaded.spec})

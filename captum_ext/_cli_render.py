@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -16,7 +13,6 @@ __all__ = [
     "OVERLAY_DPI",
     "OVERLAY_INCHES",
     "TextRow",
-    "quiet_html_text",
     "save_overlay",
     "text_figure",
 ]
@@ -54,18 +50,6 @@ def save_overlay(
         use_pyplot=False,
     )
     fig.savefig(path, dpi=OVERLAY_DPI)
-
-
-def quiet_html_text(records: Sequence[Any]) -> str:
-    """:func:`captum_ext.viz.html_text` without the ``<IPython...HTML object>`` line.
-
-    Captum's ``visualize_text`` also calls IPython's ``display``, which outside a notebook
-    prints the object's repr to stdout; the command keeps its own output clean.
-    """
-    from captum_ext.viz import html_text
-
-    with contextlib.redirect_stdout(io.StringIO()):
-        return html_text(records)
 
 
 @dataclass

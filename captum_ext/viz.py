@@ -69,9 +69,14 @@ def text_record(
 
 def html_text(records: Sequence[Any]) -> str:
     """HTML of ``captum.attr.visualization.visualize_text`` for the records, as a string."""
+    import contextlib
+    import io
+
     from captum.attr import visualization as viz
 
-    return viz.visualize_text(list(records), legend=True).data
+    # Captum calls IPython's display(), which prints a repr outside notebooks.
+    with contextlib.redirect_stdout(io.StringIO()):
+        return viz.visualize_text(list(records), legend=True).data
 
 
 def figure_grid(
