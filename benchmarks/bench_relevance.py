@@ -2,14 +2,18 @@
 
 In one run on the same model and batch (DESIGN.md §8):
 - RP time relative to one forward+backward (target ≤ 1.2×), and Captum
-  ``LayerGradientXActivation`` / pytorch-grad-cam as gradient peers;
+  ``LayerGradientXActivation`` on the last block's norm1 (one gradient to one
+  layer: what CDAM costs) as a gradient peer;
 - peak memory of the streaming RP (readout row accumulated in the backward
   pass, O(B·N) extra) against the naive path that keeps all L attention
   gradients (B, H, N, N): each mode runs in a fresh subprocess and reports its
   peak resident memory (CPU) or ``torch.cuda.max_memory_allocated`` (CUDA);
 - rollout and the attention map relative to one forward (target ≤ 1.15×).
 
-    python benchmarks/bench_relevance.py [--model vit_small_patch16_224] [--batch 8]
+    python benchmarks/bench_relevance.py [--model zoo:shapes-vit | vit_small_patch16_224] [--batch 8]
+
+``zoo:NAME`` is a shipped trained model (32 px, 17 tokens); a timm name builds that
+architecture with random weights (ViT-S/16: 197 tokens, where memory differences show).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 
 import timm
 import torch
+from captum.attr import LayerGradientXActivation
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _timing import median_time, table
@@ -31,8 +36,18 @@ from captum_ext import AttentionMap, AttentionRollout, RelevancePropagation
 
 
 def build(name: str, device: str) -> torch.nn.Module:
+    """``zoo:NAME`` loads a shipped zoo model; anything else is a timm architecture (random)."""
+    if name.startswith("zoo:"):
+        from captum_ext import zoo
+
+        return zoo.load(name[4:]).to(device).eval()
     torch.manual_seed(0)
     return timm.create_model(name, pretrained=False).to(device).eval()
+
+
+def inputs(model: torch.nn.Module, batch: int, device: str) -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.rand(batch, 3, *model.patch_embed.img_size, device=device)
 
 
 def peak_memory(args: argparse.Namespace, streaming: bool) -> float:
@@ -55,7 +70,7 @@ def peak_memory(args: argparse.Namespace, streaming: bool) -> float:
 
 def memory_child(args: argparse.Namespace) -> None:
     model = build(args.model, args.device)
-    x = torch.randn(args.batch, *model.pretrained_cfg["input_size"], device=args.device)
+    x = inputs(model, args.batch, args.device)
     rp = RelevancePropagation(model, streaming=args.memory_child == "stream")
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -70,7 +85,7 @@ def memory_child(args: argparse.Namespace) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="vit_small_patch16_224")
+    ap.add_argument("--model", default="zoo:shapes-vit")
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -81,7 +96,7 @@ def main() -> None:
         return
 
     model = build(args.model, args.device)
-    x = torch.randn(args.batch, *model.pretrained_cfg["input_size"], device=args.device)
+    x = inputs(model, args.batch, args.device)
     target = torch.arange(args.batch, device=args.device) % model.num_classes
 
     def forward():
@@ -96,6 +111,7 @@ def main() -> None:
     naive = RelevancePropagation(model, streaming=False)
     rollout = AttentionRollout(model)
     am = AttentionMap(model)
+    lgxa = LayerGradientXActivation(model, model.blocks[-1].norm1)
     rows = [
         ("forward (no grad)", median_time(forward, args.repeats)),
         ("forward + backward", median_time(forward_backward, args.repeats)),
@@ -106,6 +122,10 @@ def main() -> None:
         (
             "RelevancePropagation (naive)",
             median_time(lambda: naive.attribute(x, target=target), args.repeats),
+        ),
+        (
+            "Captum LayerGradientXActivation (last norm1)",
+            median_time(lambda: lgxa.attribute(x, target=target), args.repeats),
         ),
         ("AttentionRollout", median_time(lambda: rollout.attribute(x), args.repeats)),
         ("AttentionMap", median_time(lambda: am.attribute(x), args.repeats)),

@@ -12,10 +12,12 @@ and prints the markdown.
         [--methods cdam tam ...] [--out benchmarks/results] [--seeds 2] [--threads 1]
 
 Run time of the default command (n = 256, two extra seeds with n = 64, 1000 bootstrap
-resamples, RISE with 16 steps) on the development machine (CPU, one thread, two cores shared
-with other jobs): see ``meta.seconds`` in ``report.json`` and the header of ``report.md``
-(about 5 minutes for the five zoo models). ``--threads 1`` is the default because on a busy
-two-core machine one thread is several times faster than two.
+resamples, RISE with 16 steps, sanity check on 16 images) on the development machine (CPU, one
+thread, two cores shared with other jobs): about 4.5 minutes for the five zoo models (254 s on
+2026-11-22: main evaluation 170 s, of which shapes-vit-free 51 s, shapes-vit 42 s,
+shapes-vit-linear 40 s, shapes-cnn 29 s, text-bert 3 s; extra seeds 82 s). The header of
+``report.md`` and ``run`` in ``report.json`` record each run's times. ``--threads 1`` is the
+default because on a busy two-core machine one thread is several times faster than two.
 """
 
 from __future__ import annotations
@@ -93,6 +95,14 @@ def sanity(model_name: str, n_images: int, device: str) -> dict[str, Any]:
     return out
 
 
+def _group(module: str) -> str:
+    """``blocks.3.mlp.fc2`` -> ``blocks.3``; ``patch_embed.proj.0`` -> ``patch_embed``."""
+    if not module:
+        return "(root: position embedding, CLS token)"
+    parts = module.split(".")
+    return ".".join(parts[:2]) if parts[0] in ("blocks", "layers") else parts[0]
+
+
 def sanity_markdown(s: dict[str, Any]) -> str:
     names = list(s["methods"])
     lines = [
@@ -101,12 +111,19 @@ def sanity_markdown(s: dict[str, Any]) -> str:
         f"after randomising the listed module and every module after it (from the head down; "
         f"Adebayo et al. 2018), mean over {s['n_images']} images, target = first present "
         "class. A method that depends on the learned parameters must fall towards 0.\n",
-        "| step | module | " + " | ".join(METHODS[n].label for n in names) + " |",
+        "| step | randomised down to | " + " | ".join(METHODS[n].label for n in names) + " |",
         "|---:|---|" + "---:|" * len(names),
     ]
-    for i, module in enumerate(s["steps"]):
+    groups = [_group(m) for m in s["steps"]]
+    for i, group in enumerate(groups):
+        if i + 1 < len(groups) and groups[i + 1] == group:
+            continue  # show the state once each block / stage is fully randomised
         vals = " | ".join(f"{s['methods'][n][i]:.3f}" for n in names)
-        lines.append(f"| {i + 1} | `{module or '(root: embeddings)'}` | {vals} |")
+        lines.append(f"| {i + 1} | `{group}` | {vals} |")
+    lines.append(
+        f"\n{len(groups)} steps in all (one per module with parameters); the table shows the "
+        "state after each group is fully randomised, `report.json` every step."
+    )
     lines.append("")
     lines += [f"- {METHODS[n].label}: {s['verdict'][n]}." for n in names]
     return "\n".join(lines) + "\n"
@@ -162,7 +179,7 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=2, help="extra held-out seeds (n/4 items each)")
     p.add_argument("--steps", type=int, default=16, help="RISE deletion/insertion steps")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
-    p.add_argument("--sanity-images", type=int, default=8)
+    p.add_argument("--sanity-images", type=int, default=16)
     p.add_argument("--no-sanity", action="store_true")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: leave as is)")
     p.add_argument("--device", default="cpu")
@@ -192,6 +209,14 @@ def main() -> None:
         result = result + evaluate(m, n=args.n, seed=DEFAULT_SEED, **common)
         print(f"[report] {m}: {result.meta[m]['seconds']:.1f} s", file=sys.stderr)
     t_main = time.perf_counter() - t0
+    for m in models:
+        for phase in zoo.info(m).get("training", {}).get("phases") or []:
+            if phase.get("source"):
+                result.notes[m].append(
+                    f"Backbone = {phase['source']}'s, frozen; only the linear head was trained "
+                    f"here, so class-agnostic methods and baselines match {phase['source']}'s "
+                    "rows up to RISE (which reads the head)."
+                )
 
     runs: list[tuple[int, int, EvalResult]] = []
     n_seed = max(8, args.n // 4)

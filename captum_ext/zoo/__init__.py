@@ -5,16 +5,21 @@ ships its own: each entry is a ``weights/<name>.safetensors`` file plus a ``weig
 record of the architecture, the data it was trained for, the training recipe, the measured
 held-out accuracy and the command that reproduces it (``benchmarks/train_zoo.py``).
 
-Entries:
+Entries (``benchmarks/train_zoo.py`` documents recipes, accuracies and run times):
 
-* ``"shapes-vit"``: timm ViT (patch 8, 4 blocks) on the aligned layout of
+* ``"shapes-vit"``: a 4-block timm ``VisionTransformer`` (patch 8, width 64) with a
+  convolutional stem (arch ``zoo_vit_convstem``) on the aligned layout of
   :func:`captum_ext.data.shapes`, multi-label (sigmoid/BCE).
-* ``"shapes-vit-free"``: a deeper timm ViT (6 blocks) on the free layout.
-* ``"shapes-vit-linear"``: the CDAM paper's setting, a ViT backbone trained on a related
-  objective, then frozen, and a fresh linear head trained on its features.
-* ``"shapes-cnn"``: a narrow timm ResNet-18 on the aligned layout.
-* ``"text-bert"``: a tiny HuggingFace ``BertForSequenceClassification`` on
+* ``"shapes-vit-free"``: the same with 6 blocks, on the free layout.
+* ``"shapes-vit-linear"``: the CDAM paper's setting: shapes-vit's backbone, frozen, with a
+  freshly initialised linear head trained alone on its features.
+* ``"shapes-cnn"``: a narrow timm ResNet (BasicBlock, one per stage, stride-1 stem; arch
+  ``zoo_resnet_s1``) on the aligned layout.
+* ``"text-bert"``: a 2-layer, width-64 HuggingFace ``BertForSequenceClassification`` on
   :func:`captum_ext.data.text_rationales` (binary).
+
+Image models take images in [0, 1] without normalisation. The two architectures named
+``zoo_*`` are registered in timm's registry when this package is imported.
 
 Example::
 
