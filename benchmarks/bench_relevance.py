@@ -14,6 +14,24 @@ In one run on the same model and batch (DESIGN.md §8):
 
 ``zoo:NAME`` is a shipped trained model (32 px, 17 tokens); a timm name builds that
 architecture with random weights (ViT-S/16: 197 tokens, where memory differences show).
+
+Measured 2026-11-30 on the development machine (CPU, 2 threads, other work running), ratios
+to one forward+backward (RP) or one no-grad forward (rollout, attention map):
+
+| model, batch | RP streaming | RP naive | Captum LGXA | rollout | attention map |
+|---|---:|---:|---:|---:|---:|
+| zoo:shapes-vit, 8 | 0.93× f+b | 0.88× f+b | 0.53× f+b | 1.49× fwd | 1.44× fwd |
+| vit_small_patch16_224, 8 | 0.71× f+b | 0.78× f+b | 0.36× f+b | 1.04× fwd | 0.93× fwd |
+
+RP needs no parameter gradients (``torch.autograd.grad`` to the attention probabilities
+only), hence below one forward+backward. On the 17-token zoo model the eager attention that
+rollout needs (SDPA returns no probabilities) and the hooks are a visible fixed cost; on
+ViT-S they are within noise. Peak RSS was equal for streaming and naive (780 MiB zoo,
+1738 MiB ViT-S) although naive keeps 12 × 7.1 MiB of attention gradients on ViT-S: the
+process peak is set by the autograd graph earlier in the backward pass. That streaming
+keeps no (B, H, N, N) gradient alive is asserted in tests/test_relevance.py by weak
+references; the CUDA allocator's peak (``--device cuda``) is the sharper measurement and
+was not taken (no GPU in these sessions).
 """
 
 from __future__ import annotations

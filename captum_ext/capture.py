@@ -20,7 +20,7 @@ from torch import nn
 
 from captum_ext.adapters.base import Point
 
-__all__ = ["Hook", "as_leaf", "hooks", "model_state"]
+__all__ = ["Hook", "as_leaf", "hooks", "model_state", "replay"]
 
 Transform = Callable[[torch.Tensor], torch.Tensor]
 
@@ -131,6 +131,31 @@ def hooks(specs: Sequence[Hook]) -> Iterator[Sequence[Hook]]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def replay(module: nn.Module, output: torch.Tensor) -> Iterator[None]:
+    """Makes ``module`` return ``output`` instead of computing, for the duration.
+
+    Used to skip an expensive module whose result is already known (TAM reuses
+    the clean patch embedding for every shortened copy of an image). The
+    module's own hooks still run; the instance attribute that shadows
+    ``forward`` is removed (or the previous one put back) in ``finally``.
+    """
+    had = "forward" in vars(module)
+    previous = vars(module).get("forward")
+
+    def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return output
+
+    try:
+        module.forward = forward
+        yield
+    finally:
+        if had:
+            module.forward = previous
+        else:
+            del module.forward
 
 
 _CHECKPOINT_FLAGS = ("grad_checkpointing", "gradient_checkpointing")

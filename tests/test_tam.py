@@ -328,6 +328,34 @@ def test_hooks_removed_and_state_restored(name: str, monkeypatch: pytest.MonkeyP
     assert _hook_count(m) == 0
     assert all(mod.training for mod in m.modules())
     assert [getattr(a, "fused_attn", None) for a in m.modules()] == fused
+    assert not [n for n, mod in m.named_modules() if "forward" in vars(mod)]  # replay undone
+
+
+def test_conv_stem_runs_once_and_replay_is_exact() -> None:
+    """The shipped conv-stem ViT: the stem runs for the clean pass only, maps stay exact."""
+    from captum_ext import zoo
+
+    m = zoo.load("shapes-vit").double()
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 32, 32, dtype=torch.float64)
+    calls = []
+    handle = m.patch_embed.proj.register_forward_hook(
+        lambda mod, args, out: calls.append(out.shape[0])
+    )
+    try:
+        got = TAM(m).attribute(x, target=[0, 1, 2], output="tokens", perturbations_per_eval=5)
+    finally:
+        handle.remove()
+    assert calls == [3]  # the stem's first conv saw the clean batch only
+    p = m.num_prefix_tokens
+    with torch.no_grad():
+        for b in range(3):
+            full = _timm_logits(m, x[b : b + 1], [])[0, b]
+            ref = torch.stack(
+                [full - _timm_logits(m, x[b : b + 1], [p + i])[0, b] for i in range(16)]
+            )
+            torch.testing.assert_close(got[b], ref, rtol=0, atol=ATOL)
+    assert "forward" not in vars(m.patch_embed)
 
 
 def test_clear_errors() -> None:

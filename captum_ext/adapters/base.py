@@ -160,6 +160,16 @@ class ModelAdapter:
         """The token sequence after position embeddings, before the first block."""
         raise NotImplementedError
 
+    def pixel_embedding(self) -> nn.Module | None:
+        """The module turning pixels into patch embeddings, or ``None`` (text).
+
+        Its output for an example depends on that example alone, so token
+        ablation computes it once per batch and replays it for every
+        shortened copy instead of recomputing it (a convolutional stem can
+        cost more than the blocks of a small ViT).
+        """
+        return None
+
     def block_input_point(self, block: int = -1) -> Point:
         """The residual stream entering ``block``."""
         return Point(self.blocks[block], "input", None, f"block {block} input")

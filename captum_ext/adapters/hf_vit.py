@@ -79,6 +79,9 @@ class HFViTAdapter(ModelAdapter):
     def token_point(self) -> Point:
         return Point(self._embeddings, "output", None, "embeddings output")
 
+    def pixel_embedding(self) -> nn.Module:
+        return self._embeddings.patch_embeddings
+
     @contextlib.contextmanager
     def attention_probabilities(self) -> Iterator[None]:
         with eager_attention(self.model):

@@ -101,6 +101,9 @@ class TimmViTAdapter(ModelAdapter):
     def token_point(self) -> Point:
         return Point(self.model.patch_drop, "output", None, "patch_drop output")
 
+    def pixel_embedding(self) -> nn.Module:
+        return self.model.patch_embed
+
     @contextlib.contextmanager
     def attention_probabilities(self) -> Iterator[None]:
         changed = []

@@ -7,7 +7,8 @@ the other tokens keep their positions), f the raw target logit.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ from tqdm.auto import tqdm
 from captum_ext._targets import normalise_target
 from captum_ext.adapters.base import ModelAdapter, Readout, TokenRemoval, adapter_for
 from captum_ext.attr._common import OutputKind, format_token_map, pack_output, unpack_inputs
-from captum_ext.capture import Hook, hooks, model_state
+from captum_ext.capture import Hook, hooks, model_state, replay
 
 __all__ = ["TAM", "TokenAblation"]
 
@@ -221,8 +222,9 @@ class TokenAblation(PerturbationAttribution):
         self._format(torch.zeros(b, n, device=x.device), x, output)  # bad output: fail early
         point = self.adapter.token_point()
         record = Hook(point)
+        embedding = self.adapter.pixel_embedding()
         with model_state(self.adapter.model, grad=False):
-            with hooks([record]):
+            with hooks([record]), _recording(embedding) as embedded:
                 clean = self.adapter.forward(x, extra)
             tokens = record.tensor
             if tokens is None or tokens.dim() < 3 or tuple(tokens.shape[:2]) != (b, n):
@@ -242,7 +244,7 @@ class TokenAblation(PerturbationAttribution):
                 for rows, ranks, keep in plan.chunks:
                     rows_in, rows_extra = removal.model_args(rows, keep)
                     swap = Hook(point, _keep_tokens(tokens, rows, keep, removal, m), record=False)
-                    with hooks([swap]):
+                    with hooks([swap]), _replaying(embedding, embedded, rows, b):
                         out = self.adapter.forward(rows_in, rows_extra)
                     if out.dim() == 1:
                         out = out[:, None]
@@ -260,6 +262,39 @@ TAM = TokenAblation
 
 
 # ------------------------------------------------------------------ helpers
+@contextlib.contextmanager
+def _recording(module: nn.Module | None) -> Iterator[list[Any]]:
+    """Collects the outputs of ``module`` (``None``: nothing) during the block."""
+    seen: list[Any] = []
+    if module is None:
+        yield seen
+        return
+    handle = module.register_forward_hook(lambda mod, args, out: seen.append(out))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+@contextlib.contextmanager
+def _replaying(
+    module: nn.Module | None, embedded: list[Any], rows: torch.Tensor, batch: int
+) -> Iterator[None]:
+    """Skips the pixel embedding of shortened copies: they reuse the clean one's rows.
+
+    Only the tokens after position embeddings matter to a shortened copy (the
+    token-point hook replaces them), so recomputing the embedding from pixels
+    is wasted work; replaying it is exact. Falls back to computing when the
+    module ran other than once or returned something other than a batch tensor.
+    """
+    out = embedded[0] if len(embedded) == 1 else None
+    if module is None or not isinstance(out, torch.Tensor) or out.shape[:1] != (batch,):
+        yield
+        return
+    with replay(module, out[rows]):
+        yield
+
+
 def _keep_tokens(
     tokens: torch.Tensor,
     rows: torch.Tensor,
