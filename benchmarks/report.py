@@ -39,7 +39,7 @@ import torch
 
 from captum_ext import zoo
 from captum_ext.data import shapes
-from captum_ext.evaluation import DEFAULT_SEED, EvalResult, evaluate
+from captum_ext.evaluation import DEFAULT_SEED, EvalResult, MapFn, evaluate
 from captum_ext.metrics import model_randomisation
 from captum_ext.registry import METHODS, make_method
 
@@ -47,6 +47,7 @@ SEED_METRICS = {
     "image": ("relevance_mass_accuracy", "discrimination_score", "insertion_auc"),
     "text": ("comprehensiveness", "token_auprc"),
 }
+IG_STEPS = 32
 SANITY_MODEL = "shapes-vit"
 SANITY_METHODS = ("cdam", "relevance")
 
@@ -60,6 +61,36 @@ def _finite(x: Any) -> Any:
     if isinstance(x, list | tuple):
         return [_finite(v) for v in x]
     return x
+
+
+def captum_peers(model_name: str, device: str) -> dict[str, MapFn]:
+    """Captum's own methods on the same (image) model, evaluated like ours.
+
+    Every image model: ``IntegratedGradients`` (``IG_STEPS`` steps, black baseline; the map
+    is the signed sum over colour channels). The CNN also gets ``LayerGradCam`` on its last
+    stage (ReLU, bilinear upsampling), the usual CNN reference. Text models: none (Captum's
+    gradient methods need an embedding layer wrapper; our methods cover text).
+    """
+    from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam
+
+    if zoo.info(model_name)["modality"] != "image":
+        return {}
+    model = zoo.load(model_name, device=device)
+    ig = IntegratedGradients(model)
+    peers: dict[str, MapFn] = {
+        f"Captum IG ({IG_STEPS} steps)": lambda x, t: ig.attribute(
+            x, target=t, n_steps=IG_STEPS, internal_batch_size=256
+        ).detach()
+    }
+    if zoo.info(model_name)["family"] == "cnn":
+        cam = LayerGradCam(model, model.layer4)
+
+        def gradcam(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            maps = cam.attribute(x, target=t, relu_attributions=True).detach()
+            return LayerAttribution.interpolate(maps, tuple(x.shape[-2:]), "bilinear")
+
+        peers["Captum GradCAM (layer4)"] = gradcam
+    return peers
 
 
 def sanity(model_name: str, n_images: int, device: str) -> dict[str, Any]:
@@ -206,7 +237,8 @@ def main() -> None:
     )
     result = EvalResult()
     for m in models:
-        result = result + evaluate(m, n=args.n, seed=DEFAULT_SEED, **common)
+        peers = captum_peers(m, args.device)
+        result = result + evaluate(m, n=args.n, seed=DEFAULT_SEED, extra_maps=peers, **common)
         print(f"[report] {m}: {result.meta[m]['seconds']:.1f} s", file=sys.stderr)
     t_main = time.perf_counter() - t0
     for m in models:
@@ -223,7 +255,11 @@ def main() -> None:
     for k in range(1, args.seeds + 1):
         seed = DEFAULT_SEED + k
         common_seed = {**common, "bootstrap": 0}
-        runs.append((seed, n_seed, evaluate(models, n=n_seed, seed=seed, **common_seed)))
+        run = EvalResult()
+        for m in models:
+            peers = captum_peers(m, args.device)
+            run = run + evaluate(m, n=n_seed, seed=seed, extra_maps=peers, **common_seed)
+        runs.append((seed, n_seed, run))
         print(f"[report] seed {seed} done", file=sys.stderr)
     t_seeds = time.perf_counter() - t0 - t_main
 
@@ -246,7 +282,9 @@ def main() -> None:
         "discrimination D on two-object images (0.5 = class-agnostic), RISE deletion / "
         "insertion AUC, and r(TAM), the Pearson correlation with token ablation's map. "
         "Cells are `mean [95 % bootstrap interval]`; ↑/↓ mark the better direction. "
-        "Baselines: `random` (uniform noise) and `centre Gaussian`.\n",
+        "Baselines: `random` (uniform noise) and `centre Gaussian`. Captum peers on the same "
+        f"model: `IntegratedGradients` ({IG_STEPS} steps, black baseline, channel sum) on every "
+        "image model, `LayerGradCam` on the CNN's last stage.\n",
         "## Results\n",
     ]
     parts = ["\n".join(header), result.to_markdown()]

@@ -40,7 +40,7 @@ __all__ = [
 DEMO_SEED = 90_210
 """Seed of the demo's benchmark data; the zoo trains and validates on other seeds."""
 
-IMAGE_MODELS: tuple[str, ...] = ("shapes-vit", "shapes-vit-free")
+IMAGE_MODELS: tuple[str, ...] = ("shapes-vit", "shapes-vit-plain", "shapes-vit-free")
 """Image models drawn by the demo; the first goes to ``explanations.png``."""
 
 TEXT_MODEL = "text-bert"

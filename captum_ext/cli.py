@@ -26,8 +26,9 @@ examples:
   captum-ext demo --device cuda
 
 writes explanations.png (shapes-vit: rows = image x present class, columns = input,
-ground-truth mask, every method), explanations-shapes-vit-free.png, text.html and
-text.png (text-bert), metrics.md and metrics.json (captum_ext.evaluation).
+ground-truth mask, every method), the same for shapes-vit-plain and shapes-vit-free
+(explanations-NAME.png), text.html and text.png (text-bert), metrics.md and metrics.json
+(captum_ext.evaluation).
 """
 
 _EXPLAIN_EPILOG = """\

@@ -421,6 +421,7 @@ def test_demo_small_writes_every_output(tmp_path, capsys):
     assert main(["demo", "--out", str(out), "--n", "1", "--eval-n", "2"]) == 0
     expected = [
         "explanations.png",
+        "explanations-shapes-vit-plain.png",
         "explanations-shapes-vit-free.png",
         "text.html",
         "text.png",

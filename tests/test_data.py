@@ -121,6 +121,21 @@ def test_aligned_respects_patch_size():
         assert len(set((rows // 16).tolist())) == 1 and len(set((cols // 16).tolist())) == 1
 
 
+@pytest.mark.parametrize("layout", ["aligned", "free"])
+def test_max_extent_caps_objects_and_leaves_a_rim_in_every_cell(layout):
+    b = shapes(300, seed=4, layout=layout, max_extent=7)
+    extents = [o.extent for _, o in _objects(b)]
+    assert max(extents) == 7 and min(extents) >= (5 if layout == "aligned" else 6)
+    if layout == "aligned":  # no object touches both borders of its cell
+        for i, o in _objects(b):
+            rows, cols = b.masks[i, o.class_index].nonzero(as_tuple=True)
+            assert rows.max() - rows.min() < 7 and cols.max() - cols.min() < 7
+    default = shapes(300, seed=4, layout=layout)
+    assert max(o.extent for _, o in _objects(default)) > 7  # the default is not capped
+    data = ShapesDataset(300, seed=4, layout=layout, max_extent=7)
+    torch.testing.assert_close(data[5][0], b.images[5], rtol=0, atol=0)
+
+
 def test_free_objects_straddle_patch_borders():
     b = shapes(200, seed=3, layout="free")
     straddle = 0
@@ -204,6 +219,10 @@ def test_shapes_dataset_matches_shapes():
         ({"size": 8, "patch": 8, "max_objects": 2}, "only 1 cells"),
         ({"noise_std": 0.5}, "noise_std"),
         ({"seed": -1}, "seed"),
+        ({"max_extent": 9}, r"max_extent must be an integer in 5\.\.8"),
+        ({"max_extent": 4}, "max_extent"),
+        ({"layout": "free", "max_extent": 17}, r"6\.\.16"),
+        ({"max_extent": 7.0}, "max_extent"),
     ],
 )
 def test_bad_shape_arguments_raise(kwargs, message):

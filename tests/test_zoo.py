@@ -19,9 +19,9 @@ from captum_ext.zoo._build import WEIGHTS_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 HELDOUT_SEED = 987654
-ENTRIES = ("shapes-cnn", "shapes-vit", "shapes-vit-free", "shapes-vit-linear", "text-bert")
-IMAGE = ("shapes-cnn", "shapes-vit", "shapes-vit-free", "shapes-vit-linear")
-TRANSFORMERS = ("shapes-vit", "shapes-vit-free", "shapes-vit-linear", "text-bert")
+IMAGE = ("shapes-cnn", "shapes-vit", "shapes-vit-free", "shapes-vit-linear", "shapes-vit-plain")
+ENTRIES = (*IMAGE, "text-bert")
+TRANSFORMERS = (*IMAGE[1:], "text-bert")
 
 _MODELS: dict[str, torch.nn.Module] = {}
 

@@ -182,6 +182,7 @@ def _check_args(
     patch: int,
     min_objects: int,
     noise_std: float,
+    max_extent: int | None = None,
 ) -> None:
     k = len(SHAPE_CLASSES)
     _check_int("n", n, 0)
@@ -226,6 +227,26 @@ def _check_args(
             f"layout='free' draws objects of extent {_FREE_MIN_EXTENT}..size//2 and needs "
             f"size >= {2 * _FREE_MIN_EXTENT}, got size={size}"
         )
+    if max_extent is not None:
+        lo, hi = _extent_range(layout, size, patch, None)
+        if (
+            isinstance(max_extent, bool)
+            or not isinstance(max_extent, (int, np.integer))
+            or not (lo <= max_extent <= hi)
+        ):
+            raise ValueError(
+                f"max_extent must be an integer in {lo}..{hi} for layout={layout!r} "
+                f"(size={size}, patch={patch}), got {max_extent!r}"
+            )
+
+
+def _extent_range(layout: str, size: int, patch: int, max_extent: int | None) -> tuple[int, int]:
+    """Smallest and largest object extent (bounding-box side) of a layout."""
+    if layout == "aligned":
+        lo, hi = min(_ALIGNED_MIN_EXTENT, patch), patch
+    else:
+        lo, hi = _FREE_MIN_EXTENT, size // 2
+    return lo, hi if max_extent is None else int(max_extent)
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,7 +426,7 @@ def _scaled_int(u: np.ndarray, lo: int | np.ndarray, hi: int | np.ndarray) -> np
 
 
 def _place_aligned(
-    rng: np.random.Generator, count: int, slots: int, size: int, patch: int
+    rng: np.random.Generator, count: int, slots: int, size: int, patch: int, hi: int
 ) -> np.ndarray:
     """Bounding boxes, each inside its own ``patch`` x ``patch`` cell.
 
@@ -415,6 +436,7 @@ def _place_aligned(
         slots: Objects per image to place.
         size: Image side in pixels.
         patch: Cell side in pixels.
+        hi: Largest extent (at most ``patch``).
 
     Returns:
         Boxes as (top, left, extent), shape (C, Q, 3).
@@ -424,13 +446,15 @@ def _place_aligned(
     u = rng.random((count, cells + 3 * slots))
     cell = np.argsort(u[:, :cells], axis=1, kind="stable")[:, :slots]
     us, uy, ux = u[:, cells:].reshape(count, slots, 3).transpose(2, 0, 1)
-    ext = _scaled_int(us, min(_ALIGNED_MIN_EXTENT, patch), patch)
+    ext = _scaled_int(us, min(_ALIGNED_MIN_EXTENT, patch), hi)
     top = (cell // grid) * patch + _scaled_int(uy, 0, patch - ext)
     left = (cell % grid) * patch + _scaled_int(ux, 0, patch - ext)
     return np.stack([top, left, ext], axis=-1)
 
 
-def _place_free(rng: np.random.Generator, counts: np.ndarray, slots: int, size: int) -> np.ndarray:
+def _place_free(
+    rng: np.random.Generator, counts: np.ndarray, slots: int, size: int, hi: int
+) -> np.ndarray:
     """Bounding boxes anywhere, with a gap of at least one pixel between boxes of one image.
 
     Each round draws a block of candidate boxes for the next object of every unfinished image
@@ -446,7 +470,7 @@ def _place_free(rng: np.random.Generator, counts: np.ndarray, slots: int, size: 
     Returns:
         Boxes as (top, left, extent), shape (C, Q, 3); unused slots are zero.
     """
-    lo, hi = _FREE_MIN_EXTENT, size // 2
+    lo = _FREE_MIN_EXTENT
     boxes = np.zeros((len(counts), slots, 3), dtype=np.int64)
     placed = np.zeros(len(counts), dtype=np.int64)
     fails = np.zeros(len(counts), dtype=np.int64)
@@ -548,6 +572,7 @@ def _sample_chunk(
     size: int,
     patch: int,
     noise_std: float,
+    max_extent: int | None = None,
 ) -> tuple[ImageParams, ...]:
     """Sample the parameters of one chunk of ``_CHUNK`` images.
 
@@ -560,10 +585,11 @@ def _sample_chunk(
     corners = head[:, :12].reshape(n, 4, 3)
     counts = _scaled_int(head[:, 12], min_objects, max_objects)
     classes = np.argsort(head[:, 13:], axis=1, kind="stable")[:, :max_objects]
+    hi = _extent_range(layout, size, patch, max_extent)[1]
     if layout == "aligned":
-        boxes = _place_aligned(rng, n, max_objects, size, patch)
+        boxes = _place_aligned(rng, n, max_objects, size, patch, hi)
     else:
-        boxes = _place_free(rng, counts, max_objects, size)
+        boxes = _place_free(rng, counts, max_objects, size, hi)
     img, slot = np.nonzero(np.arange(max_objects)[None, :] < counts[:, None])
     colours = _pick_colours(rng, corners[img], boxes[img, slot], size)
 
@@ -611,6 +637,7 @@ def shapes(
     patch: int = 8,
     min_objects: int = 1,
     noise_std: float = 0.03,
+    max_extent: int | None = None,
 ) -> ShapesBatch:
     """Generate a batch of shape images with exact per-class masks.
 
@@ -630,6 +657,10 @@ def shapes(
             ``min_objects..max_objects``.
         noise_std: Standard deviation of the per-pixel noise, uniform on
             +-sqrt(3) * noise_std and independent per channel; at most 0.1.
+        max_extent: Largest object extent in pixels (default: ``patch`` for the aligned
+            layout, ``size // 2`` for the free one). ``patch - 1`` on the aligned layout keeps
+            a rim of background inside every cell, so that no object fills its cell (a
+            plain patchifying ViT cannot tell a cell-filling square from background).
 
     Returns:
         The batch; ``images`` (N, 3, H, W), ``labels`` (N, K), ``masks`` (N, K, H, W).
@@ -637,12 +668,12 @@ def shapes(
     Raises:
         ValueError: If an argument is out of its supported range.
     """
-    _check_args(n, seed, layout, max_objects, size, patch, min_objects, noise_std)
+    _check_args(n, seed, layout, max_objects, size, patch, min_objects, noise_std, max_extent)
     params: list[ImageParams] = []
     for chunk in range(math.ceil(n / _CHUNK)):
         count = min(_CHUNK, n - chunk * _CHUNK)
         chunk_params = _sample_chunk(
-            seed, chunk, layout, max_objects, min_objects, size, patch, float(noise_std)
+            seed, chunk, layout, max_objects, min_objects, size, patch, float(noise_std), max_extent
         )
         params += chunk_params[:count]
     return _batch_from_params(params, size, seed, layout, patch)
@@ -716,6 +747,7 @@ class ShapesDataset(Dataset):
         patch: Cell size of the aligned layout.
         min_objects: Smallest number of objects per image.
         noise_std: Standard deviation of the pixel noise.
+        max_extent: Largest object extent; see :func:`shapes`.
     """
 
     def __init__(
@@ -728,11 +760,13 @@ class ShapesDataset(Dataset):
         patch: int = 8,
         min_objects: int = 1,
         noise_std: float = 0.03,
+        max_extent: int | None = None,
     ) -> None:
-        _check_args(n, seed, layout, max_objects, size, patch, min_objects, noise_std)
+        _check_args(n, seed, layout, max_objects, size, patch, min_objects, noise_std, max_extent)
         self.n, self.seed, self.layout = n, seed, layout
         self.max_objects, self.min_objects = max_objects, min_objects
         self.size, self.patch, self.noise_std = size, patch, noise_std
+        self.max_extent = max_extent
         self.classes = SHAPE_CLASSES
         self._chunks: dict[int, tuple[ImageParams, ...]] = {}
 
@@ -754,6 +788,7 @@ class ShapesDataset(Dataset):
                 self.size,
                 self.patch,
                 float(self.noise_std),
+                self.max_extent,
             )
         return self._chunks[chunk][index % _CHUNK]
 

@@ -13,6 +13,9 @@ Entries (``benchmarks/train_zoo.py`` documents recipes, accuracies and run times
 * ``"shapes-vit-free"``: the same with 6 blocks, on the free layout.
 * ``"shapes-vit-linear"``: the CDAM paper's setting: shapes-vit's backbone, frozen, with a
   freshly initialised linear head trained alone on its features.
+* ``"shapes-vit-plain"``: a plain patchifying 4-block timm ViT (``vit_tiny`` layout at
+  width 64, each token sees exactly its 8 x 8 cell) on the aligned layout with objects of
+  at most 7 pixels (``max_extent=7``: no object fills its cell).
 * ``"shapes-cnn"``: a narrow timm ResNet (BasicBlock, one per stage, stride-1 stem; arch
   ``zoo_resnet_s1``) on the aligned layout.
 * ``"text-bert"``: a 2-layer, width-64 HuggingFace ``BertForSequenceClassification`` on
