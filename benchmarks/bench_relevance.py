@@ -20,7 +20,7 @@ to one forward+backward (RP) or one no-grad forward (rollout, attention map):
 
 | model, batch | RP streaming | RP naive | Captum LGXA | rollout | attention map |
 |---|---:|---:|---:|---:|---:|
-| zoo:shapes-vit, 8 | 0.93× f+b | 0.88× f+b | 0.53× f+b | 1.49× fwd | 1.44× fwd |
+| zoo:shapes-vit, 8 | 0.76× f+b | 0.78× f+b | 0.48× f+b | 1.47× fwd | 1.41× fwd |
 | vit_small_patch16_224, 8 | 0.71× f+b | 0.78× f+b | 0.36× f+b | 1.04× fwd | 0.93× fwd |
 
 RP needs no parameter gradients (``torch.autograd.grad`` to the attention probabilities

@@ -14,7 +14,7 @@ Target (DESIGN.md §8): TAM ≥ 10× faster than the loop.
 
 Measured 2026-11-30 on the development machine (CPU, 2 threads shared with other work;
 zoo shapes-vit, batch 16, 16 patch tokens): TAM 0.028 s = 10.0× one forward (it runs the
-B·N = 256 shortened rows in one pass); the loop 0.22–0.24 s, i.e. TAM 7.0–8.4× faster (4.9× with
+B·N = 256 shortened rows in one pass); the loop 0.21–0.24 s, i.e. TAM 7.0–8.4× faster (4.9× with
 one thread); FeatureAblation 1.6–1.9× TAM's time. Max |TAM − loop| = 2.9e-6 (float32). The
 loop computes the pixel embedding once per image, as TAM does since it replays the clean
 embedding for every shortened copy (before that, TAM recomputed the conv stem for each copy

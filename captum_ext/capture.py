@@ -175,19 +175,23 @@ def model_state(model: nn.Module, grad: bool = True) -> Iterator[None]:
             "captum_ext needs gradients, which torch.inference_mode() forbids; call attribute() "
             "outside inference_mode (torch.no_grad() is fine)."
         )
-    modes = [(m, m.training) for m in model.modules()]
+    modules = list(model.modules())
+    modes = [m.training for m in modules]
     flags = []
     try:
-        for m in model.modules():
+        for m in modules:
+            attrs = vars(m)  # plain bool attributes live here (getattr would walk nn.Module's)
             for name in _CHECKPOINT_FLAGS:
-                if getattr(m, name, None) is True:
+                if attrs.get(name) is True:
                     flags.append((m, name))
                     setattr(m, name, False)
-        model.eval()
+        if any(modes):  # eval() walks every module; skip it when nothing is training
+            model.eval()
         with torch.set_grad_enabled(grad):
             yield
     finally:
         for m, name in flags:
             setattr(m, name, True)
-        for m, mode in modes:
-            m.training = mode
+        for m, mode in zip(modules, modes):
+            if m.training != mode:  # Module.__setattr__ is slow; touch only what changed
+                m.training = mode

@@ -83,3 +83,25 @@ def test_train_mode_result_equals_eval_result():
     model.train()
     assert torch.equal(explainer.attribute(x, target=0), eval_map)
     assert model.training
+
+
+def test_mixed_training_modes_come_back_exactly():
+    """Frozen-BatchNorm style: some modules in eval inside a training model, and vice versa."""
+    case = ALL_MODELS[0]
+    model = build(case)
+    model.train()
+    mods = list(model.modules())
+    for m in mods[1::3]:
+        m.training = False  # set flags directly, as a user freezing norms would
+    before = _state(model)
+    seen = []
+    explainer = METHODS[0].make(model)
+    handle = mods[-1].register_forward_hook(
+        lambda *a: seen.append(any(m.training for m in model.modules()))
+    )
+    try:
+        explainer.attribute(make_inputs(case)[0], target=0)
+    finally:
+        handle.remove()
+    assert seen == [False]  # everything in eval during the call
+    assert _state(model) == before
