@@ -13,9 +13,10 @@ and prints the markdown.
 
 Run time of the default command (n = 256, two extra seeds with n = 64, 1000 bootstrap
 resamples, RISE with 16 steps, sanity check on 16 images) on the development machine (CPU, one
-thread, two cores shared with other jobs): about 4.5 minutes for the five zoo models (254 s on
-2026-11-22: main evaluation 170 s, of which shapes-vit-free 51 s, shapes-vit 42 s,
-shapes-vit-linear 40 s, shapes-cnn 29 s, text-bert 3 s; extra seeds 82 s). The header of
+thread, two cores shared with other jobs): about 5 minutes for the six zoo models, Captum
+peers included (301 s on 2026-11-30: main evaluation 205 s, of which shapes-cnn 58 s,
+shapes-vit-free 44 s, shapes-vit 34 s, shapes-vit-linear 33 s, shapes-vit-plain 33 s,
+text-bert 1 s; extra seeds 95 s). The header of
 ``report.md`` and ``run`` in ``report.json`` record each run's times. ``--threads 1`` is the
 default because on a busy two-core machine one thread is several times faster than two.
 """
@@ -73,7 +74,8 @@ def captum_peers(model_name: str, device: str) -> dict[str, MapFn]:
     """
     from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam
 
-    if zoo.info(model_name)["modality"] != "image":
+    info = zoo.info(model_name)
+    if info["modality"] != "image":
         return {}
     model = zoo.load(model_name, device=device)
     ig = IntegratedGradients(model)
@@ -82,7 +84,7 @@ def captum_peers(model_name: str, device: str) -> dict[str, MapFn]:
             x, target=t, n_steps=IG_STEPS, internal_batch_size=256
         ).detach()
     }
-    if zoo.info(model_name)["family"] == "cnn":
+    if info["family"] == "cnn":
         cam = LayerGradCam(model, model.layer4)
 
         def gradcam(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -235,10 +237,10 @@ def main() -> None:
         show_progress=args.progress,
         steps=args.steps,
     )
+    peers = {m: captum_peers(m, args.device) for m in models}  # built once, used per seed
     result = EvalResult()
     for m in models:
-        peers = captum_peers(m, args.device)
-        result = result + evaluate(m, n=args.n, seed=DEFAULT_SEED, extra_maps=peers, **common)
+        result = result + evaluate(m, n=args.n, seed=DEFAULT_SEED, extra_maps=peers[m], **common)
         print(f"[report] {m}: {result.meta[m]['seconds']:.1f} s", file=sys.stderr)
     t_main = time.perf_counter() - t0
     for m in models:
@@ -257,8 +259,7 @@ def main() -> None:
         common_seed = {**common, "bootstrap": 0}
         run = EvalResult()
         for m in models:
-            peers = captum_peers(m, args.device)
-            run = run + evaluate(m, n=n_seed, seed=seed, extra_maps=peers, **common_seed)
+            run = run + evaluate(m, n=n_seed, seed=seed, extra_maps=peers[m], **common_seed)
         runs.append((seed, n_seed, run))
         print(f"[report] seed {seed} done", file=sys.stderr)
     t_seeds = time.perf_counter() - t0 - t_main

@@ -228,7 +228,7 @@ def _check_args(
             f"size >= {2 * _FREE_MIN_EXTENT}, got size={size}"
         )
     if max_extent is not None:
-        lo, hi = _extent_range(layout, size, patch, None)
+        lo, hi = _extent_range(layout, size, patch)
         if (
             isinstance(max_extent, bool)
             or not isinstance(max_extent, (int, np.integer))
@@ -240,13 +240,11 @@ def _check_args(
             )
 
 
-def _extent_range(layout: str, size: int, patch: int, max_extent: int | None) -> tuple[int, int]:
-    """Smallest and largest object extent (bounding-box side) of a layout."""
+def _extent_range(layout: str, size: int, patch: int) -> tuple[int, int]:
+    """Smallest and largest object extent (bounding-box side) of a layout, by default."""
     if layout == "aligned":
-        lo, hi = min(_ALIGNED_MIN_EXTENT, patch), patch
-    else:
-        lo, hi = _FREE_MIN_EXTENT, size // 2
-    return lo, hi if max_extent is None else int(max_extent)
+        return min(_ALIGNED_MIN_EXTENT, patch), patch
+    return _FREE_MIN_EXTENT, size // 2
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,7 +424,7 @@ def _scaled_int(u: np.ndarray, lo: int | np.ndarray, hi: int | np.ndarray) -> np
 
 
 def _place_aligned(
-    rng: np.random.Generator, count: int, slots: int, size: int, patch: int, hi: int
+    rng: np.random.Generator, count: int, slots: int, size: int, patch: int, lo: int, hi: int
 ) -> np.ndarray:
     """Bounding boxes, each inside its own ``patch`` x ``patch`` cell.
 
@@ -436,6 +434,7 @@ def _place_aligned(
         slots: Objects per image to place.
         size: Image side in pixels.
         patch: Cell side in pixels.
+        lo: Smallest extent.
         hi: Largest extent (at most ``patch``).
 
     Returns:
@@ -446,14 +445,14 @@ def _place_aligned(
     u = rng.random((count, cells + 3 * slots))
     cell = np.argsort(u[:, :cells], axis=1, kind="stable")[:, :slots]
     us, uy, ux = u[:, cells:].reshape(count, slots, 3).transpose(2, 0, 1)
-    ext = _scaled_int(us, min(_ALIGNED_MIN_EXTENT, patch), hi)
+    ext = _scaled_int(us, lo, hi)
     top = (cell // grid) * patch + _scaled_int(uy, 0, patch - ext)
     left = (cell % grid) * patch + _scaled_int(ux, 0, patch - ext)
     return np.stack([top, left, ext], axis=-1)
 
 
 def _place_free(
-    rng: np.random.Generator, counts: np.ndarray, slots: int, size: int, hi: int
+    rng: np.random.Generator, counts: np.ndarray, slots: int, size: int, lo: int, hi: int
 ) -> np.ndarray:
     """Bounding boxes anywhere, with a gap of at least one pixel between boxes of one image.
 
@@ -466,11 +465,12 @@ def _place_free(
         counts: Objects per image, shape (C,).
         slots: Largest count.
         size: Image side in pixels.
+        lo: Smallest extent.
+        hi: Largest extent (at most ``size // 2``).
 
     Returns:
         Boxes as (top, left, extent), shape (C, Q, 3); unused slots are zero.
     """
-    lo = _FREE_MIN_EXTENT
     boxes = np.zeros((len(counts), slots, 3), dtype=np.int64)
     placed = np.zeros(len(counts), dtype=np.int64)
     fails = np.zeros(len(counts), dtype=np.int64)
@@ -585,11 +585,13 @@ def _sample_chunk(
     corners = head[:, :12].reshape(n, 4, 3)
     counts = _scaled_int(head[:, 12], min_objects, max_objects)
     classes = np.argsort(head[:, 13:], axis=1, kind="stable")[:, :max_objects]
-    hi = _extent_range(layout, size, patch, max_extent)[1]
+    lo, hi = _extent_range(layout, size, patch)
+    if max_extent is not None:
+        hi = int(max_extent)
     if layout == "aligned":
-        boxes = _place_aligned(rng, n, max_objects, size, patch, hi)
+        boxes = _place_aligned(rng, n, max_objects, size, patch, lo, hi)
     else:
-        boxes = _place_free(rng, counts, max_objects, size, hi)
+        boxes = _place_free(rng, counts, max_objects, size, lo, hi)
     img, slot = np.nonzero(np.arange(max_objects)[None, :] < counts[:, None])
     colours = _pick_colours(rng, corners[img], boxes[img, slot], size)
 
