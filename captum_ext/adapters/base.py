@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import nn
 
+from captum_ext._scores import model_output_to_tensor
 from captum_ext.errors import UnsupportedModelError
 
 __all__ = [
@@ -60,30 +61,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
-
-
-def model_output_to_tensor(out: Any) -> torch.Tensor:
-    """Turns what a model's forward returns into one ``(B, C)`` tensor.
-
-    HuggingFace ``ModelOutput``s give ``logits`` when present, else
-    ``pooler_output``, else the first token of ``last_hidden_state``; tuples
-    give their first element.
-    """
-    if isinstance(out, torch.Tensor):
-        return out
-    for key in ("logits", "pooler_output"):
-        value = getattr(out, key, None)
-        if isinstance(value, torch.Tensor):
-            return value
-    hidden = getattr(out, "last_hidden_state", None)
-    if isinstance(hidden, torch.Tensor):
-        return hidden[:, 0]
-    if isinstance(out, tuple | list) and out and isinstance(out[0], torch.Tensor):
-        return out[0]
-    raise TypeError(
-        f"Cannot read scores from a model output of type {type(out).__name__}; expected a "
-        "tensor, a HuggingFace ModelOutput with logits/pooler_output, or a tuple of tensors."
-    )
 
 
 class ModelAdapter:

@@ -10,7 +10,7 @@ from captum.attr import GradientAttribution
 from captum.log import log_usage
 from torch import nn
 
-from captum_ext._targets import normalise_target, select_target
+from captum_ext._scores import normalise_target, select_target
 from captum_ext.adapters.base import ModelAdapter, Readout, adapter_for
 from captum_ext.attr._common import OutputKind, format_token_map, pack_output, unpack_inputs
 from captum_ext.attr.attention_map import require_attention

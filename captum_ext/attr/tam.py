@@ -18,7 +18,7 @@ from captum.log import log_usage
 from torch import nn
 from tqdm.auto import tqdm
 
-from captum_ext._targets import normalise_target
+from captum_ext._scores import normalise_target
 from captum_ext.adapters.base import ModelAdapter, Readout, TokenRemoval, adapter_for
 from captum_ext.attr._common import OutputKind, format_token_map, pack_output, unpack_inputs
 from captum_ext.capture import Hook, hooks, model_state, replay

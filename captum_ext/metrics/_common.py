@@ -22,6 +22,9 @@ from typing import Any, Literal, TypeVar
 import torch
 from torch import Tensor
 
+from captum_ext._scores import model_output_to_tensor, select_target, target_indices
+from captum_ext._scores import progress as _progress
+
 Score = Literal["softmax", "sigmoid", "logit"]
 Category = Literal["localisation", "faithfulness", "complexity", "discrimination", "sanity", "text"]
 
@@ -99,28 +102,13 @@ def metric_info(name: str) -> MetricInfo:
 
 
 def _logits(out: Any) -> Tensor:
-    """Extract the logits tensor from a model output.
+    """The logits ``(B, K)`` of a model output (see :func:`captum_ext._scores.model_output_to_tensor`).
 
-    Accepts a plain tensor, an object with a ``.logits`` attribute (Hugging Face
-    ``ModelOutput``), a mapping with a ``"logits"`` key, or a tuple/list whose first element is
-    the logits.
-
-    Returns:
-        Tensor of shape ``(B, K)``.
+    Raises:
+        TypeError: No score tensor in the output.
+        ValueError: The scores are not ``(B, K)``.
     """
-    if isinstance(out, Tensor):
-        logits = out
-    elif getattr(out, "logits", None) is not None:
-        logits = out.logits
-    elif isinstance(out, dict) and "logits" in out:
-        logits = out["logits"]
-    elif isinstance(out, (tuple, list)) and len(out) > 0 and isinstance(out[0], Tensor):
-        logits = out[0]
-    else:
-        raise TypeError(
-            "cannot find logits in the model output: expected a Tensor, an object with a "
-            f"`.logits` attribute or a tuple whose first item is a Tensor, got {type(out).__name__}"
-        )
+    logits = model_output_to_tensor(out)
     if logits.dim() != 2:
         raise ValueError(f"model logits must have shape (B, K), got {tuple(logits.shape)}")
     return logits
@@ -150,25 +138,8 @@ def check_score(score: str, allowed: Sequence[str]) -> None:
 
 
 def target_tensor(target: Any, batch_size: int, device: torch.device | str) -> Tensor:
-    """Normalise a ``target`` argument to a ``LongTensor`` of shape ``(B,)``.
-
-    Accepts an ``int`` (same class for every example), a sequence of ``B`` ints or a tensor of
-    shape ``()``, ``(B,)`` or ``(B, 1)``.
-    """
-    if isinstance(target, int) and not isinstance(target, bool):
-        return torch.full((batch_size,), target, dtype=torch.long, device=device)
-    t = torch.as_tensor(target, device=device)
-    if t.dim() == 0:
-        return t.long().expand(batch_size).clone()
-    if t.dim() == 2 and t.shape[1] == 1:
-        t = t[:, 0]
-    if t.dim() != 1 or t.shape[0] != batch_size:
-        raise ValueError(
-            f"target must be an int or have shape ({batch_size},), got shape {tuple(t.shape)}"
-        )
-    if t.is_floating_point():
-        raise ValueError("target must contain integer class indices")
-    return t.long()
+    """A ``target`` argument as a ``LongTensor`` ``(B,)`` (see :func:`captum_ext._scores.target_indices`)."""
+    return target_indices(target, batch_size, device=device, method="target")
 
 
 @torch.no_grad()
@@ -182,9 +153,8 @@ def forward_logits(
     return torch.cat(outs)
 
 
-def pick(scores: Tensor, target: Tensor) -> Tensor:
-    """``scores[i, target[i]]`` for every row ``i``."""
-    return scores.gather(1, target.view(-1, 1)).squeeze(1)
+pick = select_target
+"""``scores[i, target[i]]`` for every row ``i``."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -375,12 +345,8 @@ def default_target(
 def progress(
     iterable: Iterable[_T], show: bool, desc: str | None = None, total: int | None = None
 ) -> Iterable[_T]:
-    """Wrap ``iterable`` in a tqdm progress bar when ``show`` is true."""
-    if not show:
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, desc=desc, total=total)
+    """``iterable`` behind a tqdm bar when ``show`` is true (see :func:`captum_ext._scores.progress`)."""
+    return iterable if not show else _progress(iterable, show, desc=desc, total=total)
 
 
 def stable_order(values: Tensor, descending: bool) -> Tensor:
