@@ -93,7 +93,7 @@ def target_indices(
                 f"{method}: target must hold integer class indices; got {target.dtype}."
             )
         t = target.detach()
-        if t.dim() == 0 or t.numel() == 1 and t.dim() == 1 and batch_size != 1:
+        if t.dim() == 0 or (t.numel() == 1 and t.dim() == 1 and batch_size != 1):
             idx = t.reshape(()).long().expand(batch_size).clone()
         elif t.dim() == 1 or (t.dim() == 2 and t.shape[1] == 1):
             idx = t.reshape(-1).long()
