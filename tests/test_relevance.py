@@ -30,7 +30,7 @@ def _prefix(case: Case) -> int:
     return 0 if case.modality == "text" else EXPECTED_PREFIX.get(case.name, 1)
 
 
-def _literal_readout(case: Case, n: int) -> torch.Tensor:
+def _literal_readout(case: Case, n: int, extra=None) -> torch.Tensor:
     """Readout weights (N,) written out per family, independent of the adapter."""
     kind = _readout(case) or EXPECTED_READOUT.get(case.name, "cls")
     w = torch.zeros(n, dtype=torch.float64)
@@ -41,6 +41,9 @@ def _literal_readout(case: Case, n: int) -> torch.Tensor:
     else:
         p = _prefix(case)
         w[p:] = 1.0 / (n - p)
+        if extra:  # text: the mean over the attended tokens, as the model pools them
+            m = extra[0][0].to(torch.float64)
+            w = m / m.sum()
     return w
 
 
@@ -84,7 +87,7 @@ def literal_relevance(model, case, x, extra, target, start_layer=0, per_head=Fal
             abar += torch.clamp(grads[b][h] * attn[b][h], min=0.0)
         abar /= heads
         r = r + abar @ r
-    w = _literal_readout(case, n)
+    w = _literal_readout(case, n, extra)
     if not per_head:
         return w @ r
     last = n_layers - 1

@@ -25,7 +25,7 @@ def _prefix(case: Case) -> int:
     return 0 if case.modality == "text" else EXPECTED_PREFIX.get(case.name, 1)
 
 
-def _literal_readout(case: Case, n: int) -> torch.Tensor:
+def _literal_readout(case: Case, n: int, extra=None) -> torch.Tensor:
     kind = _readout(case) or EXPECTED_READOUT.get(case.name, "cls")
     w = torch.zeros(n, dtype=torch.float64)
     if kind == "cls":
@@ -35,6 +35,9 @@ def _literal_readout(case: Case, n: int) -> torch.Tensor:
     else:
         p = _prefix(case)
         w[p:] = 1.0 / (n - p)
+        if extra:  # text: the mean over the attended tokens, as the model pools them
+            m = extra[0][0].to(torch.float64)
+            w = m / m.sum()
     return w
 
 
@@ -70,7 +73,7 @@ def literal_rollout(model, case, x, extra, start_layer=0):
         for i in range(n):
             a[i] = a[i] / a[i].sum()
         r = a @ r
-    return _literal_readout(case, n) @ r
+    return _literal_readout(case, n, extra) @ r
 
 
 def _per_sample_reference(model, case, x, extra, **kw):

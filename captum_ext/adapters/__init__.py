@@ -1,17 +1,21 @@
 """Model adapters: what a model family looks like inside.
 
-``adapter_for(model)`` picks the adapter by structure. Families: timm
-``VisionTransformer`` (incl. DeiT distilled, registers, ``global_pool='avg'``),
-HuggingFace ViT, HuggingFace BERT/RoBERTa/DistilBERT (bare, with heads, or
-inside a user's wrapper module).
+``adapter_for(model, kind=...)`` picks the adapter by structure. Protocols:
+:class:`ModelAdapter` (every model kind: detection, forward, input checks,
+feature points by layer name) and :class:`TransformerAdapter` (blocks,
+heads, prefix tokens, patch grid, attention probabilities, readout).
+Families: timm ``VisionTransformer`` (incl. DeiT distilled, registers,
+``global_pool='avg'``), HuggingFace ViT, HuggingFace BERT/RoBERTa/DistilBERT
+(bare, with heads, or inside a user's wrapper module). The HF adapters share
+one base (``adapters._hf.HFAdapter``).
 """
 
+from captum_ext._scores import model_output_to_tensor
 from captum_ext.adapters.base import (
     ModelAdapter,
     Point,
-    TokenRemoval,
+    TransformerAdapter,
     adapter_for,
-    model_output_to_tensor,
     register_adapter,
     unwrap_model,
 )
@@ -25,7 +29,7 @@ __all__ = [
     "ModelAdapter",
     "Point",
     "TimmViTAdapter",
-    "TokenRemoval",
+    "TransformerAdapter",
     "adapter_for",
     "model_output_to_tensor",
     "register_adapter",

@@ -1,9 +1,13 @@
 """The adapter protocol: what a model family looks like inside.
 
-An adapter is the only place in captum_ext that knows module paths of timm or
-transformers. Methods ask it for *points* (a module and which of its tensors to
-read), for the token layout (prefix tokens, readout, patch grid) and for a
-context manager that makes attention probabilities materialise.
+An adapter is the only place in captum_ext that knows module paths of timm,
+torchvision or transformers. Two protocols: :class:`ModelAdapter`, what every
+model kind has (detection, the forward call, input checks, feature points by
+layer name), and :class:`TransformerAdapter` on top of it, what only
+transformers have (blocks, heads, prefix tokens, patch grid, attention
+probabilities, readout). Methods ask :func:`adapter_for` for the kind they
+need and get :class:`~captum_ext.errors.UnsupportedModelError` naming it
+otherwise.
 """
 
 from __future__ import annotations
@@ -22,8 +26,9 @@ from captum_ext.errors import UnsupportedModelError
 __all__ = [
     "ModelAdapter",
     "Point",
-    "TokenRemoval",
+    "TransformerAdapter",
     "adapter_for",
+    "as_tuple",
     "model_output_to_tensor",
     "register_adapter",
     "unwrap_model",
@@ -63,36 +68,146 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-class ModelAdapter:
-    """What a model family looks like inside. One subclass per family.
+def as_tuple(args: Any) -> tuple:
+    """``additional_forward_args`` as a tuple (``None`` -> ``()``, a single value -> ``(v,)``)."""
+    if args is None:
+        return ()
+    if isinstance(args, tuple):
+        return args
+    return (args,)
 
-    Subclasses implement :meth:`matches` and the structural properties; the
-    methods in :mod:`captum_ext.attr` use only this protocol.
+
+class ModelAdapter:
+    """What any model looks like inside: the protocol every model kind implements.
+
+    One subclass per family. This base holds what every kind has — detection
+    (:meth:`matches`), the forward call (:meth:`forward`), input checks
+    (:meth:`check_inputs`) and *feature points*: a named layer's output read
+    as a map ``(B, C, h, w)`` (:meth:`feature_point`, :meth:`feature_map`),
+    which is what trainable explainers (T-TAME, MHEX) consume.
+    :class:`TransformerAdapter` adds what only transformers have.
 
     Attributes:
         model: The module the user passed (wrappers removed), called for every
             forward pass.
         family: Short family name used in messages.
+        kind: The model kind (``"transformer"``, ``"cnn"``); methods name the
+            kind they need.
         modality: ``"image"`` or ``"text"``.
-        readout: Which token rows the classifier reads: ``"cls"`` (first
-            token), ``"cls_dist"`` (mean of CLS and distillation token) or
-            ``"mean"`` (mean of the non-prefix tokens).
     """
 
     family: ClassVar[str] = ""
+    kind: ClassVar[str] = "model"
     modality: ClassVar[Literal["image", "text"]] = "image"
 
     def __init__(self, model: nn.Module, readout: Readout | None = None) -> None:
         self.model = unwrap_model(model)
-        if readout is not None and readout not in ("cls", "cls_dist", "mean"):
-            raise ValueError(f"readout must be 'cls', 'cls_dist' or 'mean'; got {readout!r}.")
-        self._readout_override = readout
 
     # ------------------------------------------------------------------ detection
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         """Whether ``model`` (unwrapped) belongs to this family, judged by structure."""
         raise NotImplementedError
+
+    @classmethod
+    def refusal(cls, model: nn.Module) -> str | None:
+        """Why a model that looks like this family is nevertheless not supported, or ``None``."""
+        return None
+
+    # ------------------------------------------------------------------ calls
+    def forward(self, inputs: torch.Tensor, additional_forward_args: Any = None) -> torch.Tensor:
+        """Calls the model and returns its scores as one tensor ``(B, C)``."""
+        return model_output_to_tensor(self.model(inputs, *as_tuple(additional_forward_args)))
+
+    def check_inputs(
+        self, inputs: torch.Tensor, method: str, additional_forward_args: Any = None
+    ) -> None:
+        """Validates rank, dtype, finiteness and size; raises ``ValueError`` saying what to do."""
+        if not isinstance(inputs, torch.Tensor):
+            raise TypeError(f"{method}: inputs must be a tensor; got {type(inputs).__name__}.")
+        if inputs.shape[0] == 0:
+            raise ValueError(f"{method}: the batch is empty; pass at least one example.")
+        if self.modality == "image":
+            if inputs.dim() != 4:
+                raise ValueError(
+                    f"{method}: {self.family} expects images (B, C, H, W); got shape "
+                    f"{tuple(inputs.shape)}."
+                )
+            if not inputs.is_floating_point():
+                raise ValueError(
+                    f"{method}: images must be floating point; got {inputs.dtype}. "
+                    "Convert with inputs.float() after normalisation."
+                )
+            if not torch.isfinite(inputs).all():
+                raise ValueError(f"{method}: inputs contain NaN or inf values.")
+            self._check_image_size(inputs, method)
+
+    def _check_image_size(self, inputs: torch.Tensor, method: str) -> None:
+        """Model-specific size checks (patch grid, fixed input size); none by default."""
+
+    # ------------------------------------------------------------------ feature points
+    def named_module(self, name: str, method: str = "captum_ext") -> nn.Module:
+        """The submodule called ``name`` (as in ``model.named_modules()``).
+
+        Raises:
+            ValueError: No such module; the message lists candidate names.
+        """
+        modules = dict(self.model.named_modules())
+        if name in modules and name:
+            return modules[name]
+        close = [n for n in modules if n and (name in n or n.endswith(name.split(".")[-1]))]
+        candidates = close[:8] or [n for n in modules if n and "." not in n][:12]
+        raise ValueError(
+            f"{method}: {type(self.model).__name__} has no module named {name!r}; candidates: "
+            f"{', '.join(candidates)}."
+        )
+
+    def feature_point(self, layer: str | int, method: str = "captum_ext") -> Point:
+        """The point whose tensor is the feature map of ``layer``: a module name's output."""
+        if not isinstance(layer, str):
+            raise ValueError(
+                f"{method}: {self.family} layers are named by module name (str); got {layer!r}."
+            )
+        return Point(self.named_module(layer, method), "output", None, layer)
+
+    def feature_map(self, tensor: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """The captured tensor of a feature point as a map ``(B, C, h, w)``."""
+        if tensor.dim() != 4:
+            raise ValueError(
+                f"expected a feature map (B, C, h, w) at the feature point; got shape "
+                f"{tuple(tensor.shape)}."
+            )
+        return tensor
+
+
+class TransformerAdapter(ModelAdapter):
+    """What a transformer looks like inside: blocks, heads, prefix tokens, grid, attention, readout.
+
+    Methods in :mod:`captum_ext.attr` use only this protocol. Points are read
+    by the hook engine (:mod:`captum_ext.capture`); token removal belongs to
+    TAM, which asks this protocol only which positions are special
+    (:meth:`special_tokens`) and whether extra arguments follow the tokens
+    (:attr:`slices_extra_args`).
+
+    Attributes:
+        readout: Which token rows the classifier reads: ``"cls"`` (first
+            token), ``"cls_dist"`` (mean of CLS and distillation token) or
+            ``"mean"`` (mean of the non-prefix tokens; for text, of the
+            attended ones).
+        readout_assumed: ``True`` when the readout could be neither read from
+            the model's structure nor passed by the user, and was assumed.
+    """
+
+    kind: ClassVar[str] = "transformer"
+    slices_extra_args: ClassVar[bool] = False
+    """Whether ``(B, T, ...)`` extra arguments (the attention mask) are cut with the tokens."""
+
+    def __init__(self, model: nn.Module, readout: Readout | None = None) -> None:
+        super().__init__(model)
+        if readout is not None and readout not in ("cls", "cls_dist", "mean"):
+            raise ValueError(f"readout must be 'cls', 'cls_dist' or 'mean'; got {readout!r}.")
+        self._readout_override = readout
+        self.readout_assumed = False
 
     # ------------------------------------------------------------------ structure
     @property
@@ -119,6 +234,18 @@ class ModelAdapter:
 
     def _default_readout(self) -> Readout:
         return "cls"
+
+    @property
+    def readout_known(self) -> bool:
+        """Whether the readout is settled; when not, methods detect it (see ``HFTextAdapter``)."""
+        return True
+
+    def probe_inputs(self) -> tuple[torch.Tensor, tuple]:
+        """Dummy ``(inputs, additional_forward_args)`` for detecting the readout."""
+        raise NotImplementedError
+
+    def settle_readout(self, detected: Readout | None) -> None:
+        """Records a detected readout (see :attr:`readout_known`)."""
 
     @property
     def patch_size(self) -> tuple[int, int]:
@@ -151,6 +278,10 @@ class ModelAdapter:
         """The residual stream entering ``block``."""
         return Point(self.blocks[block], "input", None, f"block {block} input")
 
+    def block_output_point(self, block: int = -1) -> Point:
+        """The residual stream leaving ``block`` (first element of a tuple output)."""
+        return Point(self.blocks[block], "output", None, f"block {block} output")
+
     def resolve_layer(self, layer: nn.Module | None) -> Point:
         """Maps the user's ``layer`` argument to a point.
 
@@ -170,42 +301,51 @@ class ModelAdapter:
             )
         return Point(layer, "output", None, type(layer).__name__)
 
+    def check_layer_index(self, layer: int, method: str, what: str = "layer") -> int:
+        """``layer`` as a block index in ``0 .. L-1`` (negatives count from the end).
+
+        Raises:
+            TypeError: Not an int.
+            ValueError: Out of range; the message gives the valid range.
+        """
+        n = self.num_layers
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"{method}: {what} must be an int; got {type(layer).__name__}.")
+        if not -n <= layer < n:
+            raise ValueError(
+                f"{method}: {what} {layer} is out of range for a model with {n} blocks "
+                f"(valid: {-n}..{n - 1})."
+            )
+        return layer % n
+
+    def feature_point(self, layer: str | int, method: str = "captum_ext") -> Point:
+        """Block index -> that block's pre-attention tokens; a module name -> its output."""
+        if isinstance(layer, int) and not isinstance(layer, bool):
+            return self.pre_attention_point(self.check_layer_index(layer, method))
+        return super().feature_point(layer, method)
+
+    def feature_map(self, tensor: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        """Tokens ``(B, N, D)`` -> patch tokens on the grid ``(B, D, h, w)`` (images only)."""
+        if tensor.dim() == 4:
+            return tensor
+        if self.modality != "image" or tensor.dim() != 3:
+            raise ValueError(
+                f"{self.family}: feature maps need image tokens (B, N, D); got "
+                f"{tuple(tensor.shape)} for {self.modality} inputs."
+            )
+        h, w = self.grid_size(inputs)
+        patches = tensor[:, self.num_prefix_tokens :]
+        if patches.shape[1] != h * w:
+            raise ValueError(
+                f"{self.family}: {patches.shape[1]} patch tokens do not fill the {h}x{w} grid."
+            )
+        return patches.transpose(1, 2).reshape(tensor.shape[0], tensor.shape[2], h, w)
+
     # ------------------------------------------------------------------ inputs
     def grid_size(self, inputs: torch.Tensor) -> tuple[int, int]:
         """Patch grid ``(h, w)`` for image inputs ``(B, C, H, W)``."""
         ph, pw = self.patch_size
         return inputs.shape[-2] // ph, inputs.shape[-1] // pw
-
-    def check_inputs(self, inputs: torch.Tensor, method: str) -> None:
-        """Validates rank, dtype, finiteness and size; raises ``ValueError`` with what to do."""
-        if not isinstance(inputs, torch.Tensor):
-            raise TypeError(f"{method}: inputs must be a tensor; got {type(inputs).__name__}.")
-        if self.modality == "image":
-            if inputs.dim() != 4:
-                raise ValueError(
-                    f"{method}: {self.family} expects images (B, C, H, W); got shape "
-                    f"{tuple(inputs.shape)}."
-                )
-            if not inputs.is_floating_point():
-                raise ValueError(
-                    f"{method}: images must be floating point; got {inputs.dtype}. "
-                    "Convert with inputs.float() after normalisation."
-                )
-            if not torch.isfinite(inputs).all():
-                raise ValueError(f"{method}: inputs contain NaN or inf values.")
-            self._check_image_size(inputs, method)
-        else:
-            if inputs.dim() != 2:
-                raise ValueError(
-                    f"{method}: {self.family} expects input_ids (B, T); got shape "
-                    f"{tuple(inputs.shape)}."
-                )
-            if inputs.is_floating_point() or inputs.is_complex():
-                raise ValueError(
-                    f"{method}: {self.family} expects integer input_ids (B, T); got "
-                    f"{inputs.dtype}. Pass token ids, and the attention mask through "
-                    "additional_forward_args=(attention_mask,)."
-                )
 
     def _check_image_size(self, inputs: torch.Tensor, method: str) -> None:
         ph, pw = self.patch_size
@@ -214,8 +354,25 @@ class ModelAdapter:
             raise ValueError(
                 f"{method}: image size {h}x{w} is not divisible by the patch size {ph}x{pw} "
                 f"of this {self.family}. Resize or crop to a multiple, e.g. "
-                f"{(h // ph) * ph}x{(w // pw) * pw}."
+                f"{_nearest_multiple(h, ph)}x{_nearest_multiple(w, pw)}."
             )
+
+    def attention_mask(self, inputs: torch.Tensor, additional_forward_args: Any = None):
+        """The ``(B, T)`` bool mask of attended positions, or ``None`` (images, no mask)."""
+        return None
+
+    def special_tokens(
+        self, inputs: torch.Tensor, additional_forward_args: Any = None
+    ) -> torch.Tensor:
+        """``(B, N)`` bool: positions at the token point that are never removed or explained.
+
+        Images: the prefix tokens (CLS, DIST, registers).
+        """
+        h, w = self.grid_size(inputs)
+        p = self.num_prefix_tokens
+        special = torch.zeros(inputs.shape[0], p + h * w, dtype=torch.bool, device=inputs.device)
+        special[:, :p] = True
+        return special
 
     # ------------------------------------------------------------------ state
     @contextlib.contextmanager
@@ -224,60 +381,18 @@ class ModelAdapter:
         raise NotImplementedError
         yield  # pragma: no cover
 
-    def forward(self, inputs: torch.Tensor, additional_forward_args: Any = None) -> torch.Tensor:
-        """Calls the model and returns its scores as one tensor (B, C)."""
-        args = _as_tuple(additional_forward_args)
-        return model_output_to_tensor(self.model(inputs, *args))
-
-    # ------------------------------------------------------------------ token removal (TAM)
-    def token_removal(
-        self, inputs: torch.Tensor, additional_forward_args: Any = None
-    ) -> TokenRemoval:
-        """Which tokens may be removed, and what to feed the model when they are.
-
-        Tokens are removed at :meth:`token_point` (after position embeddings,
-        before the first block) by a hook that the method installs; this
-        describes the rest. Images: every token but the prefix tokens (CLS,
-        DIST, registers) may go, and each shortened row is fed the whole
-        image (the hook replaces its tokens). Text: every attended position
-        but the first and the last attended ones ([CLS]/<s> and [SEP]/</s>)
-        may go, padding never; each row is fed ``input_ids`` and every
-        ``(B, T, ...)`` extra argument (the attention mask) with the removed
-        positions cut out, so that the model's own shapes (its attention mask,
-        a wrapper's pooling) agree with the shortened sequence. The attention
-        mask is read from ``additional_forward_args[0]``.
-
-        Args:
-            inputs: Images ``(B, C, H, W)`` or ``input_ids (B, T)``.
-            additional_forward_args: Extra positional model arguments.
-
-        Returns:
-            A :class:`TokenRemoval` with ``removable (B, N)``.
-        """
-        extra = _as_tuple(additional_forward_args)
-        b = inputs.shape[0]
-        if self.modality == "image":
-            h, w = self.grid_size(inputs)
-            p = self.num_prefix_tokens
-            removable = torch.ones(b, p + h * w, dtype=torch.bool, device=inputs.device)
-            removable[:, :p] = False
-            return TokenRemoval(inputs, extra, removable, slice_tokens=False)
-        t = inputs.shape[1]
-        mask = extra[0] if extra else None
-        if isinstance(mask, torch.Tensor) and tuple(mask.shape) == (b, t):
-            attended = mask.to(inputs.device) != 0
-        else:
-            attended = torch.ones(b, t, dtype=torch.bool, device=inputs.device)
-        pos = torch.arange(t, device=inputs.device).expand(b, t)
-        first = attended.int().argmax(1, keepdim=True)
-        last = t - 1 - attended.flip(1).int().argmax(1, keepdim=True)
-        removable = attended & (pos != first) & (pos != last)
-        return TokenRemoval(inputs, extra, removable, slice_tokens=True)
-
     def readout_weights(
-        self, num_tokens: int, device: torch.device, dtype: torch.dtype = torch.float32
+        self,
+        num_tokens: int,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Weights ``(N,)`` over token rows that form the readout (sum to 1), in ``dtype``."""
+        """Weights over token rows that form the readout (each row sums to 1), in ``dtype``.
+
+        Returns ``(N,)``, or ``(B, N)`` when a ``(B, N)`` attention ``mask`` is
+        given and the readout is the mean (padding then gets no weight).
+        """
         w = torch.zeros(num_tokens, device=device, dtype=dtype)
         if self.readout == "cls":
             w[0] = 1.0
@@ -285,66 +400,17 @@ class ModelAdapter:
             w[:2] = 0.5
         else:
             p = self.num_prefix_tokens
+            if mask is not None:
+                m = mask.to(device=device, dtype=dtype).clone()
+                m[:, :p] = 0
+                return m / m.sum(1, keepdim=True).clamp_min(1)
             w[p:] = 1.0 / max(num_tokens - p, 1)
         return w
 
 
-@dataclass(frozen=True)
-class TokenRemoval:
-    """Model arguments for copies of a batch with tokens removed.
-
-    Built by :meth:`ModelAdapter.token_removal`; used by token ablation (TAM).
-
-    Attributes:
-        inputs: The batch: images ``(B, C, H, W)`` or ``input_ids (B, T)``.
-        additional_forward_args: The extra positional model arguments.
-        removable: ``(B, N)`` bool, the tokens at the token point that may be
-            removed (never prefix tokens, special text tokens or padding).
-        slice_tokens: ``True`` (text) when ``inputs`` and the ``(B, T, ...)``
-            extra tensors are cut along the token axis like the tokens;
-            ``False`` (images) when each row gets its whole example.
-    """
-
-    inputs: torch.Tensor
-    additional_forward_args: tuple
-    removable: torch.Tensor
-    slice_tokens: bool
-
-    def model_args(
-        self, rows: torch.Tensor, keep_index: torch.Tensor
-    ) -> tuple[torch.Tensor, tuple]:
-        """Inputs and extra arguments for R shortened rows.
-
-        Args:
-            rows: ``(R,)`` example of each row.
-            keep_index: ``(R, L)`` ascending token positions each row keeps.
-
-        Returns:
-            ``(inputs, additional_forward_args)`` with R rows: tensors whose
-            first axis is the batch are indexed with ``rows`` (and, when
-            ``slice_tokens``, those of shape ``(B, T, ...)`` are cut to
-            ``keep_index``); other arguments are passed unchanged.
-        """
-        b = self.inputs.shape[0]
-        t = self.inputs.shape[1] if self.slice_tokens else -1
-
-        def pick(v: Any) -> Any:
-            if not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape[0] != b:
-                return v
-            rows_v = rows.to(v.device)
-            if self.slice_tokens and v.dim() >= 2 and v.shape[1] == t:
-                return v[rows_v[:, None], keep_index.to(v.device)]
-            return v[rows_v]
-
-        return pick(self.inputs), tuple(pick(v) for v in self.additional_forward_args)
-
-
-def _as_tuple(args: Any) -> tuple:
-    if args is None:
-        return ()
-    if isinstance(args, tuple):
-        return args
-    return (args,)
+def _nearest_multiple(size: int, step: int) -> int:
+    """The multiple of ``step`` nearest to ``size`` (at least ``step``)."""
+    return max(step, round(size / step) * step)
 
 
 _REGISTRY: list[type[ModelAdapter]] = []
@@ -356,12 +422,19 @@ def register_adapter(cls: type[ModelAdapter]) -> type[ModelAdapter]:
     return cls
 
 
-def supported_families() -> str:
-    return ", ".join(cls.family for cls in _REGISTRY)
+def supported_families(kind: type[ModelAdapter] = ModelAdapter) -> str:
+    """The families of ``kind``, comma-separated, for error messages."""
+    return ", ".join(cls.family for cls in _REGISTRY if issubclass(cls, kind))
+
+
+_KIND_WORDS = {TransformerAdapter: "a vision or text transformer"}
 
 
 def adapter_for(
-    model: nn.Module | ModelAdapter, readout: Readout | None = None, method: str = "captum_ext"
+    model: nn.Module | ModelAdapter,
+    readout: Readout | None = None,
+    method: str = "captum_ext",
+    kind: type[ModelAdapter] = ModelAdapter,
 ) -> ModelAdapter:
     """Picks the adapter for ``model`` by structure.
 
@@ -371,11 +444,19 @@ def adapter_for(
         readout: Overrides the family's default readout (``"cls"``,
             ``"cls_dist"`` or ``"mean"``), e.g. for a mean-pooling wrapper.
         method: Name used in the error message.
+        kind: The adapter kind the caller needs (e.g. :class:`TransformerAdapter`);
+            a model of another kind is refused naming it.
 
     Raises:
-        UnsupportedModelError: No adapter recognises the model.
+        UnsupportedModelError: No adapter of ``kind`` recognises the model.
     """
+    want = _KIND_WORDS.get(kind, "a supported model")
     if isinstance(model, ModelAdapter):
+        if not isinstance(model, kind):
+            raise UnsupportedModelError(
+                f"{method} needs {want}; got a {model.family} adapter. "
+                f"Supported: {supported_families(kind)}."
+            )
         return model
     if not isinstance(model, nn.Module):
         raise UnsupportedModelError(
@@ -383,9 +464,19 @@ def adapter_for(
         )
     inner = unwrap_model(model)
     for cls in _REGISTRY:
-        if cls.matches(inner):
-            return cls(inner, readout=readout)
+        if not cls.matches(inner):
+            continue
+        reason = cls.refusal(inner)
+        if reason is not None:
+            raise UnsupportedModelError(
+                f"{method}: {reason} Supported: {supported_families(kind)}."
+            )
+        if not issubclass(cls, kind):
+            raise UnsupportedModelError(
+                f"{method} needs {want}; got {type(inner).__name__} ({cls.family}). "
+                f"Supported: {supported_families(kind)}."
+            )
+        return cls(inner, readout=readout)
     raise UnsupportedModelError(
-        f"{method} needs a vision or text transformer; got {type(inner).__name__}. "
-        f"Supported: {supported_families()}."
+        f"{method} needs {want}; got {type(inner).__name__}. Supported: {supported_families(kind)}."
     )

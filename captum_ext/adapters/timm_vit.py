@@ -8,13 +8,13 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-from captum_ext.adapters.base import ModelAdapter, Point, Readout, register_adapter
+from captum_ext.adapters.base import Point, Readout, TransformerAdapter, register_adapter
 
 __all__ = ["TimmViTAdapter"]
 
 
 @register_adapter
-class TimmViTAdapter(ModelAdapter):
+class TimmViTAdapter(TransformerAdapter):
     """timm ``VisionTransformer`` (``vit_*``, ``deit_*`` incl. distilled, DINO, register models).
 
     Prefix tokens come from ``model.num_prefix_tokens`` (CLS, DIST, registers).
@@ -37,6 +37,25 @@ class TimmViTAdapter(ModelAdapter):
             and len(blocks) > 0
             and all(hasattr(b, "attn") and hasattr(b, "norm1") for b in blocks)
         )
+
+    @classmethod
+    def refusal(cls, model: nn.Module) -> str | None:
+        """timm models shaped like a ViT whose token path differs (EVA: rotary embeddings)."""
+        name = type(model).__name__
+        if getattr(model, "rope", None) is not None:
+            return (
+                f"{name} uses rotary position embeddings inside its attention (timm EVA/EVA-02); "
+                "token removal and attention capture assume a plain timm VisionTransformer, so "
+                "it is not supported."
+            )
+        if not isinstance(getattr(model, "patch_drop", None), nn.Module) or not all(
+            isinstance(getattr(b.attn, "attn_drop", None), nn.Module) for b in model.blocks
+        ):
+            return (
+                f"{name} looks like a timm ViT but lacks the patch_drop / attn.attn_drop modules "
+                "where captum_ext reads tokens and attention probabilities."
+            )
+        return None
 
     @property
     def blocks(self) -> Sequence[nn.Module]:
@@ -72,17 +91,17 @@ class TimmViTAdapter(ModelAdapter):
         pe = self.model.patch_embed
         if getattr(pe, "dynamic_img_pad", False):
             return
-        super()._check_image_size(inputs, method)
         dynamic = getattr(self.model, "dynamic_img_size", False)
         img_size = getattr(pe, "img_size", None)
         h, w = inputs.shape[-2:]
         strict = not dynamic and getattr(pe, "strict_img_size", True) and img_size is not None
-        if strict and (h, w) != tuple(img_size):
+        if strict and (h, w) != tuple(img_size):  # the only size that works: say that one
             raise ValueError(
                 f"{method}: this timm ViT was built for {img_size[0]}x{img_size[1]} images; "
-                f"got {h}x{w}. Resize the input, or create the model with "
-                "dynamic_img_size=True."
+                f"got {h}x{w}. Resize the input to {img_size[0]}x{img_size[1]}, or create the "
+                "model with dynamic_img_size=True."
             )
+        super()._check_image_size(inputs, method)
 
     def pre_attention_point(self, block: int = -1) -> Point:
         blk = self.model.blocks[block]

@@ -9,15 +9,14 @@ from captum.attr import Attribution
 from captum.log import log_usage
 from torch import nn
 
-from captum_ext.adapters.base import ModelAdapter, Readout, adapter_for
-from captum_ext.attr._common import OutputKind, format_token_map, pack_output, unpack_inputs
-from captum_ext.capture import Hook, hooks, model_state
-from captum_ext.errors import MissingAttentionError
+from captum_ext.adapters.base import Readout, TransformerAdapter
+from captum_ext.attr._attention import capture_attention, readout_row
+from captum_ext.attr._base import OutputKind, TokenMapMethod
 
-__all__ = ["AttentionMap", "capture_attention"]
+__all__ = ["AttentionMap"]
 
 
-class AttentionMap(Attribution):
+class AttentionMap(TokenMapMethod, Attribution):
     """Final-layer attention of the readout query (CLS row), the baseline of every paper.
 
     ``AM_j = mean_h A[h, r, j]`` with A ``(B, H, N, N)`` the post-softmax
@@ -30,7 +29,8 @@ class AttentionMap(Attribution):
         model: A supported transformer, a wrapper of one, or an adapter.
         heads: ``"mean"`` (default) averages heads; ``"all"`` keeps them, giving
             ``(B, H, ...)`` maps.
-        layer: Index of the block whose attention is read (default: the last).
+        layer: Index of the block whose attention is read (default: the last;
+            negatives count from the end), checked here.
         readout: Overrides the adapter's readout.
     """
 
@@ -38,24 +38,16 @@ class AttentionMap(Attribution):
 
     def __init__(
         self,
-        model: nn.Module | ModelAdapter,
+        model: nn.Module | TransformerAdapter,
         heads: Literal["mean", "all"] = "mean",
         layer: int = -1,
         readout: Readout | None = None,
     ) -> None:
-        self.adapter = adapter_for(model, readout=readout, method=self._method)
+        super().__init__(model, readout)
         if heads not in ("mean", "all"):
             raise ValueError(f"heads must be 'mean' or 'all'; got {heads!r}.")
         self.heads = heads
-        self.layer = layer
-        super().__init__(self.adapter.model)
-
-    @property
-    def multiplies_by_inputs(self) -> bool:
-        return False
-
-    def has_convergence_delta(self) -> bool:
-        return False
+        self.layer = self.adapter.check_layer_index(layer, self._method)
 
     @log_usage()
     def attribute(
@@ -78,39 +70,10 @@ class AttentionMap(Attribution):
             ``(B, 1, H, W)`` (or ``(B, H_heads, H, W)`` with ``heads="all"``) for
             images, ``(B, T)`` (or ``(B, H_heads, T)``) for text.
         """
-        x, was_tuple = unpack_inputs(inputs, self._method)
-        self.adapter.check_inputs(x, self._method)
+        x, was_tuple = self._inputs(inputs, additional_forward_args)
+        self._check_output(x, output)
         (attn,) = capture_attention(self.adapter, x, additional_forward_args, [self.layer])
-        w = self.adapter.readout_weights(attn.shape[-1], attn.device, attn.dtype)
-        rows = torch.einsum("n,bhnm->bhm", w, attn)
+        w = readout_row(self.adapter, attn, x, additional_forward_args)
+        rows = torch.einsum("bn,bhnm->bhm", w, attn)
         scores = rows.mean(1) if self.heads == "mean" else rows
-        return pack_output(
-            format_token_map(scores, self.adapter, x, output, self._method), was_tuple
-        )
-
-
-def capture_attention(
-    adapter: ModelAdapter, x: torch.Tensor, extra: Any, layers: list[int]
-) -> list[torch.Tensor]:
-    """Post-softmax attention ``(B, H, N, N)`` of the given blocks, in one gradient-free forward."""
-    specs = [Hook(adapter.attention_point(i)) for i in layers]
-    with model_state(adapter.model, grad=False), adapter.attention_probabilities(), hooks(specs):
-        adapter.forward(x, extra)
-    return [require_attention(h) for h in specs]
-
-
-def require_attention(h: Hook) -> torch.Tensor:
-    """The captured probabilities, or a clear error when the model did not form them.
-
-    A point that was never called (timm's fused kernel skips ``attn_drop``) or
-    that returned ``None`` (HF SDPA) is a :class:`MissingAttentionError`.
-    """
-    t = h.tensors[0] if len(h.tensors) == 1 else (h.tensor if h.tensors else None)
-    if t is None or t.dim() != 4:
-        raise MissingAttentionError(
-            f"{h.point.name} returned no attention probabilities (got "
-            f"{None if t is None else tuple(t.shape)}). The model runs a fused attention kernel "
-            "(SDPA/flash) that never forms them; captum_ext switches timm and HuggingFace models "
-            "to eager attention — for other attention implementations, use eager attention."
-        )
-    return t
+        return self._outputs(scores, x, output, was_tuple)

@@ -16,8 +16,8 @@ from captum.log import log_usage
 from torch import nn
 
 from captum_ext._scores import normalise_target, select_target
-from captum_ext.adapters.base import ModelAdapter, Readout, adapter_for
-from captum_ext.attr._common import OutputKind, format_token_map, pack_output, unpack_inputs
+from captum_ext.adapters.base import Readout, TransformerAdapter
+from captum_ext.attr._base import OutputKind, TokenMapMethod, check_targets
 from captum_ext.capture import Hook, as_leaf, hooks, model_state
 
 __all__ = ["CDAM", "ConceptCDAM"]
@@ -26,7 +26,7 @@ Variant = Literal["plain", "smooth", "integrated"]
 ScoreFn = Callable[[torch.Tensor], torch.Tensor]
 
 
-class CDAM(LayerAttribution, GradientAttribution):
+class CDAM(TokenMapMethod, LayerAttribution, GradientAttribution):
     """Class-discriminative attention maps (Brocki & Chung, 2023, arXiv:2312.02364).
 
     For tokens T ``(B, N, D)`` entering the self-attention of the final block
@@ -49,6 +49,10 @@ class CDAM(LayerAttribution, GradientAttribution):
     (per example) to the residual stream entering the final block and
     averages ``n_samples`` maps; ``"integrated"`` scales that stream by
     ``k / n_samples`` for ``k = 1 .. n_samples - 1`` and averages the maps.
+    Every sample explains the same class: with ``target=None`` the class
+    predicted on the clean input (one extra forward pass without grad). The
+    noise of every example is drawn from ``seed`` alone, so an example's map
+    does not depend on the batch it is in.
 
     Args:
         model: A timm ViT, HF ViT, HF BERT-family model, a module wrapping
@@ -60,15 +64,18 @@ class CDAM(LayerAttribution, GradientAttribution):
         n_samples: Samples for the smooth and integrated variants.
         noise_level: Noise std relative to the stream's range (smooth).
         seed: Seed of the noise (smooth); the same seed gives the same map.
-        readout: Overrides the adapter's readout (not used by CDAM itself;
-            kept for a uniform constructor).
+        readout: Overrides the adapter's readout; CDAM uses it only for a
+            bare encoder whose output has no logits (``"mean"``: the
+            attention-masked mean of ``last_hidden_state``; ``"cls"``:
+            ``pooler_output``).
     """
 
     _method = "CDAM"
+    _multiplies_by_inputs = True
 
     def __init__(
         self,
-        model: nn.Module | ModelAdapter,
+        model: nn.Module | TransformerAdapter,
         layer: nn.Module | None = None,
         variant: Variant = "plain",
         n_samples: int = 50,
@@ -76,10 +83,12 @@ class CDAM(LayerAttribution, GradientAttribution):
         seed: int = 0,
         readout: Readout | None = None,
     ) -> None:
-        self.adapter = adapter_for(model, readout=readout, method=self._method)
+        super().__init__(model, readout)
         self._point = self.adapter.resolve_layer(layer)
         if variant not in ("plain", "smooth", "integrated"):
             raise ValueError(f"variant must be 'plain', 'smooth' or 'integrated'; got {variant!r}.")
+        if isinstance(n_samples, bool) or not isinstance(n_samples, int):
+            raise ValueError(f"n_samples must be an int; got {n_samples!r}.")
         if variant != "plain" and n_samples < 2:
             raise ValueError(f"n_samples must be at least 2 for variant {variant!r}.")
         self.variant = variant
@@ -87,14 +96,6 @@ class CDAM(LayerAttribution, GradientAttribution):
         self.noise_level = noise_level
         self.seed = seed
         LayerAttribution.__init__(self, self.adapter.model, self._point.module)
-        GradientAttribution.__init__(self, self.adapter.model)
-
-    @property
-    def multiplies_by_inputs(self) -> bool:
-        return True
-
-    def has_convergence_delta(self) -> bool:
-        return False
 
     @log_usage()
     def attribute(
@@ -118,9 +119,11 @@ class CDAM(LayerAttribution, GradientAttribution):
         Returns:
             Signed scores in the requested layout (a 1-tuple if ``inputs`` was one).
         """
-        x, was_tuple = unpack_inputs(inputs, self._method)
+        x, was_tuple = self._inputs(inputs, additional_forward_args)
+        self._check_output(x, output)
+        (target,) = self._fixed_targets(x, additional_forward_args, [target])
         maps = self._run(x, additional_forward_args, [_class_score(target, self._method)])
-        return pack_output(self._format(maps[0], x, output), was_tuple)
+        return self._outputs(maps[0], x, output, was_tuple)
 
     def attribute_targets(
         self,
@@ -140,18 +143,31 @@ class CDAM(LayerAttribution, GradientAttribution):
         Returns:
             ``(K, ...)``: the map of each target stacked on a leading axis.
         """
-        x, _ = unpack_inputs(inputs, self._method)
+        x, _ = self._inputs(inputs, additional_forward_args)
+        self._check_output(x, output)
+        targets = self._fixed_targets(
+            x, additional_forward_args, check_targets(targets, self._method)
+        )
         fns = [_class_score(t, self._method) for t in targets]
         maps = self._run(x, additional_forward_args, fns)
         return torch.stack([self._format(m, x, output) for m in maps])
 
     # ---------------------------------------------------------------- internals
-    def _format(self, scores: torch.Tensor, x: torch.Tensor, output: OutputKind) -> torch.Tensor:
-        return format_token_map(scores, self.adapter, x, output, self._method)
+    def _fixed_targets(self, x: torch.Tensor, extra: Any, targets: list[Any]) -> list[Any]:
+        """``None`` targets of the smooth/integrated variants become the clean prediction.
+
+        Each noisy or scaled pass would otherwise explain its own predicted
+        class; one forward without grad on the clean input fixes the class.
+        """
+        if self.variant == "plain" or all(t is not None for t in targets):
+            return targets
+        with model_state(self.adapter.model, grad=False):
+            out = self.adapter.forward(x, extra)
+        pred = normalise_target(None, out, self._method)
+        return [pred if t is None else t for t in targets]
 
     def _run(self, x: torch.Tensor, extra: Any, score_fns: Sequence[ScoreFn]) -> list[torch.Tensor]:
         """Token scores ``(B, N)`` for each score function, averaged over the variant's samples."""
-        self.adapter.check_inputs(x, self._method)
         if self.variant == "plain":
             return self._one_pass(x, extra, score_fns, None)
         stream = self.adapter.block_input_point(-1)
@@ -219,8 +235,7 @@ class ConceptCDAM(CDAM):
         self, examples: torch.Tensor, additional_forward_args: Any = None
     ) -> torch.Tensor:
         """Mean latent ``(D,)`` of ``examples`` (images or input_ids), computed without grad."""
-        x, _ = unpack_inputs(examples, self._method)
-        self.adapter.check_inputs(x, self._method)
+        x, _ = self._inputs(examples, additional_forward_args)
         with model_state(self.adapter.model, grad=False):
             z = self.adapter.forward(x, additional_forward_args)
         return z.detach().mean(dim=0)
@@ -241,9 +256,11 @@ class ConceptCDAM(CDAM):
             additional_forward_args: As in :meth:`CDAM.attribute`.
             output: As in :meth:`CDAM.attribute`.
         """
-        x, was_tuple = unpack_inputs(inputs, self._method)
-        maps = self._run(x, additional_forward_args, [_concept_score(concept, self._method)])
-        return pack_output(self._format(maps[0], x, output), was_tuple)
+        x, was_tuple = self._inputs(inputs, additional_forward_args)
+        self._check_output(x, output)
+        score = _concept_score(concept, x.shape[0], self._method)
+        maps = self._run(x, additional_forward_args, [score])
+        return self._outputs(maps[0], x, output, was_tuple)
 
 
 def _class_score(target: Any, method: str) -> ScoreFn:
@@ -253,9 +270,14 @@ def _class_score(target: Any, method: str) -> ScoreFn:
     return fn
 
 
-def _concept_score(concept: torch.Tensor, method: str) -> ScoreFn:
+def _concept_score(concept: torch.Tensor, batch: int, method: str) -> ScoreFn:
     if not isinstance(concept, torch.Tensor) or concept.dim() not in (1, 2):
         raise ValueError(f"{method}: concept must be a tensor (D,) or (B, D).")
+    if concept.dim() == 2 and concept.shape[0] not in (1, batch):
+        raise ValueError(
+            f"{method}: concept has shape {tuple(concept.shape)} for a batch of {batch}; pass "
+            f"one concept (D,) or one per example ({batch}, D)."
+        )
 
     def fn(z: torch.Tensor) -> torch.Tensor:
         if z.dim() != 2 or z.shape[-1] != concept.shape[-1]:
@@ -272,7 +294,9 @@ def _noise(level: float, gen: torch.Generator) -> Callable[[torch.Tensor], torch
     def tf(x: torch.Tensor) -> torch.Tensor:
         flat = x.detach().flatten(1)
         sigma = level * (flat.amax(1) - flat.amin(1))
-        noise = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+        # One draw per example shape, shared by the batch: every example sees the noise it
+        # would see alone (the same seed), so a batch equals its single calls.
+        noise = torch.randn(x.shape[1:], generator=gen, dtype=x.dtype).to(x.device)
         return x + noise * sigma.view(-1, *([1] * (x.dim() - 1)))
 
     return tf

@@ -11,18 +11,17 @@ from captum.log import log_usage
 from torch import nn
 
 from captum_ext._scores import normalise_target, select_target
-from captum_ext.adapters.base import ModelAdapter, Readout, adapter_for
-from captum_ext.attr._common import OutputKind, format_token_map, pack_output, unpack_inputs
-from captum_ext.attr.attention_map import require_attention
-from captum_ext.attr.rollout import _readout_row, _resolve_start_layer
-from captum_ext.capture import Hook, as_leaf, hooks, model_state
+from captum_ext.adapters.base import Readout, TransformerAdapter
+from captum_ext.attr._attention import readout_row, require_attention, resolve_start_layer
+from captum_ext.attr._base import OutputKind, TokenMapMethod
+from captum_ext.capture import Hook, as_leaf, grad_hooks, hooks, model_state
 
 __all__ = ["RelevancePropagation", "relevance_increment"]
 
 Heads = Literal["mean", "all"]
 
 
-class RelevancePropagation(GradientAttribution):
+class RelevancePropagation(TokenMapMethod, GradientAttribution):
     """Relevance propagation for self-attention, generic rule (Chefer, Gur & Wolf, ICCV 2021).
 
     "Generic Attention-model Explainability for Interpreting Bi-Modal and
@@ -38,7 +37,8 @@ class RelevancePropagation(GradientAttribution):
       row; mean of the CLS and DIST rows for distilled DeiT; mean of the
       patch rows for average-pooled models). Prefix columns are dropped for
       images; text keeps every position (padding columns are left as they
-      come out, see :class:`~captum_ext.attr.rollout.AttentionRollout`).
+      come out; a mean readout averages the attended rows only, see
+      :class:`~captum_ext.attr.rollout.AttentionRollout`).
 
     Every quantity is per example: the batch gradient is the gradient of
     ``sum_b f_b``, and examples do not interact in eval mode.
@@ -80,29 +80,22 @@ class RelevancePropagation(GradientAttribution):
     """
 
     _method = "RelevancePropagation"
+    _multiplies_by_inputs = True
 
     def __init__(
         self,
-        model: nn.Module | ModelAdapter,
+        model: nn.Module | TransformerAdapter,
         start_layer: int = 0,
         readout: Readout | None = None,
         heads: Heads = "mean",
         streaming: bool = True,
     ) -> None:
-        self.adapter = adapter_for(model, readout=readout, method=self._method)
-        self.start_layer = _resolve_start_layer(start_layer, self.adapter.num_layers, self._method)
+        super().__init__(model, readout)
+        self.start_layer = resolve_start_layer(start_layer, self.adapter, self._method)
         if heads not in ("mean", "all"):
             raise ValueError(f"heads must be 'mean' or 'all'; got {heads!r}.")
         self.heads = heads
         self.streaming = bool(streaming)
-        super().__init__(self.adapter.model)
-
-    @property
-    def multiplies_by_inputs(self) -> bool:
-        return True
-
-    def has_convergence_delta(self) -> bool:
-        return False
 
     @log_usage()
     def attribute(
@@ -128,12 +121,10 @@ class RelevancePropagation(GradientAttribution):
             Non-negative scores in the requested layout (a 1-tuple if
             ``inputs`` was one).
         """
-        x, was_tuple = unpack_inputs(inputs, self._method)
-        self.adapter.check_inputs(x, self._method)
+        x, was_tuple = self._inputs(inputs, additional_forward_args)
+        self._check_output(x, output)
         scores = self._token_scores(x, target, additional_forward_args)
-        return pack_output(
-            format_token_map(scores, self.adapter, x, output, self._method), was_tuple
-        )
+        return self._outputs(scores, x, output, was_tuple)
 
     # ---------------------------------------------------------------- internals
     def _token_scores(self, x: torch.Tensor, target: Any, extra: Any) -> torch.Tensor:
@@ -153,7 +144,7 @@ class RelevancePropagation(GradientAttribution):
                 )
             score = select_target(out, normalise_target(target, out, self._method)).sum()
             del out
-            w = _readout_row(ad, attn[-1])
+            w = readout_row(ad, attn[-1], x, extra)
             if self.streaming:
                 return self._streamed(score, attn, w)
             return self._naive(score, attn, w)
@@ -182,17 +173,11 @@ class RelevancePropagation(GradientAttribution):
 
             return fn
 
-        handles = []
-        try:
-            for k, a in enumerate(attn):
-                handles.append(a.register_hook(on_grad(k, a.detach())))
+        with grad_hooks([(a, on_grad(k, a.detach())) for k, a in enumerate(attn)]):
             first = attn[0]
             attn.clear()  # the hooks hold the detached probabilities until they fire
             torch.autograd.grad(score, [first])
             del first
-        finally:
-            for handle in handles:
-                handle.remove()
         expected = list(range(last, -1, -1))
         if fired != expected:
             raise RuntimeError(

@@ -9,15 +9,15 @@ from captum.attr import Attribution
 from captum.log import log_usage
 from torch import nn
 
-from captum_ext.adapters.base import ModelAdapter, Readout, adapter_for
-from captum_ext.attr._common import OutputKind, format_token_map, pack_output, unpack_inputs
-from captum_ext.attr.attention_map import require_attention
+from captum_ext.adapters.base import Readout, TransformerAdapter
+from captum_ext.attr._attention import readout_row, require_attention, resolve_start_layer
+from captum_ext.attr._base import OutputKind, TokenMapMethod
 from captum_ext.capture import Hook, hooks, model_state
 
 __all__ = ["AttentionRollout", "rollout_matrix"]
 
 
-class AttentionRollout(Attribution):
+class AttentionRollout(TokenMapMethod, Attribution):
     """Attention rollout (Abnar & Zuidema, "Quantifying Attention Flow in Transformers", ACL 2020).
 
     For every block b from ``start_layer`` on, with post-softmax attention
@@ -41,11 +41,10 @@ class AttentionRollout(Attribution):
     the call and restored), batches of any size are exact per example, and
     only the readout row is formed.
 
-    Text models: padding positions are left as they come out. Masked keys
-    receive no attention, so with a CLS readout their columns are (near)
-    zero; with ``readout="mean"`` the readout also averages over padding rows
-    (the adapter's readout does not know the mask). Mask them yourself if
-    that matters.
+    Text models: padding columns are left as they come out (masked keys
+    receive no attention, so they are near zero); with ``readout="mean"``
+    the readout row averages the attended positions only (the attention
+    mask from ``additional_forward_args``), as a mean-pooling model does.
 
     Args:
         model: A timm ViT, HF ViT, HF BERT-family model, a module wrapping
@@ -60,20 +59,12 @@ class AttentionRollout(Attribution):
 
     def __init__(
         self,
-        model: nn.Module | ModelAdapter,
+        model: nn.Module | TransformerAdapter,
         start_layer: int = 0,
         readout: Readout | None = None,
     ) -> None:
-        self.adapter = adapter_for(model, readout=readout, method=self._method)
-        self.start_layer = _resolve_start_layer(start_layer, self.adapter.num_layers, self._method)
-        super().__init__(self.adapter.model)
-
-    @property
-    def multiplies_by_inputs(self) -> bool:
-        return False
-
-    def has_convergence_delta(self) -> bool:
-        return False
+        super().__init__(model, readout)
+        self.start_layer = resolve_start_layer(start_layer, self.adapter, self._method)
 
     @log_usage()
     def attribute(
@@ -98,13 +89,13 @@ class AttentionRollout(Attribution):
             Non-negative scores in the requested layout (a 1-tuple if
             ``inputs`` was one).
         """
-        x, was_tuple = unpack_inputs(inputs, self._method)
-        self.adapter.check_inputs(x, self._method)
+        x, was_tuple = self._inputs(inputs, additional_forward_args)
+        self._check_output(x, output)
         mats = self._rollout_matrices(x, additional_forward_args)
-        v = _readout_row(self.adapter, mats[-1])
+        v = readout_row(self.adapter, mats[-1], x, additional_forward_args)
         while mats:  # right to left; each matrix is released once used
             v = torch.bmm(v[:, None], mats.pop())[:, 0]
-        return pack_output(format_token_map(v, self.adapter, x, output, self._method), was_tuple)
+        return self._outputs(v, x, output, was_tuple)
 
     def _rollout_matrices(self, x: torch.Tensor, extra: Any) -> list[torch.Tensor]:
         """``Â_b (B, N, N)`` for blocks ``start_layer .. L-1`` in forward order, without grad."""
@@ -147,21 +138,3 @@ def _collect(store: list[torch.Tensor]):
         return t
 
     return fn
-
-
-def _readout_row(adapter: ModelAdapter, like: torch.Tensor) -> torch.Tensor:
-    """The adapter's readout weights ``(B, N)`` for a ``like (B, ..., N, N)``, in its dtype."""
-    w = adapter.readout_weights(like.shape[-1], like.device, like.dtype)
-    return w.expand(like.shape[0], -1)
-
-
-def _resolve_start_layer(start_layer: int, num_layers: int, method: str) -> int:
-    """``start_layer`` as an index in ``0 .. L-1`` (negatives count from the end)."""
-    if isinstance(start_layer, bool) or not isinstance(start_layer, int):
-        raise TypeError(f"{method}: start_layer must be an int; got {type(start_layer).__name__}.")
-    if not -num_layers <= start_layer < num_layers:
-        raise ValueError(
-            f"{method}: start_layer {start_layer} is out of range for a model with {num_layers} "
-            f"blocks (valid: {-num_layers}..{num_layers - 1})."
-        )
-    return start_layer % num_layers

@@ -16,11 +16,10 @@ import torch
 from captum.attr import PerturbationAttribution
 from captum.log import log_usage
 from torch import nn
-from tqdm.auto import tqdm
 
-from captum_ext._scores import normalise_target
-from captum_ext.adapters.base import ModelAdapter, Readout, TokenRemoval, adapter_for
-from captum_ext.attr._common import OutputKind, format_token_map, pack_output, unpack_inputs
+from captum_ext._scores import normalise_target, progress
+from captum_ext.adapters.base import Point, Readout, TransformerAdapter, as_tuple
+from captum_ext.attr._base import OutputKind, TokenMapMethod, check_targets
 from captum_ext.capture import Hook, hooks, model_state, replay
 
 __all__ = ["TAM", "TokenAblation"]
@@ -28,7 +27,7 @@ __all__ = ["TAM", "TokenAblation"]
 Window = int | tuple[int, int]
 
 
-class TokenAblation(PerturbationAttribution):
+class TokenAblation(TokenMapMethod, PerturbationAttribution):
     """Token ablation maps (TAM), the perturbation reference of Brocki & Chung (2023).
 
     The score of token i is ``TAM_i = f(x) - f(x without token i)``, f the raw
@@ -84,16 +83,10 @@ class TokenAblation(PerturbationAttribution):
 
     _method = "TokenAblation"
 
-    def __init__(self, model: nn.Module | ModelAdapter, readout: Readout | None = None) -> None:
-        self.adapter = adapter_for(model, readout=readout, method=self._method)
-        super().__init__(self.adapter.model)
-
-    @property
-    def multiplies_by_inputs(self) -> bool:
-        return False
-
-    def has_convergence_delta(self) -> bool:
-        return False
+    def __init__(
+        self, model: nn.Module | TransformerAdapter, readout: Readout | None = None
+    ) -> None:
+        super().__init__(model, readout)
 
     @log_usage()
     def attribute(
@@ -130,7 +123,7 @@ class TokenAblation(PerturbationAttribution):
         Returns:
             Signed scores in the requested layout (a 1-tuple if ``inputs`` was one).
         """
-        x, was_tuple = unpack_inputs(inputs, self._method)
+        x, was_tuple = self._inputs(inputs, additional_forward_args)
         maps = self._run(
             x,
             [target],
@@ -141,7 +134,7 @@ class TokenAblation(PerturbationAttribution):
             window,
             output,
         )
-        return pack_output(self._format(maps[0], x, output), was_tuple)
+        return self._outputs(maps[0], x, output, was_tuple)
 
     def attribute_targets(
         self,
@@ -168,15 +161,8 @@ class TokenAblation(PerturbationAttribution):
         Returns:
             ``(K, ...)``: the map of each target stacked on a leading axis.
         """
-        x, _ = unpack_inputs(inputs, self._method)
-        if isinstance(targets, str | int) or not hasattr(targets, "__iter__"):
-            raise ValueError(
-                f"{self._method}: targets must be a list of Captum targets (e.g. [0, 3]); "
-                f"got {type(targets).__name__}."
-            )
-        targets = list(targets)
-        if not targets:
-            raise ValueError(f"{self._method}: targets is empty; pass at least one target.")
+        x, _ = self._inputs(inputs, additional_forward_args)
+        targets = check_targets(targets, self._method)
         maps = self._run(
             x,
             targets,
@@ -190,9 +176,6 @@ class TokenAblation(PerturbationAttribution):
         return torch.stack([self._format(m, x, output) for m in maps])
 
     # ---------------------------------------------------------------- internals
-    def _format(self, scores: torch.Tensor, x: torch.Tensor, output: OutputKind) -> torch.Tensor:
-        return format_token_map(scores, self.adapter, x, output, self._method)
-
     def _run(
         self,
         x: torch.Tensor,
@@ -206,7 +189,6 @@ class TokenAblation(PerturbationAttribution):
     ) -> list[torch.Tensor]:
         """Token scores ``(B, N)`` for each target."""
         m = self._method
-        self.adapter.check_inputs(x, m)
         if (
             not isinstance(perturbations_per_eval, int)
             or isinstance(perturbations_per_eval, bool)
@@ -216,15 +198,16 @@ class TokenAblation(PerturbationAttribution):
                 f"{m}: perturbations_per_eval must be a positive int; got "
                 f"{perturbations_per_eval!r}."
             )
-        removal = self.adapter.token_removal(x, extra)
+        self._check_output(x, output)
+        removal = token_removal(self.adapter, x, extra)
         groups = _group_ids(self.adapter, removal, x, feature_mask, window, m)
         b, n = groups.shape
-        self._format(torch.zeros(b, n, device=x.device), x, output)  # bad output: fail early
         point = self.adapter.token_point()
         record = Hook(point)
         embedding = self.adapter.pixel_embedding()
+        embedded = [] if embedding is None else [Hook(Point(embedding, "output", None, "embed"))]
         with model_state(self.adapter.model, grad=False):
-            with hooks([record]), _recording(embedding) as embedded:
+            with hooks([record, *embedded]):
                 clean = self.adapter.forward(x, extra)
             tokens = record.tensor
             if tokens is None or tokens.dim() < 3 or tuple(tokens.shape[:2]) != (b, n):
@@ -240,7 +223,7 @@ class TokenAblation(PerturbationAttribution):
             clean_sel = clean.gather(1, idx.T).T  # (K, B)
             plan = _plan(groups, perturbations_per_eval, m)
             table = clean.new_zeros(len(targets), b, plan.num_ranks)
-            with tqdm(total=len(plan.chunks), desc=m, disable=not show_progress) as bar:
+            with progress(total=len(plan.chunks), show=show_progress, desc=m) as bar:
                 for rows, ranks, keep in plan.chunks:
                     rows_in, rows_extra = removal.model_args(rows, keep)
                     swap = Hook(point, _keep_tokens(tokens, rows, keep, removal, m), record=False)
@@ -261,24 +244,80 @@ TAM = TokenAblation
 """Alias of :class:`TokenAblation` under the paper's name."""
 
 
+# ------------------------------------------------------------------ token removal
+@dataclass(frozen=True)
+class TokenRemoval:
+    """Model arguments for copies of a batch with tokens removed.
+
+    Attributes:
+        inputs: The batch: images ``(B, C, H, W)`` or ``input_ids (B, T)``.
+        additional_forward_args: The extra positional model arguments.
+        removable: ``(B, N)`` bool, the tokens at the token point that may be
+            removed (never prefix tokens, special text tokens or padding).
+        slice_tokens: ``True`` (text) when ``inputs`` and the ``(B, T, ...)``
+            extra tensors are cut along the token axis like the tokens;
+            ``False`` (images) when each row gets its whole example.
+    """
+
+    inputs: torch.Tensor
+    additional_forward_args: tuple
+    removable: torch.Tensor
+    slice_tokens: bool
+
+    def model_args(
+        self, rows: torch.Tensor, keep_index: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple]:
+        """Inputs and extra arguments for R shortened rows.
+
+        Args:
+            rows: ``(R,)`` example of each row.
+            keep_index: ``(R, L)`` ascending token positions each row keeps.
+
+        Returns:
+            ``(inputs, additional_forward_args)`` with R rows: tensors whose
+            first axis is the batch are indexed with ``rows`` (and, when
+            ``slice_tokens``, those of shape ``(B, T, ...)`` are cut to
+            ``keep_index``); other arguments are passed unchanged.
+        """
+        b = self.inputs.shape[0]
+        t = self.inputs.shape[1] if self.slice_tokens else -1
+
+        def pick(v: Any) -> Any:
+            if not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape[0] != b:
+                return v
+            rows_v = rows.to(v.device)
+            if self.slice_tokens and v.dim() >= 2 and v.shape[1] == t:
+                return v[rows_v[:, None], keep_index.to(v.device)]
+            return v[rows_v]
+
+        return pick(self.inputs), tuple(pick(v) for v in self.additional_forward_args)
+
+
+def token_removal(
+    adapter: TransformerAdapter, inputs: torch.Tensor, additional_forward_args: Any = None
+) -> TokenRemoval:
+    """Which tokens may be removed, and what to feed the model when they are.
+
+    Tokens are removed at the adapter's token point (after position
+    embeddings, before the first block) by a hook; this describes the rest.
+    Every position the adapter does not call special may go (images: all
+    but the prefix tokens; text: all attended positions but the first and
+    last). Images feed each shortened row its whole image (the hook replaces
+    its tokens); text (``adapter.slices_extra_args``) feeds ``input_ids`` and
+    every ``(B, T, ...)`` extra argument (the attention mask) with the
+    removed positions cut out, so that the model's own shapes (its attention
+    mask, a wrapper's pooling) agree with the shortened sequence.
+    """
+    removable = ~adapter.special_tokens(inputs, additional_forward_args)
+    return TokenRemoval(
+        inputs, as_tuple(additional_forward_args), removable, adapter.slices_extra_args
+    )
+
+
 # ------------------------------------------------------------------ helpers
 @contextlib.contextmanager
-def _recording(module: nn.Module | None) -> Iterator[list[Any]]:
-    """Collects the outputs of ``module`` (``None``: nothing) during the block."""
-    seen: list[Any] = []
-    if module is None:
-        yield seen
-        return
-    handle = module.register_forward_hook(lambda mod, args, out: seen.append(out))
-    try:
-        yield seen
-    finally:
-        handle.remove()
-
-
-@contextlib.contextmanager
 def _replaying(
-    module: nn.Module | None, embedded: list[Any], rows: torch.Tensor, batch: int
+    module: nn.Module | None, embedded: list[Hook], rows: torch.Tensor, batch: int
 ) -> Iterator[None]:
     """Skips the pixel embedding of shortened copies: they reuse the clean one's rows.
 
@@ -287,7 +326,8 @@ def _replaying(
     is wasted work; replaying it is exact. Falls back to computing when the
     module ran other than once or returned something other than a batch tensor.
     """
-    out = embedded[0] if len(embedded) == 1 else None
+    seen = embedded[0].tensors if embedded else []
+    out = seen[0] if len(seen) == 1 else None
     if module is None or not isinstance(out, torch.Tensor) or out.shape[:1] != (batch,):
         yield
         return
@@ -376,7 +416,7 @@ def _plan(groups: torch.Tensor, per_eval: int, method: str) -> _Plan:
 
 
 def _group_ids(
-    adapter: ModelAdapter,
+    adapter: TransformerAdapter,
     removal: TokenRemoval,
     x: torch.Tensor,
     feature_mask: torch.Tensor | None,

@@ -1,0 +1,177 @@
+"""What every token-map method shares: the class shell, inputs in, token maps out.
+
+:class:`TokenMapMethod` is the first base of every method in
+:mod:`captum_ext.attr`: it looks up the transformer adapter (detecting the
+readout when the structure does not tell), validates inputs, formats
+per-token scores into Captum-shaped maps and declares Captum's flags once,
+where they differ from Captum's defaults.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar, Literal
+
+import torch
+from captum.attr import Attribution, GradientAttribution, LayerAttribution
+from torch import nn
+
+from captum_ext.adapters.base import Readout, TransformerAdapter, adapter_for
+from captum_ext.capture import probe_readout
+
+__all__ = [
+    "OutputKind",
+    "TokenMapMethod",
+    "check_targets",
+    "format_token_map",
+    "transformer_adapter",
+]
+
+OutputKind = Literal["input", "like_input", "grid", "tokens"]
+_OUTPUTS = ("input", "like_input", "grid", "tokens")
+
+
+def transformer_adapter(
+    model: nn.Module | TransformerAdapter, readout: Readout | None, method: str
+) -> TransformerAdapter:
+    """The transformer adapter of ``model``, its readout settled (detected when unknown)."""
+    adapter = adapter_for(model, readout=readout, method=method, kind=TransformerAdapter)
+    if not adapter.readout_known:
+        adapter.settle_readout(probe_readout(adapter))
+    return adapter
+
+
+def check_targets(targets: Any, method: str) -> list[Any]:
+    """The K targets of an ``attribute_targets`` call as a non-empty list.
+
+    Raises:
+        ValueError: ``targets`` is a single value (an int, a string, a tensor)
+            or empty.
+    """
+    if isinstance(targets, str | int | torch.Tensor) or not hasattr(targets, "__iter__"):
+        raise ValueError(
+            f"{method}: targets must be a list of Captum targets (e.g. [0, 3]); got "
+            f"{type(targets).__name__}. For one target use attribute(..., target=...)."
+        )
+    targets = list(targets)
+    if not targets:
+        raise ValueError(f"{method}: targets is empty; pass at least one target.")
+    return targets
+
+
+class TokenMapMethod:
+    """Class shell of a method that scores the tokens of a transformer.
+
+    Subclasses put it first among their bases (before the Captum base they
+    are: ``GradientAttribution``, ``PerturbationAttribution``, ...), set
+    ``_multiplies_by_inputs`` when their scores multiply by the activations,
+    and call ``super().__init__(model, readout)``. Captum's
+    ``has_convergence_delta`` default (``False``) holds for every method.
+
+    Attributes:
+        adapter: The model's :class:`~captum_ext.adapters.TransformerAdapter`.
+    """
+
+    _method: ClassVar[str] = ""
+    _multiplies_by_inputs: ClassVar[bool] = False
+
+    def __init__(self, model: nn.Module | TransformerAdapter, readout: Readout | None = None):
+        self.adapter = transformer_adapter(model, readout, self._method)
+        Attribution.__init__(self, self.adapter.model)  # type: ignore[arg-type]
+        if isinstance(self, GradientAttribution):
+            GradientAttribution.__init__(self, self.adapter.model)
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return self._multiplies_by_inputs
+
+    def _inputs(
+        self, inputs: Any, additional_forward_args: Any = None
+    ) -> tuple[torch.Tensor, bool]:
+        """Unpacks a tensor or a 1-tuple (Captum's metrics pass tuples) and validates it."""
+        if isinstance(inputs, tuple):
+            if len(inputs) != 1:
+                raise ValueError(
+                    f"{self._method}: expected one input tensor (images or input_ids); got a "
+                    f"tuple of {len(inputs)}. Pass extra model arguments through "
+                    "additional_forward_args."
+                )
+            x, was_tuple = inputs[0], True
+        else:
+            x, was_tuple = inputs, False
+        self.adapter.check_inputs(x, self._method, additional_forward_args)
+        return x, was_tuple
+
+    def _format(self, scores: torch.Tensor, x: torch.Tensor, output: OutputKind) -> torch.Tensor:
+        return format_token_map(scores, self.adapter, x, output, self._method)
+
+    def _outputs(
+        self, scores: torch.Tensor, x: torch.Tensor, output: OutputKind, was_tuple: bool
+    ) -> torch.Tensor | tuple[torch.Tensor]:
+        """Formats ``scores`` and packs them as the inputs came (a 1-tuple for a 1-tuple)."""
+        attr = self._format(scores, x, output)
+        return (attr,) if was_tuple else attr
+
+    def _check_output(self, x: torch.Tensor, output: Any) -> None:
+        """Fails early on a bad ``output`` argument, before any forward pass."""
+        if output not in _OUTPUTS:
+            raise ValueError(f"{self._method}: output must be one of {_OUTPUTS}; got {output!r}.")
+        if output == "grid" and self.adapter.modality == "text":
+            raise ValueError(f"{self._method}: output='grid' is for images; text maps are (B, T).")
+
+
+def format_token_map(
+    scores: torch.Tensor,
+    adapter: TransformerAdapter,
+    inputs: torch.Tensor,
+    output: OutputKind,
+    method: str,
+) -> torch.Tensor:
+    """Turns per-token scores into the requested output.
+
+    Args:
+        scores: ``(B, N)`` or ``(B, K, N)`` scores over all tokens incl. prefix
+            (``K`` e.g. heads).
+        adapter: The model's adapter.
+        inputs: The images ``(B, C, H, W)`` or ``input_ids (B, T)``.
+        output: ``"input"``: images ``(B, 1|K, H, W)`` (nearest upsampling of
+            the patch grid, cropped when the model pads), text ``(B, T)``;
+            ``"like_input"``: images ``(B, C, H, W)``, the input-space map
+            repeated over the channels (what ``captum.metrics.infidelity``
+            multiplies with the perturbation), text ``(B, T)``;
+            ``"grid"``: ``(B, 1|K, h, w)``; ``"tokens"``: ``(B, [K,] P)``
+            patch tokens in row-major order, prefix removed.
+        method: Method name for error messages.
+    """
+    if output not in _OUTPUTS:
+        raise ValueError(f"{method}: output must be one of {_OUTPUTS}; got {output!r}.")
+    squeeze = scores.dim() == 2
+    if squeeze:
+        scores = scores[:, None]
+    if adapter.modality == "text":
+        if output == "grid":
+            raise ValueError(f"{method}: output='grid' is for images; text maps are (B, T).")
+        return scores[:, 0] if squeeze else scores
+    p = adapter.num_prefix_tokens
+    tokens = scores[..., p:]
+    if output == "tokens":
+        return tokens[:, 0] if squeeze else tokens
+    h, w = adapter.grid_size(inputs)
+    if tokens.shape[-1] != h * w:
+        raise ValueError(
+            f"{method}: the layer holds {tokens.shape[-1]} patch tokens but the input has a "
+            f"{h}x{w} patch grid; pass the module whose output are the tokens of the last block."
+        )
+    grid = tokens.reshape(*tokens.shape[:2], h, w)
+    if output == "grid":
+        return grid
+    ph, pw = adapter.patch_size
+    up = LayerAttribution.interpolate(grid, (h * ph, w * pw), interpolate_mode="nearest")
+    up = up[..., : inputs.shape[-2], : inputs.shape[-1]]
+    if output == "like_input":
+        if up.shape[1] != 1:
+            raise ValueError(
+                f"{method}: output='like_input' needs one map per example; per-head maps "
+                f"({up.shape[1]}) cannot take the input's shape."
+            )
+        return up.expand(-1, inputs.shape[1], -1, -1).contiguous()
+    return up
