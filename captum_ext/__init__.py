@@ -1,6 +1,6 @@
 """captum_ext: class-discriminative explanations of transformers and CNNs for Captum."""
 
-from captum_ext.adapters import ModelAdapter, adapter_for
+from captum_ext.adapters import ModelAdapter, TransformerAdapter, adapter_for
 from captum_ext.attr import (
     CDAM,
     TAM,
@@ -10,7 +10,7 @@ from captum_ext.attr import (
     RelevancePropagation,
     TokenAblation,
 )
-from captum_ext.errors import MissingAttentionError, UnsupportedModelError
+from captum_ext.errors import MissingAttentionError, ReentrantCallError, UnsupportedModelError
 
 __version__ = "0.1.0"
 
@@ -22,8 +22,10 @@ __all__ = [
     "ConceptCDAM",
     "MissingAttentionError",
     "ModelAdapter",
+    "ReentrantCallError",
     "RelevancePropagation",
     "TokenAblation",
+    "TransformerAdapter",
     "UnsupportedModelError",
     "__version__",
     "adapter_for",

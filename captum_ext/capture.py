@@ -28,10 +28,10 @@ import torch
 from torch import nn
 
 from captum_ext.adapters.base import Point, Readout, TransformerAdapter
+from captum_ext.errors import ReentrantCallError
 
 __all__ = [
     "Hook",
-    "ReentrantCallError",
     "as_leaf",
     "exclusive",
     "grad_hooks",
@@ -197,10 +197,6 @@ def replay(module: nn.Module, output: torch.Tensor) -> Iterator[None]:
             module.forward = previous
         else:
             del module.forward
-
-
-class ReentrantCallError(RuntimeError):
-    """A captum_ext call on a model from inside another captum_ext call on the same model."""
 
 
 _LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.Lock] = weakref.WeakKeyDictionary()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["MissingAttentionError", "UnsupportedModelError"]
+__all__ = ["MissingAttentionError", "ReentrantCallError", "UnsupportedModelError"]
 
 
 class UnsupportedModelError(TypeError):
@@ -11,3 +11,7 @@ class UnsupportedModelError(TypeError):
 
 class MissingAttentionError(RuntimeError):
     """Attention probabilities were needed but the model did not materialise them."""
+
+
+class ReentrantCallError(RuntimeError):
+    """A captum_ext call on a model from inside another captum_ext call on the same model."""
