@@ -14,9 +14,9 @@ import warnings
 import pytest
 import torch
 from method_table import METHODS
-from tiny_models import VOCAB, MeanPoolBert, _bert_cfg, bert_classifier, build, make_inputs
 from tiny_models import IMAGE_MODELS as IMAGES
 from tiny_models import TEXT_MODELS as TEXTS
+from tiny_models import VOCAB, MeanPoolBert, _bert_cfg, bert_classifier, build, make_inputs
 
 from captum_ext import (
     CDAM,
