@@ -1,6 +1,8 @@
 """The table of (method, constructor kwargs) that cross-cutting tests iterate over.
 
-Each entry builds an attribution object from a model and says how to call it.
+Derived from :data:`captum_ext.registry.METHODS`, so a method added to the registry is covered
+by every cross-cutting test at once; :data:`VARIANTS` adds constructor options worth a case of
+their own (ids ``NAME_VARIANT``).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-import captum_ext
+from captum_ext.registry import METHODS as REGISTRY
 
 
 @dataclass(frozen=True)
@@ -22,22 +24,26 @@ class MethodCase:
     call_kwargs: dict = field(default_factory=dict)
 
 
-def _optional(name: str):
-    return getattr(captum_ext, name, None)
+VARIANTS: dict[str, dict[str, dict]] = {
+    "cdam": {"smooth": {"variant": "smooth", "n_samples": 2}},
+}
+"""Registry name -> variant id -> constructor kwargs."""
 
 
-METHODS = [
-    MethodCase("cdam", lambda m: captum_ext.CDAM(m)),
-    MethodCase("cdam_smooth", lambda m: captum_ext.CDAM(m, variant="smooth", n_samples=2)),
-    MethodCase(
-        "attention_map", lambda m: captum_ext.AttentionMap(m), signed=False, class_agnostic=True
-    ),
-]
-for _name, _kw, _signed, _agnostic in [
-    ("TokenAblation", {}, True, False),
-    ("RelevancePropagation", {}, False, False),
-    ("AttentionRollout", {}, False, True),
-]:
-    _cls = _optional(_name)
-    if _cls is not None:
-        METHODS.append(MethodCase(_name, lambda m, c=_cls, kw=_kw: c(m, **kw), _signed, _agnostic))
+def _cases() -> list[MethodCase]:
+    cases = []
+    for spec in REGISTRY.values():
+        options = {"": {}, **VARIANTS.get(spec.name, {})}
+        for variant, kwargs in options.items():
+            cases.append(
+                MethodCase(
+                    f"{spec.name}_{variant}" if variant else spec.name,
+                    lambda m, build=spec.build, kw=kwargs: build(m, **kw),
+                    spec.signed,
+                    spec.class_agnostic,
+                )
+            )
+    return cases
+
+
+METHODS = _cases()
