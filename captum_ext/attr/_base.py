@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 from captum.attr import Attribution, GradientAttribution, LayerAttribution
+from captum.log import log_usage
 from torch import nn
 
 from captum_ext.adapters.base import Readout, TransformerAdapter, adapter_for
@@ -64,8 +65,10 @@ class TokenMapMethod:
     Subclasses put it first among their bases (before the Captum base they
     are: ``GradientAttribution``, ``PerturbationAttribution``, ...), set
     ``_multiplies_by_inputs`` when their scores multiply by the activations,
-    and call ``super().__init__(model, readout)``. Captum's
-    ``has_convergence_delta`` default (``False``) holds for every method.
+    call ``super().__init__(model, readout)`` and implement
+    :meth:`_token_scores`; :meth:`attribute` (Captum's signature) does the
+    rest. Captum's ``has_convergence_delta`` default (``False``) holds for
+    every method.
 
     Attributes:
         adapter: The model's :class:`~captum_ext.adapters.TransformerAdapter`.
@@ -83,6 +86,44 @@ class TokenMapMethod:
     @property
     def multiplies_by_inputs(self) -> bool:
         return self._multiplies_by_inputs
+
+    @log_usage()
+    def attribute(
+        self,
+        inputs: torch.Tensor | tuple[torch.Tensor],
+        target: Any = None,
+        additional_forward_args: Any = None,
+        output: OutputKind = "input",
+    ) -> torch.Tensor | tuple[torch.Tensor]:
+        """Scores every patch (or word-piece) token for one target per example.
+
+        Args:
+            inputs: Images ``(B, C, H, W)`` or ``input_ids (B, T)`` (or a 1-tuple,
+                as Captum's metrics pass them).
+            target: Captum target: an int, a list of B ints, a tensor ``(B,)``
+                or ``(B, 1)``, or ``None`` for the predicted class. Ignored by
+                class-agnostic methods (attention map, rollout).
+            additional_forward_args: Extra positional model arguments, e.g.
+                ``(attention_mask,)`` for text.
+            output: ``"input"``: images ``(B, 1, H, W)`` (nearest-upsampled
+                patch grid), text ``(B, T)``; ``"like_input"``: images
+                ``(B, C, H, W)``; ``"grid"``: ``(B, 1, h, w)``; ``"tokens"``:
+                ``(B, P)`` patch tokens in row-major order, prefix removed
+                (text ``(B, T)``). Per-head maps put a head axis after the
+                batch axis.
+
+        Returns:
+            The scores in the requested layout (a 1-tuple if ``inputs`` was
+            one); their sign and scale are the method's (see its class).
+        """
+        x, was_tuple = self._inputs(inputs, additional_forward_args)
+        self._check_output(x, output)
+        scores = self._token_scores(x, target, additional_forward_args)
+        return self._outputs(scores, x, output, was_tuple)
+
+    def _token_scores(self, x: torch.Tensor, target: Any, extra: Any) -> torch.Tensor:
+        """Scores ``(B, N)`` (or ``(B, K, N)``) over all tokens, prefix included."""
+        raise NotImplementedError
 
     def _inputs(
         self, inputs: Any, additional_forward_args: Any = None

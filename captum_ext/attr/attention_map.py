@@ -6,12 +6,11 @@ from typing import Any, Literal
 
 import torch
 from captum.attr import Attribution
-from captum.log import log_usage
 from torch import nn
 
 from captum_ext.adapters.base import Readout, TransformerAdapter
 from captum_ext.attr._attention import capture_attention, readout_row
-from captum_ext.attr._base import OutputKind, TokenMapMethod
+from captum_ext.attr._base import TokenMapMethod
 
 __all__ = ["AttentionMap"]
 
@@ -49,31 +48,9 @@ class AttentionMap(TokenMapMethod, Attribution):
         self.heads = heads
         self.layer = self.adapter.check_layer_index(layer, self._method)
 
-    @log_usage()
-    def attribute(
-        self,
-        inputs: torch.Tensor | tuple[torch.Tensor],
-        target: Any = None,
-        additional_forward_args: Any = None,
-        output: OutputKind = "input",
-    ) -> torch.Tensor | tuple[torch.Tensor]:
-        """Computes the attention map.
-
-        Args:
-            inputs: Images ``(B, C, H, W)`` or ``input_ids (B, T)`` (or a 1-tuple).
-            target: Ignored (the map is class-agnostic); accepted for Captum
-                pipelines.
-            additional_forward_args: Extra positional model arguments.
-            output: ``"input"``, ``"grid"`` or ``"tokens"`` (see :class:`~captum_ext.CDAM`).
-
-        Returns:
-            ``(B, 1, H, W)`` (or ``(B, H_heads, H, W)`` with ``heads="all"``) for
-            images, ``(B, T)`` (or ``(B, H_heads, T)``) for text.
-        """
-        x, was_tuple = self._inputs(inputs, additional_forward_args)
-        self._check_output(x, output)
-        (attn,) = capture_attention(self.adapter, x, additional_forward_args, [self.layer])
-        w = readout_row(self.adapter, attn, x, additional_forward_args)
+    def _token_scores(self, x: torch.Tensor, target: Any, extra: Any) -> torch.Tensor:
+        """Readout-row attention ``(B, N)`` (``(B, H, N)`` with ``heads="all"``); ``target`` unused."""
+        (attn,) = capture_attention(self.adapter, x, extra, [self.layer])
+        w = readout_row(self.adapter, attn, x, extra)
         rows = torch.einsum("bn,bhnm->bhm", w, attn)
-        scores = rows.mean(1) if self.heads == "mean" else rows
-        return self._outputs(scores, x, output, was_tuple)
+        return rows.mean(1) if self.heads == "mean" else rows

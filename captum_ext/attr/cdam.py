@@ -97,33 +97,10 @@ class CDAM(TokenMapMethod, LayerAttribution, GradientAttribution):
         self.seed = seed
         LayerAttribution.__init__(self, self.adapter.model, self._point.module)
 
-    @log_usage()
-    def attribute(
-        self,
-        inputs: torch.Tensor | tuple[torch.Tensor],
-        target: Any = None,
-        additional_forward_args: Any = None,
-        output: OutputKind = "input",
-    ) -> torch.Tensor | tuple[torch.Tensor]:
-        """Computes CDAM scores for one target per example.
-
-        Args:
-            inputs: Images ``(B, C, H, W)`` or ``input_ids (B, T)`` (or a 1-tuple).
-            target: Captum target: int, list of ints, tensor ``(B,)``, or
-                ``None`` for the predicted class.
-            additional_forward_args: Extra positional model arguments, e.g.
-                ``(attention_mask,)`` for text.
-            output: ``"input"`` ``(B, 1, H, W)`` / text ``(B, T)``, ``"grid"``
-                ``(B, 1, h, w)`` or ``"tokens"`` ``(B, P)``.
-
-        Returns:
-            Signed scores in the requested layout (a 1-tuple if ``inputs`` was one).
-        """
-        x, was_tuple = self._inputs(inputs, additional_forward_args)
-        self._check_output(x, output)
-        (target,) = self._fixed_targets(x, additional_forward_args, [target])
-        maps = self._run(x, additional_forward_args, [_class_score(target, self._method)])
-        return self._outputs(maps[0], x, output, was_tuple)
+    def _token_scores(self, x: torch.Tensor, target: Any, extra: Any) -> torch.Tensor:
+        """Signed CDAM scores ``(B, N)`` over all tokens for one target per example."""
+        (target,) = self._fixed_targets(x, extra, [target])
+        return self._run(x, extra, [_class_score(target, self._method)])[0]
 
     def attribute_targets(
         self,

@@ -7,13 +7,12 @@ from typing import Any, Literal
 
 import torch
 from captum.attr import GradientAttribution
-from captum.log import log_usage
 from torch import nn
 
 from captum_ext._scores import normalise_target, select_target
 from captum_ext.adapters.base import Readout, TransformerAdapter
 from captum_ext.attr._attention import readout_row, require_attention, resolve_start_layer
-from captum_ext.attr._base import OutputKind, TokenMapMethod
+from captum_ext.attr._base import TokenMapMethod
 from captum_ext.capture import Hook, as_leaf, grad_hooks, hooks, model_state
 
 __all__ = ["RelevancePropagation", "relevance_increment"]
@@ -96,35 +95,6 @@ class RelevancePropagation(TokenMapMethod, GradientAttribution):
             raise ValueError(f"heads must be 'mean' or 'all'; got {heads!r}.")
         self.heads = heads
         self.streaming = bool(streaming)
-
-    @log_usage()
-    def attribute(
-        self,
-        inputs: torch.Tensor | tuple[torch.Tensor],
-        target: Any = None,
-        additional_forward_args: Any = None,
-        output: OutputKind = "input",
-    ) -> torch.Tensor | tuple[torch.Tensor]:
-        """Computes the relevance map for one target per example.
-
-        Args:
-            inputs: Images ``(B, C, H, W)`` or ``input_ids (B, T)`` (or a 1-tuple).
-            target: Captum target: int, list of ints, tensor ``(B,)``, or
-                ``None`` for the predicted class.
-            additional_forward_args: Extra positional model arguments, e.g.
-                ``(attention_mask,)`` for text.
-            output: ``"input"`` ``(B, 1, H, W)`` / text ``(B, T)``, ``"grid"``
-                ``(B, 1, h, w)`` or ``"tokens"`` ``(B, P)``; with
-                ``heads="all"`` a head axis follows the batch axis.
-
-        Returns:
-            Non-negative scores in the requested layout (a 1-tuple if
-            ``inputs`` was one).
-        """
-        x, was_tuple = self._inputs(inputs, additional_forward_args)
-        self._check_output(x, output)
-        scores = self._token_scores(x, target, additional_forward_args)
-        return self._outputs(scores, x, output, was_tuple)
 
     # ---------------------------------------------------------------- internals
     def _token_scores(self, x: torch.Tensor, target: Any, extra: Any) -> torch.Tensor:

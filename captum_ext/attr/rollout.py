@@ -6,12 +6,11 @@ from typing import Any
 
 import torch
 from captum.attr import Attribution
-from captum.log import log_usage
 from torch import nn
 
 from captum_ext.adapters.base import Readout, TransformerAdapter
 from captum_ext.attr._attention import readout_row, require_attention, resolve_start_layer
-from captum_ext.attr._base import OutputKind, TokenMapMethod
+from captum_ext.attr._base import TokenMapMethod
 from captum_ext.capture import Hook, hooks, model_state
 
 __all__ = ["AttentionRollout", "rollout_matrix"]
@@ -66,36 +65,13 @@ class AttentionRollout(TokenMapMethod, Attribution):
         super().__init__(model, readout)
         self.start_layer = resolve_start_layer(start_layer, self.adapter, self._method)
 
-    @log_usage()
-    def attribute(
-        self,
-        inputs: torch.Tensor | tuple[torch.Tensor],
-        target: Any = None,
-        additional_forward_args: Any = None,
-        output: OutputKind = "input",
-    ) -> torch.Tensor | tuple[torch.Tensor]:
-        """Computes the rollout map.
-
-        Args:
-            inputs: Images ``(B, C, H, W)`` or ``input_ids (B, T)`` (or a 1-tuple).
-            target: Ignored (rollout is class-agnostic); accepted for Captum
-                pipelines.
-            additional_forward_args: Extra positional model arguments, e.g.
-                ``(attention_mask,)`` for text.
-            output: ``"input"`` ``(B, 1, H, W)`` / text ``(B, T)``, ``"grid"``
-                ``(B, 1, h, w)`` or ``"tokens"`` ``(B, P)``.
-
-        Returns:
-            Non-negative scores in the requested layout (a 1-tuple if
-            ``inputs`` was one).
-        """
-        x, was_tuple = self._inputs(inputs, additional_forward_args)
-        self._check_output(x, output)
-        mats = self._rollout_matrices(x, additional_forward_args)
-        v = readout_row(self.adapter, mats[-1], x, additional_forward_args)
+    def _token_scores(self, x: torch.Tensor, target: Any, extra: Any) -> torch.Tensor:
+        """The rollout's readout row ``(B, N)``; ``target`` unused (class-agnostic)."""
+        mats = self._rollout_matrices(x, extra)
+        v = readout_row(self.adapter, mats[-1], x, extra)
         while mats:  # right to left; each matrix is released once used
             v = torch.bmm(v[:, None], mats.pop())[:, 0]
-        return self._outputs(v, x, output, was_tuple)
+        return v
 
     def _rollout_matrices(self, x: torch.Tensor, extra: Any) -> list[torch.Tensor]:
         """``Â_b (B, N, N)`` for blocks ``start_layer .. L-1`` in forward order, without grad."""
