@@ -40,7 +40,7 @@ import torch
 
 from captum_ext import zoo
 from captum_ext.data import shapes
-from captum_ext.evaluation import DEFAULT_SEED, EvalResult, MapFn, evaluate
+from captum_ext.evaluation import DEFAULT_SEED, EvalConfig, EvalResult, MapFn, evaluate
 from captum_ext.metrics import model_randomisation
 from captum_ext.registry import METHODS, make_method
 
@@ -230,8 +230,10 @@ def main() -> None:
         sys.exit("no zoo models found; train them with benchmarks/train_zoo.py")
 
     t0 = time.perf_counter()
-    common = dict(
+    config = EvalConfig(
         methods=args.methods,
+        n=args.n,
+        seed=DEFAULT_SEED,
         device=args.device,
         bootstrap=args.bootstrap,
         show_progress=args.progress,
@@ -240,7 +242,7 @@ def main() -> None:
     peers = {m: captum_peers(m, args.device) for m in models}  # built once, used per seed
     result = EvalResult()
     for m in models:
-        result = result + evaluate(m, n=args.n, seed=DEFAULT_SEED, extra_maps=peers[m], **common)
+        result = result + evaluate(m, config=config, extra_maps=peers[m])
         print(f"[report] {m}: {result.meta[m]['seconds']:.1f} s", file=sys.stderr)
     t_main = time.perf_counter() - t0
     for m in models:
@@ -256,10 +258,10 @@ def main() -> None:
     n_seed = max(8, args.n // 4)
     for k in range(1, args.seeds + 1):
         seed = DEFAULT_SEED + k
-        common_seed = {**common, "bootstrap": 0}
+        config_seed = config.replace(n=n_seed, seed=seed, bootstrap=0)
         run = EvalResult()
         for m in models:
-            run = run + evaluate(m, n=n_seed, seed=seed, extra_maps=peers[m], **common_seed)
+            run = run + evaluate(m, config=config_seed, extra_maps=peers[m])
         runs.append((seed, n_seed, run))
         print(f"[report] seed {seed} done", file=sys.stderr)
     t_seeds = time.perf_counter() - t0 - t_main

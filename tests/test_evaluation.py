@@ -15,6 +15,7 @@ from captum_ext.evaluation import (
     BASELINES,
     IMAGE_METRICS,
     TEXT_METRICS,
+    EvalConfig,
     EvalResult,
     bootstrap_ci,
     centre_gaussian_map,
@@ -242,6 +243,80 @@ def test_bad_arguments_are_explained(data):
         evaluate(tiny_vit())
     with pytest.raises(ValueError, match="clash"):
         evaluate(tiny_vit(), data=data, extra_maps={"random": random_map})
+
+
+def test_values_equal_a_literal_recomputation(result, data):
+    # The random baseline's sparsity and its correlation with TAM, computed by hand: one map
+    # per (image, present class) pair, pooled to the 4x4 patch grid, the metric functions of
+    # captum_ext.metrics on those grids.
+    from captum_ext import TokenAblation
+    from captum_ext.evaluation import DEFAULT_SEED
+    from captum_ext.metrics import pearson, sparsity
+
+    pi, pc = torch.nonzero(data.labels > 0.5, as_tuple=True)
+    noise = random_map(data.images, DEFAULT_SEED)[pi]
+    grids = torch.nn.functional.adaptive_avg_pool2d(noise, (4, 4))[:, 0]
+    tam = TokenAblation(tiny_vit()).attribute(data.images[pi], target=pc, output="grid")[:, 0]
+    got, groups = result.values[("tiny-vit", "random", "sparsity")]
+    assert np.array_equal(groups, pi.numpy())
+    assert np.allclose(got, sparsity(grids).double().numpy(), rtol=0, atol=1e-12)
+    got, _ = result.values[("tiny-vit", "random", "pearson_tam")]
+    assert np.allclose(got, pearson(grids, tam).double().numpy(), rtol=0, atol=1e-6)
+
+
+def test_config_object_equals_keyword_settings(data):
+    kw = dict(methods=["cdam"], metrics=["sparsity", "pointing_game"], bootstrap=20, steps=2)
+    by_keywords = evaluate(tiny_vit(), data=data, **kw)
+    by_config = evaluate(tiny_vit(), config=EvalConfig(**kw), data=data)
+    base = EvalConfig(bootstrap=5, metrics=["sparsity"], steps=2)
+    overridden = evaluate(
+        tiny_vit(), "cdam", config=base, data=data, bootstrap=20, metrics=kw["metrics"]
+    )
+    assert by_keywords.rows == by_config.rows == overridden.rows
+    cdam = [r["metric"] for r in by_config.rows if r["method"] == "cdam"]
+    assert cdam == ["pointing_game", "sparsity"]  # table order, not the order asked for
+
+
+def test_config_checks_every_setting_when_made():
+    cfg = EvalConfig(methods=["cdam"], metrics="sparsity", extra_maps={"noise": random_map})
+    assert cfg.methods == ("cdam",) and cfg.metrics == ("sparsity",)
+    assert cfg.replace() is cfg and cfg.replace(n=8).n == 8 and cfg.n == 64
+    with pytest.raises(AttributeError):
+        cfg.n = 8  # frozen
+    with pytest.raises(TypeError):
+        cfg.extra_maps["other"] = random_map  # read-only
+    for bad, match in [
+        (dict(resolution="patch"), "resolution"),
+        (dict(score="probability"), "score"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(steps=0), "steps"),
+        (dict(bootstrap=-1), "bootstrap"),
+        (dict(methods=["gradcam"]), "unknown method"),
+        (dict(metrics=["accuracy"]), "unknown metric"),
+        (dict(extra_maps={"tam": random_map}), "clash"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            EvalConfig(**bad)
+        with pytest.raises(ValueError, match=match):
+            EvalConfig().replace(**bad)
+    with pytest.raises(TypeError, match=r"unknown evaluation setting.*'sead'"):
+        evaluate("no-such-zoo-model", sead=1)  # refused before anything is loaded
+
+
+def test_metric_table_reads_the_metrics_registry():
+    from captum_ext.evaluation._table import IMAGE_TABLE, TEXT_TABLE
+    from captum_ext.metrics import METRICS
+
+    assert tuple(m.name for m in IMAGE_TABLE) == IMAGE_METRICS
+    assert tuple(m.name for m in TEXT_TABLE) == TEXT_METRICS
+    for m in IMAGE_TABLE + TEXT_TABLE:
+        if m.name != "pearson_tam":
+            info = METRICS[m.name]
+            assert m.fn is info.fn, m.name
+            assert (m.higher_is_better, m.category) == (info.higher_is_better, info.category)
+    (tam,) = [m for m in IMAGE_TABLE if m.name == "pearson_tam"]
+    assert tam.fn is METRICS["pearson"].fn
+    assert tam.higher_is_better is None and tam.reference == "tam"
 
 
 def test_baseline_maps():

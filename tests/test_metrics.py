@@ -62,6 +62,60 @@ def test_logits_helper_handles_output_types():
         _logits("x")
 
 
+class _Encoder(nn.Module):
+    """A linear head on (B, 1, 4, 4) images, or on token ids (B, T) with a mask, that returns
+    either plain logits or, like the encoders ConceptCDAM explains, an HF ModelOutput with
+    only ``pooler_output``."""
+
+    def __init__(self, pooled: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.image = nn.Linear(16, 3)
+        self.token = nn.Embedding(6, 3)
+        self.pooled = pooled
+
+    def forward(self, x, attention_mask=None):
+        if attention_mask is None:
+            out = self.image(x.flatten(1))
+        else:
+            out = (self.token(x) * attention_mask[..., None]).sum(dim=1)
+        if not self.pooled:
+            return out
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return BaseModelOutputWithPooling(pooler_output=out)
+
+
+_IMG = torch.linspace(-1, 1, 32).view(2, 1, 4, 4)
+_MAP = torch.arange(32.0).view(2, 1, 4, 4).flip(-1)
+_IDS = torch.tensor([[4, 1, 2, 3, 1, 5], [4, 3, 3, 2, 5, 0]])
+_MASK = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]])
+_TOK = torch.tensor([[0.0, 0.9, 0.1, 0.5, 0.8, 0.0], [0.0, 0.2, 0.7, 0.4, 0.0, 0.0]])
+LOGIT_READERS = {
+    "deletion_auc": lambda m: M.deletion_auc(m, _IMG, _MAP, steps=4),
+    "insertion_auc": lambda m: M.insertion_auc(m, _IMG, _MAP, steps=4, blur_kernel_size=3),
+    "average_drop": lambda m: M.average_drop(m, _IMG, _MAP, keep=0.5),
+    "increase_in_confidence": lambda m: M.increase_in_confidence(m, _IMG, _MAP, keep=0.5),
+    "average_drop_ttame": lambda m: M.average_drop_ttame(m, _IMG, _MAP)["AD50"],
+    "token_perturbation_auc": lambda m: M.token_perturbation_auc(
+        m, _IMG, _MAP[:, 0, ::2, ::2].reshape(2, 4), patch_size=2, score="softmax"
+    ),
+    "road": lambda m: M.road(m, _IMG, _MAP, percentages=(0.25, 0.5), score="softmax"),
+    "comprehensiveness": lambda m: M.comprehensiveness(m, _IDS, _TOK, attention_mask=_MASK),
+    "sufficiency": lambda m: M.sufficiency(m, _IDS, _TOK, attention_mask=_MASK),
+}
+
+
+@pytest.mark.parametrize("name", list(LOGIT_READERS))
+def test_metrics_accept_pooler_output_only_model_outputs(name):
+    # Regression: metrics read scores through captum_ext._scores.model_output_to_tensor, so an
+    # encoder output without `logits` (ConceptCDAM's setting) gives the same numbers.
+    plain = LOGIT_READERS[name](_Encoder(pooled=False))
+    pooled = LOGIT_READERS[name](_Encoder(pooled=True))
+    assert torch.isfinite(plain).all()
+    assert torch.equal(pooled, plain)
+
+
 def test_target_tensor():
     assert target_tensor(2, 3, "cpu").tolist() == [2, 2, 2]
     assert target_tensor([0, 1, 2], 3, "cpu").tolist() == [0, 1, 2]

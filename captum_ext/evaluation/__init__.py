@@ -1,0 +1,62 @@
+"""Evaluation engine: every method on a model, every metric, with bootstrap intervals.
+
+:func:`evaluate` runs the attribution methods of :mod:`captum_ext.registry` (plus two
+class-agnostic baselines and any custom maps) on a held-out set of the procedural benchmark
+(:mod:`captum_ext.data`) and scores them with :mod:`captum_ext.metrics`:
+
+* images (``shapes``): one map per present class of every image (a two-object image gives two
+  maps); pointing game, relevance mass and rank accuracy against that class's mask, sparsity,
+  class-discrimination ``D`` on two-object images, RISE deletion / insertion AUC for the class,
+  and the Pearson correlation with TAM's map (the CDAM paper's comparison);
+* text (``text_rationales``): ERASER comprehensiveness and sufficiency (AOPC) and token AUPRC
+  against the planted rationale, for the target ``label``.
+
+Localisation, sparsity, ``D`` and the correlation are computed on the model's patch grid by
+default (``resolution="grid"``): token maps are used as they are, pixel maps (baselines, custom
+maps) are average-pooled over each patch, and a patch belongs to a class's mask when it holds
+any pixel of the object. On the patch-aligned layout this is the exact token ground truth;
+at pixel resolution a perfect token map could not exceed the share of its patch the object
+covers. RISE always runs at pixel resolution on the upsampled maps.
+
+Every value is aggregated into its mean and a percentile bootstrap 95 % interval (Efron &
+Tibshirani 1993) that resamples *images* (a cluster bootstrap: the two maps of a two-object
+image are not independent), with a fixed seed.
+
+What the room holds, one concern per module:
+
+* ``_engine`` — :func:`evaluate`: a loop over models, and for each model a loop over its maps
+  through the metric table;
+* ``_config`` — :class:`EvalConfig`, every setting, checked in one place;
+* ``_table`` — the metric table: one entry per metric, naming its
+  :data:`captum_ext.metrics.METRICS` function, its direction and how it reads a map;
+* ``_images`` / ``_text`` — a model's held-out set as the metrics read it, and how its maps are
+  produced (methods, baselines, custom maps);
+* ``_maps`` — chunked attribution calls, grid <-> pixels, the model's grid
+  (:func:`~captum_ext.evaluation._maps.model_grid`);
+* ``_baselines``, ``_bootstrap``, ``_result`` — the baseline maps, the cluster bootstrap and
+  :class:`EvalResult` with its markdown / JSON tables.
+"""
+
+from __future__ import annotations
+
+from ._baselines import BASELINES, centre_gaussian_map, random_map
+from ._bootstrap import bootstrap_ci
+from ._config import DEFAULT_SEED, EvalConfig
+from ._engine import evaluate
+from ._maps import MapFn
+from ._result import EvalResult
+from ._table import IMAGE_METRICS, TEXT_METRICS
+
+__all__ = [
+    "BASELINES",
+    "DEFAULT_SEED",
+    "IMAGE_METRICS",
+    "TEXT_METRICS",
+    "EvalConfig",
+    "EvalResult",
+    "MapFn",
+    "bootstrap_ci",
+    "centre_gaussian_map",
+    "evaluate",
+    "random_map",
+]

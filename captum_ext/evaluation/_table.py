@@ -1,0 +1,185 @@
+"""The metric table: one entry per evaluation metric, computed from a per-map context.
+
+Every entry names the :data:`captum_ext.metrics.METRICS` function that computes it and how to
+call it on one map of one model's held-out set (:class:`MapContext`). Direction and category
+come from the registry's :class:`~captum_ext.metrics.MetricInfo`; ``pearson_tam`` is derived
+(the registry's ``pearson`` against TAM's map), so its entry states its own direction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor
+
+from captum_ext.metrics import METRICS
+
+__all__ = [
+    "IMAGE_METRICS",
+    "IMAGE_TABLE",
+    "TEXT_METRICS",
+    "TEXT_TABLE",
+    "EvalMetric",
+    "MapContext",
+    "direction",
+    "short_name",
+]
+
+
+@dataclass(frozen=True)
+class MapContext:
+    """What a metric may read about one map of one model's held-out set.
+
+    Attributes:
+        name: The method, baseline or custom map.
+        maps: The maps at the evaluation resolution: images ``(Np, h, w)`` on the patch grid or
+            ``(Np, H, W)`` in pixels, one per (image, class) pair; text ``(N, T)``.
+        pixels: Images: the maps ``(Np, H, W)`` in pixels (what RISE perturbs); text: ``maps``.
+        items: The held-out set as the metrics read it (``ImageSet`` or ``TextSet``: model,
+            inputs, targets, masks or rationales, and ``groups``, the image or sequence each
+            value belongs to).
+        references: Maps of earlier methods that entries compare against, by method name.
+    """
+
+    name: str
+    maps: Tensor
+    pixels: Tensor
+    items: Any
+    references: Mapping[str, Tensor]
+
+
+Values = tuple[Tensor, Tensor] | None
+"""Per-item values ``(M,)`` and the group (image) of each, or ``None`` when not defined."""
+
+
+@dataclass(frozen=True)
+class EvalMetric:
+    """One evaluation metric: a column of the result table.
+
+    Attributes:
+        name: Column name in :class:`~captum_ext.evaluation.EvalResult` rows.
+        short: Header in the markdown table.
+        fn: The :data:`~captum_ext.metrics.METRICS` function that computes it.
+        compute: ``compute(fn, context) -> (values, groups) | None``.
+        higher_is_better: Better direction; ``None`` when it depends on the use.
+        category: Category of the registry entry.
+        reference: A method whose maps this metric compares against (evaluated first).
+        missing: Note written when the metric was asked for but is defined for no map.
+    """
+
+    name: str
+    short: str
+    fn: Callable[..., Tensor]
+    compute: Callable[[Callable[..., Tensor], MapContext], Values]
+    higher_is_better: bool | None
+    category: str
+    reference: str | None = None
+    missing: str = ""
+
+    def values(self, context: MapContext) -> Values:
+        """Per-item values of the map in ``context``, or ``None`` where not defined."""
+        return self.compute(self.fn, context)
+
+
+def _registered(name: str, short: str, compute: Callable[..., Values], missing: str = ""):
+    info = METRICS[name]
+    return EvalMetric(
+        name, short, info.fn, compute, info.higher_is_better, info.category, missing=missing
+    )
+
+
+# --- how each metric reads a map ---------------------------------------------------------------
+
+
+def _against_masks(fn: Callable[..., Tensor], c: MapContext) -> Values:
+    return fn(c.maps, c.items.masks), c.items.groups
+
+
+def _alone(fn: Callable[..., Tensor], c: MapContext) -> Values:
+    return fn(c.maps), c.items.groups
+
+
+def _two_objects(fn: Callable[..., Tensor], c: MapContext) -> Values:
+    a, b = c.items.pair_a, c.items.pair_b
+    if not len(a):
+        return None
+    return fn(c.maps[a], c.maps[b], c.items.masks[a], c.items.masks[b]), c.items.groups[a]
+
+
+def _rise(fn: Callable[..., Tensor], c: MapContext) -> Values:
+    i = c.items
+    kw = dict(target=i.targets, steps=i.steps, score=i.score, batch_size=256)
+    return fn(i.model, i.inputs, c.pixels, **kw), i.groups
+
+
+def _versus_tam(fn: Callable[..., Tensor], c: MapContext) -> Values:
+    tam = c.references.get("tam")
+    if tam is None or c.name == "tam":
+        return None
+    return fn(c.maps, tam), c.items.groups
+
+
+def _eraser(fn: Callable[..., Tensor], c: MapContext) -> Values:
+    i = c.items
+    kw = dict(target=i.targets, attention_mask=i.attention_mask, special_mask=i.special)
+    return fn(i.model, i.inputs, c.maps, **kw), i.groups
+
+
+def _against_rationale(fn: Callable[..., Tensor], c: MapContext) -> Values:
+    return fn(c.maps, c.items.rationale, c.items.valid), c.items.groups
+
+
+_PEARSON = METRICS["pearson"]
+
+IMAGE_TABLE: tuple[EvalMetric, ...] = (
+    _registered("pointing_game", "pointing", _against_masks),
+    _registered("relevance_mass_accuracy", "mass acc.", _against_masks),
+    _registered("relevance_rank_accuracy", "rank acc.", _against_masks),
+    _registered("sparsity", "sparsity", _alone),
+    _registered(
+        "discrimination_score", "D", _two_objects, "D not computed: no image with two objects."
+    ),
+    _registered("deletion_auc", "deletion", _rise),
+    _registered("insertion_auc", "insertion", _rise),
+    EvalMetric(
+        "pearson_tam",
+        "r(TAM)",
+        _PEARSON.fn,
+        _versus_tam,
+        higher_is_better=None,  # agreement with TAM, not a quality in itself
+        category=_PEARSON.category,
+        reference="tam",
+        missing="r(TAM) not computed: TAM was not evaluated on this model.",
+    ),
+)
+"""Image metrics, in column order."""
+
+TEXT_TABLE: tuple[EvalMetric, ...] = (
+    _registered("comprehensiveness", "comp.", _eraser),
+    _registered("sufficiency", "suff.", _eraser),
+    _registered("token_auprc", "AUPRC", _against_rationale),
+)
+"""Text metrics, in column order."""
+
+IMAGE_METRICS: tuple[str, ...] = tuple(m.name for m in IMAGE_TABLE)
+"""Metrics computed for image models, in table order."""
+
+TEXT_METRICS: tuple[str, ...] = tuple(m.name for m in TEXT_TABLE)
+"""Metrics computed for text models, in table order."""
+
+_BY_NAME = {m.name: m for m in IMAGE_TABLE + TEXT_TABLE}
+
+
+def direction(metric: str) -> bool | None:
+    """Better direction of a metric (``None``: depends on the use, or unknown)."""
+    if metric in _BY_NAME:
+        return _BY_NAME[metric].higher_is_better
+    info = METRICS.get(metric)
+    return None if info is None else info.higher_is_better
+
+
+def short_name(metric: str) -> str:
+    """Header of a metric in the markdown tables."""
+    return _BY_NAME[metric].short if metric in _BY_NAME else metric
