@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["MissingAttentionError", "UnsupportedModelError"]
+__all__ = ["CheckpointError", "MissingAttentionError", "UnsupportedModelError"]
 
 
 class UnsupportedModelError(TypeError):
@@ -11,3 +11,24 @@ class UnsupportedModelError(TypeError):
 
 class MissingAttentionError(RuntimeError):
     """Attention probabilities were needed but the model did not materialise them."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, damaged, inconsistent or not the one the caller asked for.
+
+    The message is one line: the file, what was wrong, what to do.
+
+    Args:
+        path: The file the problem was found in.
+        problem: What was wrong.
+        remedy: What to do about it.
+    """
+
+    def __init__(self, path: object, problem: str, remedy: str) -> None:
+        super().__init__(path, problem, remedy)  # args keep the exception picklable
+        self.path = str(path)
+        self.problem = problem
+        self.remedy = remedy
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}; {self.remedy}"
