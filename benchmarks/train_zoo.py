@@ -5,9 +5,11 @@
 Every entry is seeded (``torch.manual_seed`` for initialisation and batch order, fixed data
 seeds for the training sets), trained with AdamW and a one-cycle cosine schedule on a fixed
 procedurally generated training set (random horizontal flips for images), evaluated on fresh
-held-out data generated with a seed never used in training, and written as
-``<name>.safetensors`` (float32 state dict) plus ``<name>.json`` (architecture, data settings,
-recipe, held-out accuracy, train time, the command that reproduces it).
+held-out data generated with a seed never used in training, and written with
+:func:`captum_ext.checkpoint.save_checkpoint` as ``<name>.safetensors`` (float32 state dict, and
+the record inside its metadata) plus ``<name>.json`` (architecture, data settings, recipe,
+held-out accuracy, train time, the command that reproduces it, and the file's sha256 and tensor
+shapes), which :func:`captum_ext.zoo.load` verifies on every read.
 
 Image accuracy is *set accuracy*: the predicted set ``{k : sigmoid(logit_k) > 0.5}`` equals the
 label set exactly. Text accuracy is plain accuracy of the argmax.
@@ -51,8 +53,6 @@ on the token embedding (the CDAM paper's observation that localisation is model-
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import os
 import sys
 import time
@@ -69,6 +69,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from captum_ext.checkpoint import (
+    checkpoint_paths,
+    load_checkpoint,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from captum_ext.data import SHAPE_CLASSES, TEXT_VOCAB, shapes, text_rationales
 from captum_ext.zoo._build import build_model
 
@@ -585,7 +591,7 @@ def _phase_record(phase: Phase, seconds: float, losses: list[float]) -> dict[str
 
 
 def train_entry(entry: Entry, out: Path, progress: bool = True) -> dict[str, Any]:
-    """Train one entry from scratch and write its safetensors file and JSON record.
+    """Train one entry from scratch and write its checkpoint (safetensors file + JSON record).
 
     Args:
         entry: The entry.
@@ -593,10 +599,8 @@ def train_entry(entry: Entry, out: Path, progress: bool = True) -> dict[str, Any
         progress: Show progress bars.
 
     Returns:
-        The JSON record written.
+        The JSON record written (with its ``weights`` section: file, bytes, sha256, tensors).
     """
-    from safetensors.torch import save_file
-
     start = time.perf_counter()
     torch.manual_seed(entry.seed)
     record: dict[str, Any] = {
@@ -630,9 +634,6 @@ def train_entry(entry: Entry, out: Path, progress: bool = True) -> dict[str, Any
     seconds = time.perf_counter() - start
 
     state = {k: v.detach().contiguous().float() for k, v in model.state_dict().items()}
-    out.mkdir(parents=True, exist_ok=True)
-    weights = out / f"{entry.name}.safetensors"
-    save_file(state, str(weights), metadata={"name": entry.name, "format": "pt"})
     import timm
     import transformers
 
@@ -665,32 +666,22 @@ def train_entry(entry: Entry, out: Path, progress: bool = True) -> dict[str, Any
                 "timm": timm.__version__,
                 "transformers": transformers.__version__,
             },
-            "weights": {
-                "file": weights.name,
-                "dtype": "float32",
-                "bytes": weights.stat().st_size,
-                "sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
-            },
         }
     )
-    (out / f"{entry.name}.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    return record
+    paths = save_checkpoint(out / entry.name, state, record)
+    return verify_checkpoint(paths.record, expect={"name": entry.name})
 
 
 def _load_backbone(model: nn.Module, source: str, out: Path, progress: bool) -> dict[str, Any]:
-    """Load the trained weights of entry ``source`` (training it first if missing)."""
-    from safetensors.torch import load_file
-
-    weights = out / f"{source}.safetensors"
-    meta = out / f"{source}.json"
-    if not (weights.is_file() and meta.is_file()):
+    """Load the trained weights of entry ``source`` (training it first if missing), verified."""
+    if not all(p.is_file() for p in checkpoint_paths(out / source)):
         train_entry(ENTRIES[source], out, progress=progress)
-    src = json.loads(meta.read_text(encoding="utf-8"))
-    model.load_state_dict(load_file(str(weights)), strict=True)
+    state, src = load_checkpoint(out / source, expect={"name": source})
+    model.load_state_dict(state, strict=True)
     return {
         "name": "backbone",
         "source": source,
-        "source_sha256": hashlib.sha256(weights.read_bytes()).hexdigest(),
+        "source_sha256": src["weights"]["sha256"],
         "objective": src["task"],
         "trainable": "all (end to end with its own head, which is then discarded)",
         "data": src["training"]["phases"][-1]["data"],

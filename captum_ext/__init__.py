@@ -10,7 +10,12 @@ from captum_ext.attr import (
     RelevancePropagation,
     TokenAblation,
 )
-from captum_ext.errors import MissingAttentionError, ReentrantCallError, UnsupportedModelError
+from captum_ext.errors import (
+    CheckpointError,
+    MissingAttentionError,
+    ReentrantCallError,
+    UnsupportedModelError,
+)
 
 __version__ = "0.1.0"
 
@@ -19,6 +24,7 @@ __all__ = [
     "TAM",
     "AttentionMap",
     "AttentionRollout",
+    "CheckpointError",
     "ConceptCDAM",
     "MissingAttentionError",
     "ModelAdapter",

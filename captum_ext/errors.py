@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-__all__ = ["MissingAttentionError", "ReentrantCallError", "UnsupportedModelError"]
+__all__ = [
+    "CheckpointError",
+    "MissingAttentionError",
+    "ReentrantCallError",
+    "UnsupportedModelError",
+]
 
 
 class UnsupportedModelError(TypeError):
@@ -15,3 +20,24 @@ class MissingAttentionError(RuntimeError):
 
 class ReentrantCallError(RuntimeError):
     """A captum_ext call on a model from inside another captum_ext call on the same model."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, damaged, inconsistent or not the one the caller asked for.
+
+    The message is one line: the file, what was wrong, what to do.
+
+    Args:
+        path: The file the problem was found in.
+        problem: What was wrong.
+        remedy: What to do about it.
+    """
+
+    def __init__(self, path: object, problem: str, remedy: str) -> None:
+        super().__init__(path, problem, remedy)  # args keep the exception picklable
+        self.path = str(path)
+        self.problem = problem
+        self.remedy = remedy
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.problem}; {self.remedy}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import shutil
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import torch
 
 from captum_ext import CDAM, UnsupportedModelError, adapter_for, zoo
 from captum_ext.data import SHAPE_CLASSES, TEXT_VOCAB, shapes, text_rationales
+from captum_ext.errors import CheckpointError
 from captum_ext.zoo._build import WEIGHTS_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,7 +150,7 @@ def test_cdam_rejects_the_cnn():
 
 
 def test_unknown_name_lists_available_names():
-    for fn in (zoo.load, zoo.info, zoo.data_kwargs):
+    for fn in (zoo.check_name, zoo.load, zoo.info, zoo.data_kwargs):
         with pytest.raises(ValueError, match="shapes-vit-free") as err:
             fn("no-such-model")
         assert "no-such-model" in str(err.value)
@@ -206,3 +208,93 @@ def test_patch_whitening_gives_unit_variance_tokens():
     cov = torch.cov(tokens.T)
     assert torch.allclose(tokens.mean(0), torch.zeros(16, dtype=torch.double), atol=1e-4)
     assert torch.allclose(cov, torch.eye(16, dtype=torch.double), atol=1e-3)
+
+
+# --- integrity: copies in tmp_path, never the shipped files ---------------------------------
+
+
+@pytest.fixture
+def copied(tmp_path: Path) -> Path:
+    """shapes-vit and text-bert copied into tmp_path (the loader is pointed there)."""
+    for name in ("shapes-vit", "text-bert"):
+        for suffix in (".safetensors", ".json"):
+            shutil.copy(WEIGHTS_DIR / f"{name}{suffix}", tmp_path / f"{name}{suffix}")
+    return tmp_path
+
+
+def _edit(folder: Path, name: str, edit) -> None:
+    path = folder / f"{name}.json"
+    rec = json.loads(path.read_text(encoding="utf-8"))
+    edit(rec)
+    path.write_text(json.dumps(rec, indent=2), encoding="utf-8")
+
+
+def _refused(folder: Path, match: str, name: str = "shapes-vit") -> None:
+    for read in (zoo.load, zoo.info, zoo.data_kwargs):
+        with pytest.raises(CheckpointError, match=match) as err:
+            read(name, directory=folder)
+        msg = str(err.value)
+        assert f"zoo model {name!r}" in msg and str(folder) in msg and "\n" not in msg
+        assert f"train_zoo.py --only {name}" in msg
+
+
+def test_a_copied_entry_loads_and_predicts_as_the_shipped_one(copied):
+    assert zoo.available(directory=copied) == ["shapes-vit", "text-bert"]
+    assert zoo.info("shapes-vit", directory=copied) == zoo.info("shapes-vit")
+    x = shapes(4, HELDOUT_SEED, **zoo.data_kwargs("shapes-vit", directory=copied)).images
+    with torch.no_grad():
+        assert torch.equal(zoo.load("shapes-vit", directory=copied)(x), _model("shapes-vit")(x))
+
+
+def test_flipped_byte_in_the_weights_is_refused(copied):
+    path = copied / "shapes-vit.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x80  # a sign bit of the last tensor: the file still parses
+    path.write_bytes(bytes(data))
+    _refused(copied, r"shapes-vit\.safetensors: zoo model 'shapes-vit': sha256 is")
+
+
+def test_record_with_permuted_class_names_is_refused(copied):
+    _edit(copied, "shapes-vit", lambda r: r.update(classes=r["classes"][::-1]))
+    _refused(copied, r"record differs from the copy inside shapes-vit\.safetensors at classes")
+
+
+def test_record_with_edited_config_is_refused(copied):
+    _edit(copied, "shapes-vit", lambda r: r["data"]["kwargs"].update(layout="free"))
+    _refused(copied, "at data.kwargs.layout")
+
+
+def test_record_with_zeroed_hash_is_refused(copied):
+    _edit(copied, "shapes-vit", lambda r: r["weights"].update(sha256="0" * 64))
+    _refused(copied, "sha256 is .* but shapes-vit.json records 0000")
+
+
+def test_record_naming_a_different_tensor_shape_is_refused(copied):
+    _edit(
+        copied, "shapes-vit", lambda r: r["weights"]["tensors"]["head.weight"].update(shape=[5, 64])
+    )
+    _refused(copied, r"tensor 'head\.weight' is recorded as float32 \[5, 64\] but .* \[4, 64\]")
+
+
+def test_entry_under_another_name_is_refused(copied):
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(copied / f"text-bert{suffix}", copied / f"shapes-vit{suffix}")
+    _refused(copied, r"record has name='text-bert', expected 'shapes-vit'")
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".json"])
+def test_missing_file_is_a_clear_error(copied, suffix):
+    (copied / f"shapes-vit{suffix}").unlink()
+    _refused(copied, rf"shapes-vit\{suffix}: zoo model 'shapes-vit': file missing")
+    with pytest.raises(CheckpointError):
+        zoo.check_name("shapes-vit", directory=copied)
+    assert zoo.available(directory=copied) == ["text-bert"]
+
+
+@pytest.mark.parametrize("name", ENTRIES)
+def test_shipped_records_list_the_models_tensor_shapes(name):
+    listed = zoo.info(name)["weights"]["tensors"]  # verified against the file on every read
+    state = _model(name).state_dict()
+    assert {k: v["shape"] for k, v in listed.items()} == {
+        k: list(v.shape) for k, v in state.items()
+    }

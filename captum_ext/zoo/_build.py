@@ -1,8 +1,8 @@
 """Rebuild zoo architectures from their JSON records and read the shipped files.
 
 A record (``weights/<name>.json``) names a ``library`` and an ``arch`` with JSON-only keyword
-arguments (``model_kwargs``); the architecture is rebuilt from those alone and the weights are
-read with ``safetensors`` (no pickle anywhere):
+arguments (``model_kwargs``); the architecture is rebuilt from those alone (the weights are
+read and verified by :mod:`captum_ext.checkpoint`, no pickle anywhere):
 
 * ``library="timm"``: ``timm.create_model(arch, pretrained=False, **model_kwargs)``; JSON lists
   are turned back into tuples (e.g. ResNet ``channels``). Besides timm's own architectures this
@@ -18,14 +18,11 @@ read with ``safetensors`` (no pickle anywhere):
 from __future__ import annotations
 
 import functools
-import json
 import math
-import os
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import torch
 from timm.layers import PatchEmbed
 from timm.models import register_model
 from timm.models.resnet import BasicBlock, ResNet
@@ -36,10 +33,7 @@ __all__ = [
     "WEIGHTS_DIR",
     "ConvStemPatchEmbed",
     "build_model",
-    "load_weights",
-    "read_record",
     "record_names",
-    "weights_path",
     "zoo_resnet_s1",
     "zoo_vit_convstem",
 ]
@@ -202,23 +196,6 @@ def record_names(folder: Path = WEIGHTS_DIR) -> list[str]:
     return sorted(p.stem for p in folder.glob("*.json") if p.with_suffix(".safetensors").is_file())
 
 
-@functools.lru_cache(maxsize=32)
-def _read_json(path: str, mtime: float) -> str:
-    with open(path, encoding="utf-8") as f:
-        return f.read()
-
-
-def read_record(name: str, folder: Path = WEIGHTS_DIR) -> dict[str, Any]:
-    """The JSON record of ``name`` as a fresh dict (callers may change it freely)."""
-    path = folder / f"{name}.json"
-    return json.loads(_read_json(str(path), os.path.getmtime(path)))
-
-
-def weights_path(name: str, folder: Path = WEIGHTS_DIR) -> Path:
-    """Path of the safetensors file of ``name``."""
-    return folder / f"{name}.safetensors"
-
-
 def _tuples(value: Any) -> Any:
     """JSON lists back to tuples, recursively (timm signatures use tuples)."""
     if isinstance(value, list):
@@ -254,12 +231,3 @@ def build_model(record: dict[str, Any]) -> nn.Module:
         f"cannot build library={library!r}, arch={arch!r}; the zoo builds timm models and "
         "transformers BertForSequenceClassification"
     )
-
-
-def load_weights(model: nn.Module, path: Path, device: str | torch.device = "cpu") -> nn.Module:
-    """Load a safetensors file into ``model`` with ``strict=True`` (never unpickles)."""
-    from safetensors.torch import load_file
-
-    state = load_file(str(path), device=str(device))
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
-    return model

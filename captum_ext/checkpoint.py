@@ -1,0 +1,448 @@
+"""Checkpoints: a safetensors file of tensors plus a JSON record, verified on every read.
+
+A checkpoint ``<base>`` is a pair of files written by :func:`save_checkpoint`:
+
+* ``<base>.safetensors``: the tensors, and in the safetensors metadata (a str -> str map
+  covered by the file's hash) ``"format": "pt"`` and ``"captum_ext.record"``, the canonical
+  JSON of the caller's record.
+* ``<base>.json``: the same record, readable, plus a ``"weights"`` section that only the file
+  itself cannot hold: ``file``, ``bytes``, ``sha256`` of the safetensors file, a ``dtype``
+  summary and ``tensors`` (name -> ``{"dtype", "shape"}``).
+
+Reading (:func:`load_checkpoint`, :func:`verify_checkpoint`) never unpickles and refuses, with
+a one-line :class:`~captum_ext.errors.CheckpointError`, a pair in which
+
+* a file is missing or the JSON does not parse;
+* the size or sha256 of the safetensors file differs from the record (a flipped byte, a
+  replaced file, a hash edited by hand);
+* the JSON record differs from the copy inside the safetensors file (an edited class list or
+  config; a JSON and a weights file from different saves);
+* the tensor names, dtypes or shapes listed in the record differ from the file's;
+* a key the caller requires is absent, or a value differs from what the caller expects
+  (``expect={"arch": "vgg16", "config.num_classes": 1000}``).
+
+The bytes that were hashed are the bytes deserialised, so nothing can change in between. The
+checks catch corruption, edits and mismatched pairs; they are not a signature (whoever rewrites
+both files consistently is not detected).
+
+Writes are atomic per file (a temporary file in the same folder, flushed, then
+``os.replace``): an interrupted save leaves each file either whole and old or whole and new.
+The JSON is replaced last, so an interruption between the two leaves a new safetensors file
+beside the old record, which reading refuses (hash mismatch) instead of loading.
+
+Example::
+
+    paths = save_checkpoint("runs/ttame", model_tensors, {"arch": "ttame", "num_classes": 4})
+    tensors, record = load_checkpoint("runs/ttame", expect={"arch": "ttame"})
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from captum_ext.errors import CheckpointError
+
+__all__ = [
+    "RECORD_KEY",
+    "CheckpointError",
+    "CheckpointPaths",
+    "checkpoint_paths",
+    "load_checkpoint",
+    "save_checkpoint",
+    "verify_checkpoint",
+]
+
+RECORD_KEY = "captum_ext.record"
+"""Key of the record's canonical JSON in the safetensors metadata."""
+
+_WEIGHTS = "weights"
+_RESAVE = "save the checkpoint again, or restore both files from the same save"
+_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
+
+
+class CheckpointPaths(NamedTuple):
+    """The two files of a checkpoint."""
+
+    weights: Path
+    """``<base>.safetensors``: tensors and the record's canonical copy."""
+    record: Path
+    """``<base>.json``: the readable record with the hash of ``weights``."""
+
+
+def checkpoint_paths(path: str | os.PathLike[str]) -> CheckpointPaths:
+    """The file pair of a checkpoint.
+
+    Args:
+        path: The base path, or either file of the pair (a ``.safetensors`` or ``.json``
+            suffix is stripped; any other suffix is part of the base name).
+
+    Returns:
+        ``CheckpointPaths(<base>.safetensors, <base>.json)``.
+    """
+    base = Path(path)
+    if base.suffix in (".safetensors", ".json"):
+        base = base.with_suffix("")
+    return CheckpointPaths(
+        base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".json")
+    )
+
+
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    tensors: Mapping[str, torch.Tensor],
+    record: Mapping[str, Any],
+) -> CheckpointPaths:
+    """Write tensors and their record as a checkpoint pair, atomically per file.
+
+    Tensors are stored as they are (dtype kept), moved to CPU and made contiguous; tensors
+    that share memory are refused by safetensors (pass clones). The record must be JSON
+    (tuples become lists) and must not hold the ``"weights"`` key, which this function writes.
+    The parent folder is created if needed; existing files are replaced.
+
+    Args:
+        path: Base path, or either file of the pair (see :func:`checkpoint_paths`).
+        tensors: Name -> tensor, e.g. a ``state_dict()``.
+        record: Config and metadata, e.g. ``{"arch": ..., "num_classes": ..., "training": ...}``.
+
+    Returns:
+        The paths written.
+
+    Raises:
+        ValueError: If the record is not a JSON-serialisable dict or holds ``"weights"``, or a
+            tensor name is not a string.
+    """
+    from safetensors.torch import save
+
+    paths = checkpoint_paths(path)
+    if not isinstance(record, Mapping):
+        raise ValueError(f"a checkpoint record must be a dict; got {type(record).__name__}")
+    if _WEIGHTS in record:
+        raise ValueError(
+            f"record key {_WEIGHTS!r} is written by save_checkpoint (file, size, sha256, "
+            "tensor shapes); remove it from the record"
+        )
+    try:
+        canonical = _canonical(record)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"a checkpoint record must be JSON (str keys, no NaN): {err}") from err
+    plain = json.loads(json.dumps(record, allow_nan=False))  # caller's key order, lists
+    for name in tensors:
+        if not isinstance(name, str):
+            raise ValueError(f"tensor names must be strings; got {name!r}")
+    state = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    data = save(state, metadata={"format": "pt", RECORD_KEY: canonical})
+    listing = _listing(_header(data, paths.weights))
+    dtypes = sorted({t["dtype"] for t in listing.values()})
+    plain[_WEIGHTS] = {
+        "file": paths.weights.name,
+        "dtype": ", ".join(dtypes) if dtypes else None,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "tensors": listing,
+    }
+    paths.weights.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(paths.weights, data)
+    _write_atomic(paths.record, (_format_json(plain) + "\n").encode("utf-8"))
+    return paths
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    expect: Mapping[str, Any] | None = None,
+    *,
+    require: Iterable[str] = (),
+    device: str | torch.device = "cpu",
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a checkpoint after verifying it; never unpickles.
+
+    Every check of :func:`verify_checkpoint` runs first, on the very bytes that are then
+    deserialised (the whole file is read into memory once).
+
+    Args:
+        path: Base path, or either file of the pair.
+        expect: Values the record must hold, by dotted key (``{"arch": "ttame",
+            "config.num_classes": 4}``); compared as JSON (a tuple equals a list, 4 does not
+            equal 4.0).
+        require: Dotted keys the record must contain, whatever their values.
+        device: Device of the returned tensors.
+
+    Returns:
+        ``(tensors, record)``: name -> tensor with the stored dtypes, and the JSON record
+        (including its ``"weights"`` section).
+
+    Raises:
+        CheckpointError: If a file is missing or any check fails.
+    """
+    from safetensors.torch import load
+
+    data, record = _read_verified(checkpoint_paths(path), expect, require)
+    tensors = load(data)
+    if torch.device(device).type != "cpu":
+        tensors = {k: v.to(device) for k, v in tensors.items()}
+    return tensors, record
+
+
+def verify_checkpoint(
+    path: str | os.PathLike[str],
+    expect: Mapping[str, Any] | None = None,
+    *,
+    require: Iterable[str] = (),
+) -> dict[str, Any]:
+    """Verify a checkpoint pair and return its record, without building tensors.
+
+    Checks, in order: both files exist; the JSON parses and has a ``weights`` section with a
+    sha256; the file's size and sha256 match it; the file carries a record copy equal to the
+    JSON (``weights`` excluded); the listed tensors (if the record lists them) match the
+    file's names, dtypes and shapes; ``require`` and ``expect`` hold.
+
+    Args:
+        path: Base path, or either file of the pair.
+        expect: Values the record must hold, by dotted key (see :func:`load_checkpoint`).
+        require: Dotted keys the record must contain.
+
+    Returns:
+        The JSON record, a fresh dict.
+
+    Raises:
+        CheckpointError: If a file is missing or any check fails.
+    """
+    return _read_verified(checkpoint_paths(path), expect, require)[1]
+
+
+# --------------------------------------------------------------------------------------------
+# checks
+
+
+def _read_verified(
+    paths: CheckpointPaths, expect: Mapping[str, Any] | None, require: Iterable[str]
+) -> tuple[bytes, dict[str, Any]]:
+    for p in paths:
+        if not p.is_file():
+            raise CheckpointError(
+                p,
+                f"file missing (a checkpoint is the pair {paths.weights.name} + "
+                f"{paths.record.name})",
+                "check the path, or save the checkpoint",
+            )
+    record = _read_record(paths.record)
+    data = paths.weights.read_bytes()
+    _check_file(paths, record[_WEIGHTS], data)
+    header = _header(data, paths.weights)
+    _check_copy(paths, record, header.get("__metadata__") or {})
+    listed = record[_WEIGHTS].get("tensors")
+    if listed is not None:
+        _check_listing(paths, listed, _listing(header))
+    for key in require:
+        _lookup(paths.record, record, key)
+    for key, want in (expect or {}).items():
+        got = _lookup(paths.record, record, key)
+        if _canonical(got) != _canonical(want):
+            raise CheckpointError(
+                paths.record,
+                f"record has {key}={got!r}, expected {want!r}",
+                "load a checkpoint made for this model and configuration",
+            )
+    return data, record
+
+
+def _read_record(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(path, f"record is not valid JSON ({err})", _RESAVE) from err
+    weights = record.get(_WEIGHTS) if isinstance(record, dict) else None
+    if not isinstance(weights, dict):
+        raise CheckpointError(
+            path,
+            f"record has no {_WEIGHTS!r} section (file, bytes, sha256)",
+            "write checkpoints with captum_ext.checkpoint.save_checkpoint",
+        )
+    sha = weights.get("sha256")
+    if not (isinstance(sha, str) and len(sha) == 64 and set(sha) <= set("0123456789abcdef")):
+        raise CheckpointError(path, f"record has no valid {_WEIGHTS}.sha256 (got {sha!r})", _RESAVE)
+    return record
+
+
+def _check_file(paths: CheckpointPaths, weights: dict[str, Any], data: bytes) -> None:
+    size = weights.get("bytes")
+    if size is not None and size != len(data):
+        raise CheckpointError(
+            paths.weights,
+            f"file has {len(data)} bytes but {paths.record.name} records {size} (truncated, "
+            "replaced, or from another save)",
+            _RESAVE,
+        )
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != weights["sha256"]:
+        raise CheckpointError(
+            paths.weights,
+            f"sha256 is {digest[:16]}... but {paths.record.name} records "
+            f"{weights['sha256'][:16]}... (the file was modified or replaced, or the recorded "
+            "hash was edited)",
+            _RESAVE,
+        )
+
+
+def _check_copy(paths: CheckpointPaths, record: dict[str, Any], meta: dict[str, str]) -> None:
+    if RECORD_KEY not in meta:
+        raise CheckpointError(
+            paths.weights,
+            f"file carries no record copy (metadata key {RECORD_KEY!r}); it was not written "
+            "by captum_ext.checkpoint.save_checkpoint",
+            "save it again with save_checkpoint",
+        )
+    try:
+        inner = json.loads(meta[RECORD_KEY])
+    except json.JSONDecodeError as err:
+        raise CheckpointError(
+            paths.weights, f"record copy in the metadata is not JSON ({err})", _RESAVE
+        ) from err
+    outer = {k: v for k, v in record.items() if k != _WEIGHTS}
+    if _canonical(outer) != _canonical(inner):
+        where = ", ".join(_differences(outer, inner)[:5])
+        raise CheckpointError(
+            paths.record,
+            f"record differs from the copy inside {paths.weights.name} at {where} (the JSON "
+            "was edited, or the two files come from different saves)",
+            _RESAVE,
+        )
+
+
+def _check_listing(paths: CheckpointPaths, listed: Any, actual: dict[str, dict[str, Any]]) -> None:
+    if not isinstance(listed, dict):
+        raise CheckpointError(
+            paths.record, f"{_WEIGHTS}.tensors must map names to dtype and shape", _RESAVE
+        )
+    for name in sorted(set(listed) | set(actual)):
+        if name not in actual:
+            problem = f"record lists tensor {name!r}, which {paths.weights.name} does not hold"
+        elif name not in listed:
+            problem = f"{paths.weights.name} holds tensor {name!r}, which the record does not list"
+        elif _canonical(listed[name]) != _canonical(actual[name]):
+            problem = (
+                f"tensor {name!r} is recorded as {_describe(listed[name])} but "
+                f"{paths.weights.name} holds {_describe(actual[name])}"
+            )
+        else:
+            continue
+        raise CheckpointError(paths.record, problem, _RESAVE)
+
+
+def _lookup(path: Path, record: dict[str, Any], key: str) -> Any:
+    value: Any = record
+    for part in key.split("."):
+        if not (isinstance(value, dict) and part in value):
+            raise CheckpointError(
+                path,
+                f"record has no {key!r}",
+                "load a checkpoint written for this purpose, or save it again with that key",
+            )
+        value = value[part]
+    return value
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(
+        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+
+
+def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted paths where two JSON values differ (type-aware: 1 differs from 1.0 and True)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[str] = []
+        for k in [*a, *(k for k in b if k not in a)]:
+            if k not in a or k not in b:
+                out.append(f"{prefix}{k}")
+            else:
+                out += _differences(a[k], b[k], f"{prefix}{k}.")
+        return out
+    if _canonical(a) != _canonical(b):
+        return [prefix.rstrip(".") or "the top level"]
+    return []
+
+
+def _header(data: bytes, path: Path) -> dict[str, Any]:
+    """The JSON header of safetensors bytes (u64 little-endian length, then the JSON)."""
+    try:
+        (n,) = struct.unpack("<Q", data[:8])
+        header = json.loads(data[8 : 8 + n])
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (struct.error, ValueError) as err:
+        raise CheckpointError(path, f"not a safetensors file ({err})", _RESAVE) from err
+    return header
+
+
+def _listing(header: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        name: {"dtype": _DTYPES.get(info["dtype"], info["dtype"].lower()), "shape": info["shape"]}
+        for name, info in sorted(header.items())
+        if name != "__metadata__"
+    }
+
+
+def _describe(entry: Any) -> str:
+    if isinstance(entry, dict):
+        return f"{entry.get('dtype')} {entry.get('shape')}"
+    return repr(entry)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, flush it, then ``os.replace``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb") as f:  # mode 0o666 minus umask, like any new file
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _format_json(value: Any, level: int = 0) -> str:
+    """Indented JSON whose short containers without nested objects stay on one line."""
+    flat = json.dumps(value, ensure_ascii=False, allow_nan=False)
+    if isinstance(value, dict):
+        children: Iterable[Any] = value.values()
+    elif isinstance(value, list):
+        children = value
+    else:
+        return flat
+    if len(flat) <= 72 and not any(isinstance(c, dict) for c in children):
+        return flat
+    pad, inner = "  " * level, "  " * (level + 1)
+    if isinstance(value, dict):
+        items = [
+            f"{inner}{json.dumps(k, ensure_ascii=False)}: {_format_json(v, level + 1)}"
+            for k, v in value.items()
+        ]
+        return "{\n" + ",\n".join(items) + f"\n{pad}}}"
+    items = [f"{inner}{_format_json(v, level + 1)}" for v in value]
+    return "[\n" + ",\n".join(items) + f"\n{pad}]"
