@@ -1,4 +1,13 @@
-"""captum_ext: class-discriminative explanations of transformers and CNNs for Captum."""
+"""captum_ext: class-discriminative explanations of vision and text transformers for Captum.
+
+Methods (Captum ``Attribution`` subclasses): :class:`CDAM` and :class:`ConceptCDAM`,
+:class:`TokenAblation` (TAM), :class:`RelevancePropagation`, :class:`AttentionRollout` and
+:class:`AttentionMap`, on timm ViTs, HuggingFace ViT and BERT-family models through
+:func:`adapter_for`. Rooms, bottom to top: ``errors``/``_scores`` (floor 1), ``adapters``,
+``checkpoint``, ``data``, ``metrics``, ``viz``; ``capture`` (hooks) and ``zoo``; ``attr`` and
+``explainers`` (trainable explainers: base protocol); ``registry``; ``evaluation`` and
+``models``; ``cli``. Nothing imports from a room above it.
+"""
 
 from captum_ext.adapters import ModelAdapter, TransformerAdapter, adapter_for
 from captum_ext.attr import (
