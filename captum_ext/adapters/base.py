@@ -162,6 +162,17 @@ class ModelAdapter:
             f"{', '.join(candidates)}."
         )
 
+    def default_feature_layers(self) -> list[str | int]:
+        """The preset feature layers of this family (T-TAME's three branches), shallow to deep.
+
+        Raises:
+            ValueError: The family has no preset; pass ``layers=[...]``.
+        """
+        raise ValueError(
+            f"{type(self.model).__name__} ({self.family}) has no preset feature layers; pass "
+            "layers=[...] with module names."
+        )
+
     def feature_point(self, layer: str | int, method: str = "captum_ext") -> Point:
         """The point whose tensor is the feature map of ``layer``: a module name's output."""
         if not isinstance(layer, str):
@@ -317,6 +328,11 @@ class TransformerAdapter(ModelAdapter):
                 f"(valid: {-n}..{n - 1})."
             )
         return layer % n
+
+    def default_feature_layers(self) -> list[str | int]:
+        """The pre-attention tokens of the last three blocks (T-TAME's ViT branches)."""
+        n = self.num_layers
+        return list(range(max(n - 3, 0), n))
 
     def feature_point(self, layer: str | int, method: str = "captum_ext") -> Point:
         """Block index -> that block's pre-attention tokens; a module name -> its output."""
