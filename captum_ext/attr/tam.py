@@ -123,18 +123,17 @@ class TokenAblation(TokenMapMethod, PerturbationAttribution):
         Returns:
             Signed scores in the requested layout (a 1-tuple if ``inputs`` was one).
         """
-        x, was_tuple = self._inputs(inputs, additional_forward_args)
-        maps = self._run(
-            x,
+        (maps,) = self.attribute_targets(
+            inputs,
             [target],
             additional_forward_args,
             perturbations_per_eval,
             show_progress,
+            output,
             feature_mask,
             window,
-            output,
         )
-        return self._outputs(maps[0], x, output, was_tuple)
+        return (maps,) if isinstance(inputs, tuple) else maps
 
     def attribute_targets(
         self,
