@@ -368,7 +368,7 @@ def test_cuda_requested_without_cuda_is_a_clear_error(files, tmp_path, capsys):
 
 
 def test_staged_output_leaves_nothing_on_error_and_merges_into_existing(tmp_path):
-    from captum_ext._cli_common import staged_output
+    from captum_ext.cli._common import staged_output
 
     out = tmp_path / "out"
     with pytest.raises(RuntimeError), staged_output(out) as tmp:
@@ -392,7 +392,7 @@ def test_staged_output_leaves_nothing_on_error_and_merges_into_existing(tmp_path
 @needs_zoo
 def test_demo_seed_is_not_a_training_seed():
     from captum_ext import zoo
-    from captum_ext._cli_demo import DEMO_SEED
+    from captum_ext.cli.demo import DEMO_SEED
 
     for name in zoo.available():
         assert DEMO_SEED not in zoo.info(name)["training"]["data_seeds"], name

@@ -1,7 +1,7 @@
 """Regenerate the README's demo figure, ``docs/demo.png``, from the ``captum-ext demo`` pipeline.
 
 The figure is the demo's ``explanations.png`` for the main zoo model (``shapes-vit``):
-held-out benchmark images (seed ``captum_ext._cli_demo.DEMO_SEED``, half of them with two
+held-out benchmark images (seed ``captum_ext.cli.demo.DEMO_SEED``, half of them with two
 objects), one row per present class, columns input, that class's ground-truth mask and every
 registered method. Runs offline on CPU in seconds (the zoo weights ship with the package):
 
@@ -19,7 +19,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-from captum_ext._cli_demo import IMAGE_MODELS, image_grid  # the demo's own grid
+from captum_ext.cli.demo import IMAGE_MODELS, image_grid  # the demo's own grid
 
 MAX_BYTES = 300_000
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "demo.png"

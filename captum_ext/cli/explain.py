@@ -20,19 +20,85 @@ from typing import Any
 import numpy as np
 import torch
 
-from captum_ext._cli_common import (
+from captum_ext.cli._common import (
     CLIError,
+    TextRow,
+    add_device,
+    check_methods,
     check_out_dir,
     first_line,
     resolve_device,
+    save_overlay,
     staged_output,
+    text_figure,
     write_json,
 )
-from captum_ext._cli_models import LoadedModel, load_model
+from captum_ext.models import LoadedModel, load
 
-__all__ = ["check_methods", "run_explain"]
+__all__ = ["add_parser", "run"]
 
 TOP_K = 5
+
+EPILOG = """\
+model specs:
+  timm:ARCH   a timm architecture; weights from --weights FILE (never downloaded)
+  hf:DIR      a HuggingFace folder written by save_pretrained (image or text classifier;
+              text models use the tokenizer saved in DIR)
+  zoo:NAME    a model shipped with captum_ext (see `captum-ext evaluate --help`)
+
+examples:
+  captum-ext explain --model timm:vit_small_patch16_224 --weights vit_s16.safetensors \\
+      --image cat.png dog.jpg --method cdam --target 281 285
+  captum-ext explain --model timm:vit_tiny_patch16_224 --weights tiny.safetensors \\
+      --model-kwargs '{"img_size": 32, "patch_size": 8}' --image x.png --method tam
+  captum-ext explain --model hf:./my-vit --image x.png --method relevance
+  captum-ext explain --model hf:./my-bert --text "a great movie" --method cdam --target 1
+  captum-ext explain --model zoo:shapes-vit --image shapes.png --method cdam --target circle
+
+writes, per input and target: NAME_METHOD_classK.png (Captum blended_heat_map overlay,
+400x400 px) and NAME_METHOD_classK.npy (the map in input space); for texts text.html,
+text.png and token-score .npy files; always attributions.safetensors (every map) and
+prediction.json (top classes and scores: softmax, or sigmoid for multi-label models).
+Weights: .safetensors preferred; .pt/.pth/.bin are read with torch.load(weights_only=True).
+"""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Adds the ``explain`` subcommand to ``sub``."""
+    p = sub.add_parser(
+        "explain",
+        help="explain your own model on local images or texts",
+        description="Explain a timm, HuggingFace or zoo model on local images or texts "
+        "with one or more methods.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--model", required=True, metavar="SPEC", help="timm:ARCH, hf:DIR or zoo:NAME")
+    p.add_argument("--weights", metavar="PATH", help="weights file (.safetensors preferred)")
+    p.add_argument(
+        "--model-kwargs", metavar="JSON", help="timm.create_model keyword arguments, as JSON"
+    )
+    inputs = p.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--image", nargs="+", metavar="IMG", help="image files (read with PIL)")
+    inputs.add_argument("--text", nargs="+", metavar="TEXT", help="texts to classify and explain")
+    p.add_argument(
+        "--method",
+        nargs="+",
+        required=True,
+        metavar="NAME",
+        help="cdam, tam, relevance, rollout, attention_map (one or more)",
+    )
+    p.add_argument(
+        "--target",
+        nargs="+",
+        metavar="K",
+        help="class indices or names to explain (default: the top class of each input)",
+    )
+    p.add_argument(
+        "--out", default="captum-ext-explain", help="output folder (default: %(default)s)"
+    )
+    add_device(p)
+    return p
 
 
 @dataclass
@@ -47,23 +113,6 @@ class _Item:
     maps: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict)
     display: torch.Tensor | None = None  # images: (3, H, W) in [0, 1]
     tokens: list[str] | None = None  # texts
-
-
-def check_methods(names: list[str]) -> list[str]:
-    """Checks method names against the registry (case-insensitive, ``-`` as ``_``).
-
-    Raises:
-        CLIError: A name is not registered (the message lists the methods).
-    """
-    from captum_ext.registry import METHODS
-
-    out = []
-    for name in names:
-        key = name.lower().replace("-", "_")
-        if key not in METHODS:
-            raise CLIError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
-        out.append(key)
-    return list(dict.fromkeys(out))
 
 
 def _check_images(paths: list[str]) -> list[Path]:
@@ -198,7 +247,6 @@ def _write(
 ) -> list[Path]:
     from safetensors.torch import save_file
 
-    from captum_ext._cli_render import TextRow, save_overlay, text_figure
     from captum_ext.registry import METHODS
     from captum_ext.viz import html_text, text_record
 
@@ -278,7 +326,7 @@ def _colour_note(methods: list[str]) -> str:
     return note
 
 
-def run_explain(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Runs ``captum-ext explain`` (see the module docstring for the outputs)."""
     methods = check_methods(args.method)
     device = resolve_device(args.device)
@@ -288,7 +336,7 @@ def run_explain(args: argparse.Namespace) -> int:
     weights = Path(args.weights) if args.weights else None
     if weights is not None and not weights.is_file():
         raise CLIError(f"--weights {weights}: no such file")
-    loaded = load_model(args.model, weights, _parse_kwargs(args.model_kwargs), device)
+    loaded = load(args.model, weights, device, model_kwargs=_parse_kwargs(args.model_kwargs))
     wanted = "image" if images else "text"
     if loaded.modality != wanted:
         use = "an image model; use --image FILE" if wanted == "text" else "a text model; use --text"

@@ -1,9 +1,30 @@
-"""Models for ``captum-ext explain``: from a spec (``timm:ARCH``, ``hf:DIR``, ``zoo:NAME``)
-to the model, its own preprocessing, its class names and how its scores are read.
+"""Models to explain, from a spec string: ``timm:ARCH``, ``hf:DIR`` or ``zoo:NAME``.
+
+:func:`load` returns a :class:`LoadedModel`: the module in eval mode on the requested
+device, with the model's own preprocessing (timm ``resolve_data_config``, the HF image
+processor or tokenizer saved in the folder, the zoo's data recipe), one name per class and
+how its scores are read (softmax, or sigmoid for multi-label models). The ``captum-ext
+explain`` command is built on it.
 
 Nothing is downloaded and nothing is unpickled: timm weights come from a local file
 (safetensors preferred; ``.pt``/``.pth``/``.bin`` through ``torch.load(weights_only=True)``),
-HuggingFace models from a local folder (``from_pretrained(DIR, local_files_only=True)``).
+HuggingFace models from a local folder (``from_pretrained(DIR, local_files_only=True)``),
+zoo models from the safetensors files shipped with the package.
+
+Mistakes (an unknown spec, a missing file, weights that do not fit) raise
+:class:`ModelLoadError` (a ``ValueError``; :class:`ModelFileNotFoundError` is also a
+``FileNotFoundError``) whose message is one line saying what was wrong and what to do.
+
+Example::
+
+    from captum_ext import CDAM
+    from captum_ext.models import load
+    from PIL import Image
+
+    loaded = load("timm:vit_small_patch16_224", weights="vit_s16.safetensors")
+    x = loaded.image_transform(Image.open("cat.png"))[None]  # (1, 3, 224, 224)
+    maps = CDAM(loaded.model).attribute(x, target=281)      # (1, 1, 224, 224)
+    print(loaded.class_names[281], loaded.probabilities(loaded.logits(x))[0, 281])
 """
 
 from __future__ import annotations
@@ -20,26 +41,53 @@ import numpy as np
 import torch
 from torch import nn
 
-from captum_ext._cli_common import CLIError, first_line
+from captum_ext._scores import model_output_to_tensor
 
 __all__ = [
     "SPEC_HELP",
     "LoadedModel",
+    "ModelFileNotFoundError",
+    "ModelLoadError",
     "TokenizedText",
-    "load_model",
+    "load",
     "load_weights_file",
     "parse_spec",
 ]
 
-SPEC_HELP = "timm:ARCH (with --weights FILE), hf:DIR or zoo:NAME"
+SPEC_HELP = "timm:ARCH (with a weights file), hf:DIR or zoo:NAME"
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 _HF_IMAGE_TYPES = ("vit", "deit")
 _HF_TEXT_TYPES = ("bert", "roberta", "distilbert", "xlm-roberta", "camembert")
 
 
+class ModelLoadError(ValueError):
+    """The spec, the weights or the folder do not give a model to explain.
+
+    The message is one line: what was wrong and what to do.
+    """
+
+
+class ModelFileNotFoundError(ModelLoadError, FileNotFoundError):
+    """A file or folder named by the spec or the weights does not exist."""
+
+
+def _first_line(err: BaseException) -> str:
+    """The first non-empty line of an exception's message (or its type name)."""
+    for line in str(err).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(err).__name__
+
+
 @dataclass
 class TokenizedText:
-    """One tokenised text: ``input_ids`` and ``attention_mask`` ``(1, T)`` and the tokens."""
+    """One tokenised text.
+
+    Attributes:
+        input_ids: Token ids ``(1, T)``.
+        attention_mask: Ones for real tokens ``(1, T)``.
+        tokens: The ``T`` tokens as strings, special tokens included.
+    """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -48,7 +96,7 @@ class TokenizedText:
 
 @dataclass
 class LoadedModel:
-    """A model ready to explain, with what the command needs to know about it.
+    """A model ready to explain, with what a caller needs to know about it.
 
     Attributes:
         model: The module, in eval mode, on the requested device.
@@ -56,12 +104,12 @@ class LoadedModel:
         modality: ``"image"`` or ``"text"``.
         class_names: One name per output.
         multi_label: Scores are independent sigmoids (else a softmax over classes).
-        preprocessing: What was done to inputs, for ``prediction.json``.
-        notes: Remarks printed to the user (e.g. a default normalisation was assumed).
-        image_transform: PIL image to the model's input ``(3, H, W)``; images only.
-        mean: Per-channel mean the transform subtracted (to show the input again).
-        std: Per-channel standard deviation the transform divided by.
-        tokenize: Text to :class:`TokenizedText`; text only.
+        preprocessing: What is done to inputs, as a JSON-serialisable dict.
+        notes: Assumptions worth telling a person (e.g. a default normalisation).
+        image_transform: A PIL image to the model's input ``(3, H, W)``; images only.
+        mean: Per-channel mean the transform subtracts (to show the input again).
+        std: Per-channel standard deviation the transform divides by.
+        tokenize: A text to :class:`TokenizedText`; texts only.
     """
 
     model: nn.Module
@@ -81,16 +129,21 @@ class LoadedModel:
         """Where the model's parameters are."""
         return next(self.model.parameters()).device
 
-    def logits(self, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        """Raw outputs ``(B, C)`` (HF ``ModelOutput``s are unpacked)."""
-        from captum_ext.adapters import model_output_to_tensor
+    def logits(
+        self, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Raw scores ``(B, C)`` in float32, without gradients.
 
+        Args:
+            inputs: Images ``(B, 3, H, W)`` or ``input_ids (B, T)``.
+            attention_mask: ``(B, T)`` for texts.
+        """
         with torch.no_grad():
             args = (inputs,) if attention_mask is None else (inputs, attention_mask)
             return model_output_to_tensor(self.model(*args)).float()
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
-        """Scores in [0, 1]: sigmoid for multi-label models, softmax otherwise."""
+        """Scores ``(B, C)`` in [0, 1]: sigmoid for multi-label models, softmax otherwise."""
         return logits.sigmoid() if self.multi_label else logits.softmax(-1)
 
     def display(self, x: torch.Tensor) -> torch.Tensor:
@@ -101,29 +154,56 @@ class LoadedModel:
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
-    """Splits ``kind:value`` and checks the kind.
+    """Splits a spec into ``(kind, value)`` and checks what can be checked without loading.
+
+    Checks the kind, that a zoo name is one of ``captum_ext.zoo.available()``, and that
+    an ``hf:`` folder exists. A timm architecture is checked by :func:`load`.
+
+    Args:
+        spec: ``"timm:ARCH"``, ``"hf:DIR"`` or ``"zoo:NAME"``.
+
+    Returns:
+        ``("timm" | "hf" | "zoo", the rest)``, e.g. ``("zoo", "shapes-vit")``.
 
     Raises:
-        CLIError: Not one of the supported forms.
+        ModelLoadError: Not one of the forms, or an unknown zoo model.
+        ModelFileNotFoundError: The ``hf:`` folder does not exist.
     """
     kind, sep, value = spec.partition(":")
     if not sep or kind not in ("timm", "hf", "zoo") or not value:
-        raise CLIError(f"unknown model spec {spec!r}; use {SPEC_HELP}")
+        raise ModelLoadError(f"unknown model spec {spec!r}; use {SPEC_HELP}")
+    if kind == "zoo":
+        from captum_ext import zoo
+
+        names = zoo.available()
+        if value not in names:
+            shown = ", ".join(names) or "none (this installation has no zoo weights)"
+            raise ModelLoadError(f"unknown zoo model {value!r}; available: {shown}")
+    elif kind == "hf" and not Path(value).is_dir():
+        raise ModelFileNotFoundError(f"{spec}: no such folder")
     return kind, value
 
 
-def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
+def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from a local file, without unpickling.
 
     ``.safetensors`` files are read with safetensors; ``.pt``, ``.pth`` and ``.bin`` with
     ``torch.load(weights_only=True)``, which refuses anything but tensors and plain
     containers. A checkpoint dict holding ``state_dict`` or ``model`` is unwrapped.
 
+    Args:
+        path: The file.
+
+    Returns:
+        Parameter name to tensor, on the CPU.
+
     Raises:
-        CLIError: Missing file, unknown format, or not a dict of tensors.
+        ModelFileNotFoundError: No such file.
+        ModelLoadError: Unknown format, a pickled object, or not a dict of tensors.
     """
+    path = Path(path)
     if not path.is_file():
-        raise CLIError(f"--weights {path}: no such file")
+        raise ModelFileNotFoundError(f"weights file {path}: no such file")
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -131,19 +211,21 @@ def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
         try:
             state = load_file(str(path))
         except Exception as err:
-            raise CLIError(f"--weights {path}: not a safetensors file ({first_line(err)})") from err
+            raise ModelLoadError(
+                f"weights file {path}: not a safetensors file ({_first_line(err)})"
+            ) from err
     elif suffix in WEIGHT_SUFFIXES:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
-            raise CLIError(
-                f"--weights {path}: not a plain tensor checkpoint; loaded with "
-                f"weights_only=True, nothing unpickled ({first_line(err)})"
+            raise ModelLoadError(
+                f"weights file {path}: not a plain tensor checkpoint; loaded with "
+                f"weights_only=True, nothing unpickled ({_first_line(err)})"
             ) from err
     else:
-        raise CLIError(
-            f"--weights {path}: unknown format {suffix or '(no suffix)'!r}; use .safetensors "
-            "(preferred), .pt, .pth or .bin"
+        raise ModelLoadError(
+            f"weights file {path}: unknown format {suffix or '(no suffix)'!r}; use "
+            ".safetensors (preferred), .pt, .pth or .bin"
         )
     if isinstance(state, dict):
         for key in ("state_dict", "model"):
@@ -151,27 +233,53 @@ def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
                 state = state[key]
                 break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CLIError(f"--weights {path}: expected a dict of tensors (a state dict)")
+        raise ModelLoadError(f"weights file {path}: expected a dict of tensors (a state dict)")
     return state
 
 
-def load_model(
+def load(
     spec: str,
-    weights: Path | None = None,
+    weights: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    *,
     model_kwargs: dict[str, Any] | None = None,
-    device: str = "cpu",
 ) -> LoadedModel:
-    """Loads a model from ``spec`` (see :data:`SPEC_HELP`) onto ``device``, in eval mode.
+    """Loads a model to explain from a spec, onto ``device``, in eval mode.
+
+    Args:
+        spec: ``"timm:ARCH"`` (a timm architecture; needs ``weights``, since pretrained
+            weights would need a download), ``"hf:DIR"`` (a folder written by
+            ``save_pretrained``: an image classifier, or a text classifier with its
+            tokenizer) or ``"zoo:NAME"`` (a model shipped with captum_ext, see
+            ``captum_ext.zoo.available()``).
+        weights: A local ``.safetensors`` (preferred), ``.pt``, ``.pth`` or ``.bin`` file.
+            Required for timm; for hf and zoo it replaces the folder's or shipped weights.
+        device: Where to put the model (``"cpu"``, ``"cuda"``, ``"cuda:1"``...).
+        model_kwargs: Keyword arguments of ``timm.create_model`` (timm only), e.g.
+            ``{"img_size": 32, "patch_size": 8}``.
+
+    Returns:
+        A :class:`LoadedModel`; ``image_transform`` gives ``(3, H, W)`` model inputs from
+        PIL images, ``tokenize`` gives ``input_ids``/``attention_mask`` ``(1, T)``.
 
     Raises:
-        CLIError: Unknown spec, missing file or folder, weights that do not fit, or a
-            model the command cannot tell how to use.
+        ModelFileNotFoundError: The weights file or the hf folder does not exist.
+        ModelLoadError: Unknown spec, timm architecture or zoo model; weights in an
+            unknown format, pickled, or not fitting the model; a folder holding a model
+            that is neither an image nor a text classifier.
+
+    Example::
+
+        loaded = load("zoo:shapes-vit")
+        loaded.class_names   # ['square', 'circle', 'triangle', 'plus']
+        loaded.multi_label   # True: scores are sigmoids
     """
     kind, value = parse_spec(spec)
     if model_kwargs and kind != "timm":
-        raise CLIError("--model-kwargs applies to timm: models only")
+        raise ModelLoadError(f"{spec}: model_kwargs apply to timm: models only")
+    weights = Path(weights) if weights is not None else None
     if kind == "timm":
-        loaded = _load_timm(value, weights, model_kwargs or {})
+        loaded = _load_timm(value, weights, dict(model_kwargs or {}))
     elif kind == "hf":
         loaded = _load_hf(Path(value), weights)
     else:
@@ -186,8 +294,8 @@ def _apply_weights(model: nn.Module, weights: Path, spec: str) -> None:
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise CLIError(
-            f"{spec}: --weights {weights} do not fit the model ({first_line(err)})"
+        raise ModelLoadError(
+            f"{spec}: weights {weights} do not fit the model ({_first_line(err)})"
         ) from err
 
 
@@ -201,11 +309,12 @@ def _load_timm(arch: str, weights: Path | None, kwargs: dict[str, Any]) -> Loade
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=3)
         hint = f"; did you mean {', '.join(close)}?" if close else " (see timm.list_models())"
-        raise CLIError(f"unknown timm architecture {arch!r}{hint}")
+        raise ModelLoadError(f"unknown timm architecture {arch!r}{hint}")
     if weights is None:
-        raise CLIError(
-            f"timm:{arch} needs --weights FILE: its pretrained weights would need a download, "
-            "and captum-ext never downloads; pass a local .safetensors (or .pt/.pth/.bin) file"
+        raise ModelLoadError(
+            f"timm:{arch} needs a weights file (captum-ext: --weights FILE): its pretrained "
+            "weights would need a download, and captum_ext never downloads; pass a local "
+            ".safetensors (or .pt/.pth/.bin) file"
         )
     state = load_weights_file(weights)
     # timm drops the classifier when the model's num_classes differs from the pretrained
@@ -224,13 +333,13 @@ def _load_timm(arch: str, weights: Path | None, kwargs: dict[str, Any]) -> Loade
     try:
         model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except (RuntimeError, TypeError, ValueError, KeyError, AssertionError) as err:
-        raise CLIError(
-            f"timm:{arch}: could not build the model with --weights {weights}"
-            f"{' and --model-kwargs' if kwargs else ''} ({first_line(err)})"
+        raise ModelLoadError(
+            f"timm:{arch}: could not build the model with weights {weights}"
+            f"{' and model_kwargs ' + str(kwargs) if kwargs else ''} ({_first_line(err)})"
         ) from err
     config = resolve_data_config({}, model=model)
     # The pretrained config keeps the architecture's default size (224) when img_size was
-    # changed through --model-kwargs; the patch embedding knows the size the model takes.
+    # changed through model_kwargs; the patch embedding knows the size the model takes.
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if img_size is not None and tuple(config["input_size"][1:]) != tuple(img_size):
         config["input_size"] = (config["input_size"][0], *img_size)
@@ -272,10 +381,10 @@ def _jsonable(config: dict[str, Any]) -> dict[str, Any]:
 
 def _load_hf(folder: Path, weights: Path | None) -> LoadedModel:
     spec = f"hf:{folder}"
-    if not folder.is_dir():
-        raise CLIError(f"{spec}: no such folder")
     if not (folder / "config.json").is_file():
-        raise CLIError(f"{spec}: no config.json in the folder; save the model with save_pretrained")
+        raise ModelLoadError(
+            f"{spec}: no config.json in the folder; save the model with save_pretrained"
+        )
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
@@ -291,8 +400,8 @@ def _load_hf(folder: Path, weights: Path | None) -> LoadedModel:
         modality = "text"
         from transformers import AutoModelForSequenceClassification as auto
     else:
-        raise CLIError(
-            f"{spec}: holds {', '.join(archs) or config.model_type}; explain needs an image "
+        raise ModelLoadError(
+            f"{spec}: holds {', '.join(archs) or config.model_type}; captum_ext needs an image "
             "classifier (e.g. ViTForImageClassification) or a text classifier "
             "(e.g. BertForSequenceClassification)"
         )
@@ -300,7 +409,7 @@ def _load_hf(folder: Path, weights: Path | None) -> LoadedModel:
         with _quiet_transformers():
             model = auto.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, RuntimeError) as err:
-        raise CLIError(f"{spec}: could not load the model ({first_line(err)})") from err
+        raise ModelLoadError(f"{spec}: could not load the model ({_first_line(err)})") from err
     if weights is not None:
         _apply_weights(model, weights, spec)
     names = [str(model.config.id2label.get(i, f"class {i}")) for i in range(model.num_labels)]
@@ -370,9 +479,9 @@ def _hf_tokenizer(loaded: LoadedModel, folder: Path, config: Any) -> None:
     try:
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except Exception as err:
-        raise CLIError(
+        raise ModelLoadError(
             f"{loaded.spec}: no usable tokenizer in the folder (save one there with "
-            f"tokenizer.save_pretrained): {first_line(err)}"
+            f"tokenizer.save_pretrained): {_first_line(err)}"
         ) from err
     max_len = int(getattr(config, "max_position_embeddings", 512))
 
@@ -390,39 +499,9 @@ def _hf_tokenizer(loaded: LoadedModel, folder: Path, config: Any) -> None:
 # --- zoo ----------------------------------------------------------------------------------
 
 
-def zoo_module():
-    """``captum_ext.zoo``, or :class:`CLIError` when this installation has no zoo."""
-    try:
-        from captum_ext import zoo
-    except ImportError as err:
-        raise CLIError(
-            f"the model zoo (captum_ext.zoo) is not available in this installation ({err})"
-        ) from err
-    return zoo
+def _load_zoo(name: str, weights: Path | None, device: str | torch.device) -> LoadedModel:
+    from captum_ext import zoo
 
-
-def check_zoo_name(name: str) -> None:
-    """Raises :class:`CLIError` naming the available models when ``name`` is not one."""
-    available = list(zoo_module().available())
-    if name not in available:
-        shown = ", ".join(available) or "none (this installation has no zoo weights)"
-        raise CLIError(f"unknown zoo model {name!r}; available: {shown}")
-
-
-def zoo_class_names(name: str) -> list[str]:
-    """Class names of zoo model ``name`` (its record's ``classes``)."""
-    info = zoo_module().info(name)
-    return [str(c) for c in info["classes"]]
-
-
-def zoo_multi_label(name: str) -> bool:
-    """Whether zoo model ``name`` scores classes with independent sigmoids."""
-    return zoo_module().info(name).get("task") == "multilabel"
-
-
-def _load_zoo(name: str, weights: Path | None, device: str) -> LoadedModel:
-    check_zoo_name(name)
-    zoo = zoo_module()
     spec = f"zoo:{name}"
     model = zoo.load(name, device=device)
     if weights is not None:
@@ -432,8 +511,8 @@ def _load_zoo(name: str, weights: Path | None, device: str) -> LoadedModel:
         model=model,
         spec=spec,
         modality="text" if info.get("modality") == "text" else "image",
-        class_names=zoo_class_names(name),
-        multi_label=zoo_multi_label(name),
+        class_names=[str(c) for c in info["classes"]],
+        multi_label=info.get("task") == "multilabel",
         preprocessing={},
     )
     kwargs = zoo.data_kwargs(name)

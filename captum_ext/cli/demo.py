@@ -1,8 +1,10 @@
-"""``captum-ext demo`` and ``captum-ext evaluate``: the shipped zoo models on held-out data.
+"""``captum-ext demo``: every method on the shipped zoo models and held-out data.
 
 The demo draws benchmark images and texts from :data:`DEMO_SEED`, a seed the zoo's
 training never used, picks as many two-object images as one-object ones, and
-explains every present class with every registered method.
+explains every present class with every registered method. :func:`image_grid` (one
+model's figure) and :func:`text_outputs` (the text model's) are public, for scripts such as
+``tutorials/make_readme_figure.py``.
 """
 
 from __future__ import annotations
@@ -10,30 +12,34 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from captum_ext._cli_common import (
+from captum_ext._scores import progress
+from captum_ext.cli._common import (
     CLIError,
+    TextRow,
+    add_device,
     check_out_dir,
+    count,
     resolve_device,
+    run_metrics,
     staged_output,
+    text_figure,
     write_json,
 )
-from captum_ext._cli_models import check_zoo_name, zoo_class_names, zoo_module, zoo_multi_label
 
 __all__ = [
     "DEMO_SEED",
     "IMAGE_MODELS",
     "TEXT_METHODS",
     "TEXT_MODEL",
+    "add_parser",
     "image_grid",
-    "run_demo",
-    "run_evaluate",
-    "run_metrics",
+    "pick_images",
+    "run",
     "text_outputs",
 ]
 
@@ -46,11 +52,44 @@ IMAGE_MODELS: tuple[str, ...] = ("shapes-vit", "shapes-vit-plain", "shapes-vit-f
 TEXT_MODEL = "text-bert"
 TEXT_METHODS: tuple[str, ...] = ("cdam", "tam", "relevance")
 
+EPILOG = """\
+examples:
+  captum-ext demo                          # CPU, offline, writes ./captum-ext-demo/
+  captum-ext demo --out /tmp/demo --n 6    # six held-out images per model
+  captum-ext demo --device cuda
 
-def _progress(iterable: Any, desc: str, show: bool, **kwargs: Any) -> Any:
-    from tqdm.auto import tqdm
+writes explanations.png (shapes-vit: rows = image x present class, columns = input,
+ground-truth mask, every method), the same for shapes-vit-plain and shapes-vit-free
+(explanations-NAME.png), text.html and text.png (text-bert), metrics.md and metrics.json
+(captum_ext.evaluation).
+"""
 
-    return tqdm(iterable, desc=desc, disable=not show, leave=False, **kwargs)
+
+def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Adds the ``demo`` subcommand to ``sub``."""
+    p = sub.add_parser(
+        "demo",
+        help="explain the shipped zoo models on held-out benchmark data (offline, CPU, < 2 min)",
+        description="Run every method on the shipped zoo models and held-out benchmark "
+        "images and texts; write figures and a metrics table.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", default="captum-ext-demo", help="output folder (default: %(default)s)")
+    add_device(p)
+    p.add_argument(
+        "--n",
+        type=count(1),
+        default=4,
+        help="held-out images (and texts) per model (default: %(default)s)",
+    )
+    p.add_argument(
+        "--eval-n",
+        type=count(1),
+        default=32,
+        help="images (texts) per model for the metrics table (default: %(default)s)",
+    )
+    return p
 
 
 def pick_images(labels: torch.Tensor, n: int) -> list[int]:
@@ -67,38 +106,55 @@ def pick_images(labels: torch.Tensor, n: int) -> list[int]:
     return sorted(multi[:k] + single[: n - k])
 
 
-def image_grid(name: str, n: int, device: str, show_progress: bool = False):
+def image_grid(name: str, n: int, device: str = "cpu", show_progress: bool = False):
     """The explanation grid of zoo image model ``name`` on ``n`` held-out images.
 
-    Rows are (image, present class) pairs; columns the input, the class's ground-truth
-    mask and every registered method that supports the model (signed methods in a
-    diverging colormap centred at 0).
+    The images come from :func:`captum_ext.data.shapes` with seed :data:`DEMO_SEED` (never
+    used in training), half of them (rounded up) with two objects. Rows are (image,
+    present class) pairs; columns the input, the class's ground-truth mask and every
+    registered method that supports the model, each explaining the row's class (signed
+    methods in a diverging colormap centred at 0: red for the class, blue against).
+
+    Args:
+        name: A zoo image model (e.g. ``"shapes-vit"``, see :data:`IMAGE_MODELS`).
+        n: Number of images; the figure has one row per present class (``n`` to ``2n``).
+        device: Where to run the model.
+        show_progress: A tqdm bar over the methods, on stderr.
 
     Returns:
-        ``(figure, summary)``; the summary names the images, rows and methods.
+        ``(figure, summary)``: a ``matplotlib.figure.Figure`` and a dict naming the model,
+        the seed, the image indices, the rows (``{"image": i, "class": name}``), the
+        methods drawn and those skipped (the model is not of a family they support).
+
+    Raises:
+        ModelLoadError: ``name`` is not a zoo model.
+
+    Example::
+
+        fig, summary = image_grid("shapes-vit", 4)
+        fig.savefig("explanations.png", dpi=110)
     """
     from captum_ext.data import shapes
     from captum_ext.errors import UnsupportedModelError
+    from captum_ext.models import load
     from captum_ext.registry import METHODS, make_method
     from captum_ext.viz import figure_grid
+    from captum_ext.zoo import data_kwargs
 
-    zoo = zoo_module()
-    model = zoo.load(name, device=device).eval()
-    names = zoo_class_names(name)
-    batch = shapes(4 * n + 16, DEMO_SEED, **zoo.data_kwargs(name))
+    loaded = load(f"zoo:{name}", device=device)
+    model, names = loaded.model, loaded.class_names
+    batch = shapes(4 * n + 16, DEMO_SEED, **data_kwargs(name))
     idx = pick_images(batch.labels, n)
     rows = [(i, k) for i in idx for k in batch.labels[i].nonzero().flatten().tolist()]
     img_idx = torch.tensor([i for i, _ in rows], dtype=torch.long)
     cls_idx = torch.tensor([k for _, k in rows], dtype=torch.long)
     x = batch.images[img_idx].to(device)
     masks = batch.masks[img_idx, cls_idx].float()
-    with torch.no_grad():
-        logits = model(x).float()
-    probs = (logits.sigmoid() if zoo_multi_label(name) else logits.softmax(-1)).cpu()
+    probs = loaded.probabilities(loaded.logits(x)).cpu()
     maps: dict[str, torch.Tensor] = {}
     signed: dict[str, bool] = {}
     skipped: list[str] = []
-    for method in _progress(list(METHODS), f"{name}: methods", show_progress):
+    for method in progress(list(METHODS), show_progress, f"{name}: methods", leave=False):
         spec = METHODS[method]
         try:
             explainer = make_method(method, model)
@@ -133,26 +189,28 @@ def text_outputs(n: int, device: str, show_progress: bool = False):
     Each text is explained for its true class; the planted rationale is outlined in
     the figure.
 
+    Args:
+        n: Number of texts (seed :data:`DEMO_SEED`).
+        device: Where to run the model.
+        show_progress: A tqdm bar over the methods, on stderr.
+
     Returns:
         ``(html, figure, summary)``: Captum ``visualize_text`` HTML, the token-box
         figure and a summary.
     """
-    from captum_ext._cli_render import TextRow, text_figure
     from captum_ext.data import text_rationales
+    from captum_ext.models import load
     from captum_ext.registry import METHODS, make_method
     from captum_ext.viz import html_text, text_record
+    from captum_ext.zoo import data_kwargs
 
-    zoo = zoo_module()
-    model = zoo.load(TEXT_MODEL, device=device).eval()
-    names = zoo_class_names(TEXT_MODEL)
-    batch = text_rationales(n, DEMO_SEED, **zoo.data_kwargs(TEXT_MODEL))
+    loaded = load(f"zoo:{TEXT_MODEL}", device=device)
+    model, names = loaded.model, loaded.class_names
+    batch = text_rationales(n, DEMO_SEED, **data_kwargs(TEXT_MODEL))
     ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
-    from captum_ext.adapters import model_output_to_tensor
-
-    with torch.no_grad():
-        probs = model_output_to_tensor(model(ids, mask)).float().softmax(-1).cpu()
+    probs = loaded.probabilities(loaded.logits(ids, mask)).cpu()
     scores = {}
-    for m in _progress(TEXT_METHODS, f"{TEXT_MODEL}: methods", show_progress):
+    for m in progress(TEXT_METHODS, show_progress, f"{TEXT_MODEL}: methods", leave=False):
         explainer = make_method(m, model)
         scores[m] = (
             explainer.attribute(
@@ -198,35 +256,13 @@ def text_outputs(n: int, device: str, show_progress: bool = False):
     return html_text(records), fig, summary
 
 
-def run_metrics(
-    models: Sequence[str],
-    methods: Sequence[str] | None,
-    n: int,
-    seed: int | None,
-    bootstrap: int,
-    device: str,
-    show_progress: bool = False,
-) -> tuple[str, dict[str, Any]]:
-    """``captum_ext.evaluation.evaluate`` on zoo models (with its baselines).
-
-    Returns:
-        ``(markdown, data)``: the result's tables (one per model) and its JSON dict.
-    """
-    from captum_ext.evaluation import evaluate
-
-    kwargs: dict[str, Any] = {"n": n, "bootstrap": bootstrap, "device": device}
-    if seed is not None:
-        kwargs["seed"] = seed
-    result = evaluate(list(models), methods, show_progress=show_progress, **kwargs)
-    return result.to_markdown(), result.to_dict()
-
-
-def run_demo(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
     """Runs ``captum-ext demo``."""
+    from captum_ext import zoo
+
     device = resolve_device(args.device)
     out = Path(args.out)
     check_out_dir(out)
-    zoo = zoo_module()
     available = list(zoo.available())
     image_models = [m for m in IMAGE_MODELS if m in available]
     if not image_models:
@@ -239,7 +275,7 @@ def run_demo(args: argparse.Namespace) -> int:
     with staged_output(out) as tmp:
         written: list[tuple[str, str]] = []
         summary: dict[str, Any] = {"device": device, "seed": DEMO_SEED, "grids": []}
-        for j, name in enumerate(_progress(image_models, "image models", show)):
+        for j, name in enumerate(progress(image_models, show, "image models", leave=False)):
             fig, info = image_grid(name, args.n, device, show)
             file = "explanations.png" if j == 0 else f"explanations-{name}.png"
             fig.savefig(tmp / file, dpi=110)
@@ -268,24 +304,4 @@ def run_demo(args: argparse.Namespace) -> int:
     print(f"captum-ext demo: wrote {out}/ in {time.perf_counter() - start:.0f} s")
     for file, what in written:
         print(f"  {out / file}  ({what})")
-    return 0
-
-
-def run_evaluate(args: argparse.Namespace) -> int:
-    """Runs ``captum-ext evaluate``."""
-    from captum_ext._cli_explain import check_methods
-
-    device = resolve_device(args.device)
-    out = Path(args.out)
-    check_out_dir(out)
-    models = list(args.models or zoo_module().available())
-    for name in models:
-        check_zoo_name(name)
-    methods = check_methods(args.methods) if args.methods else None
-    md, data = run_metrics(models, methods, args.n, args.seed, args.bootstrap, device, True)
-    with staged_output(out) as tmp:
-        (tmp / "metrics.md").write_text(md)
-        write_json(tmp / "metrics.json", {"n": args.n, "seed": args.seed, **data})
-    print(md)
-    print(f"wrote {out / 'metrics.md'} and {out / 'metrics.json'}")
     return 0

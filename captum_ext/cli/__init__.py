@@ -1,0 +1,75 @@
+"""The ``captum-ext`` command: ``demo``, ``explain`` and ``evaluate``.
+
+One module per subcommand (:mod:`~captum_ext.cli.demo`, :mod:`~captum_ext.cli.explain`,
+:mod:`~captum_ext.cli.evaluate`), each with ``add_parser(subparsers)`` and ``run(args)``;
+what they share lives in :mod:`captum_ext.cli._common`. Models come from the library
+function :func:`captum_ext.models.load`.
+
+Mistakes in what was asked for (unknown model, method or file, CUDA that is not
+there, an output folder that cannot be written) print one line on stderr and exit with
+status 2, and leave no output behind: files are written to a temporary folder that is
+moved into place at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from captum_ext import __version__
+
+__all__ = ["build_parser", "main"]
+
+PROG = "captum-ext"
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose usage errors are one line on stderr (exit status 2)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``captum-ext`` argument parser with its three subcommands."""
+    from captum_ext.cli import demo, evaluate, explain
+
+    parser = _Parser(
+        prog=PROG,
+        description="Class-discriminative explanations of transformers for Captum: "
+        "CDAM, TAM, relevance propagation, attention rollout, attention map.",
+        epilog="run `captum-ext COMMAND --help` for the options and examples of each command",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    for command in (demo, explain, evaluate):
+        command.add_parser(sub).set_defaults(run=command.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; returns the exit status (0 ok, 2 for a mistake in the request).
+
+    Args:
+        argv: Arguments without the program name (default: ``sys.argv[1:]``).
+    """
+    from captum_ext.cli._common import CLIError, first_line
+    from captum_ext.models import ModelLoadError
+
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, --version and usage errors
+        return int(stop.code or 0) if not isinstance(stop.code, str) else 2
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.run(args)
+    except (CLIError, ModelLoadError) as err:
+        print(f"{PROG} {args.command}: error: {first_line(err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,320 @@
+"""What the ``captum-ext`` subcommands share: user errors, options, devices, the output
+folder, JSON, method names, the metrics run and the figures only the command draws.
+
+Every subcommand checks what it can before it writes anything, computes, and only then
+writes its files into a temporary folder beside the output folder, which is moved into
+place at the end (:func:`staged_output`): an error leaves no half-written output behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+__all__ = [
+    "OVERLAY_DPI",
+    "OVERLAY_INCHES",
+    "CLIError",
+    "TextRow",
+    "add_device",
+    "check_methods",
+    "check_out_dir",
+    "count",
+    "first_line",
+    "resolve_device",
+    "run_metrics",
+    "save_overlay",
+    "staged_output",
+    "text_figure",
+    "write_json",
+]
+
+
+class CLIError(Exception):
+    """A mistake in what the user asked for; the command prints one line and exits with 2."""
+
+
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of an exception's message (or its type name)."""
+    for line in str(err).splitlines():
+        if line.strip():
+            return line.strip()
+    return type(err).__name__
+
+
+def count(low: int):
+    """An argparse ``type`` for integers ``>= low`` (a bad value is a one-line usage error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def add_device(p: argparse.ArgumentParser) -> None:
+    """Adds ``--device``."""
+    p.add_argument(
+        "--device",
+        default="cpu",
+        metavar="cpu|cuda",
+        help="where to run (default: cpu; cuda or cuda:N if available)",
+    )
+
+
+def resolve_device(name: str) -> str:
+    """Checks a ``--device`` value (``cpu``, ``cuda`` or ``cuda:N``) against the machine.
+
+    Raises:
+        CLIError: The value is malformed, or CUDA was asked for and is not available.
+    """
+    if name == "cpu":
+        return name
+    if not re.fullmatch(r"cuda(:\d+)?", name):
+        raise CLIError(f"unknown device {name!r}; use cpu, cuda or cuda:N")
+    import torch
+
+    if not torch.cuda.is_available():
+        raise CLIError(
+            f"--device {name} was requested but CUDA is not available on this machine "
+            f"(torch {torch.__version__}); use --device cpu"
+        )
+    index = int(name.split(":")[1]) if ":" in name else 0
+    if index >= torch.cuda.device_count():
+        raise CLIError(
+            f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    return name
+
+
+def check_out_dir(out: Path) -> None:
+    """Raises :class:`CLIError` when ``out`` exists and is not a folder."""
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out}: exists and is not a folder")
+
+
+@contextlib.contextmanager
+def staged_output(out: Path) -> Iterator[Path]:
+    """A temporary folder to write into; moved to ``out`` when the block succeeds.
+
+    The temporary folder sits beside ``out`` when its parent exists (so the move is a
+    rename). If ``out`` already exists, the new files replace files of the same name in
+    it and other files are kept. If the block raises, the temporary folder is removed
+    and ``out`` is neither created nor changed.
+    """
+    check_out_dir(out)
+    parent = out.absolute().parent
+    tmp = Path(tempfile.mkdtemp(prefix=".captum-ext-", dir=parent if parent.is_dir() else None))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); the result is a normal folder
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        if not out.exists():
+            parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(str(tmp), str(out))
+            return
+        for item in sorted(tmp.rglob("*")):
+            if item.is_file():
+                dest = out / item.relative_to(tmp)
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(item, dest)  # a rename on one file system; replaces dest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Writes ``data`` as indented JSON with a trailing newline."""
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def check_methods(names: Sequence[str]) -> list[str]:
+    """Checks method names against the registry (case-insensitive, ``-`` as ``_``).
+
+    Raises:
+        CLIError: A name is not registered (the message lists the methods).
+    """
+    from captum_ext.registry import METHODS
+
+    out = []
+    for name in names:
+        key = name.lower().replace("-", "_")
+        if key not in METHODS:
+            raise CLIError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
+        out.append(key)
+    return list(dict.fromkeys(out))
+
+
+def run_metrics(
+    models: Sequence[str],
+    methods: Sequence[str] | None,
+    n: int,
+    seed: int | None,
+    bootstrap: int,
+    device: str,
+    show_progress: bool = False,
+) -> tuple[str, dict[str, Any]]:
+    """``captum_ext.evaluation.evaluate`` on zoo models (with its baselines).
+
+    Returns:
+        ``(markdown, data)``: the result's tables (one per model) and its JSON dict.
+    """
+    from captum_ext.evaluation import evaluate
+
+    kwargs: dict[str, Any] = {"n": n, "bootstrap": bootstrap, "device": device}
+    if seed is not None:
+        kwargs["seed"] = seed
+    result = evaluate(list(models), methods, show_progress=show_progress, **kwargs)
+    return result.to_markdown(), result.to_dict()
+
+
+# --- figures ---------------------------------------------------------------------------------
+
+OVERLAY_INCHES = 5
+OVERLAY_DPI = 80  # overlays are OVERLAY_INCHES * OVERLAY_DPI = 400 pixels square
+
+
+def save_overlay(
+    path: Path, attr: torch.Tensor, image: torch.Tensor, signed: bool, title: str
+) -> None:
+    """Saves Captum's ``blended_heat_map`` of one map over its image as a PNG.
+
+    Args:
+        path: Output file.
+        attr: The map ``(1, H, W)`` (or ``(1, 1, H, W)``).
+        image: The input as shown to a person, ``(3, H, W)`` in [0, 1].
+        signed: Draw both signs (Captum ``sign="all"``, ``bwr`` centred at 0: red for the
+            class, blue against); otherwise ``sign="positive"`` (Captum's greens).
+        title: Figure title.
+    """
+    from captum.attr import visualization
+
+    from captum_ext.viz import image_to_hwc, to_hwc
+
+    fig, _ = visualization.visualize_image_attr(
+        to_hwc(attr if attr.dim() == 4 else attr[None]),
+        image_to_hwc(image[None]),
+        method="blended_heat_map",
+        sign="all" if signed else "positive",
+        cmap="bwr" if signed else None,  # as the demo grids: red for, blue against
+        show_colorbar=True,
+        title=title,
+        fig_size=(OVERLAY_INCHES, OVERLAY_INCHES),
+        use_pyplot=False,
+    )
+    fig.savefig(path, dpi=OVERLAY_DPI)
+
+
+@dataclass
+class TextRow:
+    """One row of :func:`text_figure`.
+
+    Attributes:
+        label: Text at the left of the row.
+        tokens: The tokens, in order.
+        scores: One score per token ``(T,)``.
+        signed: Diverging colours centred at 0 (else white to red from 0 to the maximum).
+        marked: Tokens to outline (e.g. a planted rationale), one bool per token.
+    """
+
+    label: str
+    tokens: Sequence[str]
+    scores: torch.Tensor
+    signed: bool
+    marked: Sequence[bool] | None = None
+
+
+_CHAR_IN = 0.075  # width of one character of 9 pt monospace, in inches
+_LINE_IN = 0.32
+_WRAP = 90  # characters of tokens per line
+
+
+def text_figure(rows: Sequence[TextRow], title: str | None = None, note: str | None = None):
+    """Tokens drawn as coloured boxes, one row (wrapped if long) per map.
+
+    Each row is scaled by its own maximum absolute score; signed rows use ``bwr``
+    centred at 0, unsigned rows ``Reds`` from 0.
+
+    Returns:
+        The ``matplotlib.figure.Figure``.
+    """
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    label_w = max((len(r.label) for r in rows), default=0) + 2
+    lines: list[tuple[str, list[tuple[float, str, tuple, bool]]]] = []
+    for row in rows:
+        s = row.scores.detach().double().cpu().numpy()
+        lim = float(np.abs(s).max()) or 1.0
+        cmap = colormaps["bwr" if row.signed else "Reds"]
+        marked = list(row.marked) if row.marked is not None else [False] * len(row.tokens)
+        x, cells, label = 0.0, [], row.label
+        for tok, v, m in zip(row.tokens, s, marked):
+            width = len(tok) + 1.5
+            if x + width > _WRAP and cells:
+                lines.append((label, cells))
+                x, cells, label = 0.0, [], ""
+            value = (v / lim + 1) / 2 if row.signed else max(v, 0.0) / lim
+            cells.append((x, tok, cmap(float(value)), m))
+            x += width
+        lines.append((label, cells))
+    width_chars = max(
+        label_w + max((c[-1][0] + len(c[-1][1]) + 1.5 for _, c in lines if c), default=10),
+        len(title or "") * 1.1,  # bold proportional text, a little wider than monospace
+        len(note or "") * 0.75,  # 7 pt proportional text
+    )
+    extra = (1 if title else 0) + (1 if note else 0)
+    fig = Figure(figsize=(width_chars * _CHAR_IN + 0.3, (len(lines) + extra) * _LINE_IN + 0.2))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_xlim(-0.5, width_chars + 0.5)
+    ax.set_ylim(len(lines) + extra - 0.2, -0.8)
+    ax.axis("off")
+    y0 = 0
+    if title:
+        ax.text(0, 0, title, fontsize=9, fontweight="bold", va="center")
+        y0 = 1
+    for i, (label, cells) in enumerate(lines):
+        y = y0 + i
+        ax.text(0, y, label, fontsize=8, va="center", family="monospace")
+        for x, tok, colour, m in cells:
+            luminance = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
+            ax.text(
+                label_w + x,
+                y,
+                tok,
+                fontsize=9,
+                va="center",
+                family="monospace",
+                color="white" if luminance < 0.45 else "black",
+                bbox=dict(
+                    boxstyle="round,pad=0.2",
+                    fc=colour,
+                    ec="black" if m else "none",
+                    lw=1.2 if m else 0,
+                ),
+            )
+    if note:
+        ax.text(0, y0 + len(lines), note, fontsize=7, va="center", color="0.3")
+    return fig
