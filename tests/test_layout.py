@@ -1,0 +1,81 @@
+"""The package's rooms import only downwards, and hooks are registered only by the hook engine.
+
+Floors, bottom to top (DESIGN.md §1): a module may import from its own room and from rooms
+on lower floors, never from a room above. The top-level ``captum_ext/__init__`` (the public
+API, which imports the methods) counts as the floor below ``evaluation``.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "captum_ext"
+
+FLOORS: list[set[str]] = [
+    {"errors", "_scores"},
+    {"adapters", "checkpoint", "data", "metrics", "viz"},
+    {"capture", "zoo"},
+    {"attr", "explainers"},
+    {"registry", ""},  # "" = the package's __init__ (public API)
+    {"evaluation", "models"},
+    {"cli"},
+]
+FLOOR = {room: i for i, rooms in enumerate(FLOORS) for room in rooms}
+SUBMODULES = {p.stem if p.is_file() else p.name for p in PACKAGE.iterdir()} - {"__init__"}
+
+
+def _room(path: Path) -> str:
+    rel = path.relative_to(PACKAGE)
+    if rel.parts == ("__init__.py",):
+        return ""
+    return rel.parts[0].removesuffix(".py")
+
+
+def _imported_rooms(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    rooms: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            parts = node.module.split(".")
+            if parts[0] != "captum_ext":
+                continue
+            if len(parts) > 1:
+                rooms.add(parts[1])
+            else:  # from captum_ext import x: a room when x is a submodule, else the API
+                rooms.update(a.name if a.name in SUBMODULES else "" for a in node.names)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                parts = alias.name.split(".")
+                if parts[0] == "captum_ext":
+                    rooms.add(parts[1] if len(parts) > 1 else "")
+    return rooms
+
+
+SOURCES = sorted(PACKAGE.rglob("*.py"))
+
+
+def test_every_room_has_a_floor():
+    rooms = {_room(p) for p in SOURCES}
+    assert rooms <= set(FLOOR), f"rooms without a floor in this test: {rooms - set(FLOOR)}"
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=[str(p.relative_to(PACKAGE)) for p in SOURCES])
+def test_imports_point_down(path):
+    room = _room(path)
+    up = {r for r in _imported_rooms(path) if r != room and r in FLOOR and FLOOR[r] > FLOOR[room]}
+    assert not up, f"{path.relative_to(PACKAGE)} ({room or 'API'}) imports from above: {up}"
+
+
+def test_hooks_are_registered_only_by_the_hook_engine():
+    offenders = []
+    for path in SOURCES:
+        if path.name == "capture.py":
+            continue
+        text = path.read_text()
+        for call in ("register_forward_hook", "register_forward_pre_hook", ".register_hook("):
+            if call in text:
+                offenders.append(f"{path.relative_to(PACKAGE)}: {call}")
+    assert not offenders, offenders
