@@ -25,11 +25,13 @@ from captum_ext.errors import (
     ReentrantCallError,
     UnsupportedModelError,
 )
+from captum_ext.explainers import MHEX
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CDAM",
+    "MHEX",
     "TAM",
     "AttentionMap",
     "AttentionRollout",

@@ -21,6 +21,15 @@ Entries (``benchmarks/train_zoo.py`` documents recipes, accuracies and run times
 * ``"text-bert"``: a 2-layer, width-64 HuggingFace ``BertForSequenceClassification`` on
   :func:`captum_ext.data.text_rationales` (binary).
 
+Trained explainers built on these models are entries too, listed by :func:`explainers` (not
+by :func:`available`, which lists models only): their record names the explainer
+(``"explainer": "mhex"``) beside the backbone's architecture, and :func:`load` returns the
+explainer object, rebuilt by the loader its module registers with :func:`register_explainer`
+(``benchmarks/train_mhex.py`` documents them):
+
+* ``"shapes-cnn-mhex"``, ``"shapes-vit-mhex"``, ``"text-bert-mhex"``: :class:`~captum_ext.MHEX`
+  around shapes-cnn, shapes-vit and text-bert, trained with the model.
+
 Every read verifies the entry (:mod:`captum_ext.checkpoint`): the sha256 and size of the
 weights file, the JSON record against the copy stored inside the weights file (class names,
 architecture, data settings, recipe), and the tensor names and shapes the record lists. A
@@ -43,7 +52,9 @@ Example::
 from __future__ import annotations
 
 import copy
+import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +65,15 @@ from captum_ext.checkpoint import load_checkpoint, verify_checkpoint
 from captum_ext.errors import CheckpointError
 from captum_ext.zoo._build import WEIGHTS_DIR, build_model, record_names
 
-__all__ = ["available", "check_name", "data_kwargs", "info", "load"]
+__all__ = [
+    "available",
+    "check_name",
+    "data_kwargs",
+    "explainers",
+    "info",
+    "load",
+    "register_explainer",
+]
 
 REQUIRED_KEYS = (
     "name",
@@ -72,21 +91,63 @@ REQUIRED_KEYS = (
 """Dotted keys every zoo record must hold."""
 
 Directory = str | os.PathLike[str] | None
+ExplainerLoader = Callable[[dict[str, torch.Tensor], dict[str, Any], nn.Module], Any]
+"""``loader(tensors, record, backbone) -> explainer``: rebuilds a trained explainer entry."""
+
+_EXPLAINER_LOADERS: dict[str, ExplainerLoader] = {}
+
+
+def register_explainer(method: str, loader: ExplainerLoader) -> None:
+    """Lets :func:`load` rebuild entries whose record says ``"explainer": method``.
+
+    Called by the explainer's own module on import (the zoo sits below the explainers and
+    never imports them).
+
+    Args:
+        method: The value of the records' ``"explainer"`` key, e.g. ``"mhex"``.
+        loader: ``loader(tensors, record, backbone)``: the verified tensors and record of the
+            entry and the backbone rebuilt from the record's architecture (float32, untrained).
+    """
+    _EXPLAINER_LOADERS[method] = loader
 
 
 def _folder(directory: Directory) -> Path:
     return WEIGHTS_DIR if directory is None else Path(directory)
 
 
+def _explainer_of(folder: Path, name: str) -> str | None:
+    """The record's ``"explainer"`` value (unverified: for listing only), or ``None``."""
+    try:
+        record = json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    value = record.get("explainer") if isinstance(record, dict) else None
+    return value if isinstance(value, str) else None
+
+
 def available(directory: Directory = None) -> list[str]:
-    """Names of the shipped models, sorted.
+    """Names of the shipped models, sorted (trained explainers: :func:`explainers`).
 
     Args:
         directory: Folder of ``<name>.safetensors`` + ``<name>.json`` pairs; default the
             shipped ``captum_ext/zoo/weights``. Listing does not verify the files (reading
             them does).
     """
-    return record_names(_folder(directory))
+    folder = _folder(directory)
+    return [n for n in record_names(folder) if _explainer_of(folder, n) is None]
+
+
+def explainers(directory: Directory = None) -> list[str]:
+    """Names of the shipped trained explainers (e.g. ``"shapes-cnn-mhex"``), sorted.
+
+    :func:`load` returns them as explainer objects (an :class:`~captum_ext.MHEX`), whose
+    ``network`` is the model they were trained into.
+
+    Args:
+        directory: Folder of the entries (default: the shipped ones). Not verified here.
+    """
+    folder = _folder(directory)
+    return [n for n in record_names(folder) if _explainer_of(folder, n) is not None]
 
 
 def check_name(name: str, directory: Directory = None) -> None:
@@ -101,14 +162,14 @@ def check_name(name: str, directory: Directory = None) -> None:
         CheckpointError: If one file of the pair ``<name>.safetensors`` + ``<name>.json`` is
             there and the other is missing (a ``ValueError`` too).
     """
-    if name in available(directory):
-        return
     folder = _folder(directory)
+    if name in record_names(folder):
+        return
     pair = (folder / f"{name}.safetensors", folder / f"{name}.json")
     if any(p.is_file() for p in pair):
         missing = next(p for p in pair if not p.is_file())
         raise CheckpointError(missing, f"zoo model {name!r}: file missing", _remedy(name))
-    shown = ", ".join(repr(n) for n in available(directory)) or f"none (no weights in {folder})"
+    shown = ", ".join(repr(n) for n in record_names(folder)) or f"none (no weights in {folder})"
     raise ValueError(
         f"unknown zoo model {name!r}; available: {shown}. "
         "Train missing entries with 'python benchmarks/train_zoo.py --only NAME'."
@@ -178,10 +239,8 @@ def data_kwargs(name: str, *, directory: Directory = None) -> dict[str, Any]:
     return copy.deepcopy(info(name, directory=directory)["data"]["kwargs"])
 
 
-def load(
-    name: str, device: str | torch.device = "cpu", *, directory: Directory = None
-) -> nn.Module:
-    """Rebuild a zoo model and load its shipped weights, after verifying them.
+def load(name: str, device: str | torch.device = "cpu", *, directory: Directory = None) -> Any:
+    """Rebuild a zoo model (or trained explainer) and load its shipped weights, after verifying them.
 
     The entry is read once and checked (:func:`captum_ext.checkpoint.load_checkpoint`: size,
     sha256, record against the weights file's own copy, tensor shapes); then the architecture
@@ -198,7 +257,9 @@ def load(
     Returns:
         The model in eval mode, float32, on ``device``. Image models take ``(B, 3, H, W)``
         images in [0, 1] (no normalisation) and return logits ``(B, K)``; the text model
-        takes ``input_ids`` and ``attention_mask`` ``(B, T)``.
+        takes ``input_ids`` and ``attention_mask`` ``(B, T)``. For a trained explainer
+        (:func:`explainers`), the explainer object, ready to ``attribute``, built around its
+        model (in eval mode, float32, on ``device``).
 
     Raises:
         ValueError: If ``name`` is not a shipped model.
@@ -206,5 +267,15 @@ def load(
     """
     tensors, record = _verified(name, directory, read_tensors=True)
     model = build_model(record)
+    method = record.get("explainer")
+    if method is not None:
+        loader = _EXPLAINER_LOADERS.get(method)
+        if loader is None:
+            raise ValueError(
+                f"zoo entry {name!r} is a trained {method!r} explainer, and no loader is "
+                f"registered for it; import the module that defines it (import captum_ext)."
+            )
+        explainer = loader(tensors, record, model.eval())
+        return explainer.to(device)
     model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
     return model.to(device).eval()

@@ -1,0 +1,1146 @@
+"""MHEX: multi-head explainer (Sun & Liò) — this project's reconstruction.
+
+The paper's full text and code are not available to us; what follows is built from what is
+known of the method (attention gates, deep supervision, equivalent matrices; DESIGN §4.6) and
+every choice that the known description leaves open is this project's, documented where it is
+made (class :class:`MHEX`).
+
+MHEX is built into the model: at chosen stages (ResNet stages, ViT blocks, BERT layers) an
+attention gate ``F' = F * sigmoid(g(F))`` re-weights the features, and a linear
+deep-supervision head classifies ``F'``. Both are trained with the model (``fit``: loss
+``L(final) + sum_l lambda_l L(head_l)``). A head has no nonlinearity after the gate, so it
+collapses to one matrix ``W_eq = W_fc W_conv`` ``(K, C)`` and its class activation map
+``W_eq[c] F'`` at every location or token is exactly what the head pools into its logit. The
+saliency of a class integrates these maps over the stages, from the same forward pass that
+gives the logits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from captum.attr import Attribution, LayerAttribution
+from captum.log import log_usage
+from torch import nn
+
+from captum_ext._scores import model_output_to_tensor, normalise_target
+from captum_ext.adapters.base import (
+    ModelAdapter,
+    Point,
+    Readout,
+    TransformerAdapter,
+    adapter_for,
+    unwrap_model,
+)
+from captum_ext.attr._base import check_targets, format_token_map
+from captum_ext.capture import Hook, hooks, model_state, probe_readout
+from captum_ext.checkpoint import CheckpointPaths, load_checkpoint, save_checkpoint
+from captum_ext.errors import CheckpointError
+from captum_ext.explainers._mhex_parts import (
+    GateKind,
+    box_smooth_1d,
+    box_smooth_2d,
+    make_gate,
+    make_head,
+)
+from captum_ext.zoo import register_explainer
+
+__all__ = ["MHEX", "MHEXNetwork", "mhex_step"]
+
+Objective = Literal["ce", "bce"]
+Pooling = Literal["model", "mean"]
+OutputKind = Literal["input", "like_input", "grid", "tokens"]
+_OUTPUTS = ("input", "like_input", "grid", "tokens")
+_METHOD = "MHEX"
+EMBEDDINGS = "embeddings"
+"""Transformer layer name of the token sequence entering the first block."""
+_FORMAT = 1
+_FLOOR = 1e-3
+"""Floor of the normalised stage maps in the geometric fusion (a zero would veto a location)."""
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A gated stage: where its features are read and how they are laid out.
+
+    Attributes:
+        layer: The layer as the user named it (module name, or block index for transformers).
+        point: The module output the gate reads (and, with ``gated_backbone``, replaces).
+        layout: ``"map"`` for ``(B, C, h, w)`` features, ``"tokens"`` for ``(B, N, D)``.
+        channels: ``C`` or ``D``.
+    """
+
+    layer: str | int
+    point: Point = field(repr=False)
+    layout: Literal["map", "tokens"]
+    channels: int
+
+
+@dataclass
+class Pass:
+    """What one forward pass of an :class:`MHEXNetwork` yields.
+
+    Attributes:
+        logits: The model's scores ``(B, K)``.
+        features: The gated features ``F'`` of every stage, ``(B, C, h, w)`` or ``(B, N, D)``.
+        gates: The gate coefficients of every stage, ``(B, 1|C, h, w)`` or ``(B, N, 1|D)``.
+    """
+
+    logits: torch.Tensor
+    features: list[torch.Tensor]
+    gates: list[torch.Tensor]
+
+
+class MHEXNetwork(nn.Module):
+    """The gated network: the user's model with MHEX's gates and heads at its stages.
+
+    ``forward`` returns the model's logits ``(B, K)`` with the gates in effect (HuggingFace
+    outputs are reduced to their ``logits``), so the network trains and predicts like the
+    model; ``forward(..., return_heads=True)`` also returns the heads' logits. The gates act
+    through forward hooks of the hook engine (:func:`captum_ext.capture.hooks`) that exist only
+    during a forward pass, so the model's code is unchanged and no hook outlives a call.
+
+    Attributes:
+        model: The wrapped model (wrappers such as DDP removed), a submodule.
+        gates: One gate per stage (:class:`~captum_ext.explainers._mhex_parts.MapGate` or
+            ``TokenGate``).
+        heads: One deep-supervision head per stage.
+        stages: Where each gate sits.
+        gated_backbone: ``True``: the gated features replace the stage's output in the model;
+            ``False``: the model runs unchanged and the gated features feed the heads only.
+        backbone_trainable: ``False`` keeps the model in eval mode when the network is put in
+            train mode (frozen BatchNorm statistics while only gates and heads learn).
+    """
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        stages: Sequence[Stage],
+        num_classes: int,
+        gated_backbone: bool = True,
+        gate: GateKind = "spatial",
+        gate_bias: float = 3.0,
+        head_channels: Sequence[int | None] | None = None,
+        pooling: Pooling = "mean",
+    ) -> None:
+        super().__init__()
+        self.model = adapter.model
+        self._adapter = adapter
+        self.stages = tuple(stages)
+        self.gated_backbone = gated_backbone
+        self.pooling = pooling
+        self.backbone_trainable = True
+        hidden = list(head_channels) if head_channels is not None else [None] * len(stages)
+        self.gates = nn.ModuleList(make_gate(s.layout, s.channels, gate, gate_bias) for s in stages)
+        self.heads = nn.ModuleList(
+            make_head(s.layout, s.channels, h, num_classes)
+            for s, h in zip(stages, hidden, strict=True)
+        )
+
+    def train(self, mode: bool = True) -> MHEXNetwork:
+        """Sets the mode; the model stays in eval mode while ``backbone_trainable`` is false."""
+        super().train(mode)
+        if mode and not self.backbone_trainable:
+            self.model.train(False)
+        return self
+
+    def run(self, inputs: torch.Tensor, *args: Any, **kwargs: Any) -> Pass:
+        """One forward pass of the gated model; the hooks are removed when it returns or raises."""
+        gate_values: list[torch.Tensor | None] = [None] * len(self.stages)
+
+        def gated(i: int) -> Callable[[torch.Tensor], torch.Tensor]:
+            def transform(t: torch.Tensor) -> torch.Tensor:
+                self._check_layout(i, t)
+                a = self.gates[i](t)
+                gate_values[i] = a
+                return t * a
+
+            return transform
+
+        specs = [
+            Hook(s.point, gated(i) if self.gated_backbone else None)
+            for i, s in enumerate(self.stages)
+        ]
+        with hooks(specs):
+            logits = model_output_to_tensor(self.model(inputs, *args, **kwargs))
+        features = []
+        for i, h in enumerate(specs):
+            t = h.tensor
+            if not self.gated_backbone:
+                self._check_layout(i, t)
+                gate_values[i] = self.gates[i](t)
+                t = t * gate_values[i]
+            features.append(t)
+        return Pass(logits, features, [a for a in gate_values if a is not None])
+
+    def forward(
+        self, inputs: torch.Tensor, *args: Any, return_heads: bool = False, **kwargs: Any
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The model's logits ``(B, K)``; with ``return_heads``, also each head's ``(B, K)``.
+
+        Args:
+            inputs: What the model takes first (images, ``input_ids``).
+            *args: Further positional model arguments (e.g. the attention mask).
+            return_heads: Also return the heads' logits, in stage order.
+            **kwargs: Keyword model arguments (e.g. ``attention_mask=``).
+        """
+        p = self.run(inputs, *args, **kwargs)
+        if not return_heads:
+            return p.logits
+        return p.logits, self.head_logits(p, inputs, args, kwargs)
+
+    def head_logits(
+        self, p: Pass, inputs: torch.Tensor, args: tuple = (), kwargs: Mapping[str, Any] = {}
+    ) -> list[torch.Tensor]:
+        """Each head's logits ``(B, K)`` from the gated features of ``p``."""
+        out = []
+        for s, head, f in zip(self.stages, self.heads, p.features, strict=True):
+            if s.layout == "map":
+                out.append(head(f))
+            else:
+                out.append(head(f, self.pool_weights(f.shape[1], inputs, args, kwargs, f.dtype)))
+        return out
+
+    def pool_weights(
+        self,
+        num_tokens: int,
+        inputs: torch.Tensor,
+        args: tuple = (),
+        kwargs: Mapping[str, Any] = {},
+        dtype: torch.dtype = torch.float32,
+    ) -> torch.Tensor:
+        """Pooling weights of the token heads, ``(N,)`` or ``(B, N)``, rows summing to 1.
+
+        ``pooling="model"``: the model's own readout (CLS row, CLS+DIST mean, or the mean of
+        the non-prefix tokens, attended ones only for text); ``"mean"``: the mean of the
+        non-prefix tokens (attended ones only for text) whatever the model reads.
+        """
+        adapter = self._adapter
+        assert isinstance(adapter, TransformerAdapter)
+        mask = self._attention_mask(inputs, args, kwargs)
+        device = inputs.device
+        if self.pooling == "model":
+            return adapter.readout_weights(num_tokens, device, dtype, mask)
+        w = torch.ones(num_tokens, device=device, dtype=dtype)
+        w[: adapter.num_prefix_tokens] = 0
+        if mask is not None:
+            w = mask.to(dtype) * w
+            return w / w.sum(1, keepdim=True).clamp_min(1)
+        return w / w.sum().clamp_min(1)
+
+    def _attention_mask(
+        self, inputs: torch.Tensor, args: tuple, kwargs: Mapping[str, Any]
+    ) -> torch.Tensor | None:
+        extra = (
+            args if args else ((kwargs["attention_mask"],) if "attention_mask" in kwargs else ())
+        )
+        return self._adapter.attention_mask(inputs, extra) if extra else None
+
+    def _check_layout(self, i: int, t: torch.Tensor) -> None:
+        s = self.stages[i]
+        want = 4 if s.layout == "map" else 3
+        if t.dim() != want or t.shape[1 if want == 4 else 2] != s.channels:
+            shape = "(B, C, h, w)" if want == 4 else "(B, N, D)"
+            raise ValueError(
+                f"MHEX: layer {s.layer!r} gave a tensor of shape {tuple(t.shape)}; its gate "
+                f"expects {shape} with {s.channels} channels. Pass layers whose output is a "
+                "feature map (CNN stage) or the tokens of a block."
+            )
+
+
+# ------------------------------------------------------------------------------------------
+# structure
+
+
+def _width(module: nn.Module) -> int | None:
+    """The channel count a module outputs, read from its last norm, convolution or linear layer."""
+    for m in reversed(list(module.modules())):
+        if isinstance(m, nn.LayerNorm):
+            return int(m.normalized_shape[-1])
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return int(m.num_features)
+        if isinstance(m, nn.GroupNorm):
+            return int(m.num_channels)
+        if isinstance(m, nn.Conv2d):
+            return int(m.out_channels)
+        if isinstance(m, nn.Linear):
+            return int(m.out_features)
+    return None
+
+
+def _num_classes(model: nn.Module) -> int | None:
+    """The model's output count from its structure: ``num_classes``, ``config.num_labels``,
+    else the last linear layer's outputs."""
+    n = getattr(model, "num_classes", None)
+    if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+        return n
+    cfg = getattr(model, "config", None)
+    if cfg is not None and hasattr(model, "classifier") and isinstance(cfg.num_labels, int):
+        return int(cfg.num_labels)
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return int(linears[-1].out_features) if linears else None
+
+
+def _stages(adapter: ModelAdapter, layers: Sequence[str | int]) -> list[Stage]:
+    stages = []
+    transformer = isinstance(adapter, TransformerAdapter)
+    for layer in layers:
+        if transformer and layer == EMBEDDINGS:
+            point, module, layout = adapter.block_input_point(0), adapter.blocks[0], "tokens"
+        elif transformer and isinstance(layer, int) and not isinstance(layer, bool):
+            i = adapter.check_layer_index(layer, _METHOD)
+            block = adapter.blocks[i]
+            point = Point(block, "output", 0, f"block {i} output")
+            module, layout = block, "tokens"
+        else:
+            point = adapter.feature_point(layer, _METHOD)
+            module, layout = point.module, "tokens" if transformer else "map"
+        width = _width(adapter.blocks[-1] if transformer else module)
+        if width is None:
+            raise ValueError(
+                f"MHEX: cannot tell the channel count of layer {layer!r} ({type(module).__name__}) "
+                "from its modules (no norm, convolution or linear layer inside); pass a stage "
+                "or block that ends in one."
+            )
+        stages.append(Stage(layer, point, layout, width))
+    return stages
+
+
+def _fingerprint(model: nn.Module) -> str:
+    """sha256 of the model's state (names, shapes, float32 values): refuses other weights."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        v = t.detach().to("cpu")
+        v = v.float() if v.is_floating_point() else v
+        h.update(f"{name}:{tuple(v.shape)}:{v.dtype};".encode())
+        h.update(v.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------------------
+# training
+
+
+def _objective_loss(logits: torch.Tensor, labels: torch.Tensor, objective: Objective):
+    if objective == "ce":
+        if labels.is_floating_point():
+            raise ValueError(
+                "MHEX: objective='ce' needs class indices (B,); got floating-point labels of "
+                f"shape {tuple(labels.shape)}. For multi-hot labels use objective='bce'."
+            )
+        return F.cross_entropy(logits, labels.reshape(-1).long())
+    if objective == "bce":
+        if not labels.is_floating_point():
+            labels = F.one_hot(labels.reshape(-1).long(), logits.shape[1]).to(logits.dtype)
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+    raise ValueError(f"MHEX: objective must be 'ce' or 'bce'; got {objective!r}.")
+
+
+def mhex_step(
+    module: nn.Module,
+    batch: Sequence[torch.Tensor],
+    *,
+    objective: Objective = "ce",
+    head_weights: Sequence[float],
+) -> dict[str, torch.Tensor]:
+    """One training step's loss terms: ``L(final) + sum_l lambda_l L(head_l)``.
+
+    The step of the shared training loop (``step(module, batch) -> {"loss": total, ...}``).
+
+    Args:
+        module: The :class:`MHEXNetwork` (or a DDP wrapper of it), called once.
+        batch: ``(inputs, *extra_args, labels)``: images and labels, or ``input_ids``,
+            ``attention_mask`` and labels. Labels are class indices ``(B,)`` or multi-hot
+            ``(B, K)`` (``objective="bce"``).
+        objective: ``"ce"`` (softmax cross-entropy, one class per example) or ``"bce"``
+            (sigmoid binary cross-entropy per class, multi-label; index labels are one-hot
+            encoded).
+        head_weights: ``lambda_l`` of every head, in stage order.
+
+    Returns:
+        ``{"loss": total, "final": L(final), "head0": L(head_0), ...}``.
+    """
+    inputs, *extra, labels = batch
+    logits, heads = module(inputs, *extra, return_heads=True)
+    final = _objective_loss(logits, labels, objective)
+    terms = {"final": final}
+    total = final
+    for i, (lam, h) in enumerate(zip(head_weights, heads, strict=True)):
+        terms[f"head{i}"] = _objective_loss(h, labels, objective)
+        total = total + lam * terms[f"head{i}"]
+    return {"loss": total, **terms}
+
+
+def _minimal_fit(
+    network: MHEXNetwork,
+    step: Callable[[nn.Module, Any], Mapping[str, torch.Tensor]],
+    data: Any,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float,
+    seed: int,
+    device: torch.device,
+    show_progress: bool,
+) -> list[float]:
+    """Stand-in for the shared training loop (SGD Nesterov, one-cycle), until it lands on main.
+
+    Same recipe as the shared loop: SGD with Nesterov momentum 0.9, weight decay on weights
+    only, one-cycle schedule, data shuffled with ``seed``. No checkpoints, no DDP.
+    """
+    from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+    from captum_ext._scores import progress
+
+    if isinstance(data, tuple) and all(isinstance(t, torch.Tensor) for t in data):
+        data = TensorDataset(*data)
+    if isinstance(data, Dataset):
+        g = torch.Generator().manual_seed(seed)
+        data = DataLoader(data, batch_size=batch_size, shuffle=True, generator=g)
+    steps = epochs * len(data)
+    decay, no_decay = [], []
+    for m in network.modules():
+        for name, p in m.named_parameters(recurse=False):
+            if p.requires_grad:
+                norm = isinstance(m, nn.modules.batchnorm._NormBase | nn.LayerNorm | nn.GroupNorm)
+                (no_decay if name == "bias" or norm else decay).append(p)
+    opt = torch.optim.SGD(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0}],
+        lr=lr,
+        momentum=0.9,
+        nesterov=True,
+    )
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.3)
+    network.to(device).train()
+    losses: list[float] = []
+    bar = progress(total=steps, show=show_progress, desc="MHEX")
+    with bar:
+        for _ in range(epochs):
+            for batch in data:
+                batch = [t.to(device) for t in batch]
+                loss = step(network, batch)["loss"]
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+                bar.update(1)
+    return losses
+
+
+# ------------------------------------------------------------------------------------------
+# the explainer
+
+
+class MHEX(Attribution):
+    """Multi-head explainer (Sun & Liò): gates and linear heads built into the model.
+
+    This is the project's reconstruction (the paper's full text and code are not available to
+    us; DESIGN §4.6). At every chosen stage ``l`` the network gets
+
+    * an **attention gate** ``F'_l = F_l * sigmoid(g_l(F_l))``: ``g_l`` is a 1x1 convolution
+      on feature maps ``(B, C, h, w)``, a linear layer on tokens ``(B, N, D)``; by default it
+      outputs one coefficient per location or token (``gate="spatial"``, broadcast over the
+      channels), or one per channel too (``gate="elementwise"``). Its weights start at zero
+      and its bias at ``gate_bias`` (3: every gate starts at 0.95), so wrapping a trained
+      model starts from nearly the same function;
+    * a **deep-supervision head** without nonlinearity: feature maps: 1x1 convolution (to
+      ``head_channels`` channels, default ``C``) -> global average pooling -> linear; tokens:
+      one linear layer on every token, pooled with the model's readout weights
+      (``pooling="model"``: the CLS row of a CLS-readout ViT or BERT) or with the mean of the
+      non-prefix tokens (``pooling="mean"``; attended tokens only for text).
+
+    By default the gated features replace the stage's output and continue through the network
+    (``gated_backbone=True``); with ``gated_backbone=False`` the gates only feed the heads and
+    the model computes exactly what it computed before.
+
+    **Equivalent matrix.** A head is affine in ``F'``: it collapses to
+    ``W_eq = W_fc W_conv`` ``(K, C)`` and ``b_eq = W_fc b_conv + b_fc`` (token heads: the
+    linear layer's own weight and bias). The class activation map of stage ``l`` for class
+    ``c`` is ``CAM_l[c](x) = W_eq[c] . F'_l(x) + b_eq[c]`` at every location or token ``x``:
+    the bias is spread evenly over the locations, so that the head's pooling of the map
+    (mean over locations; readout weights over tokens) equals the head's logit exactly.
+    :meth:`stage_cams` returns these maps.
+
+    **Saliency** (:meth:`attribute`) for class ``c``, from the forward pass that gives the
+    logits: each stage's ``CAM_l[c]`` is rectified (``nonneg=True``, the non-negativity
+    constraint; ``False`` keeps the sign), divided by its maximum absolute value per example
+    (maps that are all zero stay zero), and the stages are averaged with ``stage_weights``
+    (default equal). Feature maps are bilinearly upsampled to the finest stage's grid before
+    averaging (``output="grid"``) and that average bilinearly to the input
+    (``output="input"``). Transformers: the patch tokens (prefix removed) or word-piece
+    tokens (special tokens and padding set to 0 and excluded from the normalisation) of every
+    chosen block, averaged, then smoothed along the token axis by a box window of ``window``
+    tokens (text: a moving average over the sequence; images: a ``window x window`` mean over
+    the patch grid). Values lie in ``[0, 1]`` (``[-1, 1]`` with ``nonneg=False``).
+
+    **Training** (:meth:`fit`): ``L(final) + sum_l lambda_l L(head_l)`` on labels, ``L``
+    softmax cross-entropy (``objective="ce"``, class indices) or sigmoid binary cross-entropy
+    (``"bce"``, multi-hot labels: the multi-label shapes benchmark), ``lambda_l = 1`` by
+    default. The backbone is trained with the gates and heads (``train_backbone=True``,
+    default) or frozen in eval mode.
+
+    **Metrics.** Average Drop is :func:`captum_ext.metrics.average_drop`. The paper's SAD and
+    EAD have no published definition available to us, so this package ships neither.
+
+    Args:
+        model: A residual CNN (timm/torchvision ResNet, through its adapter), a timm or HF ViT,
+            or an HF BERT-family classifier; wrappers (DDP, ``torch.compile``) are removed.
+        layers: The gated stages, shallow to deep. CNNs: module names (default: the adapter's
+            preset, ResNet ``layer2``, ``layer3``, ``layer4``). Transformers: block indices
+            (the block's output, the residual stream leaving it; negatives count from the
+            end; default the last three blocks) or module names (their output tokens).
+        num_classes: ``K``; default read from the model (``num_classes``,
+            ``config.num_labels``, or its last linear layer).
+        gated_backbone: Whether the gated features continue through the network.
+        gate: ``"spatial"`` or ``"elementwise"`` gate coefficients.
+        gate_bias: Initial bias of every gate's layer (its weights start at zero).
+        head_channels: Output channels of each map head's 1x1 convolution (one per stage, or
+            one int for all); default the stage's own channel count. Ignored for token heads.
+        pooling: Token heads: ``"model"`` (the model's readout) or ``"mean"``.
+        nonneg: Rectify the stage maps (the non-negativity constraint).
+        window: Smoothing window along the token axis (odd); default 3 for text, 1 (none) for
+            image patch grids. Ignored for CNNs.
+        stage_weights: Weight of each stage in the saliency (default equal).
+        readout: Transformers: overrides the adapter's readout (``"cls"``, ``"mean"``, ...).
+
+    Attributes:
+        network: The gated :class:`MHEXNetwork`, an ``nn.Module`` whose forward returns the
+            logits; use it for training and inference like the model.
+        adapter: The model's adapter.
+        stages: The gated stages, in order.
+        head_names: The stages' layer names, then ``"final"`` (the model's own classifier).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: Sequence[str | int] | None = None,
+        num_classes: int | None = None,
+        *,
+        gated_backbone: bool = True,
+        gate: GateKind = "spatial",
+        gate_bias: float = 3.0,
+        head_channels: int | Sequence[int | None] | None = None,
+        pooling: Pooling = "mean",
+        nonneg: bool = True,
+        window: int | None = None,
+        stage_weights: Sequence[float] | None = None,
+        fusion: Literal["geometric", "mean"] = "geometric",
+        readout: Readout | None = None,
+    ) -> None:
+        if isinstance(model, MHEXNetwork):
+            raise ValueError("MHEX: pass the plain model, not an MHEXNetwork (already wrapped).")
+        adapter = adapter_for(model, readout=readout, method=_METHOD)
+        if isinstance(adapter, TransformerAdapter) and not adapter.readout_known:
+            adapter.settle_readout(probe_readout(adapter))
+        if gate not in ("spatial", "elementwise"):
+            raise ValueError(f"MHEX: gate must be 'spatial' or 'elementwise'; got {gate!r}.")
+        if pooling not in ("model", "mean"):
+            raise ValueError(f"MHEX: pooling must be 'model' or 'mean'; got {pooling!r}.")
+        if layers is None:
+            transformer = isinstance(adapter, TransformerAdapter)
+            layers = [EMBEDDINGS, 0] if transformer else adapter.default_feature_layers()
+        layers = list(layers)
+        if not layers:
+            raise ValueError("MHEX: layers is empty; pass at least one stage.")
+        if num_classes is None:
+            num_classes = _num_classes(adapter.model)
+            if num_classes is None:
+                raise ValueError(
+                    f"MHEX: cannot read the number of classes of {type(adapter.model).__name__}; "
+                    "pass num_classes=K."
+                )
+        stages = _stages(adapter, layers)
+        if isinstance(head_channels, int):
+            head_channels = [head_channels] * len(stages)
+        if head_channels is not None and len(head_channels) != len(stages):
+            raise ValueError(
+                f"MHEX: head_channels has {len(head_channels)} entries for {len(stages)} layers."
+            )
+        if stage_weights is not None:
+            stage_weights = [float(w) for w in stage_weights]
+            if (
+                len(stage_weights) != len(stages)
+                or min(stage_weights) < 0
+                or not any(stage_weights)
+            ):
+                raise ValueError(
+                    f"MHEX: stage_weights needs {len(stages)} non-negative values, not all 0; "
+                    f"got {stage_weights}."
+                )
+        if fusion not in ("geometric", "mean"):
+            raise ValueError(f"MHEX: fusion must be 'geometric' or 'mean'; got {fusion!r}.")
+        if fusion == "geometric" and not nonneg:
+            raise ValueError(
+                "MHEX: fusion='geometric' needs non-negative maps; with nonneg=False use "
+                "fusion='mean'."
+            )
+        if window is None:
+            window = 1
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
+            raise ValueError(f"MHEX: window must be an odd positive int; got {window!r}.")
+        self.adapter = adapter
+        self.stages = tuple(stages)
+        self.num_classes = int(num_classes)
+        self.nonneg = nonneg
+        self.window = window
+        self.stage_weights = stage_weights
+        self.fusion = fusion
+        self.network = MHEXNetwork(
+            adapter, stages, self.num_classes, gated_backbone, gate, gate_bias, head_channels,
+            pooling,
+        )  # fmt: skip
+        ref = next(adapter.model.parameters(), None)
+        if ref is not None:
+            self.network.gates.to(device=ref.device, dtype=ref.dtype)
+            self.network.heads.to(device=ref.device, dtype=ref.dtype)
+        self._config = {
+            "layers": [s.layer for s in stages],
+            "num_classes": self.num_classes,
+            "gated_backbone": gated_backbone,
+            "gate": gate,
+            "gate_bias": gate_bias,
+            "head_channels": [
+                h.conv.out_channels if s.layout == "map" else None
+                for s, h in zip(stages, self.network.heads, strict=True)
+            ],
+            "pooling": pooling,
+            "nonneg": nonneg,
+            "window": window,
+            "stage_weights": stage_weights,
+            "fusion": fusion,
+            "readout": readout,
+        }
+        self.backbone_trained = False
+        self.training_record: dict[str, Any] | None = None
+        super().__init__(self.network)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def head_names(self) -> list[str]:
+        return [str(s.layer) for s in self.stages] + ["final"]
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return False
+
+    def to(self, *args: Any, **kwargs: Any) -> MHEX:
+        """Moves (or casts) the network, as ``nn.Module.to``; returns ``self``."""
+        self.network.to(*args, **kwargs)
+        return self
+
+    def equivalent_matrices(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``(W_eq (K, C), b_eq (K,))`` of every head, in stage order."""
+        return [head.equivalent() for head in self.network.heads]
+
+    # ------------------------------------------------------------------ explaining
+    @log_usage()
+    def attribute(
+        self,
+        inputs: torch.Tensor | tuple[torch.Tensor],
+        target: Any = None,
+        additional_forward_args: Any = None,
+        output: OutputKind = "input",
+    ) -> torch.Tensor | tuple[torch.Tensor]:
+        """The MHEX saliency of one class per example, from one forward pass.
+
+        Args:
+            inputs: Images ``(B, C, H, W)`` or ``input_ids (B, T)`` (or a 1-tuple).
+            target: Captum target: an int, a list of B ints, a tensor ``(B,)`` or ``(B, 1)``,
+                or ``None`` for the class the gated network predicts.
+            additional_forward_args: Extra positional model arguments, e.g.
+                ``(attention_mask,)`` for text.
+            output: ``"input"``: images ``(B, 1, H, W)``, text ``(B, T)``; ``"like_input"``:
+                images ``(B, C, H, W)``; ``"grid"``: images ``(B, 1, h, w)`` (a ViT's patch
+                grid; a CNN's finest stage); ``"tokens"``: ViT ``(B, P)`` patch tokens in
+                row-major order, text ``(B, T)``.
+
+        Returns:
+            The saliency in the requested layout (a 1-tuple if ``inputs`` was one), in
+            ``[0, 1]`` (``[-1, 1]`` with ``nonneg=False``).
+        """
+        return self._attribute(inputs, None, target, additional_forward_args, output)
+
+    def attribute_targets(
+        self,
+        inputs: torch.Tensor | tuple[torch.Tensor],
+        targets: Sequence[Any],
+        additional_forward_args: Any = None,
+        output: OutputKind = "input",
+    ) -> torch.Tensor:
+        """The saliency of K targets from one forward pass, stacked: ``(K, ...)``.
+
+        Args:
+            inputs, additional_forward_args, output: As in :meth:`attribute`.
+            targets: K Captum targets (each an int, a list or a tensor ``(B,)``).
+        """
+        targets = check_targets(targets, _METHOD)
+        return self._attribute(inputs, targets, None, additional_forward_args, output)
+
+    def stage_cams(
+        self, inputs: torch.Tensor, additional_forward_args: Any = None
+    ) -> list[torch.Tensor]:
+        """The raw class activation maps of every stage, all classes, in head units.
+
+        Returns:
+            Per stage ``W_eq F' + b_eq``: ``(B, K, h, w)`` for feature maps, ``(B, K, N)`` for
+            tokens (prefix tokens included). Pooled as the head pools, they equal its logits.
+        """
+        x, _ = self._inputs(inputs, additional_forward_args)
+        p = self._forward(x, additional_forward_args)
+        with torch.no_grad():
+            return self._cams(p)
+
+    def _attribute(self, inputs, targets, target, extra, output) -> Any:
+        x, was_tuple = self._inputs(inputs, extra)
+        self._check_output(output)
+        p = self._forward(x, extra)
+        tlist = targets if targets is not None else [target]
+        maps = []
+        with torch.no_grad():
+            cams = self._cams(p)
+            for t in tlist:
+                idx = normalise_target(t, p.logits, _METHOD)
+                maps.append(self._saliency(cams, idx, x, extra, output))
+        if targets is not None:
+            return torch.stack(maps)
+        return (maps[0],) if was_tuple else maps[0]
+
+    def _inputs(self, inputs: Any, extra: Any) -> tuple[torch.Tensor, bool]:
+        if isinstance(inputs, tuple):
+            if len(inputs) != 1:
+                raise ValueError(
+                    f"{_METHOD}: expected one input tensor (images or input_ids); got a tuple "
+                    f"of {len(inputs)}. Pass extra model arguments through "
+                    "additional_forward_args."
+                )
+            x, was_tuple = inputs[0], True
+        else:
+            x, was_tuple = inputs, False
+        self.adapter.check_inputs(x, _METHOD, extra)
+        return x, was_tuple
+
+    def _check_output(self, output: Any) -> None:
+        if output not in _OUTPUTS:
+            raise ValueError(f"{_METHOD}: output must be one of {_OUTPUTS}; got {output!r}.")
+        if output == "grid" and self.adapter.modality == "text":
+            raise ValueError(f"{_METHOD}: output='grid' is for images; text maps are (B, T).")
+        if output == "tokens" and not isinstance(self.adapter, TransformerAdapter):
+            raise ValueError(
+                f"{_METHOD}: output='tokens' is for transformers; a CNN has no tokens. Use "
+                "'grid' (the finest stage's map) or 'input'."
+            )
+
+    def _forward(self, x: torch.Tensor, extra: Any) -> Pass:
+        from captum_ext.adapters.base import as_tuple
+
+        with model_state(self.network.model, grad=False):
+            return self.network.run(x, *as_tuple(extra))
+
+    def _cams(self, p: Pass) -> list[torch.Tensor]:
+        return [head.cam(f) for head, f in zip(self.network.heads, p.features, strict=True)]
+
+    def _weights(self) -> list[float]:
+        w = self.stage_weights or [1.0] * len(self.stages)
+        total = sum(w)
+        return [v / total for v in w]
+
+    def _normalised(self, m: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+        if self.nonneg:
+            m = m.clamp_min(0)
+        scale = m.abs().amax(dim=dims, keepdim=True)
+        return m / torch.where(scale > 0, scale, torch.ones_like(scale))
+
+    def _fuse(self, maps: list[torch.Tensor], dims: tuple[int, ...]) -> torch.Tensor:
+        """Normalises every stage's map and fuses them (weighted geometric or arithmetic mean)."""
+        normed = [self._normalised(m, dims) for m in maps]
+        weights = self._weights()
+        if self.fusion == "mean":
+            return sum(w * m for w, m in zip(weights, normed, strict=True))
+        logs = sum(w * m.clamp_min(_FLOOR).log() for w, m in zip(weights, normed, strict=True))
+        return (logs.exp() - _FLOOR) / (1 - _FLOOR)
+
+    def _saliency(
+        self,
+        cams: list[torch.Tensor],
+        idx: torch.Tensor,
+        x: torch.Tensor,
+        extra: Any,
+        output: OutputKind,
+    ) -> torch.Tensor:
+        picked = [c[torch.arange(c.shape[0], device=c.device), idx.to(c.device)] for c in cams]
+        if not isinstance(self.adapter, TransformerAdapter):
+            return self._map_saliency(picked, x, output)
+        return self._token_saliency(picked, x, extra, output)
+
+    def _map_saliency(self, picked: list[torch.Tensor], x: torch.Tensor, output: str):
+        size = max((c.shape[-2:] for c in picked), key=lambda s: s[0] * s[1])
+        maps = []
+        for c in picked:
+            m = c[:, None]
+            if tuple(m.shape[-2:]) != tuple(size):
+                m = F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False)
+            maps.append(m)
+        total = self._fuse(maps, (1, 2, 3))
+        if output == "grid":
+            return total
+        up = LayerAttribution.interpolate(total, tuple(x.shape[-2:]), interpolate_mode="bilinear")
+        if output == "like_input":
+            return up.expand(-1, x.shape[1], -1, -1).contiguous()
+        return up
+
+    def _token_saliency(self, picked: list[torch.Tensor], x: torch.Tensor, extra: Any, output):
+        adapter = self.adapter
+        assert isinstance(adapter, TransformerAdapter)
+        b, n = picked[0].shape
+        if adapter.modality == "text":
+            valid = ~adapter.special_tokens(x, extra).to(picked[0].device)
+        else:
+            valid = torch.ones(b, n, dtype=torch.bool, device=picked[0].device)
+            valid[:, : adapter.num_prefix_tokens] = False
+        total = self._fuse([c * valid for c in picked], (1,))
+        if adapter.modality == "text":
+            total = box_smooth_1d(total, valid, self.window)
+        elif self.window > 1:
+            h, gw = adapter.grid_size(x)
+            p = adapter.num_prefix_tokens
+            grid = box_smooth_2d(total[:, p:].reshape(b, 1, h, gw), self.window)
+            total = torch.cat([total[:, :p], grid.reshape(b, h * gw)], dim=1)
+        return format_token_map(total, adapter, x, output, _METHOD)
+
+    # ------------------------------------------------------------------ training
+    def loss(
+        self,
+        batch: Sequence[torch.Tensor],
+        objective: Objective = "ce",
+        head_weights: Sequence[float] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The training loss terms of one batch (see :func:`mhex_step`)."""
+        return mhex_step(
+            self.network, batch, objective=objective, head_weights=self._lambdas(head_weights)
+        )
+
+    def _lambdas(self, head_weights: Sequence[float] | float | None) -> list[float]:
+        if head_weights is None:
+            return [1.0] * len(self.stages)
+        if isinstance(head_weights, int | float):
+            return [float(head_weights)] * len(self.stages)
+        lam = [float(v) for v in head_weights]
+        if len(lam) != len(self.stages):
+            raise ValueError(
+                f"MHEX: head_weights has {len(lam)} values for {len(self.stages)} heads."
+            )
+        return lam
+
+    def fit(
+        self,
+        data: Any,
+        *,
+        objective: Objective = "ce",
+        head_weights: Sequence[float] | float | None = None,
+        train_backbone: bool = False,
+        epochs: int = 1,
+        batch_size: int = 64,
+        lr: float = 0.01,
+        weight_decay: float = 5e-4,
+        seed: int = 0,
+        device: str | torch.device | None = None,
+        show_progress: bool = False,
+    ) -> list[float]:
+        """Trains gates and heads (and, by default, the model) on labelled data.
+
+        Loss ``L(final) + sum_l lambda_l L(head_l)`` (:func:`mhex_step`). The model's
+        ``requires_grad`` flags and train/eval modes are restored afterwards, also when
+        training raises; its weights stay trained when ``train_backbone`` (MHEX is built into
+        the model).
+
+        Args:
+            data: A ``Dataset`` or ``DataLoader`` of ``(inputs, *extra_args, labels)``, or a
+                tuple of tensors ``(inputs, *extra_args, labels)``.
+            objective: ``"ce"`` (class indices) or ``"bce"`` (multi-hot labels).
+            head_weights: ``lambda_l`` per head (or one value for all); default 1.
+            train_backbone: Train the model's parameters too; ``False`` freezes them and keeps
+                the model in eval mode.
+            epochs: Passes over the data.
+            batch_size: Examples per step (a ``Dataset`` or tensors).
+            lr: Peak learning rate of the one-cycle schedule (SGD, Nesterov momentum 0.9).
+            weight_decay: L2 penalty of weights (not biases or norms).
+            seed: Seed of the data order.
+            device: Where to train (default: where the model is).
+            show_progress: A progress bar.
+
+        Returns:
+            The training loss of every optimiser step.
+        """
+        lam = self._lambdas(head_weights)
+        net = self.network
+        if device is None:
+            device = next(net.parameters()).device
+        device = torch.device(device)
+        modules = list(net.modules())
+        modes = [m.training for m in modules]
+        model_params = list(net.model.parameters())
+        grads = [p.requires_grad for p in model_params]
+
+        def step(module: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
+            return mhex_step(module, batch, objective=objective, head_weights=lam)
+
+        try:
+            for p in model_params:
+                p.requires_grad_(train_backbone)
+            for p in net.gates.parameters():
+                p.requires_grad_(True)
+            for p in net.heads.parameters():
+                p.requires_grad_(True)
+            net.backbone_trainable = train_backbone
+            losses = _minimal_fit(
+                net, step, data, epochs=epochs, batch_size=batch_size, lr=lr,
+                weight_decay=weight_decay, seed=seed, device=device, show_progress=show_progress,
+            )  # fmt: skip
+        finally:
+            net.backbone_trainable = True
+            for p, g in zip(model_params, grads, strict=True):
+                p.requires_grad_(g)
+            for m, mode in zip(modules, modes, strict=True):
+                m.training = mode
+        self.backbone_trained = self.backbone_trained or train_backbone
+        self.training_record = {
+            "objective": objective,
+            "head_weights": lam,
+            "train_backbone": train_backbone,
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "seed": seed,
+            "steps": len(losses),
+            "final_loss": losses[-1] if losses else None,
+        }
+        return losses
+
+    # ------------------------------------------------------------------ analysis
+    def gradient_similarity(
+        self,
+        batch: Sequence[torch.Tensor],
+        objective: Objective = "ce",
+        include_final: bool = True,
+    ) -> torch.Tensor:
+        """Cosine similarity of the gradients that each head's loss sends into the backbone.
+
+        This project's reading of the paper's gradient-based collaboration analysis: for each
+        head ``l`` (and the model's own classifier, ``"final"``) the gradient of its loss
+        ``L(head_l)`` on ``batch`` with respect to the backbone parameters that every one of
+        these losses reaches (the parameters before the first gated stage, with
+        ``gated_backbone``), flattened; entry ``(i, j)`` is the cosine similarity of the
+        gradients of heads ``i`` and ``j``. Positive: the heads pull the shared layers the same
+        way (collaboration); negative: they conflict. The model is evaluated in eval mode and
+        left unchanged (no ``.grad`` is written; ``requires_grad`` flags are restored).
+
+        Args:
+            batch: ``(inputs, *extra_args, labels)`` as in :meth:`fit`.
+            objective: ``"ce"`` or ``"bce"``, as the heads were trained.
+            include_final: Add the model's own classifier as the last row and column.
+
+        Returns:
+            ``(H, H)`` float64, rows and columns in the order of :attr:`head_names` (without
+            ``"final"`` when ``include_final`` is false).
+
+        Raises:
+            ValueError: No backbone parameter is reached by every loss.
+        """
+        inputs, *extra, labels = batch
+        params = [p for p in self.network.model.parameters()]
+        flags = [p.requires_grad for p in params]
+        try:
+            for p in params:
+                p.requires_grad_(True)
+            with model_state(self.network.model, grad=True):
+                p_ = self.network.run(inputs, *extra)
+                heads = self.network.head_logits(p_, inputs, tuple(extra))
+                losses = [_objective_loss(h, labels, objective) for h in heads]
+                if include_final:
+                    losses.append(_objective_loss(p_.logits, labels, objective))
+                grads = [
+                    torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+                    for loss in losses
+                ]
+        finally:
+            for p, f in zip(params, flags, strict=True):
+                p.requires_grad_(f)
+        shared = [i for i in range(len(params)) if all(g[i] is not None for g in grads)]
+        if not shared:
+            raise ValueError(
+                "MHEX: no backbone parameter receives gradient from every head; nothing shared "
+                "to compare."
+            )
+        vecs = torch.stack([torch.cat([g[i].double().flatten() for i in shared]) for g in grads])
+        unit = vecs / vecs.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        return unit @ unit.T
+
+    # ------------------------------------------------------------------ checkpoints
+    def _backbone_record(self) -> dict[str, Any]:
+        model = self.network.model
+        rec = {
+            "class": type(model).__name__,
+            "family": self.adapter.family,
+            "params": sum(p.numel() for p in model.parameters()),
+            "widths": [s.channels for s in self.stages],
+            "included": self.backbone_trained,
+        }
+        if not self.backbone_trained:
+            rec["sha256"] = _fingerprint(model)
+        return rec
+
+    def record(self) -> dict[str, Any]:
+        """The JSON record a checkpoint of this explainer carries: method, config, backbone."""
+        return {
+            "method": "mhex",
+            "format": _FORMAT,
+            "config": dict(self._config),
+            "backbone": self._backbone_record(),
+            "training": self.training_record,
+        }
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint stores: gates and heads, and the model's weights once trained."""
+        state = self.network.state_dict()
+        keep = ("gates.", "heads.") + (("model.",) if self.backbone_trained else ())
+        return {k: v.detach().clone() for k, v in state.items() if k.startswith(keep)}
+
+    def save(self, path: str | os.PathLike[str]) -> CheckpointPaths:
+        """Writes ``<path>.safetensors`` + ``<path>.json`` (:mod:`captum_ext.checkpoint`).
+
+        Stored: the gates' and heads' tensors; the model's own weights too when :meth:`fit`
+        trained them (otherwise a sha256 fingerprint of them, so that :meth:`load` refuses
+        other weights); the configuration and the backbone's class, family, parameter count
+        and stage widths.
+        """
+        return save_checkpoint(path, self.tensors(), self.record())
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        model: nn.Module,
+        *,
+        layers: Sequence[str | int] | None = None,
+        num_classes: int | None = None,
+    ) -> MHEX:
+        """Rebuilds MHEX around ``model`` from a checkpoint, verified, never unpickled.
+
+        Args:
+            path: Base path of the checkpoint pair (or either file).
+            model: A model of the architecture the checkpoint was made for; when the
+                checkpoint holds trained model weights they are loaded into it.
+            layers: If given, must equal the checkpoint's layers.
+            num_classes: If given, must equal the checkpoint's class count.
+
+        Raises:
+            CheckpointError: The files are damaged, or were made for another backbone
+                (class, parameter count, stage widths, weights), other layers or another
+                class count.
+        """
+        expect: dict[str, Any] = {"method": "mhex"}
+        if layers is not None:
+            expect["config.layers"] = list(layers)
+        if num_classes is not None:
+            expect["config.num_classes"] = num_classes
+        tensors, record = load_checkpoint(path, expect=expect, require=("config", "backbone"))
+        return cls.from_checkpoint(tensors, record, model, path)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        tensors: Mapping[str, torch.Tensor],
+        record: Mapping[str, Any],
+        model: nn.Module,
+        path: str | os.PathLike[str] = "<checkpoint>",
+    ) -> MHEX:
+        """Rebuilds MHEX from verified checkpoint contents (used by :meth:`load` and the zoo)."""
+        remedy = "load the checkpoint with the model, layers and classes it was made for"
+        inner = unwrap_model(model)
+        bb = record["backbone"]
+        params = sum(p.numel() for p in inner.parameters())
+        if bb["class"] != type(inner).__name__ or bb["params"] != params:
+            raise CheckpointError(
+                path,
+                f"made for a {bb['class']} with {bb['params']:,} parameters; got a "
+                f"{type(inner).__name__} with {params:,}",
+                remedy,
+            )
+        cfg = dict(record["config"])
+        own = _num_classes(inner)
+        if own is not None and own != cfg["num_classes"]:
+            raise CheckpointError(
+                path, f"made for {cfg['num_classes']} classes; the model has {own}", remedy
+            )
+        try:
+            mhex = cls(
+                model,
+                cfg["layers"],
+                cfg["num_classes"],
+                gated_backbone=cfg["gated_backbone"],
+                gate=cfg["gate"],
+                gate_bias=cfg["gate_bias"],
+                head_channels=cfg["head_channels"],
+                pooling=cfg["pooling"],
+                nonneg=cfg["nonneg"],
+                window=cfg["window"],
+                stage_weights=cfg["stage_weights"],
+                fusion=cfg["fusion"],
+                readout=cfg["readout"],
+            )
+        except (ValueError, TypeError) as err:
+            raise CheckpointError(path, f"does not fit the model ({err})", remedy) from err
+        widths = [s.channels for s in mhex.stages]
+        if widths != bb["widths"]:
+            raise CheckpointError(
+                path, f"made for stage widths {bb['widths']}; the model's are {widths}", remedy
+            )
+        state = {k: v for k, v in tensors.items() if not k.startswith("model.")}
+        if bb["included"]:
+            own_state = {
+                k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")
+            }
+            try:
+                mhex.network.model.load_state_dict(own_state, strict=True)
+            except RuntimeError as err:
+                raise CheckpointError(
+                    path, f"its model weights do not fit the model ({err})", remedy
+                ) from err
+            mhex.backbone_trained = True
+        elif bb.get("sha256") != _fingerprint(mhex.network.model):
+            raise CheckpointError(
+                path, "made for other weights of this model (fingerprint differs)", remedy
+            )
+        dtype = next(mhex.network.model.parameters()).dtype
+        device = next(mhex.network.model.parameters()).device
+        missing, unexpected = mhex.network.load_state_dict(
+            {k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=False
+        )
+        missing = [k for k in missing if not k.startswith("model.")]
+        if missing or unexpected:
+            raise CheckpointError(
+                path,
+                f"gate/head tensors do not match (missing {missing[:3]}, unexpected "
+                f"{list(unexpected)[:3]})",
+                remedy,
+            )
+        mhex.network.to(device)
+        mhex.training_record = record.get("training")
+        return mhex
+
+
+def _zoo_loader(tensors: dict[str, torch.Tensor], record: dict[str, Any], model: nn.Module) -> MHEX:
+    return MHEX.from_checkpoint(tensors, record, model, f"zoo entry {record.get('name')!r}")
+
+
+register_explainer("mhex", _zoo_loader)
