@@ -204,6 +204,23 @@ def _world(device: torch.device, distributed: bool | None) -> Iterator[_World]:
             dist.destroy_process_group()
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the processes of ``group``; the gradient is summed likewise."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        y = x.clone()
+        dist.all_reduce(y, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
 def _synced_batch_norm(bn: nn.modules.batchnorm._BatchNorm, group: Any, x: torch.Tensor):
     """Batch norm over the batches of every process of ``group`` (training mode), with grads.
 
@@ -211,18 +228,16 @@ def _synced_batch_norm(bn: nn.modules.batchnorm._BatchNorm, group: Any, x: torch
     backend (``nn.SyncBatchNorm`` needs GPUs). Two differentiable all-reduces: the sum (with
     the count), then the sum of squared deviations.
     """
-    from torch.distributed.nn.functional import all_reduce
-
     if not bn.training:
         return nn.modules.batchnorm._BatchNorm.forward(bn, x)
     x = x.to(torch.promote_types(x.dtype, torch.float32))  # float32 at least, also under autocast
     dims = [0, *range(2, x.dim())]
     shape = [1, -1] + [1] * (x.dim() - 2)
     count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
-    total = all_reduce(torch.cat([x.sum(dims), count]), group=group)
+    total = _AllReduceSum.apply(torch.cat([x.sum(dims), count]), group)
     n = total[-1]
     mean = total[:-1] / n
-    sq = all_reduce((x - mean.view(shape)).pow(2).sum(dims), group=group)
+    sq = _AllReduceSum.apply((x - mean.view(shape)).pow(2).sum(dims), group)
     var = sq / n
     y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
     if bn.affine:
@@ -253,7 +268,7 @@ def _global_batch_norm(module: nn.Module, group: Any) -> Iterator[None]:
 def _average(terms: Mapping[str, torch.Tensor], world: _World) -> dict[str, float]:
     """The loss terms as floats, averaged over the processes."""
     names = list(terms)
-    values = torch.stack([terms[k].detach().float().reshape(()) for k in names])
+    values = torch.stack([terms[k].detach().double().reshape(()) for k in names])
     if world.size > 1:
         dist.all_reduce(values)
         values = values / world.size

@@ -96,9 +96,14 @@ def ttame_loss(
     Returns:
         ``{"loss": weighted sum, "ce": ..., "area": ..., "tv": ...}`` (terms unweighted).
     """
-    ce = F.cross_entropy(logits.float(), targets)
-    maps = maps.float()
+    ce = F.cross_entropy(_at_least_float32(logits), targets)
+    maps = _at_least_float32(maps)
     area = area_loss(maps, area_power, area_eps)
     tv = variation_loss(maps, tv_power, tv_border)
     loss = ce_weight * ce + area_weight * area + tv_weight * tv
     return {"loss": loss, "ce": ce, "area": area, "tv": tv}
+
+
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    """float32 for half-precision tensors (autocast), the tensor itself otherwise."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
