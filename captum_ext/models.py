@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import json
+import pickle
 import re
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +54,7 @@ __all__ = [
     "load",
     "load_weights_file",
     "parse_spec",
+    "read_class_names",
 ]
 
 SPEC_HELP = "timm:ARCH (with a weights file), hf:DIR or zoo:NAME"
@@ -77,6 +80,43 @@ def _first_line(err: BaseException) -> str:
         if line.strip():
             return line.strip()
     return type(err).__name__
+
+
+def _pickled(err: BaseException) -> str:
+    """What ``torch.load(weights_only=True)`` refused, e.g. ``"argparse.Namespace"``."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))
+    return found.group(1) if found else _first_line(err)
+
+
+def _mismatch(err: BaseException, shown: int = 3) -> str | None:
+    """One line naming the missing, unexpected and mis-shaped keys of a failed
+    ``load_state_dict`` (first ``shown`` of each, with counts); ``None`` if ``err`` is not
+    such a failure."""
+    text = str(err)
+    if "Error(s) in loading state_dict" not in text:
+        return None
+
+    def keys(title: str) -> list[str]:
+        found = re.search(rf"{title} key\(s\) in state_dict: (.*)", text)
+        return re.findall(r'"([^"]+)"', found.group(1)) if found else []
+
+    shapes = re.findall(
+        r"size mismatch for ([^:]+): copying a param with shape torch\.Size\(\[([^\]]*)\]\) "
+        r"from checkpoint, the shape in current model is torch\.Size\(\[([^\]]*)\]\)",
+        text,
+    )
+    groups = [
+        ("missing", keys("Missing")),
+        ("unexpected", keys("Unexpected")),
+        ("mis-shaped", [f"{k}: file [{a}] vs model [{b}]" for k, a, b in shapes]),
+    ]
+    parts = [
+        f"{len(items)} {what} key{'s' if len(items) > 1 else ''} "
+        f"({', '.join(items[:shown])}{', ...' if len(items) > shown else ''})"
+        for what, items in groups
+        if items
+    ]
+    return ", ".join(parts) or None
 
 
 @dataclass
@@ -110,6 +150,8 @@ class LoadedModel:
         mean: Per-channel mean the transform subtracts (to show the input again).
         std: Per-channel standard deviation the transform divides by.
         tokenize: A text to :class:`TokenizedText`; texts only.
+        input_size: ``(H, W)`` of the model's inputs (``image_transform`` gives this size);
+            images only.
     """
 
     model: nn.Module
@@ -123,6 +165,7 @@ class LoadedModel:
     mean: Sequence[float] = (0.0, 0.0, 0.0)
     std: Sequence[float] = (1.0, 1.0, 1.0)
     tokenize: Callable[[str], TokenizedText] | None = None
+    input_size: tuple[int, int] | None = None
 
     @property
     def device(self) -> torch.device:
@@ -218,9 +261,10 @@ def load_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
+            what = _pickled(err) if isinstance(err, pickle.UnpicklingError) else _first_line(err)
             raise ModelLoadError(
                 f"weights file {path}: not a plain tensor checkpoint; loaded with "
-                f"weights_only=True, nothing unpickled ({_first_line(err)})"
+                f"weights_only=True, nothing unpickled ({what})"
             ) from err
     else:
         raise ModelLoadError(
@@ -243,6 +287,7 @@ def load(
     device: str | torch.device = "cpu",
     *,
     model_kwargs: dict[str, Any] | None = None,
+    class_names: Sequence[str] | None = None,
 ) -> LoadedModel:
     """Loads a model to explain from a spec, onto ``device``, in eval mode.
 
@@ -257,6 +302,8 @@ def load(
         device: Where to put the model (``"cpu"``, ``"cuda"``, ``"cuda:1"``...).
         model_kwargs: Keyword arguments of ``timm.create_model`` (timm only), e.g.
             ``{"img_size": 32, "patch_size": 8}``.
+        class_names: One name per output, replacing the model's own (a custom head; see
+            :func:`read_class_names`).
 
     Returns:
         A :class:`LoadedModel`; ``image_transform`` gives ``(3, H, W)`` model inputs from
@@ -266,7 +313,8 @@ def load(
         ModelFileNotFoundError: The weights file or the hf folder does not exist.
         ModelLoadError: Unknown spec, timm architecture or zoo model; weights in an
             unknown format, pickled, or not fitting the model; a folder holding a model
-            that is neither an image nor a text classifier.
+            that is neither an image nor a text classifier; a timm ``img_size`` that is not
+            a multiple of the patch size; ``class_names`` of the wrong length.
 
     Example::
 
@@ -285,8 +333,54 @@ def load(
     else:
         loaded = _load_zoo(value, weights, device)
     loaded.spec = spec
+    if class_names is not None:
+        names = [str(n) for n in class_names]
+        if len(names) != len(loaded.class_names):
+            raise ModelLoadError(
+                f"{spec}: {len(names)} class names given, but the model has "
+                f"{len(loaded.class_names)} outputs"
+            )
+        loaded.class_names = names
     loaded.model.to(device).eval()
     return loaded
+
+
+def read_class_names(path: str | Path) -> list[str]:
+    """Class names from a file: a JSON list of strings, or one name per line.
+
+    Args:
+        path: The file, e.g. ``labels.txt`` (``cat``, ``dog``... one per line; trailing
+            empty lines are ignored) or ``labels.json`` (``["cat", "dog"]``).
+
+    Returns:
+        The names, in class-index order.
+
+    Raises:
+        ModelFileNotFoundError: No such file.
+        ModelLoadError: Not text, a JSON value that is not a list of strings, or an empty
+            name.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileNotFoundError(f"class names file {path}: no such file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ModelLoadError(f"class names file {path}: cannot read it ({err})") from err
+    if text.lstrip().startswith("["):
+        try:
+            names = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ModelLoadError(f"class names file {path}: not valid JSON ({err})") from err
+        if not all(isinstance(n, str) for n in names):
+            raise ModelLoadError(f"class names file {path}: expected a JSON list of strings")
+    else:
+        names = [line.strip() for line in text.rstrip().splitlines()]
+    empty = [i + 1 for i, n in enumerate(names) if not n.strip()]
+    if not names or empty:
+        where = f"entry {empty[0]} is empty" if empty else "no names"
+        raise ModelLoadError(f"class names file {path}: {where}; give one name per class")
+    return names
 
 
 def _apply_weights(model: nn.Module, weights: Path, spec: str) -> None:
@@ -295,7 +389,7 @@ def _apply_weights(model: nn.Module, weights: Path, spec: str) -> None:
         model.load_state_dict(state)
     except RuntimeError as err:
         raise ModelLoadError(
-            f"{spec}: weights {weights} do not fit the model ({_first_line(err)})"
+            f"{spec}: weights {weights} do not fit the model: {_mismatch(err) or _first_line(err)}"
         ) from err
 
 
@@ -333,6 +427,12 @@ def _load_timm(arch: str, weights: Path | None, kwargs: dict[str, Any]) -> Loade
     try:
         model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except (RuntimeError, TypeError, ValueError, KeyError, AssertionError) as err:
+        mismatch = _mismatch(err)
+        if mismatch:
+            built = f" built with model_kwargs {kwargs}" if kwargs else ""
+            raise ModelLoadError(
+                f"timm:{arch}: weights {weights} do not fit the model{built}: {mismatch}"
+            ) from err
         raise ModelLoadError(
             f"timm:{arch}: could not build the model with weights {weights}"
             f"{' and model_kwargs ' + str(kwargs) if kwargs else ''} ({_first_line(err)})"
@@ -343,6 +443,7 @@ def _load_timm(arch: str, weights: Path | None, kwargs: dict[str, Any]) -> Loade
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if img_size is not None and tuple(config["input_size"][1:]) != tuple(img_size):
         config["input_size"] = (config["input_size"][0], *img_size)
+    _check_timm_img_size(arch, model)
     transform = create_transform(**config)
     names = _timm_class_names(model)
     return LoadedModel(
@@ -355,6 +456,30 @@ def _load_timm(arch: str, weights: Path | None, kwargs: dict[str, Any]) -> Loade
         image_transform=lambda img: transform(img.convert("RGB")),
         mean=tuple(config["mean"]),
         std=tuple(config["std"]),
+        input_size=(int(config["input_size"][1]), int(config["input_size"][2])),
+    )
+
+
+def _check_timm_img_size(arch: str, model: nn.Module) -> None:
+    """A ViT whose ``img_size`` is not a multiple of its patch size drops pixels at the
+    edge, and the explainers refuse its inputs: say which sizes work instead."""
+    pe = getattr(model, "patch_embed", None)
+    img_size, patch = getattr(pe, "img_size", None), getattr(pe, "patch_size", None)
+    if img_size is None or patch is None or getattr(pe, "dynamic_img_pad", False):
+        return
+    (h, w), (ph, pw) = tuple(img_size), tuple(patch)
+    if h % ph == 0 and w % pw == 0:
+        return
+
+    def size(a: int, b: int) -> str:
+        return str(a) if a == b else f"[{a}, {b}]"
+
+    below = size(max(h // ph, 1) * ph, max(w // pw, 1) * pw)
+    above = size(-(-h // ph) * ph, -(-w // pw) * pw)
+    raise ModelLoadError(
+        f"timm:{arch}: img_size {h}x{w} is not a multiple of the patch size {ph}x{pw}; "
+        f"build the model with img_size {below} or {above} (model_kwargs; captum-ext: "
+        "--model-kwargs)"
     )
 
 
@@ -387,7 +512,10 @@ def _load_hf(folder: Path, weights: Path | None) -> LoadedModel:
         )
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as err:  # a malformed or unknown config.json
+        raise ModelLoadError(f"{spec}: cannot read config.json ({_first_line(err)})") from err
     archs = list(config.architectures or [])
     if any(a.endswith("ForImageClassification") for a in archs) or (
         not archs and config.model_type in _HF_IMAGE_TYPES
@@ -407,9 +535,19 @@ def _load_hf(folder: Path, weights: Path | None) -> LoadedModel:
         )
     try:
         with _quiet_transformers():
-            model = auto.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as err:
-        raise ModelLoadError(f"{spec}: could not load the model ({_first_line(err)})") from err
+            model = auto.from_pretrained(folder, local_files_only=True, weights_only=True)
+    except pickle.UnpicklingError as err:
+        bins = sorted(f.name for f in folder.glob("*.bin"))
+        file = bins[0] if len(bins) == 1 else "the .bin weights"
+        raise ModelLoadError(
+            f"{spec}: {file} holds more than tensors (a pickled {_pickled(err)}); it was read "
+            "with torch.load(weights_only=True) and nothing was unpickled; save the model "
+            "with save_pretrained (safetensors)"
+        ) from err
+    except Exception as err:
+        mismatch = _mismatch(err)
+        what = f"its weights do not fit: {mismatch}" if mismatch else _first_line(err)
+        raise ModelLoadError(f"{spec}: could not load the model ({what})") from err
     if weights is not None:
         _apply_weights(model, weights, spec)
     names = [str(model.config.id2label.get(i, f"class {i}")) for i in range(model.num_labels)]
@@ -444,33 +582,60 @@ def _quiet_transformers() -> Iterator[None]:
 
 
 def _hf_image_preprocessing(loaded: LoadedModel, folder: Path, config: Any) -> None:
+    size = getattr(config, "image_size", 224)
+    h, w = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
     if (folder / "preprocessor_config.json").is_file():
         from transformers import AutoImageProcessor
 
-        proc = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+        try:
+            proc = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+        except Exception as err:
+            raise ModelLoadError(
+                f"{loaded.spec}: cannot read preprocessor_config.json ({_first_line(err)})"
+            ) from err
         source = "preprocessor_config.json"
     else:
         from transformers import ViTImageProcessor
 
-        size = int(config.image_size)
-        proc = ViTImageProcessor(size={"height": size, "width": size})
-        source = f"no preprocessor_config.json: resize to image_size={size}, ViT default mean/std"
+        proc = ViTImageProcessor(size={"height": h, "width": w})
+        source = f"no preprocessor_config.json: resize to image_size={h}, ViT default mean/std"
         loaded.notes.append(
             f"{loaded.spec}: no preprocessor_config.json; resized to the config's image_size "
-            f"{size} and normalised with mean {list(proc.image_mean)}, std "
+            f"{h} and normalised with mean {list(proc.image_mean)}, std "
             f"{list(proc.image_std)} (HF ViT defaults)"
         )
     if getattr(proc, "do_normalize", True):
         loaded.mean, loaded.std = tuple(proc.image_mean), tuple(proc.image_std)
-    loaded.image_transform = lambda img: proc(images=img.convert("RGB"), return_tensors="pt")[
-        "pixel_values"
-    ][0]
+
+    def process(img: Any) -> torch.Tensor:
+        return proc(images=img.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+
+    from PIL import Image
+
+    got = tuple(process(Image.new("RGB", (w, h))).shape[-2:])
     loaded.preprocessing = {
         "source": source,
         "processor": type(proc).__name__,
         "mean": list(loaded.mean),
         "std": list(loaded.std),
     }
+    if got == (h, w):
+        loaded.image_transform = process
+    else:  # the model would refuse these inputs: bring them to the size it was built for
+
+        def resized(img: Any) -> torch.Tensor:
+            x = process(img)[None]
+            return nn.functional.interpolate(
+                x, size=(h, w), mode="bilinear", align_corners=False, antialias=True
+            )[0]
+
+        loaded.image_transform = resized
+        loaded.preprocessing["resize_after"] = [h, w]
+        loaded.notes.append(
+            f"{loaded.spec}: {source} gives {got[0]}x{got[1]} inputs, the model takes "
+            f"{h}x{w} (config image_size); images are resized to {h}x{w} after preprocessing"
+        )
+    loaded.input_size = (h, w)
 
 
 def _hf_tokenizer(loaded: LoadedModel, folder: Path, config: Any) -> None:
@@ -526,6 +691,7 @@ def _load_zoo(name: str, weights: Path | None, device: str | torch.device) -> Lo
             return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
 
         loaded.image_transform = transform
+        loaded.input_size = (size, size)
         loaded.preprocessing = {"source": "zoo", "resize": [size, size], "range": [0, 1]}
     else:
         _zoo_tokenizer(loaded, info, model)

@@ -465,3 +465,321 @@ def test_demo_default_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["demo"]) == 0
     assert (tmp_path / "captum-ext-demo" / "explanations.png").is_file()
+
+
+# --- issue 11: one line and exit 2 for every mistake; folders, batches, labels, targets -------
+
+
+def _png_chunks(data: bytes):
+    import struct
+
+    i = 8
+    while i < len(data):
+        n = struct.unpack(">I", data[i : i + 4])[0]
+        yield i, n, data[i + 4 : i + 8]
+        i += 12 + n
+
+
+def _broken_png(path: Path, source: Path, kind: str) -> Path:
+    """A copy of ``source`` with a bad IDAT checksum, or IDAT data that is not zlib."""
+    import struct
+    import zlib
+
+    data = source.read_bytes()
+    i, n, _ = next(c for c in _png_chunks(data) if c[2] == b"IDAT")
+    if kind == "crc":
+        out = bytearray(data)
+        out[i + 8 + n] ^= 0xFF
+        path.write_bytes(bytes(out))
+    else:
+        payload = b"this is not zlib data"
+        crc = struct.pack(">I", zlib.crc32(b"IDAT" + payload) & 0xFFFFFFFF)
+        chunk = struct.pack(">I", len(payload)) + b"IDAT" + payload + crc
+        path.write_bytes(data[:i] + chunk + data[i + 12 + n :])
+    return path
+
+
+def _one_line_error(capsys, expected: str) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("captum-ext") and expected in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("kind", ["crc", "zlib", "bomb"])
+def test_unreadable_image_is_one_line_exit_2(kind, files, tmp_path, capsys, monkeypatch):
+    image = files["im0"]
+    if kind == "bomb":
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 400)  # im0 has 40 x 48 = 1920 pixels
+    else:
+        image = _broken_png(tmp_path / f"{kind}.png", files["im1"], kind)
+    out = tmp_path / "out"
+    assert main(_with_overrides(files, out, ["--image", str(image)])) == 2
+    _one_line_error(capsys, f"--image {image}: not an image PIL can read")
+    assert not out.exists()
+
+
+def test_hf_folder_with_a_pickled_bin_is_one_line_and_unpickles_nothing(files, tmp_path, capsys):
+    import shutil
+
+    folder = tmp_path / "hf-pickle"
+    shutil.copytree(files["hf_vit"], folder)
+    from safetensors.torch import load_file
+
+    state = load_file(folder / "model.safetensors")
+    (folder / "model.safetensors").unlink()
+    torch.save({**state, "extra": argparse_namespace()}, folder / "pytorch_model.bin")
+    out = tmp_path / "out"
+    args = ["--model", f"hf:{folder}", "--model-kwargs", None, "--weights", None]
+    assert main(_with_overrides(files, out, args)) == 2
+    line = _one_line_error(capsys, "pytorch_model.bin")
+    assert "weights_only=True" in line and "argparse.Namespace" in line
+    assert not out.exists()
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """Fails the test if the command loads a model (it must check --out before computing)."""
+    from captum_ext.cli import explain
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(explain, "load", refuse)
+
+
+@pytest.mark.parametrize(
+    "where", ["proc", "parent is a file", "read-only folder", "read-only file system"]
+)
+def test_unwritable_out_is_refused_before_computing(
+    where, files, tmp_path, capsys, no_loading, monkeypatch
+):
+    if where == "read-only file system":  # simulated: root may write into any folder
+        import errno
+        import tempfile
+
+        def read_only(*args, **kwargs):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+        monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+        out = tmp_path / "out"
+    elif where == "proc":
+        if not Path("/proc/self").is_dir():
+            pytest.skip("no /proc on this system")
+        out = Path("/proc/captum-ext-test/out")
+    elif where == "parent is a file":
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "out"
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders")
+        locked = tmp_path / "locked"
+        locked.mkdir()
+        locked.chmod(0o500)
+        out = locked / "out"
+    assert main(_with_overrides(files, out, [])) == 2
+    _one_line_error(capsys, f"--out {out}")
+    assert not out.exists()
+    assert not [p for p in tmp_path.rglob(".captum-ext-*")]
+
+
+@needs_zoo
+def test_sigterm_during_demo_leaves_no_staging_folder(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "demo"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "captum_ext.cli", "demo", "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    deadline = time.monotonic() + 120
+    staged: list[Path] = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        staged = [f for d in tmp_path.glob(".captum-ext-*") for f in d.iterdir()]
+        if staged:  # a first file is written: the run is half-way
+            break
+        time.sleep(0.05)
+    assert staged, "the demo wrote nothing into a staging folder"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no staging folder, no --out
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "terminated" in err.strip().splitlines()[-1]
+
+
+def test_staged_output_turns_sigterm_into_cleanup_and_restores_the_handler(tmp_path):
+    import signal
+
+    from captum_ext.cli._common import Terminated, staged_output
+
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "out"
+    with pytest.raises(Terminated) as stop, staged_output(out) as tmp:
+        (tmp / "half.png").write_bytes(b"x")
+        assert signal.getsignal(signal.SIGTERM) is not before  # else the kill ends pytest
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_explain_refuses_a_non_empty_out_unless_overwrite(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    first = ["--image", str(files["im0"]), str(files["im1"]), "--target", "0", "--quiet"]
+    assert main(_timm_args(files, out, *first, "--method", "cdam", "relevance")) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+
+    second = ["--image", str(files["im0"]), "--target", "1", "--method", "cdam", "--quiet"]
+    assert main(_timm_args(files, out, *second)) == 2
+    _one_line_error(capsys, "--overwrite")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # untouched
+
+    assert main(_timm_args(files, out, *second, "--overwrite")) == 0
+    pred = json.loads((out / "prediction.json").read_text())
+    listed = {f for entry in pred["inputs"] for f in entry["files"]}
+    assert listed == {"im0_cdam_class1.npy", "im0_cdam_class1.png"}
+    expected = listed | {"prediction.json", "attributions.safetensors"}
+    assert {p.name for p in out.iterdir()} == expected  # exactly this run's output
+
+
+def test_weight_mismatch_names_the_keys_in_one_line(files, tmp_path, capsys):
+    out = tmp_path / "out"
+    deeper = json.dumps({**TIMM_KWARGS, "depth": 3})
+    assert main(_with_overrides(files, out, ["--model-kwargs", deeper])) == 2
+    line = _one_line_error(capsys, "do not fit the model")
+    assert "missing" in line and "blocks.2." in line
+    wider = json.dumps({**TIMM_KWARGS, "embed_dim": 48, "num_heads": 2})
+    assert main(_with_overrides(files, out, ["--model-kwargs", wider])) == 2
+    line = _one_line_error(capsys, "do not fit the model")
+    assert "mis-shaped" in line and "cls_token" in line
+    assert not out.exists()
+
+
+def test_image_folders_and_globs_expand_sorted(files, tmp_path, capsys):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for name in ("b.png", "a.png"):
+        (folder / name).write_bytes(files["im0"].read_bytes())
+    (folder / "notes.txt").write_text("not an image")
+    out = tmp_path / "folder"
+    assert main(_timm_args(files, out, "--image", str(folder), "--method", "cdam", "-q")) == 0
+    pred = json.loads((out / "prediction.json").read_text())
+    assert [e["input"] for e in pred["inputs"]] == [str(folder / "a.png"), str(folder / "b.png")]
+
+    out = tmp_path / "glob"
+    pattern = str(files["root"] / "im*.png")
+    assert main(_timm_args(files, out, "--image", pattern, "--method", "cdam", "-q")) == 0
+    pred = json.loads((out / "prediction.json").read_text())
+    assert [e["name"] for e in pred["inputs"]] == ["im0", "im1"]
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    capsys.readouterr()
+    assert (
+        main(_timm_args(files, tmp_path / "none", "--image", str(empty), "--method", "cdam")) == 2
+    )
+    _one_line_error(capsys, "no images")
+
+
+def test_batch_size_does_not_change_the_maps(files, tmp_path):
+    third = tmp_path / "im2.png"
+    Image.open(files["im0"]).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(third)
+    images = ["--image", str(files["im0"]), str(files["im1"]), str(third)]
+    runs = {}
+    for b in (1, 2):
+        out = tmp_path / f"b{b}"
+        args = [*images, "--method", "cdam", "tam", "--batch-size", str(b), "--quiet"]
+        assert main(_timm_args(files, out, *args)) == 0
+        runs[b] = out
+    names = sorted(p.name for p in runs[1].glob("*.npy"))
+    assert names == sorted(p.name for p in runs[2].glob("*.npy")) and len(names) == 6
+    for name in names:
+        np.testing.assert_allclose(
+            np.load(runs[1] / name), np.load(runs[2] / name), rtol=1e-5, atol=1e-6
+        )
+
+
+def test_progress_bars_on_stderr_unless_quiet(files, tmp_path, capsys):
+    args = ["--image", str(files["im0"]), "--method", "cdam"]
+    assert main(_timm_args(files, tmp_path / "a", *args)) == 0
+    assert "explain" in capsys.readouterr().err  # the tqdm bar
+    assert main(_timm_args(files, tmp_path / "b", *args, "--quiet")) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_method_all_runs_every_registered_method(files, tmp_path):
+    from captum_ext.registry import METHODS
+
+    out = tmp_path / "all"
+    args = ["--image", str(files["im0"]), "--method", "all", "--target", "1", "-q"]
+    assert main(_timm_args(files, out, *args)) == 0
+    assert sorted(json.loads((out / "prediction.json").read_text())["methods"]) == sorted(METHODS)
+    for m in METHODS:
+        assert (out / f"im0_{m}_class1.npy").is_file()
+
+
+@pytest.mark.parametrize("form", ["lines", "json"])
+def test_labels_file_names_the_classes(form, files, tmp_path, capsys):
+    names = ["cat", "car", "dog", "fox"]
+    labels = tmp_path / f"labels.{form}"
+    labels.write_text("\n".join(names) + "\n" if form == "lines" else json.dumps(names))
+    out = tmp_path / "out"
+    args = ["--image", str(files["im0"]), "--method", "cdam", "--labels", str(labels), "-q"]
+    assert main(_timm_args(files, out, *args, "--target", "do")) == 0  # a prefix of "dog"
+    pred = json.loads((out / "prediction.json").read_text())
+    assert pred["inputs"][0]["targets"][0]["label"] == "dog"
+    assert {t["label"] for t in pred["inputs"][0]["top"]} == set(names)
+
+    assert main(_timm_args(files, tmp_path / "x", *args, "--target", "ca")) == 2
+    _one_line_error(capsys, "ambiguous")
+    labels.write_text("cat\ndog\n")
+    assert main(_timm_args(files, tmp_path / "y", *args)) == 2
+    _one_line_error(capsys, "2 class names")
+
+
+def test_target_prefix_on_hf_labels(files, tmp_path):
+    out = tmp_path / "hf"
+    args = ["--model", f"hf:{files['hf_vit']}", "--image", str(files["im0"]), "--method", "cdam"]
+    assert main(["explain", *args, "--target", "Fo", "--out", str(out), "-q"]) == 0
+    assert (out / "im0_cdam_class2.npy").is_file()
+
+
+def test_explain_help_lists_the_zoo_models(capsys):
+    from captum_ext import zoo
+
+    assert main(["explain", "--help"]) == 0
+    out = capsys.readouterr().out
+    for name in zoo.available():
+        assert name in out
+
+
+def test_hf_processor_size_other_than_the_models_is_resized(files, tmp_path, capsys):
+    import shutil
+
+    from transformers import ViTImageProcessor
+
+    folder = tmp_path / "hf-vit-28"
+    shutil.copytree(files["hf_vit"], folder)
+    ViTImageProcessor(size={"height": 28, "width": 28}).save_pretrained(folder)
+    out = tmp_path / "out"
+    args = ["--model", f"hf:{folder}", "--image", str(files["im0"]), "--method", "cdam", "-q"]
+    assert main(["explain", *args, "--out", str(out)]) == 0
+    assert "32x32" in capsys.readouterr().out  # the note says what was done
+    assert np.load(next(out.glob("*.npy"))).shape == (32, 32)
+
+
+def test_timm_img_size_not_a_multiple_of_the_patch_suggests_sizes_that_work(
+    files, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    odd = json.dumps({**TIMM_KWARGS, "img_size": 36})
+    assert main(_with_overrides(files, out, ["--model-kwargs", odd])) == 2
+    line = _one_line_error(capsys, "36x36")
+    assert "32" in line and "40" in line
+    assert not out.exists()

@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Args:
         argv: Arguments without the program name (default: ``sys.argv[1:]``).
     """
-    from captum_ext.cli._common import CLIError, first_line
+    from captum_ext.cli._common import CLIError, Terminated, first_line
     from captum_ext.models import ModelLoadError
 
     parser = build_parser()
@@ -73,3 +73,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Terminated as stop:  # SIGTERM while an output folder was being staged
+        print(f"{PROG} {args.command}: terminated; nothing was written", file=sys.stderr)
+        return int(stop.code)

@@ -14,11 +14,13 @@ import json
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -26,9 +28,14 @@ import torch
 __all__ = [
     "OVERLAY_DPI",
     "OVERLAY_INCHES",
+    "ZOO_MODELS",
     "CLIError",
+    "HelpFormatter",
+    "OutMode",
+    "Terminated",
     "TextRow",
     "add_device",
+    "add_quiet",
     "check_methods",
     "check_out_dir",
     "count",
@@ -39,6 +46,7 @@ __all__ = [
     "staged_output",
     "text_figure",
     "write_json",
+    "zoo_models_text",
 ]
 
 
@@ -68,6 +76,49 @@ def count(low: int):
 
     parse.__name__ = "integer"
     return parse
+
+
+def add_quiet(p: argparse.ArgumentParser) -> None:
+    """Adds ``--quiet`` (no progress bars)."""
+    p.add_argument(
+        "-q", "--quiet", action="store_true", help="no progress bars (they go to stderr)"
+    )
+
+
+ZOO_MODELS = "{zoo_models}"
+"""Placeholder in a help text that :class:`HelpFormatter` replaces by the zoo's models."""
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the layout of descriptions and epilogs, and replaces :data:`ZOO_MODELS` by the
+    models of ``captum_ext.zoo`` when the help is shown (not when the parser is built)."""
+
+    def add_text(self, text: str | None) -> None:
+        if text and ZOO_MODELS in text:
+            text = text.replace(ZOO_MODELS, zoo_models_text())
+        super().add_text(text)
+
+
+def zoo_models_text(indent: int = 14, width: int = 90) -> str:
+    """The zoo's model names, grouped by modality, wrapped for a help text whose first
+    line has ``indent`` characters before the names (continuation lines are indented so)."""
+    import textwrap
+
+    try:
+        from captum_ext import zoo
+
+        groups: dict[str, list[str]] = {}
+        for name in zoo.available():
+            groups.setdefault(str(zoo.info(name).get("modality", "image")), []).append(name)
+    except (ImportError, OSError, ValueError) as err:
+        return f"(the zoo cannot be listed: {first_line(err)})"
+    if not groups:
+        return "(none: this installation has no zoo weights)"
+    text = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in groups.items())
+    pad = " " * indent
+    return textwrap.fill(
+        text, width, initial_indent=pad, subsequent_indent=pad, break_on_hyphens=False
+    )[indent:]
 
 
 def add_device(p: argparse.ArgumentParser) -> None:
@@ -105,44 +156,133 @@ def resolve_device(name: str) -> str:
     return name
 
 
-def check_out_dir(out: Path) -> None:
-    """Raises :class:`CLIError` when ``out`` exists and is not a folder."""
-    if out.exists() and not out.is_dir():
-        raise CLIError(f"--out {out}: exists and is not a folder")
+OutMode = Literal["merge", "new", "replace"]
+"""What to do with an existing output folder: ``"merge"`` (new files replace files of the
+same name, others stay), ``"new"`` (refuse a non-empty folder), ``"replace"`` (its content
+becomes exactly this run's output)."""
+
+
+class Terminated(SystemExit):
+    """Raised by the SIGTERM handler of :func:`staged_output`, so that its cleanup runs.
+
+    The exit status is ``128 + SIGTERM`` (143), as for a process the signal ended.
+    """
+
+
+def _staging_parent(out: Path) -> Path:
+    """The folder the output is staged in: ``out``'s parent, or its nearest existing ancestor."""
+    p = out.absolute().parent
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
+
+
+def check_out_dir(out: Path, mode: OutMode = "merge") -> None:
+    """Checks, before anything is computed, that the output can be written to ``out``.
+
+    Creates (and removes at once) a probe folder where :func:`staged_output` will stage the
+    files and, if ``out`` exists, in ``out``: a read-only file system, a missing permission,
+    ``/proc`` or a parent that is a file are found here and not after the work is done.
+
+    Raises:
+        CLIError: ``out`` or its nearest existing ancestor is a file, ``out`` is a non-empty
+            folder and ``mode`` is ``"new"``, or a folder cannot be made there.
+    """
+    try:
+        if out.exists() and not out.is_dir():
+            raise CLIError(f"--out {out}: exists and is not a folder")
+        anchor = _staging_parent(out)
+        if not anchor.is_dir():
+            raise CLIError(f"--out {out}: {anchor} is a file, not a folder")
+        if mode == "new" and out.is_dir() and any(out.iterdir()):
+            raise CLIError(
+                f"--out {out}: the folder is not empty; pass --overwrite to replace its "
+                "content with this run's output, or choose another folder"
+            )
+        for where in (anchor, out) if out.is_dir() else (anchor,):
+            try:
+                os.rmdir(tempfile.mkdtemp(prefix=".captum-ext-", dir=where))
+            except OSError as err:
+                raise CLIError(
+                    f"--out {out}: cannot create a folder in {where} "
+                    f"({err.strerror or first_line(err)})"
+                ) from err
+    except OSError as err:  # e.g. a parent that may not be listed
+        raise CLIError(f"--out {out}: {err.strerror or first_line(err)}") from err
 
 
 @contextlib.contextmanager
-def staged_output(out: Path) -> Iterator[Path]:
+def _sigterm_raises() -> Iterator[dict[str, bool]]:
+    """SIGTERM raises :class:`Terminated` inside the block; the old handler comes back after.
+
+    Setting ``state["defer"]`` holds a SIGTERM back until the block ends (for a move into
+    place that must not stop half-way). Only the main thread may install a handler;
+    elsewhere the block runs as it is.
+    """
+    state = {"defer": False, "pending": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        if state["defer"]:
+            state["pending"] = True
+        else:
+            raise Terminated(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield state
+    finally:
+        signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+    if state["pending"]:
+        raise Terminated(128 + signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def staged_output(out: Path, mode: OutMode = "merge") -> Iterator[Path]:
     """A temporary folder to write into; moved to ``out`` when the block succeeds.
 
-    The temporary folder sits beside ``out`` when its parent exists (so the move is a
-    rename). If ``out`` already exists, the new files replace files of the same name in
-    it and other files are kept. If the block raises, the temporary folder is removed
-    and ``out`` is neither created nor changed.
+    The temporary folder sits beside ``out`` (or in its nearest existing ancestor), so the
+    move is a rename. An existing ``out`` is treated as ``mode`` says. If the block raises,
+    or SIGTERM arrives (it raises :class:`Terminated` inside the block), the temporary
+    folder is removed and ``out`` is neither created nor changed.
+
+    Raises:
+        CLIError: From :func:`check_out_dir`, before the block runs.
     """
-    check_out_dir(out)
-    parent = out.absolute().parent
-    tmp = Path(tempfile.mkdtemp(prefix=".captum-ext-", dir=parent if parent.is_dir() else None))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); the result is a normal folder
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    try:
-        if not out.exists():
-            parent.mkdir(parents=True, exist_ok=True)
-            shutil.move(str(tmp), str(out))
-            return
-        for item in sorted(tmp.rglob("*")):
-            if item.is_file():
-                dest = out / item.relative_to(tmp)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(item, dest)  # a rename on one file system; replaces dest
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    check_out_dir(out, mode)
+    with _sigterm_raises() as sigterm:
+        tmp: Path | None = None
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=".captum-ext-", dir=_staging_parent(out)))
+            umask = os.umask(0)
+            os.umask(umask)
+            tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private (0700); make it a normal folder
+            yield tmp
+            sigterm["defer"] = True
+            _move_into_place(tmp, out, mode)
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_into_place(tmp: Path, out: Path, mode: OutMode) -> None:
+    if not out.exists():
+        out.absolute().parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(tmp), str(out))
+        return
+    if mode == "replace":
+        for item in out.iterdir():
+            if item.is_dir() and not item.is_symlink():
+                shutil.rmtree(item)
+            else:
+                item.unlink()
+    for item in sorted(tmp.rglob("*")):
+        if item.is_file():
+            dest = out / item.relative_to(tmp)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(item, dest)  # a rename on one file system; replaces dest
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -153,6 +293,8 @@ def write_json(path: Path, data: Any) -> None:
 def check_methods(names: Sequence[str]) -> list[str]:
     """Checks method names against the registry (case-insensitive, ``-`` as ``_``).
 
+    ``all`` stands for every registered method.
+
     Raises:
         CLIError: A name is not registered (the message lists the methods).
     """
@@ -160,9 +302,12 @@ def check_methods(names: Sequence[str]) -> list[str]:
 
     out = []
     for name in names:
+        if name.lower() == "all":
+            out.extend(METHODS)
+            continue
         key = name.lower().replace("-", "_")
         if key not in METHODS:
-            raise CLIError(f"unknown method {name!r}; available: {', '.join(METHODS)}")
+            raise CLIError(f"unknown method {name!r}; available: {', '.join(METHODS)} or all")
         out.append(key)
     return list(dict.fromkeys(out))
 

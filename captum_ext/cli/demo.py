@@ -10,7 +10,6 @@ model's figure) and :func:`text_outputs` (the text model's) are public, for scri
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from captum_ext.cli._common import (
     CLIError,
     TextRow,
     add_device,
+    add_quiet,
     check_out_dir,
     count,
     resolve_device,
@@ -89,6 +89,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         default=32,
         help="images (texts) per model for the metrics table (default: %(default)s)",
     )
+    add_quiet(p)
     return p
 
 
@@ -270,7 +271,7 @@ def run(args: argparse.Namespace) -> int:
             f"the zoo of this installation has none of the demo's models "
             f"({', '.join(IMAGE_MODELS)}; it has: {', '.join(available) or 'no weights'})"
         )
-    show = sys.stderr.isatty()
+    show = not args.quiet
     start = time.perf_counter()
     with staged_output(out) as tmp:
         written: list[tuple[str, str]] = []

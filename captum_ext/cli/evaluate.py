@@ -9,7 +9,10 @@ import argparse
 from pathlib import Path
 
 from captum_ext.cli._common import (
+    ZOO_MODELS,
+    HelpFormatter,
     add_device,
+    add_quiet,
     check_methods,
     check_out_dir,
     count,
@@ -21,7 +24,10 @@ from captum_ext.cli._common import (
 
 __all__ = ["add_parser", "run"]
 
-EPILOG = """\
+EPILOG = f"""\
+zoo models:
+  --models    {ZOO_MODELS}
+
 examples:
   captum-ext evaluate                                   # every zoo model, default methods
   captum-ext evaluate --models shapes-vit --methods cdam tam --n 32 --out results/
@@ -37,11 +43,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="score the methods on the zoo models (localisation, discrimination, faithfulness)",
         description="Run captum_ext.evaluation.evaluate on zoo models and write the table.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--models", nargs="+", metavar="NAME", help="zoo models (default: all)")
     p.add_argument(
-        "--methods", nargs="+", metavar="NAME", help="methods (default: the evaluation's own set)"
+        "--methods",
+        nargs="+",
+        metavar="NAME",
+        help="methods, or all (default: the evaluation's own set)",
     )
     p.add_argument(
         "--n", type=count(1), default=64, help="examples per model (default: %(default)s)"
@@ -55,6 +64,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="captum-ext-eval", help="output folder (default: %(default)s)")
     add_device(p)
+    add_quiet(p)
     return p
 
 
@@ -70,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     for name in models:
         parse_spec(f"zoo:{name}")  # an unknown name is one line naming the available ones
     methods = check_methods(args.methods) if args.methods else None
-    md, data = run_metrics(models, methods, args.n, args.seed, args.bootstrap, device, True)
+    show = not args.quiet
+    md, data = run_metrics(models, methods, args.n, args.seed, args.bootstrap, device, show)
     with staged_output(out) as tmp:
         (tmp / "metrics.md").write_text(md)
         write_json(tmp / "metrics.json", {"n": args.n, "seed": args.seed, **data})

@@ -1,4 +1,4 @@
-"""``captum-ext explain``: maps of one method for local images or texts, written to a folder.
+"""``captum-ext explain``: maps of one or more methods for local images or texts.
 
 Per image and target class: ``NAME_METHOD_classK.png`` (Captum's ``blended_heat_map``
 overlay, 400 x 400 pixels) and ``NAME_METHOD_classK.npy`` (the map ``(H, W)`` in the
@@ -6,13 +6,19 @@ model's input space, float32). Per text: ``text.html`` (Captum's ``visualize_tex
 ``text.png`` and ``textI_METHOD_classK.npy`` (token scores ``(T,)``). Always:
 ``attributions.safetensors`` (every map, keyed ``NAME/METHOD/classK``) and
 ``prediction.json`` (top classes with scores, targets, files, preprocessing).
+
+Everything that can be checked is checked before the model runs: the output folder can
+be written (and is empty, unless ``--overwrite``), every image decodes, the weights and
+labels files exist, the targets name classes.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,12 +26,17 @@ from typing import Any
 import numpy as np
 import torch
 
+from captum_ext._scores import progress
 from captum_ext.cli._common import (
+    ZOO_MODELS,
     CLIError,
+    HelpFormatter,
     TextRow,
     add_device,
+    add_quiet,
     check_methods,
     check_out_dir,
+    count,
     first_line,
     resolve_device,
     save_overlay,
@@ -33,32 +44,36 @@ from captum_ext.cli._common import (
     text_figure,
     write_json,
 )
-from captum_ext.models import LoadedModel, load
+from captum_ext.models import LoadedModel, load, read_class_names
 
 __all__ = ["add_parser", "run"]
 
 TOP_K = 5
 
-EPILOG = """\
+EPILOG = f"""\
 model specs:
   timm:ARCH   a timm architecture; weights from --weights FILE (never downloaded)
   hf:DIR      a HuggingFace folder written by save_pretrained (image or text classifier;
               text models use the tokenizer saved in DIR)
-  zoo:NAME    a model shipped with captum_ext (see `captum-ext evaluate --help`)
+  zoo:NAME    a model shipped with captum_ext (captum_ext.zoo):
+              {ZOO_MODELS}
 
 examples:
   captum-ext explain --model timm:vit_small_patch16_224 --weights vit_s16.safetensors \\
       --image cat.png dog.jpg --method cdam --target 281 285
   captum-ext explain --model timm:vit_tiny_patch16_224 --weights tiny.safetensors \\
-      --model-kwargs '{"img_size": 32, "patch_size": 8}' --image x.png --method tam
+      --model-kwargs '{{"img_size": 32, "patch_size": 8}}' --image photos/ --method all
+  captum-ext explain --model timm:vit_small_patch16_224 --weights my_head.safetensors \\
+      --labels labels.txt --image 'shots/*.jpg' --method cdam --target tabby
   captum-ext explain --model hf:./my-vit --image x.png --method relevance
   captum-ext explain --model hf:./my-bert --text "a great movie" --method cdam --target 1
-  captum-ext explain --model zoo:shapes-vit --image shapes.png --method cdam --target circle
+  captum-ext explain --model zoo:shapes-vit --image shapes.png --method cdam --target circ
 
 writes, per input and target: NAME_METHOD_classK.png (Captum blended_heat_map overlay,
 400x400 px) and NAME_METHOD_classK.npy (the map in input space); for texts text.html,
 text.png and token-score .npy files; always attributions.safetensors (every map) and
 prediction.json (top classes and scores: softmax, or sigmoid for multi-label models).
+A non-empty --out is refused unless --overwrite, which replaces its content.
 Weights: .safetensors preferred; .pt/.pth/.bin are read with torch.load(weights_only=True).
 """
 
@@ -71,33 +86,57 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         description="Explain a timm, HuggingFace or zoo model on local images or texts "
         "with one or more methods.",
         epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--model", required=True, metavar="SPEC", help="timm:ARCH, hf:DIR or zoo:NAME")
     p.add_argument("--weights", metavar="PATH", help="weights file (.safetensors preferred)")
     p.add_argument(
         "--model-kwargs", metavar="JSON", help="timm.create_model keyword arguments, as JSON"
     )
+    p.add_argument(
+        "--labels",
+        metavar="FILE",
+        help="class names for a custom head: one per line, or a JSON list",
+    )
     inputs = p.add_mutually_exclusive_group(required=True)
-    inputs.add_argument("--image", nargs="+", metavar="IMG", help="image files (read with PIL)")
+    inputs.add_argument(
+        "--image",
+        nargs="+",
+        metavar="IMG",
+        help="image files, folders (every image in them, sorted) or glob patterns",
+    )
     inputs.add_argument("--text", nargs="+", metavar="TEXT", help="texts to classify and explain")
     p.add_argument(
         "--method",
         nargs="+",
         required=True,
         metavar="NAME",
-        help="cdam, tam, relevance, rollout, attention_map (one or more)",
+        help="cdam, tam, relevance, rollout, attention_map, or all (one or more)",
     )
     p.add_argument(
         "--target",
         nargs="+",
         metavar="K",
-        help="class indices or names to explain (default: the top class of each input)",
+        help="class indices, names or unambiguous name prefixes "
+        "(default: the top class of each input)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=count(1),
+        default=8,
+        metavar="N",
+        help="inputs per forward pass (default: %(default)s)",
     )
     p.add_argument(
         "--out", default="captum-ext-explain", help="output folder (default: %(default)s)"
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the content of a non-empty --out with this run's output",
+    )
     add_device(p)
+    add_quiet(p)
     return p
 
 
@@ -115,20 +154,52 @@ class _Item:
     tokens: list[str] | None = None  # texts
 
 
-def _check_images(paths: list[str]) -> list[Path]:
-    from PIL import Image, UnidentifiedImageError
+def _image_suffixes() -> set[str]:
+    from PIL import Image
 
-    out = []
-    for p in map(Path, paths):
-        if not p.is_file():
-            raise CLIError(f"--image {p}: no such file")
+    return {ext.lower() for ext in Image.registered_extensions()}
+
+
+def _expand_images(values: list[str]) -> list[Path]:
+    """Files as given; folders to the images in them and glob patterns to their matches,
+    sorted (images by PIL's registered suffixes)."""
+    suffixes = _image_suffixes()
+    out: list[Path] = []
+    for value in values:
+        path = Path(value)
+        if path.is_dir():
+            found = sorted(
+                f for f in path.iterdir() if f.is_file() and f.suffix.lower() in suffixes
+            )
+            if not found:
+                raise CLIError(f"--image {path}: no images in the folder")
+        elif path.is_file():
+            found = [path]
+        elif re.search(r"[*?[]", value):
+            matches = sorted(Path(f) for f in glob.glob(value, recursive=True))
+            found = [f for f in matches if f.is_file() and f.suffix.lower() in suffixes]
+            if not found:
+                raise CLIError(f"--image {value}: no images match the pattern")
+        else:
+            raise CLIError(f"--image {path}: no such file")
+        out.extend(found)
+    return list(dict.fromkeys(out))
+
+
+def _check_images(paths: list[Path]) -> None:
+    """Decodes every image once, so that a broken file stops the command before any work."""
+    from PIL import Image
+
+    for path in paths:
         try:
-            with Image.open(p) as img:
-                img.verify()
-        except (UnidentifiedImageError, OSError) as err:
-            raise CLIError(f"--image {p}: not an image PIL can read ({first_line(err)})") from err
-        out.append(p)
-    return out
+            with Image.open(path) as img:
+                img.verify()  # checksums (a PNG's CRCs)
+            with Image.open(path) as img:
+                img.load()  # every pixel: broken data streams, decompression bombs
+        except Exception as err:  # PIL raises OSError, SyntaxError, DecompressionBombError...
+            raise CLIError(
+                f"--image {path}: not an image PIL can read ({first_line(err)})"
+            ) from err
 
 
 def _parse_kwargs(text: str | None) -> dict[str, Any]:
@@ -146,20 +217,33 @@ def _parse_kwargs(text: str | None) -> dict[str, Any]:
 def _parse_targets(values: list[str] | None, names: list[str]) -> list[int] | None:
     if not values:
         return None
-    lower = {n.lower(): i for i, n in enumerate(names)}
     out = []
     for v in values:
         if re.fullmatch(r"-?\d+", v):
             k = int(v)
             if not 0 <= k < len(names):
                 raise CLIError(f"--target {k} is out of range: the model has {len(names)} classes")
-        elif v.lower() in lower:
-            k = lower[v.lower()]
         else:
-            shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
-            raise CLIError(f"--target {v!r} is neither a class index nor a class name ({shown})")
+            k = _class_by_name(v, names)
         out.append(k)
     return list(dict.fromkeys(out))
+
+
+def _class_by_name(value: str, names: list[str]) -> int:
+    """The class named ``value`` (any case), or the one class whose name starts with it."""
+    key = value.lower()
+    matches = [i for i, n in enumerate(names) if n.lower() == key]
+    matches = matches or [i for i, n in enumerate(names) if n.lower().startswith(key)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
+        raise CLIError(f"--target {value!r} is neither a class index nor a class name ({shown})")
+    shown = ", ".join(f"{names[i]} ({i})" for i in matches[:8])
+    raise CLIError(
+        f"--target {value!r} is ambiguous: {len(matches)} classes match "
+        f"({shown}{', ...' if len(matches) > 8 else ''}); use more letters or the class index"
+    )
 
 
 def _unique_names(stems: list[str]) -> list[str]:
@@ -180,16 +264,9 @@ def _top(loaded: LoadedModel, probs: torch.Tensor) -> list[dict[str, Any]]:
     ]
 
 
-def _attribute(explainer: Any, method: str, *args: Any, **kwargs: Any) -> torch.Tensor:
-    from captum_ext.errors import MissingAttentionError, UnsupportedModelError
-
-    try:
-        return explainer.attribute(*args, **kwargs).detach().float().cpu()
-    except (ValueError, UnsupportedModelError, MissingAttentionError) as err:
-        raise CLIError(f"{method}: {first_line(err)}") from err
-
-
-def _explainers(methods: list[str], loaded: LoadedModel) -> dict[str, Any]:
+def _explainers(methods: list[str], loaded: LoadedModel, skip_unsupported: bool) -> dict[str, Any]:
+    """The attribution objects; with ``skip_unsupported`` (``--method all``) a method that
+    does not support the model is left out with a note instead of stopping the command."""
     from captum_ext.errors import UnsupportedModelError
     from captum_ext.registry import make_method
 
@@ -198,48 +275,99 @@ def _explainers(methods: list[str], loaded: LoadedModel) -> dict[str, Any]:
         try:
             out[m] = make_method(m, loaded.model)
         except (UnsupportedModelError, ValueError) as err:
-            raise CLIError(f"{m} on {loaded.spec}: {first_line(err)}") from err
+            if not skip_unsupported:
+                raise CLIError(f"{m} on {loaded.spec}: {first_line(err)}") from err
+            print(f"note: {m} skipped: {first_line(err)}")
+    if not out:
+        raise CLIError(f"no method supports {loaded.spec}")
     return out
 
 
+def _explain_batch(
+    explainers: dict[str, Any],
+    items: list[_Item],
+    inputs: torch.Tensor,
+    extra: tuple[torch.Tensor, ...] | None,
+    targets: list[int] | None,
+    step: Callable[[int], Any],
+) -> None:
+    """Fills ``item.maps`` for a batch: every method, for the given targets (the same for
+    every input) or for each input's top class (one call with a target per input)."""
+    from captum_ext.errors import MissingAttentionError, UnsupportedModelError
+
+    kwargs = {} if extra is None else {"additional_forward_args": extra}
+    calls = [[k] * len(items) for k in targets] if targets else [[i.targets[0] for i in items]]
+    for m, explainer in explainers.items():
+        for ks in calls:
+            target = torch.tensor(ks, device=inputs.device)  # (B,)
+            try:
+                maps = explainer.attribute(inputs, target=target, **kwargs).detach().float().cpu()
+            except (ValueError, UnsupportedModelError, MissingAttentionError) as err:
+                raise CLIError(f"{m}: {first_line(err)}") from err
+            for item, k, attr in zip(items, ks, maps):
+                item.maps[m, k] = attr  # images (1, H, W), texts (T,)
+            step(len(items))
+
+
 def _explain_images(
-    loaded: LoadedModel, paths: list[Path], methods: list[str], targets: list[int] | None
+    loaded: LoadedModel,
+    paths: list[Path],
+    explainers: dict[str, Any],
+    targets: list[int] | None,
+    batch_size: int,
+    step: Callable[[int], Any],
 ) -> list[_Item]:
     from PIL import Image
 
-    explainers = _explainers(methods, loaded)
-    items = []
-    for name, path in zip(_unique_names([p.stem for p in paths]), paths):
-        with Image.open(path) as img:
-            x = loaded.image_transform(img)[None].to(loaded.device)
-        probs = loaded.probabilities(loaded.logits(x))[0].cpu()
-        item = _Item(name, str(path), probs, _top(loaded, probs), targets or [int(probs.argmax())])
-        item.display = loaded.display(x[0]).cpu()
-        for m in methods:
-            for k in item.targets:
-                item.maps[m, k] = _attribute(explainers[m], m, x, target=k)[0]  # (1, H, W)
-        items.append(item)
+    named = list(zip(_unique_names([p.stem for p in paths]), paths))
+    items: list[_Item] = []
+    for start in range(0, len(named), batch_size):
+        chunk = named[start : start + batch_size]
+        xs = []
+        for _, path in chunk:
+            with Image.open(path) as img:
+                xs.append(loaded.image_transform(img))
+        x = torch.stack(xs).to(loaded.device)  # (B, 3, H, W) at the model's input size
+        probs = loaded.probabilities(loaded.logits(x)).cpu()
+        display = loaded.display(x).cpu()
+        batch = [
+            _Item(name, str(path), p, _top(loaded, p), targets or [int(p.argmax())], display=d)
+            for (name, path), p, d in zip(chunk, probs, display)
+        ]
+        _explain_batch(explainers, batch, x, None, targets, step)
+        items += batch
     return items
 
 
 def _explain_texts(
-    loaded: LoadedModel, texts: list[str], methods: list[str], targets: list[int] | None
+    loaded: LoadedModel,
+    texts: list[str],
+    explainers: dict[str, Any],
+    targets: list[int] | None,
+    batch_size: int,
+    step: Callable[[int], Any],
 ) -> list[_Item]:
-    explainers = _explainers(methods, loaded)
-    items = []
-    for i, text in enumerate(texts):
-        enc = loaded.tokenize(text)
-        ids, mask = enc.input_ids.to(loaded.device), enc.attention_mask.to(loaded.device)
-        probs = loaded.probabilities(loaded.logits(ids, mask))[0].cpu()
-        item = _Item(f"text{i}", text, probs, _top(loaded, probs), targets or [int(probs.argmax())])
-        item.tokens = enc.tokens
-        for m in methods:
-            for k in item.targets:
-                item.maps[m, k] = _attribute(
-                    explainers[m], m, ids, target=k, additional_forward_args=(mask,)
-                )[0]  # (T,)
-        items.append(item)
-    return items
+    """Texts are batched with texts of the same token count (no padding: each map is the
+    one the text alone would get)."""
+    encoded = [loaded.tokenize(t) for t in texts]
+    by_length: dict[int, list[int]] = {}
+    for i, enc in enumerate(encoded):
+        by_length.setdefault(enc.input_ids.shape[1], []).append(i)
+    items: dict[int, _Item] = {}
+    for group in by_length.values():
+        for start in range(0, len(group), batch_size):
+            chunk = group[start : start + batch_size]
+            ids = torch.cat([encoded[i].input_ids for i in chunk]).to(loaded.device)
+            mask = torch.cat([encoded[i].attention_mask for i in chunk]).to(loaded.device)
+            probs = loaded.probabilities(loaded.logits(ids, mask)).cpu()
+            batch = []
+            for i, p in zip(chunk, probs):
+                item = _Item(f"text{i}", texts[i], p, _top(loaded, p), targets or [int(p.argmax())])
+                item.tokens = encoded[i].tokens
+                items[i] = item
+                batch.append(item)
+            _explain_batch(explainers, batch, ids, (mask,), targets, step)
+    return [items[i] for i in range(len(texts))]
 
 
 def _write(
@@ -331,12 +459,22 @@ def run(args: argparse.Namespace) -> int:
     methods = check_methods(args.method)
     device = resolve_device(args.device)
     out = Path(args.out)
-    check_out_dir(out)
-    images = _check_images(args.image) if args.image else None
+    mode = "replace" if args.overwrite else "new"
+    check_out_dir(out, mode)
+    images = _expand_images(args.image) if args.image else None
+    if images:
+        _check_images(images)
     weights = Path(args.weights) if args.weights else None
     if weights is not None and not weights.is_file():
         raise CLIError(f"--weights {weights}: no such file")
-    loaded = load(args.model, weights, device, model_kwargs=_parse_kwargs(args.model_kwargs))
+    names = read_class_names(args.labels) if args.labels else None
+    loaded = load(
+        args.model,
+        weights,
+        device,
+        model_kwargs=_parse_kwargs(args.model_kwargs),
+        class_names=names,
+    )
     wanted = "image" if images else "text"
     if loaded.modality != wanted:
         use = "an image model; use --image FILE" if wanted == "text" else "a text model; use --text"
@@ -344,11 +482,14 @@ def run(args: argparse.Namespace) -> int:
     targets = _parse_targets(args.target, loaded.class_names)
     for note in loaded.notes:
         print(f"note: {note}")
-    if images:
-        items = _explain_images(loaded, images, methods, targets)
-    else:
-        items = _explain_texts(loaded, args.text, methods, targets)
-    with staged_output(out) as tmp:
+    explainers = _explainers(methods, loaded, skip_unsupported="all" in map(str.lower, args.method))
+    methods = list(explainers)
+    inputs: list[Any] = images if images else args.text
+    total = len(inputs) * len(methods) * len(targets or [None])
+    with progress(total=total, show=not args.quiet, desc="explain", unit="map", leave=False) as bar:
+        explain = _explain_images if images else _explain_texts
+        items = explain(loaded, inputs, explainers, targets, args.batch_size, bar.update)
+    with staged_output(out, mode) as tmp:
         files = _write(tmp, loaded, items, methods, device)
     for item in items:
         best = item.top[0]
