@@ -240,6 +240,29 @@ def test_timm_cnn_preset_and_features():
         model.maxpool(model.act1(model.bn1(model.conv1(x))))))))  # fmt: skip
 
 
+def test_wrong_cnn_layer_lists_the_candidate_maps():
+    import timm
+
+    model = timm.create_model("resnet18", num_classes=4).eval()
+    with pytest.raises(ValueError, match=r"no module named 'layer9'.*layer3.*\(256, 4, 4\)"):
+        TTAME(model, layers=["layer2", "layer9"], input_size=64)
+
+
+def test_same_parameters_but_other_feature_shapes_are_refused(tmp_path):
+    from timm.models.resnet import BasicBlock, ResNet
+
+    import captum_ext.zoo._build as build
+
+    torch.manual_seed(0)
+    stride1 = build.zoo_resnet_s1(num_classes=4).eval()
+    TTAME(stride1).save(tmp_path / "t")
+    strided = ResNet(BasicBlock, (1, 1, 1, 1), channels=(16, 32, 64, 128), stem_type="deep",
+                     stem_width=8, num_classes=4).eval()  # fmt: skip
+    assert strided.state_dict().keys() == stride1.state_dict().keys()
+    with pytest.raises(CheckpointError, match=r"feature shapes \[\[32, 16, 16\]"):
+        TTAME.load(tmp_path / "t", strided)
+
+
 # ---------------------------------------------------------------------------------------------
 # the mechanism and the loss, against literal references (float64)
 

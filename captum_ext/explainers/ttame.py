@@ -21,7 +21,7 @@ from torch import nn
 from captum_ext import zoo
 from captum_ext._scores import normalise_target
 from captum_ext.adapters.base import ModelAdapter, TransformerAdapter, adapter_for, unwrap_model
-from captum_ext.capture import Hook, hooks, model_state
+from captum_ext.capture import Hook, check_feature_layers, hooks, model_state
 from captum_ext.checkpoint import (
     CheckpointPaths,
     checkpoint_paths,
@@ -103,7 +103,9 @@ class TTAME(Attribution, nn.Module):
     (:func:`~captum_ext.explainers.losses.ttame_loss`). Explaining is then one forward pass
     (:meth:`attribute`): ``c[b, target]``, min-max normalised, upsampled to the input size.
 
-    Feature layers (``layers=None`` gives the adapter's preset, ``default_feature_layers()``):
+    Feature layers (``layers=None`` gives the adapter's preset, ``default_feature_layers()``;
+    every layer is checked to give a map, and a wrong one is reported with the model's
+    candidate layers and their shapes):
     CNNs: VGG-16 ``features.16/23/30``, ResNet ``layer2/3/4`` (outputs ``(B, C, h, w)``);
     ViTs (timm, HuggingFace): the tokens entering the self-attention of the last three blocks
     (after the block's pre-attention LayerNorm), prefix tokens dropped, reshaped to the patch
@@ -123,7 +125,8 @@ class TTAME(Attribution, nn.Module):
 
     Args:
         model: A classifier ``(B, C, H, W) -> (B, K)`` the adapters support (timm and
-            HuggingFace ViTs; CNNs once a CNN adapter is registered), or its adapter.
+            HuggingFace ViTs; timm and torchvision ResNet, VGG, EfficientNet, ConvNeXt), or
+            its adapter.
         layers: Feature layers: module names (their outputs) or, for transformers, block
             indices (their pre-attention tokens); ``None`` = the family preset.
         num_classes: ``K``; ``None`` = the size of the model's output (checked when given).
@@ -169,14 +172,17 @@ class TTAME(Attribution, nn.Module):
                 "model)."
             )
         self.adapter = adapter
-        self.layers: list[Layer] = _check_layers(
-            adapter.default_feature_layers() if layers is None else layers
-        )
-        self._points = [adapter.feature_point(layer, self._method) for layer in self.layers]
+        if layers is not None:
+            layers = _check_layers(layers)
         self.vit_features: ViTFeatures = _check_vit_features(adapter, vit_features)
         self.input_size = _input_size(adapter.model, input_size)
         self.max_size = int(max_size)
-        shapes, outputs = self._probe()
+        probe = self._probe_input()
+        self._points = check_feature_layers(adapter, probe, layers, self._method)
+        self.layers: list[Layer] = list(
+            adapter.default_feature_layers() if layers is None else layers
+        )
+        shapes, outputs = self._probe(probe)
         if num_classes is not None and num_classes != outputs:
             raise ValueError(
                 f"TTAME: num_classes={num_classes} but the model returns {outputs} scores per "
@@ -201,26 +207,35 @@ class TTAME(Attribution, nn.Module):
         return False
 
     # ------------------------------------------------------------------ features
-    def _probe(self) -> tuple[list[tuple[int, int, int]], int]:
-        """Feature shapes ``(C, h, w)`` and the number of outputs, from one forward pass."""
-        model = self.adapter.model
-        param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    def _probe_input(self) -> torch.Tensor:
+        """Zeros ``(1, C, H, W)`` of ``input_size``, checked against the model's input rules."""
+        param = next((p for p in self.adapter.model.parameters() if p.is_floating_point()), None)
         x = torch.zeros(
             1,
             *self.input_size,
             dtype=param.dtype if param is not None else None,
             device=param.device if param is not None else None,
         )
-        c, h, w = self.input_size
         try:
             self.adapter.check_inputs(x, self._method)
-            with model_state(model, grad=False):
+        except ValueError as err:
+            c, h, w = self.input_size
+            raise ValueError(
+                f"{err} TTAME probes the model once with a {c}x{h}x{w} input to measure its "
+                "features; pass input_size=(H, W) with a size the model accepts."
+            ) from err
+        return x
+
+    def _probe(self, x: torch.Tensor) -> tuple[list[tuple[int, int, int]], int]:
+        """Feature shapes ``(C, h, w)`` and the number of outputs, from one forward pass."""
+        try:
+            with model_state(self.adapter.model, grad=False):
                 feats, logits = self._capture(x)
-        except (ValueError, RuntimeError, TypeError) as err:
+        except RuntimeError as err:
+            c, h, w = self.input_size
             raise ValueError(
                 f"TTAME: the probe forward pass on a {c}x{h}x{w} input failed ({err}); pass "
-                "input_size=(H, W) with a size the model accepts, and layers that output "
-                "feature maps."
+                "input_size=(H, W) with a size the model accepts."
             ) from err
         if logits.dim() != 2:
             raise ValueError(

@@ -26,8 +26,7 @@ recipes, pointing-game scores and run times): ``load`` returns the explainer, it
 from the zoo entry its record names (``backbone_model``):
 
 * ``"shapes-vit-ttame"``: :class:`~captum_ext.TTAME` fitted to ``"shapes-vit"``.
-* ``"shapes-cnn-ttame"``: :class:`~captum_ext.TTAME` fitted to ``"shapes-cnn"`` (once a CNN
-  adapter is registered and the entry has been trained).
+* ``"shapes-cnn-ttame"``: :class:`~captum_ext.TTAME` fitted to ``"shapes-cnn"``.
 
 Every read verifies the entry (:mod:`captum_ext.checkpoint`): the sha256 and size of the
 weights file, the JSON record against the copy stored inside the weights file (class names,
