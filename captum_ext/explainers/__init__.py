@@ -1,11 +1,15 @@
 """Trainable explainers: an attention module fitted to a frozen model, then one forward pass.
 
-Only the shared contract lives here for now (:class:`TrainableExplainer`); T-TAME
-(Ntrougkas et al., IEEE Access 2024) and MHEX (Sun & Liò) implement it in their own modules.
-Their checkpoints go through :mod:`captum_ext.checkpoint` (safetensors + JSON, verified on
-load, never unpickled).
+:class:`TTAME` (Ntrougkas et al., IEEE Access 2024) implements the shared contract
+(:class:`TrainableExplainer`); MHEX (Sun & Liò) will follow in its own module. Their loss
+terms live in :mod:`captum_ext.explainers.losses`, their one training loop (epochs, SGD and
+one-cycle schedule, progress, checkpoints and resume, DDP, autocast) in
+``explainers/_training.py``. Checkpoints go through :mod:`captum_ext.checkpoint`
+(safetensors + JSON, verified on load, never unpickled).
 """
 
+from captum_ext.explainers import losses
 from captum_ext.explainers.base import TrainableExplainer
+from captum_ext.explainers.ttame import TTAME, TTAMEMechanism
 
-__all__ = ["TrainableExplainer"]
+__all__ = ["TTAME", "TTAMEMechanism", "TrainableExplainer", "losses"]
