@@ -18,6 +18,7 @@ or corrupt the state, and raises :class:`ReentrantCallError` instead.
 from __future__ import annotations
 
 import contextlib
+import difflib
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -27,15 +28,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from captum_ext.adapters.base import Point, Readout, TransformerAdapter
+from captum_ext.adapters.base import ModelAdapter, Point, Readout, TransformerAdapter
 from captum_ext.errors import ReentrantCallError
 
 __all__ = [
     "Hook",
     "as_leaf",
+    "check_feature_layers",
     "exclusive",
     "grad_hooks",
     "hooks",
+    "layer_shapes",
     "model_state",
     "probe_readout",
     "replay",
@@ -304,3 +307,176 @@ def probe_readout(adapter: TransformerAdapter) -> Readout | None:
     if bool((rows > 0).all()) and torch.allclose(g, g[:1].expand_as(g), rtol=1e-4, atol=1e-7):
         return "mean"
     return None
+
+
+@dataclass
+class _Probe(Hook):
+    """A hook that only looks: never replaces the tensor and never raises on a non-tensor.
+
+    Appends to :attr:`shapes` the shape of each call's tensor (``None`` for a non-tensor
+    output) and, when ``record``, the tensor itself (or ``None``) to :attr:`tensors`.
+    """
+
+    shapes: list[tuple[int, ...] | None] = field(default_factory=list)
+
+    def _apply(self, value: Any) -> Any:
+        t = value
+        idx = self.point.index
+        if idx is not None and isinstance(value, tuple | list) and len(value) > idx:
+            t = value[idx]
+        is_tensor = isinstance(t, torch.Tensor)
+        self.shapes.append(tuple(t.shape) if is_tensor else None)
+        if self.record:
+            self.tensors.append(t if is_tensor else None)
+        return value
+
+
+def layer_shapes(
+    adapter: ModelAdapter,
+    inputs: torch.Tensor,
+    names: Sequence[str] | None = None,
+    additional_forward_args: Any = None,
+) -> list[tuple[str, tuple[int, ...] | None]]:
+    """The output shape of named modules, from one forward pass of ``inputs``.
+
+    One read-only hook per module (through :func:`hooks`, removed in ``finally``, also when
+    the forward raises), in eval mode without grad (:func:`model_state`); nothing is kept but
+    the shapes.
+
+    Args:
+        adapter: The model's adapter.
+        inputs: Inputs of the model, e.g. images ``(B, C, H, W)``; a single example is enough.
+        names: Module names (as in ``model.named_modules()``); ``None``: every submodule.
+        additional_forward_args: Passed to the model after ``inputs``.
+
+    Returns:
+        ``(name, shape)`` in ``names`` order (``None``: in ``named_modules()`` order). ``shape``
+        is the full output shape, batch first, of a module that ran exactly once with a tensor
+        output; otherwise ``None`` (not called, called several times, or a tuple output: not
+        usable as a feature point). With ``names=None`` those are left out.
+
+    Raises:
+        ValueError: A name that is not a module of the model.
+    """
+    modules = dict(adapter.model.named_modules())
+    wanted = [n for n in modules if n] if names is None else list(names)
+    unknown = [n for n in wanted if not n or n not in modules]
+    if unknown:
+        raise ValueError(
+            f"{type(adapter.model).__name__} has no module named {unknown[0]!r}; "
+            "layer_shapes(adapter, inputs) lists them all."
+        )
+    probes = [_Probe(Point(modules[n], "output", None, n), record=False) for n in wanted]
+    with model_state(adapter.model, grad=False), hooks(probes):
+        adapter.forward(inputs, additional_forward_args)
+    out = [(n, p.shapes[0] if len(p.shapes) == 1 else None) for n, p in zip(wanted, probes)]
+    return out if names is not None else [(n, s) for n, s in out if s is not None]
+
+
+def check_feature_layers(
+    adapter: ModelAdapter,
+    inputs: torch.Tensor,
+    layers: Sequence[str | int] | None = None,
+    method: str = "captum_ext",
+    additional_forward_args: Any = None,
+) -> list[Point]:
+    """The feature points of ``layers``, checked to give maps ``(B, C, h, w)`` on ``inputs``.
+
+    For the trainable explainers (T-TAME, MHEX), which read one feature map per branch. A
+    layer is what :meth:`~captum_ext.adapters.ModelAdapter.feature_point` takes: a module
+    name (its output must be ``(B, C, h, w)``), or for transformers a block index (its
+    pre-attention tokens, turned into a map by
+    :meth:`~captum_ext.adapters.ModelAdapter.feature_map`). One forward pass of the first
+    example checks every point (hooks removed in ``finally``); when a layer is wrong, a
+    second one lists the candidates.
+
+    Args:
+        adapter: The model's adapter.
+        inputs: Inputs of the model, e.g. images ``(B, C, H, W)``.
+        layers: Layer names or indices; ``None``: the adapter's presets
+            (:meth:`~captum_ext.adapters.ModelAdapter.default_feature_layers`).
+        method: Name used in error messages.
+        additional_forward_args: Passed to the model after ``inputs``.
+
+    Returns:
+        One :class:`~captum_ext.adapters.Point` per layer, in the order given.
+
+    Raises:
+        ValueError: No preset and no ``layers``, an unknown module name, or a layer whose
+            output is not a map ``(B, C, h, w)`` (or is not computed exactly once); the
+            message lists the model's modules whose output is a map, as ``name: (C, h, w)``
+            for this input size.
+    """
+    adapter.check_inputs(inputs, method, additional_forward_args)
+    probe = inputs[:1] if additional_forward_args is None else inputs
+
+    def fail(problem: str, near: str = "") -> ValueError:
+        listing = _map_candidates(adapter, probe, additional_forward_args, near)
+        prefix = "" if problem.startswith(f"{method}: ") else f"{method}: "
+        return ValueError(f"{prefix}{problem} {listing}")
+
+    if layers is None:
+        try:
+            layers = adapter.default_feature_layers()
+        except ValueError as err:
+            raise fail(str(err)) from err
+    layers = list(layers)
+    if not layers:
+        raise fail("layers is empty; pass at least one layer.")
+    modules = dict(adapter.model.named_modules())
+    points = []
+    for layer in layers:
+        if isinstance(layer, str) and (not layer or layer not in modules):
+            raise fail(f"{type(adapter.model).__name__} has no module named {layer!r}.", layer)
+        try:
+            points.append(adapter.feature_point(layer, method))
+        except (TypeError, ValueError) as err:
+            raise fail(str(err), layer if isinstance(layer, str) else "") from err
+    probes = [_Probe(p) for p in points]
+    with model_state(adapter.model, grad=False), hooks(probes):
+        adapter.forward(probe, additional_forward_args)
+    for layer, p in zip(layers, probes):
+        calls = len(p.tensors)
+        if calls != 1 or p.tensors[0] is None:
+            what = {0: "is not called in the forward pass", 1: "does not output a tensor"}
+            problem = what.get(calls, f"runs {calls} times in one forward pass")
+            raise fail(f"layer {layer!r} {problem}; a feature layer runs once and outputs a map.")
+        try:
+            adapter.feature_map(p.tensors[0], probe)
+        except ValueError as err:
+            raise fail(f"layer {layer!r}: {err}") from err
+    return points
+
+
+def _map_candidates(
+    adapter: ModelAdapter,
+    inputs: torch.Tensor,
+    additional_forward_args: Any,
+    near: str = "",
+    limit: int = 40,
+) -> str:
+    """The modules whose output is a map, as ``name: (C, h, w)``, for an error message.
+
+    Listed: first, at any depth, up to 8 names closest to ``near`` (the name the user gave;
+    :func:`difflib.get_close_matches`), then the shallow ones (module depth at most one below
+    the shallowest map).
+    """
+    try:
+        shapes = layer_shapes(adapter, inputs, None, additional_forward_args)
+    except Exception as err:  # the listing must not hide the error it explains
+        return f"(Could not list the modules by output shape: {type(err).__name__}: {err}.)"
+    maps = [(n, s) for n, s in shapes if s is not None and len(s) == 4]
+    if not maps:
+        return "No module of the model outputs a map (B, C, h, w)."
+    shape = dict(maps)
+    close = difflib.get_close_matches(near, list(shape), n=8, cutoff=0.6) if near else []
+    top = min(n.count(".") for n in shape) + 1
+    shown = [(n, shape[n]) for n in close]
+    shown += [(n, s) for n, s in maps if n.count(".") <= top and n not in close]
+    more = len(shown) - limit
+    text = ", ".join(f"{n}: {tuple(s[1:])}" for n, s in shown[:limit])
+    if more > 0:
+        text += f", ... and {more} more (captum_ext.capture.layer_shapes lists every module)"
+    h, w = inputs.shape[-2:] if inputs.dim() >= 3 else (None, None)
+    size = f" for a {h}x{w} input" if h is not None else ""
+    return f"Modules whose output is a map, as name: (C, h, w){size}: {text}."

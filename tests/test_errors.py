@@ -17,7 +17,7 @@ BERT = TEXT_MODELS[0]
 @pytest.mark.parametrize("method", METHODS, ids=[m.name for m in METHODS])
 def test_resnet_is_rejected_with_supported_families(method):
     model = torchvision.models.resnet18(num_classes=3)
-    with pytest.raises(UnsupportedModelError, match=r"got ResNet\. Supported: .*timm"):
+    with pytest.raises(UnsupportedModelError, match=r"got ResNet \(CNN .*\)\. Supported: .*timm"):
         method.make(model)
 
 

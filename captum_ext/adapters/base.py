@@ -456,7 +456,8 @@ def adapter_for(
 
     Args:
         model: A timm ViT, a HuggingFace ViT or BERT-family model, a module
-            wrapping one, or an adapter (returned as is).
+            wrapping one, a CNN (timm or torchvision ResNet, VGG, EfficientNet,
+            ConvNeXt), or an adapter (returned as is).
         readout: Overrides the family's default readout (``"cls"``,
             ``"cls_dist"`` or ``"mean"``), e.g. for a mean-pooling wrapper.
         method: Name used in the error message.

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from captum_ext.adapters import adapter_for
+from captum_ext.adapters import TransformerAdapter, adapter_for
 from captum_ext.errors import UnsupportedModelError
 
 __all__ = ["MapFn", "chunks", "method_grids", "model_grid", "pixel_map", "to_grid", "to_pixels"]
@@ -28,10 +28,10 @@ def model_grid(model: nn.Module, images: Tensor, data: Any) -> tuple[int, int]:
     """The ``(h, w)`` grid on which the maps of ``model`` are compared with the masks.
 
     The one place that decides it. A transformer gives its adapter's patch grid
-    (``adapter_for(model).grid_size(images)``). A model without an adapter (a CNN, today) falls
-    back to the benchmark's cell size, ``data.patch`` (default 8): its maps come from custom
-    functions or baselines at pixel resolution and are pooled to that grid. When an adapter
-    exposes a CNN's feature grid, this function is where to ask it.
+    (``adapter_for(model).grid_size(images)``). Any other model (a CNN, whose maps are as
+    coarse as the layer they come from, or a model without an adapter) falls back to the
+    benchmark's cell size, ``data.patch`` (default 8): its maps come from custom functions,
+    trainable explainers or baselines at pixel resolution and are pooled to that grid.
 
     Args:
         model: The evaluated model.
@@ -39,10 +39,13 @@ def model_grid(model: nn.Module, images: Tensor, data: Any) -> tuple[int, int]:
         data: The benchmark data (its ``patch`` attribute is read for the fallback).
     """
     try:
-        return adapter_for(model).grid_size(images)
-    except UnsupportedModelError:
-        patch = int(getattr(data, "patch", 8))
-        return images.shape[-2] // patch, images.shape[-1] // patch
+        adapter = adapter_for(model)
+    except UnsupportedModelError:  # no adapter at all: evaluated through custom maps only
+        adapter = None
+    if isinstance(adapter, TransformerAdapter):
+        return adapter.grid_size(images)
+    patch = int(getattr(data, "patch", 8))
+    return images.shape[-2] // patch, images.shape[-1] // patch
 
 
 def method_grids(

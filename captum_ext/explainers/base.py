@@ -46,7 +46,7 @@ class TrainableExplainer(Protocol):
     protocol checks names, not signatures).
     """
 
-    def fit(self, data: Iterable[Any], **kwargs: Any) -> list[float]:
+    def fit(self, data: Iterable[Any], **kwargs: Any) -> list[dict[str, Any]]:
         """Train the explainer's own parameters; the wrapped model stays frozen, in eval mode.
 
         Args:
@@ -57,7 +57,8 @@ class TrainableExplainer(Protocol):
                 progress bar), each with the published default.
 
         Returns:
-            The training loss of every optimiser step.
+            The history: one dict per epoch (mean loss and loss terms, learning rate, steps,
+            images, time; validation numbers when validation data is given).
         """
         ...
 

@@ -17,6 +17,7 @@ gives the logits.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -28,7 +29,9 @@ import torch.nn.functional as F
 from captum.attr import Attribution, LayerAttribution
 from captum.log import log_usage
 from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
 
+from captum_ext import zoo
 from captum_ext._scores import model_output_to_tensor, normalise_target
 from captum_ext.adapters.base import (
     ModelAdapter,
@@ -40,7 +43,12 @@ from captum_ext.adapters.base import (
 )
 from captum_ext.attr._base import check_targets, format_token_map
 from captum_ext.capture import Hook, hooks, model_state, probe_readout
-from captum_ext.checkpoint import CheckpointPaths, load_checkpoint, save_checkpoint
+from captum_ext.checkpoint import (
+    CheckpointPaths,
+    checkpoint_paths,
+    load_checkpoint,
+    save_checkpoint,
+)
 from captum_ext.errors import CheckpointError
 from captum_ext.explainers._mhex_parts import (
     GateKind,
@@ -49,7 +57,7 @@ from captum_ext.explainers._mhex_parts import (
     make_gate,
     make_head,
 )
-from captum_ext.zoo import register_explainer
+from captum_ext.explainers._training import Recipe, train
 
 __all__ = ["MHEX", "MHEXNetwork", "mhex_step"]
 
@@ -312,14 +320,19 @@ def _stages(adapter: ModelAdapter, layers: Sequence[str | int]) -> list[Stage]:
     return stages
 
 
-def _fingerprint(model: nn.Module) -> str:
-    """sha256 of the model's state (names, shapes, float32 values): refuses other weights."""
-    h = hashlib.sha256()
+def _fingerprint(model: nn.Module, values: bool = True) -> str:
+    """sha256 of the model's state-dict names and shapes and, with ``values``, its values.
+
+    Values are hashed as float32 (floating tensors) on the CPU, so the fingerprint does not
+    depend on the device, nor on a float32 model having been cast to float64 and back.
+    """
+    h = hashlib.sha256(type(model).__name__.encode())
     for name, t in model.state_dict().items():
-        v = t.detach().to("cpu")
-        v = v.float() if v.is_floating_point() else v
-        h.update(f"{name}:{tuple(v.shape)}:{v.dtype};".encode())
-        h.update(v.contiguous().numpy().tobytes())
+        h.update(f"\n{name}:{tuple(t.shape)}".encode())
+        if values:
+            v = t.detach().to("cpu")
+            v = v.float() if v.is_floating_point() else v
+            h.update(v.contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -340,6 +353,15 @@ def _objective_loss(logits: torch.Tensor, labels: torch.Tensor, objective: Objec
             labels = F.one_hot(labels.reshape(-1).long(), logits.shape[1]).to(logits.dtype)
         return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
     raise ValueError(f"MHEX: objective must be 'ce' or 'bce'; got {objective!r}.")
+
+
+def _correct(logits: torch.Tensor, labels: torch.Tensor, objective: Objective) -> float:
+    """Correct examples: the predicted set (``"bce"``: sigmoid > 0.5) or class (``"ce"``)."""
+    if objective == "bce":
+        if not labels.is_floating_point():
+            labels = F.one_hot(labels.reshape(-1).long(), logits.shape[1])
+        return float(((logits > 0) == (labels > 0.5)).all(dim=1).sum())
+    return float((logits.argmax(1) == labels.reshape(-1)).sum())
 
 
 def mhex_step(
@@ -377,69 +399,11 @@ def mhex_step(
     return {"loss": total, **terms}
 
 
-def _minimal_fit(
-    network: MHEXNetwork,
-    step: Callable[[nn.Module, Any], Mapping[str, torch.Tensor]],
-    data: Any,
-    *,
-    epochs: int,
-    batch_size: int,
-    lr: float,
-    weight_decay: float,
-    seed: int,
-    device: torch.device,
-    show_progress: bool,
-) -> list[float]:
-    """Stand-in for the shared training loop (SGD Nesterov, one-cycle), until it lands on main.
-
-    Same recipe as the shared loop: SGD with Nesterov momentum 0.9, weight decay on weights
-    only, one-cycle schedule, data shuffled with ``seed``. No checkpoints, no DDP.
-    """
-    from torch.utils.data import DataLoader, Dataset, TensorDataset
-
-    from captum_ext._scores import progress
-
-    if isinstance(data, tuple) and all(isinstance(t, torch.Tensor) for t in data):
-        data = TensorDataset(*data)
-    if isinstance(data, Dataset):
-        g = torch.Generator().manual_seed(seed)
-        data = DataLoader(data, batch_size=batch_size, shuffle=True, generator=g)
-    steps = epochs * len(data)
-    decay, no_decay = [], []
-    for m in network.modules():
-        for name, p in m.named_parameters(recurse=False):
-            if p.requires_grad:
-                norm = isinstance(m, nn.modules.batchnorm._NormBase | nn.LayerNorm | nn.GroupNorm)
-                (no_decay if name == "bias" or norm else decay).append(p)
-    opt = torch.optim.SGD(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0}],
-        lr=lr,
-        momentum=0.9,
-        nesterov=True,
-    )
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.3)
-    network.to(device).train()
-    losses: list[float] = []
-    bar = progress(total=steps, show=show_progress, desc="MHEX")
-    with bar:
-        for _ in range(epochs):
-            for batch in data:
-                batch = [t.to(device) for t in batch]
-                loss = step(network, batch)["loss"]
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                losses.append(loss.item())
-                bar.update(1)
-    return losses
-
-
 # ------------------------------------------------------------------------------------------
 # the explainer
 
 
-class MHEX(Attribution):
+class MHEX(Attribution, nn.Module):
     """Multi-head explainer (Sun & Liò): gates and linear heads built into the model.
 
     This is the project's reconstruction (the paper's full text and code are not available to
@@ -536,6 +500,7 @@ class MHEX(Attribution):
         fusion: Literal["geometric", "mean"] = "geometric",
         readout: Readout | None = None,
     ) -> None:
+        nn.Module.__init__(self)
         if isinstance(model, MHEXNetwork):
             raise ValueError("MHEX: pass the plain model, not an MHEXNetwork (already wrapped).")
         adapter = adapter_for(model, readout=readout, method=_METHOD)
@@ -621,7 +586,6 @@ class MHEX(Attribution):
         }
         self.backbone_trained = False
         self.training_record: dict[str, Any] | None = None
-        super().__init__(self.network)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -632,10 +596,14 @@ class MHEX(Attribution):
     def multiplies_by_inputs(self) -> bool:
         return False
 
-    def to(self, *args: Any, **kwargs: Any) -> MHEX:
-        """Moves (or casts) the network, as ``nn.Module.to``; returns ``self``."""
-        self.network.to(*args, **kwargs)
-        return self
+    @property
+    def forward_func(self) -> nn.Module:
+        """The gated network (Captum's ``forward_func``)."""
+        return self.network
+
+    def forward(self, inputs: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """The gated network's forward: logits ``(B, K)`` (see :meth:`MHEXNetwork.forward`)."""
+        return self.network(inputs, *args, **kwargs)
 
     def equivalent_matrices(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(W_eq (K, C), b_eq (K,))`` of every head, in stage order."""
@@ -843,88 +811,178 @@ class MHEX(Attribution):
     def fit(
         self,
         data: Any,
+        epochs: int = 4,
+        batch_size: int = 128,
+        lr: float = 0.05,
         *,
         objective: Objective = "ce",
         head_weights: Sequence[float] | float | None = None,
         train_backbone: bool = False,
-        epochs: int = 1,
-        batch_size: int = 64,
-        lr: float = 0.01,
+        momentum: float = 0.9,
+        nesterov: bool = True,
         weight_decay: float = 5e-4,
+        pct_start: float = 0.3,
+        cycle_momentum: bool = True,
         seed: int = 0,
-        device: str | torch.device | None = None,
-        show_progress: bool = False,
-    ) -> list[float]:
-        """Trains gates and heads (and, by default, the model) on labelled data.
+        val_data: Any = None,
+        device: torch.device | str | None = None,
+        amp: bool | None = None,
+        show_progress: bool = True,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        resume: bool = False,
+        keep_checkpoints: int | None = None,
+        num_workers: int = 0,
+        distributed: bool | None = None,
+    ) -> list[dict[str, Any]]:
+        """Trains the gates and heads (and, with ``train_backbone``, the model) on labels.
 
-        Loss ``L(final) + sum_l lambda_l L(head_l)`` (:func:`mhex_step`). The model's
-        ``requires_grad`` flags and train/eval modes are restored afterwards, also when
-        training raises; its weights stay trained when ``train_backbone`` (MHEX is built into
-        the model).
+        Loss ``L(final) + sum_l lambda_l L(head_l)`` (:func:`mhex_step`), with the package's
+        one training loop (:func:`captum_ext.explainers._training.train`): SGD with Nesterov
+        momentum, weight decay on weights only, a one-cycle schedule peaking at ``lr``,
+        progress bar, epoch checkpoints and ``resume``, ``torchrun``/DDP (``batch_size`` is
+        the global batch), autocast on CUDA. The model's ``requires_grad`` flags and
+        train/eval modes are restored afterwards, also when training raises.
+
+        By default the model's own weights stay as they are and it stays in eval mode: with
+        the gates in the backbone (``gated_backbone``) the gates still learn from
+        ``L(final)``. ``train_backbone=True`` trains everything together (e.g. a model trained
+        with MHEX from the start); its weights then change.
 
         Args:
-            data: A ``Dataset`` or ``DataLoader`` of ``(inputs, *extra_args, labels)``, or a
-                tuple of tensors ``(inputs, *extra_args, labels)``.
-            objective: ``"ce"`` (class indices) or ``"bce"`` (multi-hot labels).
+            data: ``Dataset``, ``DataLoader`` or tuple of tensors yielding
+                ``(inputs, *extra_args, labels)``: images and labels, or ``input_ids``,
+                ``attention_mask`` and labels.
+            epochs, batch_size, lr: The recipe (measured on the benchmark, see
+                ``benchmarks/train_mhex.py``).
+            objective: ``"ce"`` (softmax cross-entropy; class indices ``(B,)``) or ``"bce"``
+                (sigmoid binary cross-entropy per class; multi-hot labels ``(B, K)``, the
+                multi-label shapes benchmark).
             head_weights: ``lambda_l`` per head (or one value for all); default 1.
-            train_backbone: Train the model's parameters too; ``False`` freezes them and keeps
-                the model in eval mode.
-            epochs: Passes over the data.
-            batch_size: Examples per step (a ``Dataset`` or tensors).
-            lr: Peak learning rate of the one-cycle schedule (SGD, Nesterov momentum 0.9).
-            weight_decay: L2 penalty of weights (not biases or norms).
-            seed: Seed of the data order.
-            device: Where to train (default: where the model is).
-            show_progress: A progress bar.
+            train_backbone: Train the model's parameters too (model in train mode).
+            momentum, nesterov, weight_decay, pct_start, cycle_momentum, seed: SGD, schedule
+                and data order (see :class:`~captum_ext.explainers._training.Recipe`).
+            val_data: ``(inputs, *extra_args, labels)`` tensors (or a ``Dataset``) scored after
+                every epoch: ``val_final`` and ``val_<layer>`` accuracies (set accuracy for
+                ``"bce"``, argmax accuracy for ``"ce"``).
+            device: Where training runs; default the model's device (the model must be there).
+            amp: ``torch.autocast`` mixed precision; ``None`` = on for CUDA.
+            show_progress: tqdm bar with the running loss.
+            checkpoint_dir: Save ``epoch-NNN`` checkpoints there after every epoch.
+            resume: Continue from the latest checkpoint in ``checkpoint_dir``.
+            keep_checkpoints: Keep only this many newest epoch checkpoints.
+            num_workers: ``DataLoader`` workers for a ``Dataset``.
+            distributed: ``None`` = DDP when under torchrun / an initialised process group.
 
         Returns:
-            The training loss of every optimiser step.
+            One dict per epoch: ``epoch``, ``loss``, ``final``, ``head0``, ... (epoch means,
+            unweighted terms), ``lr``, ``steps``, ``images``, ``time_s`` and the validation
+            numbers.
         """
+        if objective not in ("ce", "bce"):
+            raise ValueError(f"MHEX: objective must be 'ce' or 'bce'; got {objective!r}.")
         lam = self._lambdas(head_weights)
+        if isinstance(data, tuple) and all(isinstance(t, torch.Tensor) for t in data):
+            data = TensorDataset(*data)
+        recipe = Recipe(
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            pct_start=pct_start,
+            cycle_momentum=cycle_momentum,
+            seed=seed,
+        )
+        dev = self._training_device(device)
+        identity = {
+            "method": "mhex",
+            "format": _FORMAT,
+            "config": self._config,
+            "backbone": self._backbone_identity(),
+            "loss": {"objective": objective, "head_weights": lam},
+            "train_backbone": bool(train_backbone),
+        }
+        step = functools.partial(mhex_step, objective=objective, head_weights=lam)
+        validate = None
+        if val_data is not None:
+            validate = functools.partial(self._validate, val_data, batch_size, objective, dev)
         net = self.network
-        if device is None:
-            device = next(net.parameters()).device
-        device = torch.device(device)
         modules = list(net.modules())
         modes = [m.training for m in modules]
-        model_params = list(net.model.parameters())
-        grads = [p.requires_grad for p in model_params]
-
-        def step(module: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
-            return mhex_step(module, batch, objective=objective, head_weights=lam)
-
+        params = list(net.model.parameters())
+        flags = [p.requires_grad for p in params]
         try:
-            for p in model_params:
+            for p in params:
                 p.requires_grad_(train_backbone)
-            for p in net.gates.parameters():
-                p.requires_grad_(True)
-            for p in net.heads.parameters():
+            for p in [*net.gates.parameters(), *net.heads.parameters()]:
                 p.requires_grad_(True)
             net.backbone_trainable = train_backbone
-            losses = _minimal_fit(
-                net, step, data, epochs=epochs, batch_size=batch_size, lr=lr,
-                weight_decay=weight_decay, seed=seed, device=device, show_progress=show_progress,
-            )  # fmt: skip
+            history = train(
+                net,
+                step,
+                data,
+                recipe,
+                device=dev,
+                identity=identity,
+                amp=amp,
+                validate=validate,
+                show_progress=show_progress,
+                desc="MHEX",
+                checkpoint_dir=checkpoint_dir,
+                resume=resume,
+                keep_checkpoints=keep_checkpoints,
+                num_workers=num_workers,
+                distributed=distributed,
+            )
         finally:
             net.backbone_trainable = True
-            for p, g in zip(model_params, grads, strict=True):
-                p.requires_grad_(g)
+            for p, f in zip(params, flags, strict=True):
+                p.requires_grad_(f)
             for m, mode in zip(modules, modes, strict=True):
                 m.training = mode
-        self.backbone_trained = self.backbone_trained or train_backbone
+        self.backbone_trained = self.backbone_trained or bool(train_backbone)
         self.training_record = {
-            "objective": objective,
-            "head_weights": lam,
-            "train_backbone": train_backbone,
-            "epochs": epochs,
-            "batch_size": batch_size,
-            "lr": lr,
-            "weight_decay": weight_decay,
-            "seed": seed,
-            "steps": len(losses),
-            "final_loss": losses[-1] if losses else None,
+            "recipe": recipe.as_dict(),
+            "loss": identity["loss"],
+            "train_backbone": bool(train_backbone),
+            "history": history,
         }
-        return losses
+        return history
+
+    def _training_device(self, device: torch.device | str | None) -> torch.device:
+        param = next(self.network.model.parameters(), None)
+        here = param.device if param is not None else torch.device("cpu")
+        if device is None:
+            return here
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if here != dev:
+            raise ValueError(
+                f"MHEX.fit(device={str(dev)!r}) but the model is on {here}; move it there first "
+                f"(mhex.to({str(dev)!r}))."
+            )
+        return dev
+
+    def _validate(
+        self, val_data: Any, batch_size: int, objective: Objective, device: torch.device, module
+    ) -> dict[str, float]:
+        """Accuracy of the final classifier and of every head on ``val_data``."""
+        if isinstance(val_data, tuple) and all(isinstance(t, torch.Tensor) for t in val_data):
+            val_data = TensorDataset(*val_data)
+        loader = DataLoader(val_data, batch_size=batch_size)
+        hits = torch.zeros(len(self.stages) + 1, dtype=torch.float64)
+        n = 0
+        with torch.no_grad():
+            for batch in loader:
+                inputs, *extra, labels = [t.to(device) for t in batch]
+                logits, heads = module(inputs, *extra, return_heads=True)
+                for i, lg in enumerate([*heads, logits]):
+                    hits[i] += _correct(lg, labels, objective)
+                n += labels.shape[0]
+        names = [f"val_{s.layer}" for s in self.stages] + ["val_final"]
+        return {k: float(h / max(n, 1)) for k, h in zip(names, hits, strict=True)}
 
     # ------------------------------------------------------------------ analysis
     def gradient_similarity(
@@ -986,44 +1044,64 @@ class MHEX(Attribution):
         return unit @ unit.T
 
     # ------------------------------------------------------------------ checkpoints
-    def _backbone_record(self) -> dict[str, Any]:
+    def _backbone_identity(self) -> dict[str, Any]:
+        """The wrapped model's class, family, size, stage widths and parameter layout."""
         model = self.network.model
-        rec = {
+        return {
             "class": type(model).__name__,
             "family": self.adapter.family,
             "params": sum(p.numel() for p in model.parameters()),
             "widths": [s.channels for s in self.stages],
-            "included": self.backbone_trained,
+            "layout_sha256": _fingerprint(model, values=False),
         }
-        if not self.backbone_trained:
-            rec["sha256"] = _fingerprint(model)
-        return rec
 
     def record(self) -> dict[str, Any]:
-        """The JSON record a checkpoint of this explainer carries: method, config, backbone."""
+        """The JSON record a checkpoint carries: method, config, backbone, training.
+
+        ``backbone.weights_sha256`` fingerprints the model's weights (values) as they are now;
+        ``backbone.weights_stored`` says whether the checkpoint holds them (after
+        ``fit(train_backbone=True)``).
+        """
         return {
             "method": "mhex",
             "format": _FORMAT,
             "config": dict(self._config),
-            "backbone": self._backbone_record(),
+            "backbone": {
+                **self._backbone_identity(),
+                "weights_stored": self.backbone_trained,
+                "weights_sha256": _fingerprint(self.network.model),
+            },
             "training": self.training_record,
         }
 
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """What a checkpoint stores: gates and heads, and the model's weights once trained."""
-        state = self.network.state_dict()
-        keep = ("gates.", "heads.") + (("model.",) if self.backbone_trained else ())
-        return {k: v.detach().clone() for k, v in state.items() if k.startswith(keep)}
-
-    def save(self, path: str | os.PathLike[str]) -> CheckpointPaths:
+    def save(
+        self, path: str | os.PathLike[str], extra: Mapping[str, Any] | None = None
+    ) -> CheckpointPaths:
         """Writes ``<path>.safetensors`` + ``<path>.json`` (:mod:`captum_ext.checkpoint`).
 
-        Stored: the gates' and heads' tensors; the model's own weights too when :meth:`fit`
-        trained them (otherwise a sha256 fingerprint of them, so that :meth:`load` refuses
-        other weights); the configuration and the backbone's class, family, parameter count
-        and stage widths.
+        Stored: the gates' and heads' tensors, and the model's own weights when :meth:`fit`
+        trained them (else only their sha256 fingerprint, so that :meth:`load` refuses other
+        weights); the record (:meth:`record`): configuration, the backbone's class, family,
+        parameter count, stage widths and fingerprints, and how it was trained.
+
+        Args:
+            path: Base path (``<path>.safetensors`` + ``<path>.json``).
+            extra: More top-level record entries (JSON), e.g. a zoo entry's metadata.
+
+        Returns:
+            The paths written.
         """
-        return save_checkpoint(path, self.tensors(), self.record())
+        record = self.record()
+        clash = set(extra or {}) & {*record, "weights"}
+        if clash:
+            raise ValueError(f"extra must not set {sorted(clash)}; MHEX writes those.")
+        keep = ("gates.", "heads.") + (("model.",) if self.backbone_trained else ())
+        state = {
+            k: v.detach().clone()
+            for k, v in self.network.state_dict().items()
+            if k.startswith(keep)
+        }
+        return save_checkpoint(path, state, {**record, **(extra or {})})
 
     @classmethod
     def load(
@@ -1038,49 +1116,56 @@ class MHEX(Attribution):
 
         Args:
             path: Base path of the checkpoint pair (or either file).
-            model: A model of the architecture the checkpoint was made for; when the
-                checkpoint holds trained model weights they are loaded into it.
+            model: The model the checkpoint was made for. When the checkpoint holds the
+                model's trained weights, they are loaded into it; otherwise its weights must be
+                the ones the gates and heads were trained with.
             layers: If given, must equal the checkpoint's layers.
             num_classes: If given, must equal the checkpoint's class count.
 
-        Raises:
-            CheckpointError: The files are damaged, or were made for another backbone
-                (class, parameter count, stage widths, weights), other layers or another
-                class count.
-        """
-        expect: dict[str, Any] = {"method": "mhex"}
-        if layers is not None:
-            expect["config.layers"] = list(layers)
-        if num_classes is not None:
-            expect["config.num_classes"] = num_classes
-        tensors, record = load_checkpoint(path, expect=expect, require=("config", "backbone"))
-        return cls.from_checkpoint(tensors, record, model, path)
+        Returns:
+            The explainer, in eval mode, on the model's device and dtype.
 
-    @classmethod
-    def from_checkpoint(
-        cls,
-        tensors: Mapping[str, torch.Tensor],
-        record: Mapping[str, Any],
-        model: nn.Module,
-        path: str | os.PathLike[str] = "<checkpoint>",
-    ) -> MHEX:
-        """Rebuilds MHEX from verified checkpoint contents (used by :meth:`load` and the zoo)."""
-        remedy = "load the checkpoint with the model, layers and classes it was made for"
+        Raises:
+            CheckpointError: The files are missing, damaged or edited; or the checkpoint is
+                not an MHEX one, or was made for another model class, parameter count or
+                layout, other weights, other layers, stage widths or class count.
+        """
+        where = checkpoint_paths(path).record
+        tensors, record = load_checkpoint(path)
+        if record.get("method") != "mhex" or record.get("format") != _FORMAT:
+            raise CheckpointError(
+                where,
+                f"not an MHEX checkpoint of format {_FORMAT} (method={record.get('method')!r}, "
+                f"format={record.get('format')!r})",
+                "load it with the class that wrote it",
+            )
+        cfg, bb = dict(record["config"]), record["backbone"]
+        remedy = "load it with the model, layers and classes it was made for, or fit a new MHEX"
+        if layers is not None and list(layers) != cfg["layers"]:
+            raise CheckpointError(
+                where, f"made for layers {cfg['layers']}, not {list(layers)}", remedy
+            )
+        if num_classes is not None and num_classes != cfg["num_classes"]:
+            raise CheckpointError(
+                where, f"made for {cfg['num_classes']} classes, not {num_classes}", remedy
+            )
         inner = unwrap_model(model)
-        bb = record["backbone"]
         params = sum(p.numel() for p in inner.parameters())
         if bb["class"] != type(inner).__name__ or bb["params"] != params:
             raise CheckpointError(
-                path,
-                f"made for a {bb['class']} with {bb['params']:,} parameters; got a "
+                where,
+                f"made for a {bb['class']} with {bb['params']:,} parameters, not a "
                 f"{type(inner).__name__} with {params:,}",
                 remedy,
             )
-        cfg = dict(record["config"])
+        if bb["layout_sha256"] != _fingerprint(inner, values=False):
+            raise CheckpointError(
+                where, f"made for a {bb['class']} with other parameter names or shapes", remedy
+            )
         own = _num_classes(inner)
         if own is not None and own != cfg["num_classes"]:
             raise CheckpointError(
-                path, f"made for {cfg['num_classes']} classes; the model has {own}", remedy
+                where, f"made for {cfg['num_classes']} classes; the model has {own}", remedy
             )
         try:
             mhex = cls(
@@ -1099,48 +1184,56 @@ class MHEX(Attribution):
                 readout=cfg["readout"],
             )
         except (ValueError, TypeError) as err:
-            raise CheckpointError(path, f"does not fit the model ({err})", remedy) from err
+            raise CheckpointError(where, f"does not fit the model ({err})", remedy) from err
         widths = [s.channels for s in mhex.stages]
         if widths != bb["widths"]:
             raise CheckpointError(
-                path, f"made for stage widths {bb['widths']}; the model's are {widths}", remedy
+                where, f"made for stage widths {bb['widths']}; the model's are {widths}", remedy
             )
-        state = {k: v for k, v in tensors.items() if not k.startswith("model.")}
-        if bb["included"]:
-            own_state = {
-                k[len("model.") :]: v for k, v in tensors.items() if k.startswith("model.")
-            }
+        net = mhex.network
+        ref = next(net.model.parameters())
+        own_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
+        if bb["weights_stored"]:
             try:
-                mhex.network.model.load_state_dict(own_state, strict=True)
+                net.model.load_state_dict(own_state, strict=True)
             except RuntimeError as err:
                 raise CheckpointError(
-                    path, f"its model weights do not fit the model ({err})", remedy
+                    where, f"its model weights do not fit the model ({err})", remedy
                 ) from err
             mhex.backbone_trained = True
-        elif bb.get("sha256") != _fingerprint(mhex.network.model):
+        elif own_state:
+            raise CheckpointError(where, "holds model weights it does not declare", remedy)
+        if _fingerprint(net.model) != bb["weights_sha256"]:
             raise CheckpointError(
-                path, "made for other weights of this model (fingerprint differs)", remedy
-            )
-        dtype = next(mhex.network.model.parameters()).dtype
-        device = next(mhex.network.model.parameters()).device
-        missing, unexpected = mhex.network.load_state_dict(
-            {k: v.to(device=device, dtype=dtype) for k, v in state.items()}, strict=False
-        )
-        missing = [k for k in missing if not k.startswith("model.")]
-        if missing or unexpected:
-            raise CheckpointError(
-                path,
-                f"gate/head tensors do not match (missing {missing[:3]}, unexpected "
-                f"{list(unexpected)[:3]})",
+                where,
+                "made for other weights of this model (the fingerprint of its weights differs)",
                 remedy,
             )
-        mhex.network.to(device)
+        state = {
+            k: v.to(device=ref.device, dtype=ref.dtype)
+            for k, v in tensors.items()
+            if not k.startswith("model.")
+        }
+        try:
+            net.gates.load_state_dict(_sub(state, "gates."), strict=True)
+            net.heads.load_state_dict(_sub(state, "heads."), strict=True)
+        except RuntimeError as err:
+            raise CheckpointError(
+                where, f"its gate/head tensors do not fit ({err})", remedy
+            ) from err
+        extra = (
+            set(state)
+            - {f"gates.{k}" for k in net.gates.state_dict()}
+            - {f"heads.{k}" for k in net.heads.state_dict()}
+        )
+        if extra:
+            raise CheckpointError(where, f"holds unknown tensors {sorted(extra)[:3]}", remedy)
         mhex.training_record = record.get("training")
-        return mhex
+        return mhex.eval()
 
 
-def _zoo_loader(tensors: dict[str, torch.Tensor], record: dict[str, Any], model: nn.Module) -> MHEX:
-    return MHEX.from_checkpoint(tensors, record, model, f"zoo entry {record.get('name')!r}")
+def _sub(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
-register_explainer("mhex", _zoo_loader)
+zoo.register_explainer("mhex", MHEX.load)

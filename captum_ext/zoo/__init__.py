@@ -21,14 +21,12 @@ Entries (``benchmarks/train_zoo.py`` documents recipes, accuracies and run times
 * ``"text-bert"``: a 2-layer, width-64 HuggingFace ``BertForSequenceClassification`` on
   :func:`captum_ext.data.text_rationales` (binary).
 
-Trained explainers built on these models are entries too, listed by :func:`explainers` (not
-by :func:`available`, which lists models only): their record names the explainer
-(``"explainer": "mhex"``) beside the backbone's architecture, and :func:`load` returns the
-explainer object, rebuilt by the loader its module registers with :func:`register_explainer`
-(``benchmarks/train_mhex.py`` documents them):
+Trained explainers (``available(kind="explainer")``; ``benchmarks/train_ttame.py`` documents
+recipes, pointing-game scores and run times): ``load`` returns the explainer, its model loaded
+from the zoo entry its record names (``backbone_model``):
 
-* ``"shapes-cnn-mhex"``, ``"shapes-vit-mhex"``, ``"text-bert-mhex"``: :class:`~captum_ext.MHEX`
-  around shapes-cnn, shapes-vit and text-bert, trained with the model.
+* ``"shapes-vit-ttame"``: :class:`~captum_ext.TTAME` fitted to ``"shapes-vit"``.
+* ``"shapes-cnn-ttame"``: :class:`~captum_ext.TTAME` fitted to ``"shapes-cnn"``.
 
 Every read verifies the entry (:mod:`captum_ext.checkpoint`): the sha256 and size of the
 weights file, the JSON record against the copy stored inside the weights file (class names,
@@ -56,7 +54,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -65,15 +63,7 @@ from captum_ext.checkpoint import load_checkpoint, verify_checkpoint
 from captum_ext.errors import CheckpointError
 from captum_ext.zoo._build import WEIGHTS_DIR, build_model, record_names
 
-__all__ = [
-    "available",
-    "check_name",
-    "data_kwargs",
-    "explainers",
-    "info",
-    "load",
-    "register_explainer",
-]
+__all__ = ["available", "check_name", "data_kwargs", "info", "load", "register_explainer"]
 
 REQUIRED_KEYS = (
     "name",
@@ -88,66 +78,70 @@ REQUIRED_KEYS = (
     "params",
     "heldout.accuracy",
 )
-"""Dotted keys every zoo record must hold."""
+"""Dotted keys every zoo record of a model must hold."""
 
-Directory = str | os.PathLike[str] | None
-ExplainerLoader = Callable[[dict[str, torch.Tensor], dict[str, Any], nn.Module], Any]
-"""``loader(tensors, record, backbone) -> explainer``: rebuilds a trained explainer entry."""
+EXPLAINER_KEYS = (
+    "name",
+    "kind",
+    "method",
+    "backbone_model",
+    "classes",
+    "data.generator",
+    "data.kwargs",
+    "training",
+    "command",
+)
+"""Dotted keys every zoo record of a trained explainer (``"kind": "explainer"``) must hold."""
 
+Kind = Literal["model", "explainer", "all"]
+ExplainerLoader = Callable[[Path, nn.Module], nn.Module]
 _EXPLAINER_LOADERS: dict[str, ExplainerLoader] = {}
 
 
 def register_explainer(method: str, loader: ExplainerLoader) -> None:
-    """Lets :func:`load` rebuild entries whose record says ``"explainer": method``.
-
-    Called by the explainer's own module on import (the zoo sits below the explainers and
-    never imports them).
+    """Registers how entries of a trained explainer are rebuilt (called by its module).
 
     Args:
-        method: The value of the records' ``"explainer"`` key, e.g. ``"mhex"``.
-        loader: ``loader(tensors, record, backbone)``: the verified tensors and record of the
-            entry and the backbone rebuilt from the record's architecture (float32, untrained).
+        method: The ``method`` of the entries' records, e.g. ``"ttame"``.
+        loader: ``loader(base_path, model) -> explainer`` (e.g. ``TTAME.load``).
     """
     _EXPLAINER_LOADERS[method] = loader
+
+
+Directory = str | os.PathLike[str] | None
 
 
 def _folder(directory: Directory) -> Path:
     return WEIGHTS_DIR if directory is None else Path(directory)
 
 
-def _explainer_of(folder: Path, name: str) -> str | None:
-    """The record's ``"explainer"`` value (unverified: for listing only), or ``None``."""
+def _kind(folder: Path, name: str) -> str:
+    """``"explainer"`` or ``"model"`` as the (not yet verified) JSON says; reading verifies."""
     try:
         record = json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    value = record.get("explainer") if isinstance(record, dict) else None
-    return value if isinstance(value, str) else None
+        return "model"  # reading it reports the damage
+    kind = record.get("kind") if isinstance(record, dict) else None
+    return "explainer" if kind == "explainer" else "model"
 
 
-def available(directory: Directory = None) -> list[str]:
-    """Names of the shipped models, sorted (trained explainers: :func:`explainers`).
+def available(directory: Directory = None, kind: Kind = "model") -> list[str]:
+    """Names of the shipped models (or trained explainers), sorted.
 
     Args:
         directory: Folder of ``<name>.safetensors`` + ``<name>.json`` pairs; default the
             shipped ``captum_ext/zoo/weights``. Listing does not verify the files (reading
             them does).
+        kind: ``"model"`` (classifiers), ``"explainer"`` (trained explainers such as
+            ``"shapes-vit-ttame"``) or ``"all"``.
     """
+    if kind not in ("model", "explainer", "all"):
+        raise ValueError(f"kind must be 'model', 'explainer' or 'all'; got {kind!r}")
     folder = _folder(directory)
-    return [n for n in record_names(folder) if _explainer_of(folder, n) is None]
-
-
-def explainers(directory: Directory = None) -> list[str]:
-    """Names of the shipped trained explainers (e.g. ``"shapes-cnn-mhex"``), sorted.
-
-    :func:`load` returns them as explainer objects (an :class:`~captum_ext.MHEX`), whose
-    ``network`` is the model they were trained into.
-
-    Args:
-        directory: Folder of the entries (default: the shipped ones). Not verified here.
-    """
-    folder = _folder(directory)
-    return [n for n in record_names(folder) if _explainer_of(folder, n) is not None]
+    names = record_names(folder)
+    if kind == "all":
+        return names
+    return [n for n in names if _kind(folder, n) == kind]
 
 
 def check_name(name: str, directory: Directory = None) -> None:
@@ -162,14 +156,15 @@ def check_name(name: str, directory: Directory = None) -> None:
         CheckpointError: If one file of the pair ``<name>.safetensors`` + ``<name>.json`` is
             there and the other is missing (a ``ValueError`` too).
     """
-    folder = _folder(directory)
-    if name in record_names(folder):
+    if name in available(directory, kind="all"):
         return
+    folder = _folder(directory)
     pair = (folder / f"{name}.safetensors", folder / f"{name}.json")
     if any(p.is_file() for p in pair):
         missing = next(p for p in pair if not p.is_file())
         raise CheckpointError(missing, f"zoo model {name!r}: file missing", _remedy(name))
-    shown = ", ".join(repr(n) for n in record_names(folder)) or f"none (no weights in {folder})"
+    shown = ", ".join(repr(n) for n in available(directory, kind="all"))
+    shown = shown or f"none (no weights in {folder})"
     raise ValueError(
         f"unknown zoo model {name!r}; available: {shown}. "
         "Train missing entries with 'python benchmarks/train_zoo.py --only NAME'."
@@ -187,10 +182,14 @@ def _verified(name: str, directory: Directory, read_tensors: bool) -> tuple[Any,
     """``(tensors or None, record)`` of a verified entry; zoo advice in the error."""
     check_name(name, directory)
     base = _folder(directory) / name
+    expect: dict[str, Any] = {"name": name}
+    require = REQUIRED_KEYS
+    if _kind(_folder(directory), name) == "explainer":
+        expect["kind"], require = "explainer", EXPLAINER_KEYS
     try:
         if read_tensors:
-            return load_checkpoint(base, expect={"name": name}, require=REQUIRED_KEYS)
-        return None, verify_checkpoint(base, expect={"name": name}, require=REQUIRED_KEYS)
+            return load_checkpoint(base, expect=expect, require=require)
+        return None, verify_checkpoint(base, expect=expect, require=require)
     except CheckpointError as err:
         raise CheckpointError(
             err.path, f"zoo model {name!r}: {err.problem}", _remedy(name)
@@ -239,8 +238,10 @@ def data_kwargs(name: str, *, directory: Directory = None) -> dict[str, Any]:
     return copy.deepcopy(info(name, directory=directory)["data"]["kwargs"])
 
 
-def load(name: str, device: str | torch.device = "cpu", *, directory: Directory = None) -> Any:
-    """Rebuild a zoo model (or trained explainer) and load its shipped weights, after verifying them.
+def load(
+    name: str, device: str | torch.device = "cpu", *, directory: Directory = None
+) -> nn.Module:
+    """Rebuild a zoo model and load its shipped weights, after verifying them.
 
     The entry is read once and checked (:func:`captum_ext.checkpoint.load_checkpoint`: size,
     sha256, record against the weights file's own copy, tensor shapes); then the architecture
@@ -258,24 +259,26 @@ def load(name: str, device: str | torch.device = "cpu", *, directory: Directory 
         The model in eval mode, float32, on ``device``. Image models take ``(B, 3, H, W)``
         images in [0, 1] (no normalisation) and return logits ``(B, K)``; the text model
         takes ``input_ids`` and ``attention_mask`` ``(B, T)``. For a trained explainer
-        (:func:`explainers`), the explainer object, ready to ``attribute``, built around its
-        model (in eval mode, float32, on ``device``).
+        (``available(kind="explainer")``): the explainer (e.g. a :class:`~captum_ext.TTAME`),
+        ready to ``attribute``, around its model loaded from the zoo as above; the
+        explainer's checkpoint is verified against that model (class, parameter shapes,
+        layers, class count).
 
     Raises:
         ValueError: If ``name`` is not a shipped model.
         CheckpointError: If the entry's files are missing, damaged or inconsistent.
     """
-    tensors, record = _verified(name, directory, read_tensors=True)
-    model = build_model(record)
-    method = record.get("explainer")
-    if method is not None:
-        loader = _EXPLAINER_LOADERS.get(method)
+    if _kind(_folder(directory), name) == "explainer" and name in available(directory, "all"):
+        _, record = _verified(name, directory, read_tensors=False)
+        loader = _EXPLAINER_LOADERS.get(record["method"])
         if loader is None:
             raise ValueError(
-                f"zoo entry {name!r} is a trained {method!r} explainer, and no loader is "
-                f"registered for it; import the module that defines it (import captum_ext)."
+                f"zoo entry {name!r} is a {record['method']!r} explainer, which this "
+                f"installation cannot build (known: {sorted(_EXPLAINER_LOADERS) or 'none'})"
             )
-        explainer = loader(tensors, record, model.eval())
-        return explainer.to(device)
+        backbone = load(record["backbone_model"], device, directory=directory)
+        return loader(_folder(directory) / name, backbone).to(device).eval()
+    tensors, record = _verified(name, directory, read_tensors=True)
+    model = build_model(record)
     model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
     return model.to(device).eval()

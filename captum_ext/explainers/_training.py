@@ -1,0 +1,622 @@
+"""The one training loop of the trainable explainers (T-TAME, MHEX).
+
+An explainer brings a trainable module and a *step*: a function that takes the module (wrapped
+in ``DistributedDataParallel`` when several processes train) and one batch already on the
+device, runs its forward passes and returns its loss terms (``{"loss": total, "ce": ...}``).
+:func:`train` does the rest, the same for every explainer:
+
+* data: a ``Dataset``, a ``DataLoader`` or a tensor of inputs, shuffled by a
+  ``DistributedSampler`` whose permutation depends on ``(seed, epoch)`` only, in one process as
+  in many, so that resuming replays the same order and ``P`` processes with ``batch_size / P``
+  images each see, step for step, the images of the one-process run with ``batch_size``;
+* optimiser and schedule: SGD (Nesterov momentum; weight decay on weights only, never on
+  biases or normalisation parameters) under a one-cycle learning-rate schedule;
+* mixed precision: ``torch.autocast`` on CUDA (bfloat16 where supported, else float16 with a
+  gradient scaler);
+* distributed data parallel: under ``torchrun`` (or an initialised ``torch.distributed``) the
+  module is wrapped in ``DistributedDataParallel`` (NCCL on GPUs, gloo on CPU), its BatchNorm
+  layers use the statistics of the global batch, the logged loss terms are averaged over the
+  processes, and only rank 0 shows progress, validates and writes checkpoints;
+* progress (tqdm, with the running loss), a per-epoch history, optional validation;
+* checkpoints after every epoch (:mod:`captum_ext.checkpoint`: safetensors + JSON, verified on
+  read, never unpickled) and ``resume`` from the latest one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset, TensorDataset
+
+from captum_ext._scores import progress
+from captum_ext.checkpoint import checkpoint_paths, load_checkpoint, save_checkpoint
+from captum_ext.errors import CheckpointError
+
+__all__ = [
+    "Recipe",
+    "Step",
+    "batch_inputs",
+    "frozen_parameters",
+    "train",
+]
+
+Step = Callable[[nn.Module, Any], Mapping[str, torch.Tensor]]
+"""``step(module, batch) -> {"loss": total, **terms}``; ``module`` may be DDP-wrapped."""
+
+Validate = Callable[[nn.Module], Mapping[str, float]]
+
+_CHECKPOINT_KIND = "captum_ext.training-checkpoint"
+_EPOCH_FILE = re.compile(r"^epoch-(\d+)\.json$")
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Optimiser, schedule and data order of a training run (all JSON, recorded in checkpoints).
+
+    Attributes:
+        epochs: Passes over the data.
+        batch_size: Images per optimiser step, over all processes together (each of ``P``
+            processes takes ``batch_size / P``).
+        lr: Peak learning rate of the one-cycle schedule (``OneCycleLR(max_lr=lr)``).
+        momentum: SGD momentum (replaced by the 0.95 -> 0.85 -> 0.95 cycle while
+            ``cycle_momentum`` is on, as ``OneCycleLR`` does by default).
+        nesterov: Nesterov momentum.
+        weight_decay: L2 penalty of weights; biases and normalisation parameters get none.
+        pct_start: Share of the steps spent increasing the learning rate.
+        cycle_momentum: Let ``OneCycleLR`` cycle the momentum (its default).
+        seed: Seed of the data order.
+    """
+
+    epochs: int = 8
+    batch_size: int = 32
+    lr: float = 1e-3
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    pct_start: float = 0.3
+    cycle_momentum: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int; got {v!r}.")
+        if not (isinstance(self.lr, int | float) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number; got {self.lr!r}.")
+        if not 0 < self.pct_start < 1:
+            raise ValueError(f"pct_start must lie in (0, 1); got {self.pct_start!r}.")
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ------------------------------------------------------------------------------------------
+# small helpers the steps use
+
+
+def batch_inputs(batch: Any) -> torch.Tensor:
+    """The inputs of a batch: the batch itself, or the first item of a tuple, list or dict."""
+    if isinstance(batch, torch.Tensor):
+        return batch
+    if isinstance(batch, tuple | list) and batch and isinstance(batch[0], torch.Tensor):
+        return batch[0]
+    if isinstance(batch, Mapping):
+        for key in ("images", "pixel_values", "inputs", "input"):
+            if isinstance(batch.get(key), torch.Tensor):
+                return batch[key]
+    raise TypeError(
+        "expected batches that are an input tensor or a tuple whose first item is the inputs; "
+        f"got {type(batch).__name__}."
+    )
+
+
+@contextlib.contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """Sets ``requires_grad=False`` on every parameter of ``model``; restores each in ``finally``.
+
+    The frozen model then builds no graph for its own weights: gradients flow through it to its
+    input (the mask) only, and its ``.grad`` fields are never touched.
+    """
+    changed = [p for p in model.parameters() if p.requires_grad]
+    try:
+        for p in changed:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p in changed:
+            p.requires_grad_(True)
+
+
+def _to_device(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, tuple | list):
+        return type(batch)(_to_device(b, device) for b in batch)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+# ------------------------------------------------------------------------------------------
+# distributed
+
+
+@dataclass
+class _World:
+    rank: int = 0
+    size: int = 1
+    sync_group: Any = None  # process group of the BatchNorm statistics
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _torchrun_env() -> bool:
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+
+
+@contextlib.contextmanager
+def _world(device: torch.device, distributed: bool | None) -> Iterator[_World]:
+    """The process group of the run: joined (or created from torchrun's variables), or none.
+
+    A group created here is destroyed on exit; one the caller created is left as it is.
+    """
+    if distributed is False:
+        yield _World()
+        return
+    ready = dist.is_available() and dist.is_initialized()
+    if not ready and not _torchrun_env():
+        if distributed:
+            raise RuntimeError(
+                "distributed=True but torch.distributed is not initialised and no torchrun "
+                "variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) are set; launch with "
+                "torchrun or call torch.distributed.init_process_group first."
+            )
+        yield _World()
+        return
+    created = False
+    if not ready:
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        created = True
+    try:
+        size = dist.get_world_size()
+        group = dist.new_group() if size > 1 else None
+        yield _World(dist.get_rank(), size, group)
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the processes of ``group``; the gradient is summed likewise."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        y = x.clone()
+        dist.all_reduce(y, group=group)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def _synced_batch_norm(bn: nn.modules.batchnorm._BatchNorm, group: Any, x: torch.Tensor):
+    """Batch norm over the batches of every process of ``group`` (training mode), with grads.
+
+    Same result as ``bn`` applied in one process to the concatenated batch, on any device and
+    backend (``nn.SyncBatchNorm`` needs GPUs). Two differentiable all-reduces: the sum (with
+    the count), then the sum of squared deviations.
+    """
+    if not bn.training:
+        return nn.modules.batchnorm._BatchNorm.forward(bn, x)
+    x = x.to(torch.promote_types(x.dtype, torch.float32))  # float32 at least, also under autocast
+    dims = [0, *range(2, x.dim())]
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
+    total = _AllReduceSum.apply(torch.cat([x.sum(dims), count]), group)
+    n = total[-1]
+    mean = total[:-1] / n
+    sq = _AllReduceSum.apply((x - mean.view(shape)).pow(2).sum(dims), group)
+    var = sq / n
+    y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
+    if bn.affine:
+        y = y * bn.weight.view(shape) + bn.bias.view(shape)
+    if bn.track_running_stats and bn.running_mean is not None:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+            bn.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+            unbiased = var.detach() * (n / (n - 1)).clamp(min=0)
+            bn.running_var.mul_(1 - m).add_(unbiased, alpha=m)
+    return y
+
+
+@contextlib.contextmanager
+def _global_batch_norm(module: nn.Module, group: Any) -> Iterator[None]:
+    """Every BatchNorm of ``module`` normalises with the statistics of the global batch."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    try:
+        for bn in bns:
+            bn.forward = lambda x, bn=bn: _synced_batch_norm(bn, group, x)
+        yield
+    finally:
+        for bn in bns:
+            vars(bn).pop("forward", None)
+
+
+def _average(terms: Mapping[str, torch.Tensor], world: _World) -> dict[str, float]:
+    """The loss terms as floats, averaged over the processes."""
+    names = list(terms)
+    values = torch.stack([terms[k].detach().double().reshape(()) for k in names])
+    if world.size > 1:
+        dist.all_reduce(values)
+        values = values / world.size
+    return dict(zip(names, values.tolist(), strict=True))
+
+
+# ------------------------------------------------------------------------------------------
+# data
+
+
+def _loader(
+    data: Any, recipe: Recipe, world: _World, num_workers: int
+) -> tuple[DataLoader | Any, DistributedSampler | None]:
+    """A loader whose order depends on ``(seed, epoch)``; each process gets its share."""
+    if isinstance(data, torch.Tensor):
+        data = TensorDataset(data)
+    if isinstance(data, DataLoader):
+        sampler = data.sampler if isinstance(data.sampler, DistributedSampler) else None
+        if sampler is not None or world.size == 1 or isinstance(data.dataset, IterableDataset):
+            if world.size > 1 and sampler is None:
+                raise ValueError(
+                    "an iterable-style DataLoader cannot be split over processes; pass a "
+                    "map-style Dataset (or a DataLoader with a DistributedSampler)."
+                )
+            return data, sampler
+        per_process = _share(data.batch_size or 1, world)
+        shuffle = not isinstance(data.sampler, torch.utils.data.SequentialSampler)
+        sampler = DistributedSampler(
+            data.dataset, world.size, world.rank, shuffle=shuffle, seed=recipe.seed
+        )
+        return DataLoader(
+            data.dataset,
+            batch_size=per_process,
+            sampler=sampler,
+            num_workers=data.num_workers,
+            collate_fn=data.collate_fn,
+            pin_memory=data.pin_memory,
+            drop_last=data.drop_last,
+        ), sampler
+    if isinstance(data, IterableDataset):
+        if world.size > 1:
+            raise ValueError("an IterableDataset cannot be split over processes; pass a Dataset.")
+        return DataLoader(data, batch_size=recipe.batch_size, num_workers=num_workers), None
+    if not isinstance(data, Dataset) and not hasattr(data, "__getitem__"):
+        raise TypeError(
+            f"data must be a Dataset, a DataLoader or a tensor of inputs; got {type(data).__name__}."
+        )
+    sampler = DistributedSampler(data, world.size, world.rank, shuffle=True, seed=recipe.seed)
+    return DataLoader(
+        data, batch_size=_share(recipe.batch_size, world), sampler=sampler, num_workers=num_workers
+    ), sampler
+
+
+def _share(batch_size: int, world: _World) -> int:
+    if batch_size % world.size:
+        raise ValueError(
+            f"batch_size {batch_size} is the global batch and must divide evenly over "
+            f"{world.size} processes; use a multiple of {world.size}."
+        )
+    return batch_size // world.size
+
+
+# ------------------------------------------------------------------------------------------
+# optimiser
+
+
+def _param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weights with decay; biases and normalisation parameters without."""
+    decay, no_decay = [], []
+    for m in module.modules():
+        for name, p in m.named_parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            (no_decay if name == "bias" or isinstance(m, _NORM_TYPES) else decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def _amp(device: torch.device, amp: bool | None) -> tuple[bool, torch.dtype | None, bool]:
+    """(autocast on, its dtype, gradient scaler on)."""
+    use = device.type == "cuda" if amp is None else bool(amp)
+    if not use:
+        return False, None, False
+    if device.type != "cuda":
+        raise ValueError(f"amp=True needs a CUDA device; the run is on {device}.")
+    if torch.cuda.is_bf16_supported():
+        return True, torch.bfloat16, False
+    return True, torch.float16, True
+
+
+# ------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _save(
+    directory: Path,
+    epoch: int,
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+    record: dict[str, Any],
+    keep: int | None,
+) -> None:
+    tensors = {f"module.{k}": v for k, v in module.state_dict().items()}
+    opt = optimizer.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for idx, state in opt["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optimizer.{idx}.{key}"] = value
+            else:
+                scalars.setdefault(str(idx), {})[key] = value
+    record = {
+        **record,
+        "optimizer": {"param_groups": opt["param_groups"], "state": scalars},
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict(),
+    }
+    save_checkpoint(directory / f"epoch-{epoch:03d}", tensors, _json_safe(record))
+    if keep is not None:
+        for old in _epochs(directory)[:-keep]:
+            for p in checkpoint_paths(directory / f"epoch-{old:03d}"):
+                p.unlink(missing_ok=True)
+
+
+def _epochs(directory: Path) -> list[int]:
+    if not directory.is_dir():
+        return []
+    found = (_EPOCH_FILE.match(p.name) for p in directory.iterdir())
+    return sorted(int(m.group(1)) for m in found if m)
+
+
+def _resume(
+    directory: Path,
+    expect: dict[str, Any],
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+) -> tuple[int, list[dict[str, Any]]]:
+    """Loads the latest epoch checkpoint of ``directory``; ``(epochs done, history)``."""
+    epochs = _epochs(directory)
+    if not epochs:
+        return 0, []
+    base = directory / f"epoch-{epochs[-1]:03d}"
+    tensors, record = load_checkpoint(base, expect=expect, device=device)
+    state = {k.removeprefix("module."): v for k, v in tensors.items() if k.startswith("module.")}
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(
+            base, f"its module tensors do not fit ({err})", "resume with the same explainer"
+        ) from err
+    opt_state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, idx, name = key.split(".", 2)
+            opt_state.setdefault(int(idx), {})[name] = value
+    for idx, extra in record["optimizer"]["state"].items():
+        opt_state.setdefault(int(idx), {}).update(extra)
+    optimizer.load_state_dict(
+        {"state": opt_state, "param_groups": record["optimizer"]["param_groups"]}
+    )
+    scheduler.load_state_dict(record["scheduler"])
+    if record["scaler"]:
+        scaler.load_state_dict(record["scaler"])
+    return int(record["epoch"]), list(record["history"])
+
+
+# ------------------------------------------------------------------------------------------
+# the loop
+
+
+def train(
+    module: nn.Module,
+    step: Step,
+    data: Any,
+    recipe: Recipe,
+    *,
+    device: torch.device | str,
+    identity: Mapping[str, Any] | None = None,
+    amp: bool | None = None,
+    validate: Validate | None = None,
+    show_progress: bool = True,
+    desc: str = "training",
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    keep_checkpoints: int | None = None,
+    num_workers: int = 0,
+    distributed: bool | None = None,
+) -> list[dict[str, Any]]:
+    """Trains ``module`` with ``step``'s loss; returns one history entry per epoch.
+
+    Args:
+        module: The trainable module (only its parameters are optimised).
+        step: ``step(module, batch) -> {"loss": total, **terms}``, called under autocast with
+            the batch on ``device``; it must call the module it is given (the DDP wrapper
+            under torchrun) for the forward pass whose gradients are synchronised.
+        data: A ``Dataset``, a ``DataLoader`` or a tensor of inputs. A ``Dataset`` (or a
+            tensor) is shuffled with ``recipe.seed`` and cut into ``recipe.batch_size``
+            batches; a ``DataLoader`` is used as it is in one process and, under DDP, rebuilt
+            with a ``DistributedSampler`` and its batch size split over the processes (unless
+            it already has a ``DistributedSampler``).
+        recipe: Epochs, batch size, optimiser and schedule.
+        device: Where the module and the batches go.
+        identity: JSON describing what is trained (explainer, model, loss); checkpoints record
+            it and ``resume`` refuses a checkpoint with another identity or recipe.
+        amp: Mixed precision; ``None`` = on for CUDA devices, off otherwise.
+        validate: Called on rank 0 after every epoch with the module in eval mode; its
+            numbers join the epoch's history entry.
+        show_progress: tqdm bar per epoch with the running loss (rank 0 only).
+        desc: Label of the bar.
+        checkpoint_dir: Folder for ``epoch-NNN.safetensors`` + ``.json`` after every epoch.
+        resume: Continue from the latest checkpoint in ``checkpoint_dir`` (start afresh when
+            there is none).
+        keep_checkpoints: Keep only the newest this many epoch checkpoints (None = all).
+        num_workers: ``DataLoader`` workers for a ``Dataset``.
+        distributed: ``None`` = DDP when ``torch.distributed`` is initialised or torchrun's
+            variables are set; ``True`` requires it; ``False`` trains in this process only.
+
+    Returns:
+        ``[{"epoch": 1, "loss": ..., <terms>..., "lr": ..., "steps": ..., "images": ...,
+        "time_s": ..., <validation>...}, ...]`` with the terms averaged over the epoch's steps
+        (and processes).
+    """
+    device = torch.device(device)
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir=.")
+    use_amp, amp_dtype, use_scaler = _amp(device, amp)
+    directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    with _world(device, distributed) as world:
+        loader, sampler = _loader(data, recipe, world, num_workers)
+        steps = len(loader)
+        if steps == 0:
+            raise ValueError("the training data is empty.")
+        module.to(device)
+        optimizer = torch.optim.SGD(
+            _param_groups(module, recipe.weight_decay),
+            lr=recipe.lr,
+            momentum=recipe.momentum,
+            nesterov=recipe.nesterov,
+        )
+        scheduler = torch.optim.lr_scheduler.OneCycleLR(
+            optimizer,
+            max_lr=recipe.lr,
+            total_steps=recipe.epochs * steps,
+            pct_start=recipe.pct_start,
+            cycle_momentum=recipe.cycle_momentum,
+        )
+        scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
+        expect = {
+            "kind": _CHECKPOINT_KIND,
+            "identity": _json_safe(dict(identity or {})),
+            "recipe": recipe.as_dict(),
+            "steps_per_epoch": steps,
+        }
+        start, history = 0, []
+        if resume and directory is not None:
+            start, history = _resume(
+                directory, expect, module, optimizer, scheduler, scaler, device
+            )
+        wrapped: nn.Module = module
+        if world.size > 1:
+            ids = [device.index] if device.type == "cuda" and device.index is not None else None
+            wrapped = nn.parallel.DistributedDataParallel(module, device_ids=ids)
+        sync = _global_batch_norm(module, world.sync_group) if world.size > 1 else None
+        with sync or contextlib.nullcontext():
+            for epoch in range(start, recipe.epochs):
+                if sampler is not None:
+                    sampler.set_epoch(epoch)
+                entry = _epoch(
+                    wrapped, step, loader, optimizer, scheduler, scaler, device, world,
+                    (use_amp, amp_dtype), show_progress,
+                    f"{desc} {epoch + 1}/{recipe.epochs}",
+                )  # fmt: skip
+                entry = {"epoch": epoch + 1, **entry}
+                if validate is not None and world.main:
+                    module.eval()
+                    entry.update(validate(module))
+                history.append(_json_safe(entry))
+                if directory is not None and world.main:
+                    record = {**expect, "epoch": epoch + 1, "history": history}
+                    _save(
+                        directory, epoch + 1, module, optimizer, scheduler, scaler, record,
+                        keep_checkpoints,
+                    )  # fmt: skip
+                if world.size > 1:
+                    dist.barrier()
+        module.eval()
+    return history
+
+
+def _epoch(
+    wrapped: nn.Module,
+    step: Step,
+    loader: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    world: _World,
+    amp: tuple[bool, torch.dtype | None],
+    show_progress: bool,
+    desc: str,
+) -> dict[str, float]:
+    start = time.perf_counter()
+    wrapped.train()
+    sums: dict[str, float] = {}
+    n_steps = n_images = 0
+    bar = progress(loader, show=show_progress and world.main, desc=desc, leave=False)
+    try:
+        for batch in bar:
+            batch = _to_device(batch, device)
+            with torch.autocast(device.type, dtype=amp[1], enabled=amp[0]):
+                terms = step(wrapped, batch)
+            if "loss" not in terms:
+                raise KeyError("a training step must return its total under the key 'loss'.")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(terms["loss"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            logged = _average(terms, world)
+            for k, v in logged.items():
+                sums[k] = sums.get(k, 0.0) + v
+            n_steps += 1
+            n_images += batch_inputs(batch).shape[0] * world.size
+            bar.set_postfix(loss=f"{sums['loss'] / n_steps:.4f}")
+    finally:
+        bar.close()
+    return {
+        **{k: v / n_steps for k, v in sums.items()},
+        "lr": scheduler.get_last_lr()[0],
+        "steps": n_steps,
+        "images": n_images,
+        "time_s": round(time.perf_counter() - start, 3),
+    }

@@ -1,0 +1,747 @@
+"""T-TAME: a trainable attention mechanism over three feature layers of a frozen classifier.
+
+Ntrougkas, Gkalelis and Mezaris, "T-TAME: Trainable Attention Mechanism for Explaining
+Convolutional Networks and Vision Transformers", IEEE Access 2024 (code: IDT-ITI/T-TAME).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from collections.abc import Sequence
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from captum.attr import Attribution
+from captum.log import log_usage
+from torch import nn
+
+from captum_ext import zoo
+from captum_ext._scores import normalise_target
+from captum_ext.adapters.base import ModelAdapter, TransformerAdapter, adapter_for, unwrap_model
+from captum_ext.capture import Hook, check_feature_layers, hooks, model_state
+from captum_ext.checkpoint import (
+    CheckpointPaths,
+    checkpoint_paths,
+    load_checkpoint,
+    save_checkpoint,
+)
+from captum_ext.errors import CheckpointError, UnsupportedModelError
+from captum_ext.explainers._training import Recipe, batch_inputs, frozen_parameters, train
+from captum_ext.explainers.losses import ttame_loss
+
+__all__ = ["TTAME", "TTAMEMechanism"]
+
+Layer = str | int
+ViTFeatures = Literal["plain", "cls"]
+OutputKind = Literal["input", "like_input", "grid"]
+_OUTPUTS = ("input", "like_input", "grid")
+_FORMAT = 1
+_RECORD_KEYS = ("method", "format", "config", "backbone")
+
+
+class TTAMEMechanism(nn.Module):
+    """T-TAME's attention mechanism: feature maps of L layers in, one map per class out.
+
+    Per branch ``l``: ``y_l = ReLU(BN(conv1x1(F_l)) + F_l)`` (a ``C_l -> C_l`` 1x1 convolution
+    with bias, BatchNorm, a skip connection); every ``y_l`` is resized (bilinear,
+    ``align_corners=False``) to the spatial size of the first branch, capped at ``max_size``
+    per side; the concatenation ``(B, sum C_l, s, s)`` goes through a 1x1 convolution to the
+    ``K`` class logit maps ``c``. The attention maps are ``a = sigmoid(c)``.
+
+    The authors' code (``AttentionTTAME``) fixes ``s`` when it is built, for 224 px inputs;
+    here ``s`` follows the first branch of each batch (the same at the size it was built for),
+    so other input sizes give maps at their own resolution.
+
+    Args:
+        channels: ``C_l`` of every branch, shallow to deep.
+        num_classes: ``K``.
+        max_size: Largest side of the maps (T-TAME: 56).
+    """
+
+    def __init__(self, channels: Sequence[int], num_classes: int, max_size: int = 56) -> None:
+        super().__init__()
+        if not channels:
+            raise ValueError("TTAMEMechanism needs at least one feature layer.")
+        self.channels = tuple(int(c) for c in channels)
+        self.num_classes = int(num_classes)
+        self.max_size = int(max_size)
+        self.convs = nn.ModuleList(nn.Conv2d(c, c, 1) for c in self.channels)
+        self.bns = nn.ModuleList(nn.BatchNorm2d(c) for c in self.channels)
+        self.fuser = nn.Conv2d(sum(self.channels), self.num_classes, 1)
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """The map size for a first branch of ``height x width``."""
+        return min(height, self.max_size), min(width, self.max_size)
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Class logit maps ``c (B, K, s, s)`` of the feature maps ``[(B, C_l, h_l, w_l), ...]``."""
+        if len(features) != len(self.convs):
+            raise ValueError(
+                f"TTAMEMechanism was built for {len(self.convs)} feature maps; got {len(features)}."
+            )
+        size = self.output_size(*features[0].shape[-2:])
+        branches = []
+        for f, conv, bn in zip(features, self.convs, self.bns, strict=True):
+            y = F.relu(bn(conv(f)) + f)
+            if tuple(y.shape[-2:]) != size:
+                y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
+            branches.append(y)
+        return self.fuser(torch.cat(branches, 1))
+
+
+class TTAME(Attribution, nn.Module):
+    """T-TAME (Ntrougkas et al., IEEE Access 2024): a trained attention mechanism explains a frozen model.
+
+    The mechanism (:class:`TTAMEMechanism`, :attr:`mechanism`) reads feature maps of three
+    layers of the model and produces one logit map per class, ``c (B, K, s, s)``. It is
+    trained with :meth:`fit` on unlabelled images: the image is multiplied by the upsampled
+    sigmoid map of the model's own top-1 class ``y``, and the model, seeing only that, should
+    still predict ``y`` (cross-entropy), with small (area) and smooth (variation) maps
+    (:func:`~captum_ext.explainers.losses.ttame_loss`). Explaining is then one forward pass
+    (:meth:`attribute`): ``c[b, target]``, min-max normalised, upsampled to the input size.
+
+    Feature layers (``layers=None`` gives the adapter's preset, ``default_feature_layers()``;
+    every layer is checked to give a map, and a wrong one is reported with the model's
+    candidate layers and their shapes):
+    CNNs: VGG-16 ``features.16/23/30``, ResNet ``layer2/3/4`` (outputs ``(B, C, h, w)``);
+    ViTs (timm, HuggingFace): the tokens entering the self-attention of the last three blocks
+    (after the block's pre-attention LayerNorm), prefix tokens dropped, reshaped to the patch
+    grid ``(B, D, h, w)``. ``vit_features="cls"`` multiplies every patch token elementwise by
+    the CLS token of the same layer, as the authors' code does for T-TAME on ViT-B/16;
+    ``"plain"`` uses the patch tokens as they are. Differences from the authors' code: their
+    ViT features are the *outputs* of torchvision's encoder layers 9-11 (pass module names,
+    e.g. ``layers=["blocks.9", "blocks.10", "blocks.11"]`` for a timm ViT-B, to use those);
+    the map size follows the input (see :class:`TTAMEMechanism`); their Lightning code keeps
+    the backbone in train mode (BatchNorm statistics move, dropout is on) while here it stays
+    in eval mode and comes out bit-identical, unless ``fit(backbone_train_mode=True)``.
+
+    The frozen model is held by the adapter, not registered as a submodule: ``state_dict()``,
+    ``.to()``, ``.train()`` and ``DistributedDataParallel`` see only the mechanism, which
+    follows the device and floating dtype of the model's features when explaining. It is
+    also a Captum ``Attribution`` (``forward_func`` = the model).
+
+    Args:
+        model: A classifier ``(B, C, H, W) -> (B, K)`` the adapters support (timm and
+            HuggingFace ViTs; timm and torchvision ResNet, VGG, EfficientNet, ConvNeXt), or
+            its adapter.
+        layers: Feature layers: module names (their outputs) or, for transformers, block
+            indices (their pre-attention tokens); ``None`` = the family preset.
+        num_classes: ``K``; ``None`` = the size of the model's output (checked when given).
+        vit_features: ``"cls"`` or ``"plain"`` (transformers only); ``None`` = ``"cls"`` when
+            the model has a prefix (CLS) token, else ``"plain"``.
+        input_size: ``H``, ``(H, W)`` or ``(C, H, W)`` of the one probe forward pass that
+            measures the feature shapes and ``K``; ``None`` = the model's configured size
+            (HuggingFace ``config.image_size``, timm ``pretrained_cfg["input_size"]``), else
+            224. Models built for another size than they advertise need it.
+        max_size: Largest side of the maps (T-TAME: 56).
+
+    Attributes:
+        mechanism: The trainable :class:`TTAMEMechanism`.
+        adapter: The model's adapter.
+        layers: The feature layers.
+        num_classes: ``K``.
+        feature_shapes: ``[(C, h, w), ...]`` per branch at ``input_size``.
+
+    Raises:
+        UnsupportedModelError: The model is not a supported image classifier.
+        ValueError: A layer does not exist or is not a feature map, the probe forward pass
+            fails (the message says which ``input_size`` to pass), or ``num_classes``
+            disagrees with the model's output.
+    """
+
+    _method: ClassVar[str] = "TTAME"
+
+    def __init__(
+        self,
+        model: nn.Module | ModelAdapter,
+        layers: Sequence[Layer] | None = None,
+        num_classes: int | None = None,
+        *,
+        vit_features: ViTFeatures | None = None,
+        input_size: int | Sequence[int] | None = None,
+        max_size: int = 56,
+    ) -> None:
+        nn.Module.__init__(self)
+        adapter = adapter_for(model, method=self._method)
+        if adapter.modality != "image":
+            raise UnsupportedModelError(
+                f"TTAME explains image classifiers; got a {adapter.family} ({adapter.modality} "
+                "model)."
+            )
+        self.adapter = adapter
+        if layers is not None:
+            layers = _check_layers(layers)
+        self.vit_features: ViTFeatures = _check_vit_features(adapter, vit_features)
+        self.input_size = _input_size(adapter.model, input_size)
+        self.max_size = int(max_size)
+        probe = self._probe_input()
+        self._points = check_feature_layers(adapter, probe, layers, self._method)
+        self.layers: list[Layer] = list(
+            adapter.default_feature_layers() if layers is None else layers
+        )
+        shapes, outputs = self._probe(probe)
+        if num_classes is not None and num_classes != outputs:
+            raise ValueError(
+                f"TTAME: num_classes={num_classes} but the model returns {outputs} scores per "
+                "image; pass num_classes=None (or the model's number of outputs)."
+            )
+        self.num_classes = outputs
+        self.feature_shapes = shapes
+        param = next((p for p in adapter.model.parameters() if p.is_floating_point()), None)
+        self.mechanism = TTAMEMechanism([s[0] for s in shapes], outputs, self.max_size).to(
+            device=param.device if param is not None else None,
+            dtype=param.dtype if param is not None else None,
+        )
+
+    # ------------------------------------------------------------------ Captum
+    @property
+    def forward_func(self) -> nn.Module:
+        """The explained model (Captum's ``forward_func``)."""
+        return self.adapter.model
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return False
+
+    # ------------------------------------------------------------------ features
+    def _probe_input(self) -> torch.Tensor:
+        """Zeros ``(1, C, H, W)`` of ``input_size``, checked against the model's input rules."""
+        param = next((p for p in self.adapter.model.parameters() if p.is_floating_point()), None)
+        x = torch.zeros(
+            1,
+            *self.input_size,
+            dtype=param.dtype if param is not None else None,
+            device=param.device if param is not None else None,
+        )
+        try:
+            self.adapter.check_inputs(x, self._method)
+        except ValueError as err:
+            c, h, w = self.input_size
+            raise ValueError(
+                f"{err} TTAME probes the model once with a {c}x{h}x{w} input to measure its "
+                "features; pass input_size=(H, W) with a size the model accepts."
+            ) from err
+        return x
+
+    def _probe(self, x: torch.Tensor) -> tuple[list[tuple[int, int, int]], int]:
+        """Feature shapes ``(C, h, w)`` and the number of outputs, from one forward pass."""
+        try:
+            with model_state(self.adapter.model, grad=False):
+                feats, logits = self._capture(x)
+        except RuntimeError as err:
+            c, h, w = self.input_size
+            raise ValueError(
+                f"TTAME: the probe forward pass on a {c}x{h}x{w} input failed ({err}); pass "
+                "input_size=(H, W) with a size the model accepts."
+            ) from err
+        if logits.dim() != 2:
+            raise ValueError(
+                f"TTAME: the model returns shape {tuple(logits.shape)}; expected class scores "
+                "(B, K)."
+            )
+        return [tuple(int(d) for d in f.shape[1:]) for f in feats], int(logits.shape[1])
+
+    def _capture(
+        self, x: torch.Tensor, additional_forward_args: Any = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """One forward pass: the branch feature maps ``[(B, C, h, w)]`` and the scores ``(B, K)``."""
+        specs = [Hook(p) for p in self._points]
+        with hooks(specs):
+            logits = self.adapter.forward(x, additional_forward_args)
+        return [self._branch(h.tensor, x, h.point.name) for h in specs], logits
+
+    def _branch(self, t: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+        if self.vit_features == "cls":
+            if t.dim() != 3:
+                raise ValueError(
+                    f"TTAME: vit_features='cls' needs token features (B, N, D) at {name}; got "
+                    f"{tuple(t.shape)}. Use vit_features='plain'."
+                )
+            return self.adapter.feature_map(t, x) * t[:, 0, :, None, None]
+        fmap = self.adapter.feature_map(t, x)
+        if fmap.dim() != 4:
+            raise ValueError(f"TTAME: {name} gives {tuple(fmap.shape)}, not a feature map.")
+        return fmap
+
+    def _align(self, feats: Sequence[torch.Tensor]) -> None:
+        """Moves the mechanism to the features' device (and dtype, outside autocast)."""
+        p = next(self.mechanism.parameters())
+        f = feats[0]
+        dtype = p.dtype if torch.is_autocast_enabled(f.device.type) else f.dtype
+        if p.device != f.device or p.dtype != dtype:
+            self.mechanism.to(device=f.device, dtype=dtype)
+
+    def features(
+        self, inputs: torch.Tensor, additional_forward_args: Any = None
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The branch feature maps ``[(B, C_l, h_l, w_l)]`` and the model's scores ``(B, K)``.
+
+        One forward pass of the frozen model in eval mode, without gradients (for a loop of
+        your own around :attr:`mechanism`).
+        """
+        self.adapter.check_inputs(inputs, self._method, additional_forward_args)
+        with model_state(self.adapter.model, grad=False):
+            return self._capture(inputs, additional_forward_args)
+
+    def forward(self, inputs: torch.Tensor, additional_forward_args: Any = None) -> torch.Tensor:
+        """Class logit maps ``c (B, K, s, s)`` (the mechanism in its current mode)."""
+        feats, _ = self.features(inputs, additional_forward_args)
+        self._align(feats)
+        return self.mechanism(feats)
+
+    # ------------------------------------------------------------------ explain
+    @log_usage()
+    def attribute(
+        self,
+        inputs: torch.Tensor | tuple[torch.Tensor],
+        target: Any = None,
+        output: OutputKind = "input",
+        *,
+        additional_forward_args: Any = None,
+    ) -> torch.Tensor | tuple[torch.Tensor]:
+        """Explains a batch with one forward pass of the model and the mechanism.
+
+        The map of class ``t`` is the mechanism's logit map ``c[b, t]`` (before the sigmoid),
+        min-max normalised per image to ``[0, 1]`` (a constant map gives zeros), then
+        upsampled bilinearly (``align_corners=False``) to the input size, as in the authors'
+        evaluation code. The mechanism runs in eval mode (BatchNorm running statistics).
+
+        Args:
+            inputs: Images ``(B, C, H, W)`` (or a 1-tuple, as Captum's metrics pass them).
+            target: Captum target: an int, a list of B ints, a tensor ``(B,)`` or
+                ``(B, 1)``, or ``None`` for the model's top-1 class per image.
+            output: ``"input"``: ``(B, 1, H, W)``; ``"like_input"``: ``(B, C, H, W)`` (the
+                map repeated over the channels); ``"grid"``: ``(B, 1, s, s)``.
+            additional_forward_args: Extra positional arguments of the model.
+
+        Returns:
+            The maps in ``[0, 1]`` (a 1-tuple if ``inputs`` was one).
+        """
+        was_tuple = isinstance(inputs, tuple)
+        if was_tuple:
+            if len(inputs) != 1:
+                raise ValueError(
+                    f"TTAME: expected one input tensor; got a tuple of {len(inputs)}. Pass "
+                    "extra model arguments through additional_forward_args."
+                )
+            x = inputs[0]
+        else:
+            x = inputs
+        if output not in _OUTPUTS:
+            raise ValueError(f"TTAME: output must be one of {_OUTPUTS}; got {output!r}.")
+        self.adapter.check_inputs(x, self._method, additional_forward_args)
+        with model_state(self.adapter.model, grad=False):
+            feats, logits = self._capture(x, additional_forward_args)
+            tgt = normalise_target(target, logits, self._method)
+            self._align(feats)
+            was_training = self.mechanism.training
+            self.mechanism.eval()
+            try:
+                c = self.mechanism(feats)
+            finally:
+                self.mechanism.train(was_training)
+        idx = tgt.to(c.device).view(-1, 1, 1, 1).expand(-1, 1, *c.shape[-2:])
+        maps = _minmax(c.gather(1, idx))
+        if output != "grid":
+            maps = F.interpolate(maps, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            if output == "like_input":
+                maps = maps.expand(-1, x.shape[1], -1, -1)
+        maps = maps.to(x.dtype)
+        return (maps,) if was_tuple else maps
+
+    # ------------------------------------------------------------------ train
+    def fit(
+        self,
+        data: Any,
+        epochs: int = 8,
+        batch_size: int = 32,
+        lr: float = 1e-3,
+        *,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        weight_decay: float = 5e-4,
+        pct_start: float = 0.3,
+        cycle_momentum: bool = True,
+        seed: int = 0,
+        ce_weight: float = 1.5,
+        area_weight: float = 2.0,
+        tv_weight: float = 0.01,
+        area_power: float = 0.3,
+        area_eps: float = 5e-4,
+        tv_power: float = 2.0,
+        tv_border: float = 0.3,
+        loss_maps: Literal["target", "batch"] = "target",
+        backbone_train_mode: bool = False,
+        val_data: Any = None,
+        device: torch.device | str | None = None,
+        amp: bool | None = None,
+        show_progress: bool = True,
+        checkpoint_dir: str | os.PathLike[str] | None = None,
+        resume: bool = False,
+        keep_checkpoints: int | None = None,
+        num_workers: int = 0,
+        distributed: bool | None = None,
+    ) -> list[dict[str, Any]]:
+        """Trains the mechanism on the model's own top-1 predictions (no labels needed).
+
+        Per batch: one forward pass of the frozen model gives the features and ``y =
+        argmax``; ``a = sigmoid(mechanism(features))``; the input is multiplied by
+        ``a[b, y_b]`` upsampled bilinearly to the input size and the model runs again;
+        ``loss = ce_weight * CE(logits', y) + area_weight * area(a_y) + tv_weight *
+        variation(a_y)`` (:mod:`captum_ext.explainers.losses`). SGD with Nesterov momentum,
+        weight decay on weights only (the authors' code also decays BatchNorm weights), a
+        one-cycle schedule peaking at ``lr``; the defaults are the paper's ImageNet recipe.
+        The model stays in eval mode and comes out bit-identical (parameters and BatchNorm
+        statistics; its ``requires_grad`` flags are switched off for each step and restored).
+
+        Which maps enter the area and variation terms (``loss_maps``): ``"target"`` (default)
+        uses ``a[b, y_b]`` ``(B, 1, s, s)``, the map of each image's explained class, as the
+        paper's loss is written; ``"batch"`` uses ``a[:, y]`` ``(B, B, s, s)``, every image's
+        maps of every class predicted in the batch, which is what the authors' code computes
+        with its default ``masking="random"`` (the variation term, normalised by ``B`` only,
+        then grows with the batch size). The masked forward pass always uses ``a[b, y_b]``.
+
+        Runs under ``torchrun`` unchanged: with several processes the mechanism is wrapped in
+        ``DistributedDataParallel`` and ``batch_size`` is the global batch (see
+        :func:`captum_ext.explainers._training.train`).
+
+        Args:
+            data: ``Dataset``, ``DataLoader`` or tensor yielding images, or tuples whose first
+                item is the images (labels, if any, are ignored).
+            epochs, batch_size, lr: The recipe (T-TAME: 8, 32, 1e-3).
+            momentum, nesterov, weight_decay, pct_start, cycle_momentum: SGD and
+                ``OneCycleLR`` settings (momentum cycles 0.95 -> 0.85 -> 0.95 while
+                ``cycle_momentum``, ``OneCycleLR``'s default, also in the authors' code).
+            seed: Seed of the data order.
+            ce_weight, area_weight, tv_weight, area_power, area_eps, tv_power, tv_border: The
+                loss (1.5, 2, 0.01, 0.3, 5e-4, 2, 0.3 as in the authors' code).
+            loss_maps: ``"target"`` or ``"batch"``, see above.
+            backbone_train_mode: Run the model in train mode during fit, as the authors'
+                Lightning code does (its BatchNorm statistics then change).
+            val_data: Images for Average Drop / Increase in Confidence at 100/50/15 % after
+                every epoch (:func:`captum_ext.metrics.average_drop_ttame`), reported as
+                ``val_AD100``, ``val_IC100``, ... in the history.
+            device: Where training runs; default the model's device (the model must be
+                there).
+            amp: ``torch.autocast`` mixed precision; ``None`` = on for CUDA.
+            show_progress: tqdm bar with the running loss.
+            checkpoint_dir: Save ``epoch-NNN`` checkpoints there after every epoch.
+            resume: Continue from the latest checkpoint in ``checkpoint_dir``.
+            keep_checkpoints: Keep only this many newest epoch checkpoints.
+            num_workers: ``DataLoader`` workers for a ``Dataset``.
+            distributed: ``None`` = DDP when under torchrun / an initialised process group.
+
+        Returns:
+            One dict per epoch: ``epoch``, ``loss``, ``ce``, ``area``, ``tv`` (epoch means,
+            unweighted terms), ``lr``, ``steps``, ``images``, ``time_s`` and the validation
+            numbers.
+        """
+        if loss_maps not in ("target", "batch"):
+            raise ValueError(f"loss_maps must be 'target' or 'batch'; got {loss_maps!r}.")
+        recipe = Recipe(
+            epochs=epochs,
+            batch_size=batch_size,
+            lr=lr,
+            momentum=momentum,
+            nesterov=nesterov,
+            weight_decay=weight_decay,
+            pct_start=pct_start,
+            cycle_momentum=cycle_momentum,
+            seed=seed,
+        )
+        weights = {
+            "ce_weight": ce_weight,
+            "area_weight": area_weight,
+            "tv_weight": tv_weight,
+            "area_power": area_power,
+            "area_eps": area_eps,
+            "tv_power": tv_power,
+            "tv_border": tv_border,
+        }
+        dev = self._training_device(device)
+        identity = {
+            **self._record(),
+            "loss": {**weights, "maps": loss_maps},
+            "backbone_train_mode": bool(backbone_train_mode),
+        }
+        step = functools.partial(
+            self._step, weights=weights, loss_maps=loss_maps, backbone_train=backbone_train_mode
+        )
+        validate = None
+        if val_data is not None:
+            validate = functools.partial(self._validate, val_data, batch_size, dev)
+        return train(
+            self.mechanism,
+            step,
+            data,
+            recipe,
+            device=dev,
+            identity=identity,
+            amp=amp,
+            validate=validate,
+            show_progress=show_progress,
+            desc="T-TAME",
+            checkpoint_dir=checkpoint_dir,
+            resume=resume,
+            keep_checkpoints=keep_checkpoints,
+            num_workers=num_workers,
+            distributed=distributed,
+        )
+
+    def _training_device(self, device: torch.device | str | None) -> torch.device:
+        param = next((p for p in self.adapter.model.parameters()), None)
+        here = param.device if param is not None else torch.device("cpu")
+        if device is None:
+            return here
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        if param is not None and here != dev:
+            raise ValueError(
+                f"TTAME.fit(device={str(dev)!r}) but the model is on {here}; move the model "
+                f"there first (model.to({str(dev)!r}))."
+            )
+        return dev
+
+    def _step(
+        self,
+        mechanism: nn.Module,
+        batch: Any,
+        weights: dict[str, float],
+        loss_maps: str,
+        backbone_train: bool,
+    ) -> dict[str, torch.Tensor]:
+        """One T-TAME training step: features, top-1, masked forward pass, loss terms."""
+        x = batch_inputs(batch)
+        self.adapter.check_inputs(x, "TTAME.fit")
+        model = self.adapter.model
+        with model_state(model, grad=True), frozen_parameters(model):
+            if backbone_train:
+                model.train()
+            with torch.no_grad():
+                feats, logits = self._capture(x)
+            y = logits.argmax(1)
+            a = torch.sigmoid(mechanism(feats))
+            a_y = a[torch.arange(a.shape[0], device=a.device), y].unsqueeze(1)
+            mask = F.interpolate(a_y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+            masked_logits = self.adapter.forward(x * mask)
+        maps = a_y if loss_maps == "target" else a[:, y]
+        return ttame_loss(masked_logits, y, maps, **weights)
+
+    def _validate(
+        self, val_data: Any, batch_size: int, device: torch.device, mechanism: nn.Module
+    ) -> dict[str, float]:
+        from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+        from captum_ext.metrics import average_drop_ttame
+
+        data = TensorDataset(val_data) if isinstance(val_data, torch.Tensor) else val_data
+        loader = data if not isinstance(data, Dataset) else DataLoader(data, batch_size)
+        parts: dict[str, list[torch.Tensor]] = {}
+        for batch in loader:
+            x = batch_inputs(batch).to(device)
+            scores = average_drop_ttame(self.adapter.model, x, self)
+            for k, v in scores.items():
+                parts.setdefault(k, []).append(v.cpu())
+        return {f"val_{k}": float(torch.cat(v).nanmean()) for k, v in parts.items()}
+
+    # ------------------------------------------------------------------ save / load
+    def _record(self) -> dict[str, Any]:
+        """What the checkpoint must match: config and the backbone's identity."""
+        model = self.adapter.model
+        return {
+            "method": "ttame",
+            "format": _FORMAT,
+            "config": {
+                "layers": list(self.layers),
+                "num_classes": self.num_classes,
+                "vit_features": self.vit_features,
+                "input_size": list(self.input_size),
+                "max_size": self.max_size,
+            },
+            "backbone": {
+                "class": type(model).__name__,
+                "fingerprint": _fingerprint(model),
+                "feature_shapes": [list(s) for s in self.feature_shapes],
+            },
+        }
+
+    def save(
+        self, path: str | os.PathLike[str], extra: dict[str, Any] | None = None
+    ) -> CheckpointPaths:
+        """Writes the mechanism and its config (safetensors + JSON, :mod:`captum_ext.checkpoint`).
+
+        The record holds the config (layers, ``K``, ViT features, probe size, map size) and
+        the backbone's identity: class name, a sha256 fingerprint of its state-dict names and
+        shapes, and the feature shapes; :meth:`load` refuses a model that differs in any.
+
+        Args:
+            path: Base path (``<path>.safetensors`` + ``<path>.json``).
+            extra: More top-level record entries (JSON), e.g. how it was trained.
+
+        Returns:
+            The paths written.
+        """
+        record = self._record()
+        clash = set(extra or {}) & {*record, "weights"}
+        if clash:
+            raise ValueError(f"extra must not set {sorted(clash)}; T-TAME writes those.")
+        state = {k: v.detach().clone() for k, v in self.mechanism.state_dict().items()}
+        return save_checkpoint(path, state, {**record, **(extra or {})})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], model: nn.Module | ModelAdapter) -> TTAME:
+        """Rebuilds a saved T-TAME for ``model``; verified, never unpickled.
+
+        Args:
+            path: Base path of the checkpoint pair (or either file).
+            model: The model it was trained for.
+
+        Returns:
+            The explainer with the mechanism in eval mode, on the model's device.
+
+        Raises:
+            CheckpointError: The files are missing, damaged or edited; or the checkpoint is
+                not a T-TAME one, or was made for another model class, other parameter
+                names or shapes, other layers, feature shapes or class count.
+        """
+        where = checkpoint_paths(path).record
+        tensors, record = load_checkpoint(path)
+        if record.get("method") != "ttame" or record.get("format") != _FORMAT:
+            raise CheckpointError(
+                where,
+                f"not a T-TAME checkpoint of format {_FORMAT} (method={record.get('method')!r}, "
+                f"format={record.get('format')!r})",
+                "load it with the class that wrote it",
+            )
+        config, backbone = record["config"], record["backbone"]
+        inner = unwrap_model(model.model if isinstance(model, ModelAdapter) else model)
+        remedy = "load it with the model it was trained for, or fit a new TTAME for this one"
+        if backbone["class"] != type(inner).__name__:
+            raise CheckpointError(
+                where, f"made for a {backbone['class']}, not a {type(inner).__name__}", remedy
+            )
+        if backbone["fingerprint"] != _fingerprint(inner):
+            raise CheckpointError(
+                where,
+                f"made for a {backbone['class']} with other parameter names or shapes "
+                "(backbone fingerprint differs)",
+                remedy,
+            )
+        try:
+            explainer = cls(
+                model,
+                layers=config["layers"],
+                vit_features=config["vit_features"],
+                input_size=config["input_size"],
+                max_size=config["max_size"],
+            )
+        except (ValueError, UnsupportedModelError) as err:
+            raise CheckpointError(
+                where, f"its layers {config['layers']} do not fit this model ({err})", remedy
+            ) from err
+        shapes = [list(s) for s in explainer.feature_shapes]
+        if shapes != backbone["feature_shapes"]:
+            raise CheckpointError(
+                where,
+                f"made for feature shapes {backbone['feature_shapes']}; this model gives {shapes}",
+                remedy,
+            )
+        if explainer.num_classes != config["num_classes"]:
+            raise CheckpointError(
+                where,
+                f"made for {config['num_classes']} classes; this model has {explainer.num_classes}",
+                remedy,
+            )
+        p = next(explainer.mechanism.parameters())
+        try:
+            explainer.mechanism.load_state_dict(
+                {k: v.to(device=p.device, dtype=p.dtype if v.is_floating_point() else v.dtype)
+                 for k, v in tensors.items()},
+                strict=True,
+            )  # fmt: skip
+        except RuntimeError as err:
+            raise CheckpointError(
+                where, f"its tensors do not fit the mechanism ({err})", remedy
+            ) from err
+        explainer.mechanism.eval()
+        return explainer
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def _check_layers(layers: Sequence[Any]) -> list[Layer]:
+    if isinstance(layers, str | int):
+        raise ValueError(
+            f"TTAME: layers must be a list (e.g. ['layer2', 'layer3', 'layer4']); got {layers!r}."
+        )
+    out = list(layers)
+    if not out:
+        raise ValueError("TTAME: layers is empty; pass at least one feature layer.")
+    for layer in out:
+        if isinstance(layer, bool) or not isinstance(layer, str | int):
+            raise ValueError(
+                "TTAME: layers are module names (str) or, for transformers, block indices "
+                f"(int); got {layer!r}."
+            )
+    return out
+
+
+def _check_vit_features(adapter: ModelAdapter, vit_features: str | None) -> ViTFeatures:
+    tokens = isinstance(adapter, TransformerAdapter)
+    if vit_features is None:
+        return "cls" if tokens and adapter.num_prefix_tokens > 0 else "plain"
+    if vit_features not in ("plain", "cls"):
+        raise ValueError(f"TTAME: vit_features must be 'plain' or 'cls'; got {vit_features!r}.")
+    if vit_features == "cls" and not (tokens and adapter.num_prefix_tokens > 0):
+        raise ValueError(
+            f"TTAME: vit_features='cls' needs a transformer with a CLS token; this "
+            f"{adapter.family} has none. Use vit_features='plain'."
+        )
+    return vit_features  # type: ignore[return-value]
+
+
+def _input_size(model: nn.Module, size: int | Sequence[int] | None) -> tuple[int, int, int]:
+    """``(C, H, W)`` of the probe input."""
+    if size is None:
+        cfg = getattr(model, "config", None)
+        image_size = getattr(cfg, "image_size", None)
+        if image_size is not None:
+            channels = getattr(cfg, "num_channels", 3)
+            hw = image_size if isinstance(image_size, list | tuple) else (image_size,) * 2
+            return int(channels), int(hw[0]), int(hw[1])
+        pretrained = getattr(model, "pretrained_cfg", None)
+        if isinstance(pretrained, dict) and len(pretrained.get("input_size") or ()) == 3:
+            return tuple(int(v) for v in pretrained["input_size"])  # type: ignore[return-value]
+        return 3, 224, 224
+    dims = (size,) if isinstance(size, int) else tuple(size)
+    if len(dims) == 1:
+        dims = (3, dims[0], dims[0])
+    elif len(dims) == 2:
+        dims = (3, *dims)
+    if len(dims) != 3 or not all(isinstance(d, int) and d > 0 for d in dims):
+        raise ValueError(f"TTAME: input_size must be H, (H, W) or (C, H, W); got {size!r}.")
+    return dims  # type: ignore[return-value]
+
+
+def _fingerprint(model: nn.Module) -> str:
+    """sha256 of the class name and the state-dict names and shapes (not the values)."""
+    h = hashlib.sha256(type(model).__name__.encode())
+    for name, t in model.state_dict().items():
+        h.update(f"\n{name}:{tuple(t.shape)}".encode())
+    return h.hexdigest()
+
+
+def _minmax(maps: torch.Tensor) -> torch.Tensor:
+    """Per-map min-max normalisation of ``(B, 1, h, w)`` to ``[0, 1]``; constant maps -> 0."""
+    lo = maps.amin(dim=(-2, -1), keepdim=True)
+    span = maps.amax(dim=(-2, -1), keepdim=True) - lo
+    return torch.where(span > 0, (maps - lo) / span.clamp(min=torch.finfo(maps.dtype).tiny), 0.0)
+
+
+zoo.register_explainer("ttame", TTAME.load)
