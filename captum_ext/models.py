@@ -199,7 +199,7 @@ class LoadedModel:
 def parse_spec(spec: str) -> tuple[str, str]:
     """Splits a spec into ``(kind, value)`` and checks what can be checked without loading.
 
-    Checks the kind, that a zoo name is one of ``captum_ext.zoo.available()``, and that
+    Checks the kind, a zoo name (``captum_ext.zoo.check_name``), and that
     an ``hf:`` folder exists. A timm architecture is checked by :func:`load`.
 
     Args:
@@ -218,10 +218,10 @@ def parse_spec(spec: str) -> tuple[str, str]:
     if kind == "zoo":
         from captum_ext import zoo
 
-        names = zoo.available()
-        if value not in names:
-            shown = ", ".join(names) or "none (this installation has no zoo weights)"
-            raise ModelLoadError(f"unknown zoo model {value!r}; available: {shown}")
+        try:
+            zoo.check_name(value)  # the zoo's one name check
+        except ValueError as err:
+            raise ModelLoadError(str(err)) from None
     elif kind == "hf" and not Path(value).is_dir():
         raise ModelFileNotFoundError(f"{spec}: no such folder")
     return kind, value

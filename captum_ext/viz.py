@@ -1,19 +1,123 @@
-"""From token and patch maps to Captum's visualisation inputs, and figure grids.
+"""From token and patch maps to Captum's visualisation inputs, and every figure captum_ext draws.
 
 Captum's ``visualize_image_attr`` wants ``(H, W, C)`` numpy arrays and
-``visualize_text`` wants ``VisualizationDataRecord``s; these helpers convert
-captum_ext's ``(B, 1, H, W)`` and ``(B, T)`` maps.
+``visualize_text`` wants ``VisualizationDataRecord``s; :func:`to_hwc`,
+:func:`image_to_hwc` and :func:`text_record` convert captum_ext's ``(B, 1, H, W)``
+and ``(B, T)`` maps.
+
+One colour convention for every figure, Captum's own (:data:`SIGNED_CMAP`,
+:data:`POSITIVE_CMAP`, stated by :func:`colour_note`):
+
+- signed maps (CDAM, TAM): **green = evidence for the class, red = against,
+  white = 0**, on a scale symmetric about 0 (``±max|map|``). This is the colormap
+  of ``visualize_image_attr(..., sign="all")`` and the hues of ``visualize_text``,
+  so the HTML view and the PNGs agree.
+- non-negative maps (relevance, rollout, attention map): white (0) to green
+  (the largest value), Captum's ``"Greens"`` for ``sign="positive"``; negative
+  values, if any, are drawn as 0.
+
+Each figure states its scale: :func:`figure_grid` has a colour bar under each map
+column and a caption, :func:`overlay_figure` (:func:`save_overlay`) a colour bar in
+the map's own units and a caption, :func:`text_figure` a legend and a caption,
+:func:`html_text` Captum's legend and a caption.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+import re
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from matplotlib import colormaps
+from matplotlib.colors import Colormap, LinearSegmentedColormap
 
-__all__ = ["figure_grid", "html_text", "image_to_hwc", "text_record", "to_hwc"]
+__all__ = [
+    "OVERLAY_ALPHA",
+    "OVERLAY_DPI",
+    "OVERLAY_INCHES",
+    "POSITIVE_CMAP",
+    "SIGNED_CMAP",
+    "TextRow",
+    "cmap_for",
+    "colour_note",
+    "figure_grid",
+    "html_text",
+    "image_to_hwc",
+    "is_special_token",
+    "overlay_figure",
+    "save_overlay",
+    "text_figure",
+    "text_record",
+    "to_hwc",
+]
+
+SIGNED_CMAP: Colormap = LinearSegmentedColormap.from_list("RdWhGn", ["red", "white", "green"])
+"""Signed maps: red (``-max|map|``, against the class), white (0), green (``+max|map|``, for
+the class). The same colours as Captum's default for ``visualize_image_attr(sign="all")``."""
+
+POSITIVE_CMAP: Colormap = colormaps["Greens"]
+"""Non-negative maps: white (0) to dark green (the maximum); Captum's default for
+``sign="positive"``."""
+
+OVERLAY_ALPHA = 0.5
+"""Opacity of a map drawn over its (greyscale) image, as Captum's ``blended_heat_map``."""
+
+OVERLAY_INCHES = 5
+OVERLAY_DPI = 80  # overlays from save_overlay are OVERLAY_INCHES * OVERLAY_DPI = 400 px square
+
+Interpolation = Literal["nearest", "bilinear"]
+
+_SPECIAL = re.compile(
+    r"\[(CLS|SEP|PAD|MASK|BOS|EOS)\]|<(s|/s|pad|mask|cls|sep|bos|eos)>|<\|[A-Za-z_]+\|>"
+)
+
+
+def cmap_for(signed: bool) -> Colormap:
+    """The colormap of the convention: :data:`SIGNED_CMAP` or :data:`POSITIVE_CMAP`."""
+    return SIGNED_CMAP if signed else POSITIVE_CMAP
+
+
+def colour_note(signed: bool | None = None, per: str = "cell") -> str:
+    """The sentence every figure uses to state the colour convention and its scale.
+
+    Args:
+        signed: ``True`` if the figure holds only signed maps, ``False`` only
+            non-negative ones, ``None`` both kinds.
+        per: What one scale covers (``"cell"``, ``"row"``, ``"column"``, ``"map"``).
+
+    Example::
+
+        >>> colour_note(True, "row")
+        'green = evidence for the class, red = against, white = 0; scale ±max|map| per row'
+    """
+    if signed is False:
+        return f"white = 0, green = the largest value; scale 0 to max per {per}"
+    text = "green = evidence for the class, red = against, white = 0"
+    if signed is None:
+        text += " (maps that are never negative: white to green)"
+    return f"{text}; scale ±max|map| per {per}"
+
+
+def is_special_token(token: str) -> bool:
+    """Whether ``token`` is a special token that should not set a text's colour scale.
+
+    ``[CLS]``, ``[SEP]``, ``[PAD]``, ``[MASK]`` (BERT), ``<s>``, ``</s>``, ``<pad>``,
+    ``<mask>`` (RoBERTa) and ``<|...|>`` (GPT-style) are special; ``[UNK]`` stands for a
+    word and is not.
+    """
+    return bool(_SPECIAL.fullmatch(token.strip()))
+
+
+def _scale_values(s: np.ndarray, tokens: Sequence[str], exclude_special: bool) -> np.ndarray:
+    """The scores that set a text's scale: all, or the non-special ones (all if none is left)."""
+    if not exclude_special:
+        return s
+    keep = np.array([not is_special_token(t) for t in tokens], dtype=bool)
+    return s[keep] if keep.any() else s
 
 
 def to_hwc(attr: torch.Tensor, index: int = 0) -> np.ndarray:
@@ -46,11 +150,24 @@ def text_record(
     true_class: Any,
     attr_class: Any,
     mask: torch.Tensor | None = None,
+    exclude_special: bool = True,
 ):
     """A ``captum.attr.visualization.VisualizationDataRecord`` for one text map ``(T,)``.
 
-    Scores are divided by their maximum absolute value (Captum's colour
-    scale spans [-1, 1]); positions where ``mask`` is 0 are dropped.
+    Scores are divided by their maximum absolute value (Captum's colour scale spans
+    [-1, 1]: green for, red against); positions where ``mask`` is 0 are dropped.
+
+    Args:
+        scores: Token scores ``(T,)``.
+        tokens: The ``T`` tokens.
+        pred_prob: Score of the predicted class (Captum's "Predicted Label" column).
+        pred_class: Predicted class.
+        true_class: True class (or ``"n/a"``).
+        attr_class: What the map explains (Captum's "Attribution Label" column).
+        mask: ``(T,)``, 1 for the tokens to show.
+        exclude_special: Special tokens (:func:`is_special_token`: ``[CLS]``, ``[SEP]``,
+            padding) are shown but do not set the scale, so that a large score on
+            ``[CLS]`` does not wash out the words; theirs is clipped to [-1, 1].
     """
     from captum.attr import visualization as viz
 
@@ -60,23 +177,98 @@ def text_record(
         keep = mask.bool().cpu()
         s = s[keep]
         toks = [t for t, k in zip(toks, keep.tolist()) if k]
-    denom = s.abs().max()
-    norm = s / denom if denom > 0 else s
+    ref = _scale_values(s.numpy(), toks, exclude_special)
+    denom = float(np.abs(ref).max()) if ref.size else 0.0
+    norm = (s / denom).clamp(-1, 1) if denom > 0 else s
     return viz.VisualizationDataRecord(
         norm, pred_prob, pred_class, true_class, attr_class, float(s.sum()), toks, None
     )
 
 
-def html_text(records: Sequence[Any]) -> str:
-    """HTML of ``captum.attr.visualization.visualize_text`` for the records, as a string."""
+def html_text(records: Sequence[Any], note: str | None = None) -> str:
+    """HTML of ``captum.attr.visualization.visualize_text`` for the records, as a string.
+
+    Args:
+        records: From :func:`text_record`.
+        note: A sentence under the table; by default the colour convention and scale.
+    """
     import contextlib
+    import html
     import io
 
     from captum.attr import visualization as viz
 
+    if note is None:
+        note = (
+            colour_note(True, "row")
+            + "; [CLS], [SEP] and padding are shown but do not set the scale"
+        )
     # Captum calls IPython's display(), which prints a repr outside notebooks.
     with contextlib.redirect_stdout(io.StringIO()):
-        return viz.visualize_text(list(records), legend=True).data
+        body = viz.visualize_text(list(records), legend=True).data
+    return body + f'<p style="font-size: small; color: #555">{html.escape(note)}</p>'
+
+
+def _upsample(m: torch.Tensor, size: tuple[int, int], interpolation: Interpolation) -> np.ndarray:
+    """One map ``(1, h, w)`` (or ``(h, w)``) brought to ``size`` as ``(H, W)`` numpy."""
+    if interpolation not in ("nearest", "bilinear"):
+        raise ValueError(f'interpolation must be "nearest" or "bilinear"; got {interpolation!r}')
+    m = m.detach().double().cpu()
+    m = m.reshape(m.shape[-2:]) if m.dim() >= 2 else m
+    if m.dim() != 2 or m.numel() == 0:
+        raise ValueError(f"expected a map (1, h, w) or (h, w); got {tuple(m.shape)}")
+    if tuple(m.shape) != tuple(size):
+        kwargs = {"align_corners": False} if interpolation == "bilinear" else {}
+        m = torch.nn.functional.interpolate(m[None, None], size=size, mode=interpolation, **kwargs)
+        m = m[0, 0]
+    return m.numpy()
+
+
+def _limit(m: np.ndarray, signed: bool) -> float:
+    """``max|m|`` (signed) or ``max(m, 0)`` (non-negative), or 1 for an all-zero map."""
+    lim = float(np.abs(m).max()) if signed else float(max(m.max(), 0.0))
+    return lim if lim > 0 else 1.0
+
+
+def _draw_map(ax, m: np.ndarray, image: np.ndarray | None, signed: bool, lim: float):
+    """Draws one map on ``ax`` in the convention, over the greyscale ``image`` if given.
+
+    Returns:
+        The map's ``AxesImage``.
+    """
+    if image is not None:
+        ax.imshow(image.mean(-1), cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    return ax.imshow(
+        m,
+        cmap=cmap_for(signed),
+        vmin=-lim if signed else 0.0,
+        vmax=lim,
+        alpha=OVERLAY_ALPHA if image is not None else None,
+        interpolation="nearest",
+    )
+
+
+def _colourbar(fig, cax, signed: bool, lim: float | None, label: str | None = None):
+    """A horizontal colour bar of the convention; ``lim=None`` labels it ``±max``/``max``."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    top = 1.0 if lim is None else lim
+    bar = fig.colorbar(
+        ScalarMappable(Normalize(-top if signed else 0.0, top), cmap_for(signed)),
+        cax=cax,
+        orientation="horizontal",
+    )
+    ticks = [-top, 0.0, top] if signed else [0.0, top]
+    bar.set_ticks(ticks)
+    if lim is None:
+        bar.set_ticklabels(["−max", "0", "+max"] if signed else ["0", "max"])
+    else:
+        bar.set_ticklabels([f"{t:.3g}" for t in ticks])
+    bar.ax.tick_params(labelsize=6, length=2, pad=1)
+    if label:
+        bar.set_label(label, fontsize=7)
+    return bar
 
 
 def figure_grid(
@@ -86,38 +278,75 @@ def figure_grid(
     masks: torch.Tensor | None = None,
     signed: Mapping[str, bool] | None = None,
     cell: float = 1.6,
+    *,
+    class_agnostic: Collection[str] = (),
+    overlay: bool = False,
+    interpolation: Interpolation = "nearest",
+    scale: Literal["cell", "column"] = "cell",
+    title: str | None = None,
+    note: str | None = None,
 ):
     """A matplotlib figure: one row per image, columns input, mask and each method.
+
+    Colours follow the module's convention (:data:`SIGNED_CMAP` for signed maps,
+    :data:`POSITIVE_CMAP` for non-negative ones); each map column has a colour bar
+    under its last row and the figure a caption (:func:`colour_note`) that states it.
 
     Args:
         images: ``(R, 3, H, W)`` in [0, 1], one per row (repeat an image for
             several targets).
-        maps: Method name to ``(R, 1, H, W)`` maps.
-        row_labels: Text at the left of each row (e.g. the target class).
+        maps: Method name to ``(R, 1, h, w)`` maps: at the image size (a method's
+            ``output="input"``) or at the patch grid (``output="grid"``), which is
+            upsampled to ``(H, W)`` with ``interpolation``.
+        row_labels: Text at the left of each row; name the score, e.g.
+            ``"circle (sigmoid 0.97)"``.
         masks: ``(R, H, W)`` ground-truth masks (a column is added).
-        signed: Method name to whether its map is signed; signed maps use a
-            diverging colormap centred at 0 (``bwr``), others ``viridis``.
-            Each cell is scaled by its own maximum absolute value.
+        signed: Method name to whether its map is signed (default: signed).
         cell: Cell size in inches.
+        class_agnostic: Methods whose map does not depend on the target (rollout, the
+            attention map: ``captum_ext.registry.METHODS[name].class_agnostic``); their
+            column is titled ``"NAME (class-agnostic)"``, as the row's class does not
+            apply to them.
+        overlay: Draw each map at half opacity over the greyscale image (Captum's
+            ``blended_heat_map`` style) instead of alone.
+        interpolation: ``"nearest"`` (patch cells stay sharp, the default) or
+            ``"bilinear"`` (smooth, as pytorch-grad-cam) for maps smaller than the image.
+            A map already at the image size is drawn as it is.
+        scale: ``"cell"``: each map scaled to its own ``±max|map|`` (colour bars read
+            ``−max, 0, +max``); ``"column"``: one scale per method over all rows (colour
+            bars in the map's units).
+        title: Figure title.
+        note: A sentence appended to the caption.
 
     Returns:
         The ``matplotlib.figure.Figure``.
     """
     import matplotlib.pyplot as plt
 
+    if scale not in ("cell", "column"):
+        raise ValueError(f'scale must be "cell" or "column"; got {scale!r}')
     signed = dict(signed or {})
-    cols = ["input"] + (["mask"] if masks is not None else []) + list(maps)
+    agnostic = set(class_agnostic)
+    size = tuple(images.shape[-2:])
     rows = images.shape[0]
+    drawn = {
+        name: np.stack([_upsample(maps[name][r], size, interpolation) for r in range(rows)])
+        for name in maps
+    }
+    cols = ["input"] + (["mask"] if masks is not None else []) + list(maps)
     fig, axes = plt.subplots(
-        rows, len(cols), figsize=(cell * len(cols), cell * rows), squeeze=False
+        rows, len(cols), figsize=(cell * len(cols), cell * rows + 0.6), squeeze=False
     )
-    for r in range(rows):
-        for c, name in enumerate(cols):
+    for c, name in enumerate(cols):
+        is_signed = signed.get(name, True)
+        column_lim = _limit(drawn[name], is_signed) if name in drawn else 1.0
+        for r in range(rows):
             ax = axes[r, c]
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title(name, fontsize=8)
+                heading = f"{name}\n(class-agnostic)" if name in agnostic else name
+                ax.set_title(heading, fontsize=8)
             if name == "input":
                 ax.imshow(image_to_hwc(images, r))
                 if row_labels is not None:
@@ -125,11 +354,221 @@ def figure_grid(
             elif name == "mask":
                 ax.imshow(masks[r].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
             else:
-                m = maps[name][r].detach().double().cpu().reshape(images.shape[-2:]).numpy()
-                lim = float(np.abs(m).max()) or 1.0
-                if signed.get(name, True):
-                    ax.imshow(m, cmap="bwr", vmin=-lim, vmax=lim)
-                else:
-                    ax.imshow(m, cmap="viridis", vmin=min(0.0, float(m.min())), vmax=lim)
-    fig.tight_layout()
+                m = drawn[name][r]
+                lim = column_lim if scale == "column" else _limit(m, is_signed)
+                _draw_map(ax, m, image_to_hwc(images, r) if overlay else None, is_signed, lim)
+        if name in drawn:
+            cax = axes[-1, c].inset_axes((0.08, -0.16, 0.84, 0.07))
+            _colourbar(fig, cax, is_signed, column_lim if scale == "column" else None)
+    kinds = {signed.get(name, True) for name in maps}
+    caption = colour_note(kinds.pop() if len(kinds) == 1 else None, scale)
+    if note:
+        caption += f"; {note}"
+    fig.text(0.5, 0.005, caption, ha="center", va="bottom", fontsize=7, color="0.3")
+    if title:
+        fig.suptitle(title, fontsize=8)
+    bottom = 0.3 / (cell * rows + 0.6)
+    top = 1 - (0.3 / (cell * rows + 0.6) if title else 0.0)
+    fig.tight_layout(rect=(0, bottom, 1, top))
+    return fig
+
+
+def overlay_figure(
+    attr: torch.Tensor,
+    image: torch.Tensor,
+    signed: bool,
+    title: str,
+    note: str | None = None,
+    interpolation: Interpolation = "nearest",
+):
+    """One map over its greyscale image, with a colour bar in the map's units and a caption.
+
+    The map is drawn as Captum's ``blended_heat_map`` draws it (greyscale image, map at
+    :data:`OVERLAY_ALPHA`) in the module's colours, on the scale ``±max|map|`` (signed) or
+    ``0..max`` (non-negative); the caption is :func:`colour_note`, then ``note``.
+
+    Args:
+        attr: The map ``(1, h, w)`` (or ``(1, 1, h, w)``, ``(h, w)``); a map smaller than
+            the image is upsampled with ``interpolation``.
+        image: The input as shown to a person, ``(3, H, W)`` in [0, 1].
+        signed: Draw both signs (:data:`SIGNED_CMAP`: green for the class, red against);
+            otherwise values from 0 up (:data:`POSITIVE_CMAP`).
+        title: Figure title.
+        note: A sentence appended to the caption.
+        interpolation: ``"nearest"`` or ``"bilinear"``.
+
+    Returns:
+        A ``matplotlib.figure.Figure`` of :data:`OVERLAY_INCHES` square.
+    """
+    from matplotlib.figure import Figure
+
+    picture = image_to_hwc(image[None] if image.dim() == 3 else image)
+    m = _upsample(attr, picture.shape[:2], interpolation)
+    lim = _limit(m, signed)
+    fig = Figure(figsize=(OVERLAY_INCHES, OVERLAY_INCHES))
+    ax = fig.add_axes((0.1, 0.24, 0.8, 0.68))
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.set_title(title, fontsize=10)
+    _draw_map(ax, m, picture, signed, lim)
+    _colourbar(fig, fig.add_axes((0.1, 0.15, 0.8, 0.03)), signed, lim, "map value")
+    caption = colour_note(signed, "map") + (f"; {note}" if note else "")
+    fig.text(0.5, 0.02, caption, ha="center", va="bottom", fontsize=7, color="0.3", wrap=True)
+    return fig
+
+
+def save_overlay(
+    path: Path | str,
+    attr: torch.Tensor,
+    image: torch.Tensor,
+    signed: bool,
+    title: str,
+    note: str | None = None,
+) -> None:
+    """Saves :func:`overlay_figure` of one map as a PNG of 400 x 400 pixels.
+
+    Args:
+        path: Output file.
+        attr: The map ``(1, H, W)`` (or ``(1, 1, H, W)``, ``(H, W)``).
+        image: The input as shown to a person, ``(3, H, W)`` in [0, 1].
+        signed: Signed map (green for the class, red against) or non-negative.
+        title: Figure title.
+        note: A sentence appended to the caption.
+    """
+    overlay_figure(attr, image, signed, title, note).savefig(path, dpi=OVERLAY_DPI)
+
+
+@dataclass
+class TextRow:
+    """One row of :func:`text_figure`.
+
+    Attributes:
+        label: Text at the left of the row.
+        tokens: The tokens, in order.
+        scores: One score per token ``(T,)``.
+        signed: :data:`SIGNED_CMAP` centred at 0 (else :data:`POSITIVE_CMAP` from 0).
+        marked: Tokens to outline (e.g. a planted rationale), one bool per token.
+    """
+
+    label: str
+    tokens: Sequence[str]
+    scores: torch.Tensor
+    signed: bool
+    marked: Sequence[bool] | None = None
+
+
+_CHAR_IN = 0.075  # width of one character of 9 pt monospace, in inches
+_LINE_IN = 0.32
+_WRAP = 90  # characters of tokens per line
+
+
+def _text_colour(v: float, lim: float, signed: bool) -> tuple:
+    value = (v / lim + 1) / 2 if signed else max(v, 0.0) / lim
+    return cmap_for(signed)(float(np.clip(value, 0.0, 1.0)))
+
+
+def text_figure(
+    rows: Sequence[TextRow],
+    title: str | None = None,
+    note: str | None = None,
+    exclude_special: bool = True,
+):
+    """Tokens drawn as coloured boxes, one row (wrapped if long) per map.
+
+    Colours follow the module's convention; each row is scaled by its own maximum
+    absolute score. A legend line (the colours of ``−max``, 0 and ``+max``) and a
+    caption (:func:`colour_note`, then ``note``) state it.
+
+    Args:
+        rows: The maps.
+        title: Figure title.
+        note: A sentence appended to the caption.
+        exclude_special: Special tokens (:func:`is_special_token`: ``[CLS]``, ``[SEP]``,
+            padding) are drawn but do not set their row's scale (their colour is
+            clipped at the scale's end).
+
+    Returns:
+        The ``matplotlib.figure.Figure``.
+    """
+    from matplotlib.figure import Figure
+
+    label_w = max((len(r.label) for r in rows), default=0) + 2
+    lines: list[tuple[str, list[tuple[float, str, tuple, bool]]]] = []
+    for row in rows:
+        s = row.scores.detach().double().cpu().numpy()
+        lim = _limit(_scale_values(s, list(row.tokens), exclude_special), row.signed)
+        marked = list(row.marked) if row.marked is not None else [False] * len(row.tokens)
+        x, cells, label = 0.0, [], row.label
+        for tok, v, m in zip(row.tokens, s, marked):
+            width = len(tok) + 1.5
+            if x + width > _WRAP and cells:
+                lines.append((label, cells))
+                x, cells, label = 0.0, [], ""
+            cells.append((x, tok, _text_colour(float(v), lim, row.signed), m))
+            x += width
+        lines.append((label, cells))
+    kinds = {row.signed for row in rows}
+    caption = colour_note(kinds.pop() if len(kinds) == 1 else None, "row")
+    if exclude_special:
+        caption += "; [CLS], [SEP] and padding do not set the scale"
+    if note:
+        caption += f"; {note}"
+    legend: list[tuple[str, tuple | None]] = []
+    if any(row.signed for row in rows):
+        legend += [("signed:", None), ("−max", SIGNED_CMAP(0.0)), ("0", SIGNED_CMAP(0.5))]
+        legend += [("+max", SIGNED_CMAP(1.0))]
+    if not all(row.signed for row in rows):
+        legend += [("never negative:", None), ("0", POSITIVE_CMAP(0.0))]
+        legend += [("max", POSITIVE_CMAP(1.0))]
+    width_chars = max(
+        label_w + max((c[-1][0] + len(c[-1][1]) + 1.5 for _, c in lines if c), default=10),
+        len(title or "") * 1.1,  # bold proportional text, a little wider than monospace
+        len(caption) * 0.75,  # 7 pt proportional text
+    )
+    extra = (1 if title else 0) + 2  # the legend and the caption
+    fig = Figure(figsize=(width_chars * _CHAR_IN + 0.3, (len(lines) + extra) * _LINE_IN + 0.2))
+    ax = fig.add_axes((0, 0, 1, 1))
+    ax.set_xlim(-0.5, width_chars + 0.5)
+    ax.set_ylim(len(lines) + extra - 0.2, -0.8)
+    ax.axis("off")
+    y0 = 0
+    if title:
+        ax.text(0, 0, title, fontsize=9, fontweight="bold", va="center")
+        y0 = 1
+
+    def box(x: float, y: float, tok: str, colour: tuple, outlined: bool) -> None:
+        luminance = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
+        ax.text(
+            x,
+            y,
+            tok,
+            fontsize=9,
+            va="center",
+            family="monospace",
+            color="white" if luminance < 0.45 else "black",
+            bbox=dict(
+                boxstyle="round,pad=0.2",
+                fc=colour,
+                ec="black" if outlined else "none",
+                lw=1.2 if outlined else 0,
+            ),
+        )
+
+    for i, (label, cells) in enumerate(lines):
+        y = y0 + i
+        ax.text(0, y, label, fontsize=8, va="center", family="monospace")
+        for x, tok, colour, m in cells:
+            box(label_w + x, y, tok, colour, m)
+    y = y0 + len(lines)
+    ax.text(0, y, "colours", fontsize=8, va="center", family="monospace", color="0.3")
+    x = float(label_w)
+    for text, colour in legend:
+        if colour is None:
+            ax.text(x, y, text, fontsize=8, va="center", family="monospace", color="0.3")
+            x += len(text) + 1
+        else:
+            box(x, y, text, colour, False)
+            x += len(text) + 2
+        x += 0.5
+    ax.text(0, y + 1, caption, fontsize=7, va="center", color="0.3")
     return fig

@@ -296,6 +296,35 @@ def test_explain_hf_bert_text(files, tmp_path):
     np.testing.assert_allclose(got, expected.numpy(), atol=1e-6)
 
 
+def test_explain_labels_class_agnostic_maps_with_no_class(files, tmp_path, monkeypatch):
+    """Issue 11: rollout does not depend on the target, so no class is named for it; the
+    score shown for a class says which it is (softmax here)."""
+    from captum_ext.cli import explain
+
+    titles = []
+    real = explain.save_overlay
+
+    def recording(path, attr, image, signed, title, *args):
+        titles.append(title)
+        real(path, attr, image, signed, title, *args)
+
+    monkeypatch.setattr(explain, "save_overlay", recording)
+    out = tmp_path / "img"
+    args = ["--model", f"hf:{files['hf_vit']}", "--image", str(files["im0"])]
+    args += ["--method", "cdam", "rollout", "--target", "dog", "--out", str(out)]
+    assert main(["explain", *args]) == 0
+    assert sorted(titles)[0].startswith("CDAM: dog (softmax 0.")
+    assert sorted(titles)[1] == "Rollout (class-agnostic)"
+
+    out = tmp_path / "text"
+    args = ["--model", f"hf:{files['hf_bert']}", "--text", "a great movie"]
+    args += ["--method", "rollout", "cdam", "--target", "1", "--out", str(out)]
+    assert main(["explain", *args]) == 0
+    html = (out / "text.html").read_text()
+    assert "Rollout (class-agnostic)" in html and "(Rollout)" not in html
+    assert "LABEL_1 (CDAM)" in html
+
+
 # --- errors: exit status 2, one line on stderr, no output folder ------------------------------
 
 
@@ -439,6 +468,23 @@ def test_demo_small_writes_every_output(tmp_path, capsys):
     rows = json.loads((out / "metrics.json").read_text())["rows"]
     assert {r["method"] for r in rows} >= {"cdam", "random"}
     assert "<table" in (out / "text.html").read_text()
+
+
+@needs_zoo
+def test_demo_grid_names_the_score_and_the_class_agnostic_columns():
+    """Issue 11: rows say which score they show, class-agnostic columns say so, and the maps
+    use captum_ext.viz's colours (green = for the class, red = against)."""
+    from captum_ext.cli.demo import image_grid
+    from captum_ext.viz import POSITIVE_CMAP, SIGNED_CMAP
+
+    fig, _ = image_grid("shapes-vit", 1)
+    heads = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    assert {"Rollout\n(class-agnostic)", "Attention map\n(class-agnostic)", "CDAM"} <= set(heads)
+    labels = [ax.get_ylabel() for ax in fig.axes if ax.get_ylabel()]
+    assert labels and all("(sigmoid " in label for label in labels)
+    xs = np.linspace(0, 1, 5)
+    assert np.allclose(heads["CDAM"].get_images()[-1].get_cmap()(xs), SIGNED_CMAP(xs))
+    assert np.allclose(heads["Relevance"].get_images()[-1].get_cmap()(xs), POSITIVE_CMAP(xs))
 
 
 @needs_zoo

@@ -2,8 +2,11 @@
 
 Loads the shipped ``shapes-vit`` (a timm ViT trained on the procedural shapes benchmark),
 takes held-out images with two objects, explains both present classes with every method of
-the registry, and writes a figure (rows: image x class; columns: input, that class's
-ground-truth mask, each method). Offline, CPU, a few seconds:
+the registry, and writes a figure (rows: image x class, with the class's sigmoid score;
+columns: input, that class's ground-truth mask, each method over the image, upsampled from
+the patch grid bilinearly as pytorch-grad-cam draws it). Colours as every captum_ext figure
+(``captum_ext.viz``): green = evidence for the class, red = against, white = 0. Offline,
+CPU, a few seconds:
 
     python tutorials/quickstart.py [--model shapes-vit] [--n 3] [--out quickstart.png]
 
@@ -35,18 +38,24 @@ def main(argv: list[str] | None = None) -> None:
     pairs = data.labels.nonzero()  # (image, class) of every present class
     images, classes = data.images[pairs[:, 0]], pairs[:, 1]
 
-    maps = {}
+    maps = {}  # patch-grid maps (R, 1, h, w); figure_grid upsamples them to the image
     for name, spec in METHODS.items():
-        maps[spec.label] = make_method(name, model).attribute(images, target=classes)
+        explainer = make_method(name, model)
+        maps[spec.label] = explainer.attribute(images, target=classes, output="grid")
 
     with torch.no_grad():
         probs = torch.sigmoid(model(images)).gather(1, classes[:, None])[:, 0]
     fig = figure_grid(
         images,
         maps,
-        row_labels=[f"{SHAPE_CLASSES[c]} p={p:.2f}" for c, p in zip(classes.tolist(), probs)],
+        row_labels=[
+            f"{SHAPE_CLASSES[c]} (sigmoid {p:.2f})" for c, p in zip(classes.tolist(), probs)
+        ],
         masks=data.masks[pairs[:, 0], pairs[:, 1]],
         signed={spec.label: spec.signed for spec in METHODS.values()},
+        class_agnostic=[spec.label for spec in METHODS.values() if spec.class_agnostic],
+        overlay=True,
+        interpolation="bilinear",
     )
     fig.savefig(args.out, dpi=80)
     print(f"{len(pairs)} rows ({args.n} images x 2 classes), {len(maps)} methods -> {args.out}")

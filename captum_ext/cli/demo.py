@@ -19,7 +19,6 @@ import torch
 from captum_ext._scores import progress
 from captum_ext.cli._common import (
     CLIError,
-    TextRow,
     add_device,
     add_quiet,
     check_out_dir,
@@ -27,9 +26,9 @@ from captum_ext.cli._common import (
     resolve_device,
     run_metrics,
     staged_output,
-    text_figure,
     write_json,
 )
+from captum_ext.viz import TextRow, text_figure
 
 __all__ = [
     "DEMO_SEED",
@@ -59,9 +58,10 @@ examples:
   captum-ext demo --device cuda
 
 writes explanations.png (shapes-vit: rows = image x present class, columns = input,
-ground-truth mask, every method), the same for shapes-vit-plain and shapes-vit-free
-(explanations-NAME.png), text.html and text.png (text-bert), metrics.md and metrics.json
-(captum_ext.evaluation).
+ground-truth mask, every method over the image; green = for the row's class, red =
+against, white = 0, a colour bar per method), the same for shapes-vit-plain and
+shapes-vit-free (explanations-NAME.png), text.html and text.png (text-bert), metrics.md
+and metrics.json (captum_ext.evaluation).
 """
 
 
@@ -112,9 +112,12 @@ def image_grid(name: str, n: int, device: str = "cpu", show_progress: bool = Fal
 
     The images come from :func:`captum_ext.data.shapes` with seed :data:`DEMO_SEED` (never
     used in training), half of them (rounded up) with two objects. Rows are (image,
-    present class) pairs; columns the input, the class's ground-truth mask and every
-    registered method that supports the model, each explaining the row's class (signed
-    methods in a diverging colormap centred at 0: red for the class, blue against).
+    present class) pairs, labelled with the class and its score (sigmoid for multi-label
+    models, else softmax); columns the input, the class's ground-truth mask and every
+    registered method that supports the model, each explaining the row's class, drawn over
+    the image in :mod:`captum_ext.viz`'s colours (green = for the class, red = against,
+    white = 0; a colour bar per column). Class-agnostic methods (rollout, the attention
+    map) are titled so: the row's class does not apply to them.
 
     Args:
         name: A zoo image model (e.g. ``"shapes-vit"``, see :data:`IMAGE_MODELS`).
@@ -154,6 +157,7 @@ def image_grid(name: str, n: int, device: str = "cpu", show_progress: bool = Fal
     probs = loaded.probabilities(loaded.logits(x)).cpu()
     maps: dict[str, torch.Tensor] = {}
     signed: dict[str, bool] = {}
+    agnostic: list[str] = []
     skipped: list[str] = []
     for method in progress(list(METHODS), show_progress, f"{name}: methods", leave=False):
         spec = METHODS[method]
@@ -164,15 +168,23 @@ def image_grid(name: str, n: int, device: str = "cpu", show_progress: bool = Fal
             continue
         maps[spec.label] = explainer.attribute(x, target=cls_idx.to(device)).detach().cpu()
         signed[spec.label] = spec.signed
-    labels = [f"#{i} {names[k]}\np={float(probs[r, k]):.2f}" for r, (i, k) in enumerate(rows)]
-    fig = figure_grid(x.cpu(), maps, labels, masks=masks, signed=signed)
-    signed_labels = [label for label, is_signed in signed.items() if is_signed]
-    fig.suptitle(
-        f"{name}: held-out images (seed {DEMO_SEED}), one row per present class; "
-        f"{', '.join(signed_labels)}: red = for the row's class, blue = against",
-        fontsize=8,
+        if spec.class_agnostic:
+            agnostic.append(spec.label)
+    score = "sigmoid" if loaded.multi_label else "softmax"
+    labels = [
+        f"#{i} {names[k]}\n({score} {float(probs[r, k]):.2f})" for r, (i, k) in enumerate(rows)
+    ]
+    fig = figure_grid(
+        x.cpu(),
+        maps,
+        labels,
+        masks=masks,
+        signed=signed,
+        class_agnostic=agnostic,
+        overlay=True,
+        title=f"{name}: held-out images (seed {DEMO_SEED}), one row per present class "
+        "and its score",
     )
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
     summary = {
         "model": name,
         "seed": DEMO_SEED,
@@ -250,8 +262,7 @@ def text_outputs(n: int, device: str, show_progress: bool = False):
     fig = text_figure(
         rows,
         title=f"{TEXT_MODEL}: held-out texts (seed {DEMO_SEED}), explained for the true class",
-        note="outlined: planted rationale; CDAM/TAM red = for the class, blue = against; "
-        "each row scaled by its own max |score|",
+        note="outlined: planted rationale",
     )
     summary = {"model": TEXT_MODEL, "seed": DEMO_SEED, "texts": n, "methods": list(TEXT_METHODS)}
     return html_text(records), fig, summary

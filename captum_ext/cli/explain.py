@@ -1,9 +1,11 @@
 """``captum-ext explain``: maps of one or more methods for local images or texts.
 
-Per image and target class: ``NAME_METHOD_classK.png`` (Captum's ``blended_heat_map``
-overlay, 400 x 400 pixels) and ``NAME_METHOD_classK.npy`` (the map ``(H, W)`` in the
-model's input space, float32). Per text: ``text.html`` (Captum's ``visualize_text``),
-``text.png`` and ``textI_METHOD_classK.npy`` (token scores ``(T,)``). Always:
+Per image and target class: ``NAME_METHOD_classK.png`` (the map over the greyscale image
+as Captum's ``blended_heat_map`` draws it, in :mod:`captum_ext.viz`'s colours: green = for
+the class, red = against, white = 0; 400 x 400 pixels, with a colour bar) and
+``NAME_METHOD_classK.npy`` (the map ``(H, W)`` in the model's input space, float32). Per
+text: ``text.html`` (Captum's ``visualize_text``), ``text.png`` and
+``textI_METHOD_classK.npy`` (token scores ``(T,)``). Always:
 ``attributions.safetensors`` (every map, keyed ``NAME/METHOD/classK``) and
 ``prediction.json`` (top classes with scores, targets, files, preprocessing).
 
@@ -31,7 +33,6 @@ from captum_ext.cli._common import (
     ZOO_MODELS,
     CLIError,
     HelpFormatter,
-    TextRow,
     add_device,
     add_quiet,
     check_methods,
@@ -39,12 +40,11 @@ from captum_ext.cli._common import (
     count,
     first_line,
     resolve_device,
-    save_overlay,
     staged_output,
-    text_figure,
     write_json,
 )
 from captum_ext.models import LoadedModel, load, read_class_names
+from captum_ext.viz import TextRow, save_overlay, text_figure
 
 __all__ = ["add_parser", "run"]
 
@@ -69,9 +69,10 @@ examples:
   captum-ext explain --model hf:./my-bert --text "a great movie" --method cdam --target 1
   captum-ext explain --model zoo:shapes-vit --image shapes.png --method cdam --target circ
 
-writes, per input and target: NAME_METHOD_classK.png (Captum blended_heat_map overlay,
-400x400 px) and NAME_METHOD_classK.npy (the map in input space); for texts text.html,
-text.png and token-score .npy files; always attributions.safetensors (every map) and
+writes, per input and target: NAME_METHOD_classK.png (the map over the greyscale image,
+400x400 px; green = for the class, red = against, white = 0, with a colour bar) and
+NAME_METHOD_classK.npy (the map in input space); for texts text.html, text.png and
+token-score .npy files; always attributions.safetensors (every map) and
 prediction.json (top classes and scores: softmax, or sigmoid for multi-label models).
 A non-empty --out is refused unless --overwrite, which replaces its content.
 Weights: .safetensors preferred; .pt/.pth/.bin are read with torch.load(weights_only=True).
@@ -380,6 +381,7 @@ def _write(
 
     tensors: dict[str, torch.Tensor] = {}
     records, rows, entries = [], [], []
+    score = "sigmoid" if loaded.multi_label else "softmax"
     for item in items:
         files = []
         for (m, k), attr in item.maps.items():
@@ -389,26 +391,22 @@ def _write(
             raw = attr[0] if item.display is not None else attr  # (H, W) or (T,)
             np.save(out / f"{stem}.npy", raw.numpy().astype(np.float32))
             files.append(f"{stem}.npy")
-            label = f"{loaded.class_names[k]} (p={float(item.probs[k]):.3f})"
+            if spec.class_agnostic:  # the same map for every target: name no class
+                label = attr_class = f"{spec.label} (class-agnostic)"
+            else:
+                label = (
+                    f"{spec.label}: {loaded.class_names[k]} ({score} {float(item.probs[k]):.3f})"
+                )
+                attr_class = f"{loaded.class_names[k]} ({spec.label})"
             if item.display is not None:
-                title = f"{spec.label}: {label}"
-                save_overlay(out / f"{stem}.png", attr, item.display, spec.signed, title)
+                save_overlay(out / f"{stem}.png", attr, item.display, spec.signed, label)
                 files.append(f"{stem}.png")
             else:
                 pred = item.top[0]
                 records.append(
-                    text_record(
-                        attr,
-                        item.tokens,
-                        pred["score"],
-                        pred["label"],
-                        "n/a",
-                        f"{loaded.class_names[k]} ({spec.label})",
-                    )
+                    text_record(attr, item.tokens, pred["score"], pred["label"], "n/a", attr_class)
                 )
-                rows.append(
-                    TextRow(f"{item.name} {spec.label} {label}", item.tokens, attr, spec.signed)
-                )
+                rows.append(TextRow(f"{item.name} {label}", item.tokens, attr, spec.signed))
         entries.append(
             {
                 "name": item.name,
@@ -424,7 +422,7 @@ def _write(
         )
     if records:
         (out / "text.html").write_text(html_text(records))
-        fig = text_figure(rows, title=f"{loaded.spec}", note=_colour_note(methods))
+        fig = text_figure(rows, title=f"{loaded.spec}")
         fig.savefig(out / "text.png", dpi=100)
     save_file(tensors, str(out / "attributions.safetensors"), metadata={"model": loaded.spec})
     write_json(
@@ -442,16 +440,6 @@ def _write(
         },
     )
     return sorted(p.relative_to(out) for p in out.iterdir())
-
-
-def _colour_note(methods: list[str]) -> str:
-    from captum_ext.registry import METHODS
-
-    signed = [METHODS[m].label for m in methods if METHODS[m].signed]
-    note = "each row scaled by its own max |score|"
-    if signed:
-        note += f"; {', '.join(signed)}: red = evidence for the class, blue = against"
-    return note
 
 
 def run(args: argparse.Namespace) -> int:
