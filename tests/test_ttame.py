@@ -804,6 +804,13 @@ def test_zoo_lists_explainers_apart_from_models():
     assert zoo.available(kind="all") == sorted([*models, *explainers])
     with pytest.raises(ValueError, match="kind"):
         zoo.available(kind="other")
+    if "shapes-vit-ttame" in explainers:
+        zoo.check_name("shapes-vit-ttame", kind="explainer")
+        with pytest.raises(ValueError, match="is a trained explainer, not a model"):
+            zoo.check_name("shapes-vit-ttame")  # where a model is expected (CLI specs)
+        with pytest.raises(ValueError, match="is a model, not a trained explainer"):
+            zoo.check_name("shapes-vit", kind="explainer")
+        assert zoo.data_kwargs("shapes-vit-ttame") == zoo.data_kwargs("shapes-vit")
 
 
 @pytest.mark.parametrize("name", ["shapes-vit-ttame", "shapes-cnn-ttame"])
