@@ -306,6 +306,10 @@ def test_mechanism_equals_the_literal_equations():
     c = mech(feats)
     assert c.shape == (2, 5, 6, 6)
     torch.testing.assert_close(c, _literal_mechanism(mech, feats), rtol=1e-12, atol=1e-12)
+    classes = torch.tensor([3, 0])
+    one = mech(feats, classes=classes)  # only the maps attribute needs
+    assert one.shape == (2, 1, 6, 6)
+    torch.testing.assert_close(one[:, 0], c[torch.arange(2), classes], rtol=1e-12, atol=1e-12)
 
 
 def test_map_size_is_the_first_branch_capped_at_56():
