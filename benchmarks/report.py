@@ -40,7 +40,15 @@ import torch
 
 from captum_ext import zoo
 from captum_ext.data import shapes
-from captum_ext.evaluation import DEFAULT_SEED, EvalConfig, EvalResult, MapFn, evaluate
+from captum_ext.evaluation import (
+    DEFAULT_SEED,
+    IMAGE_METRICS,
+    TEXT_METRICS,
+    EvalConfig,
+    EvalResult,
+    MapFn,
+    evaluate,
+)
 from captum_ext.metrics import model_randomisation
 from captum_ext.registry import METHODS, make_method
 
@@ -212,6 +220,9 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=2, help="extra held-out seeds (n/4 items each)")
     p.add_argument("--steps", type=int, default=16, help="RISE deletion/insertion steps")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples")
+    p.add_argument(
+        "--no-road", action="store_true", help="skip ROAD (the slowest metric) in the main run"
+    )
     p.add_argument("--sanity-images", type=int, default=16)
     p.add_argument("--no-sanity", action="store_true")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: leave as is)")
@@ -230,8 +241,10 @@ def main() -> None:
         sys.exit("no zoo models found; train them with benchmarks/train_zoo.py")
 
     t0 = time.perf_counter()
+    metrics = None if args.no_road else IMAGE_METRICS + TEXT_METRICS  # ROAD only when named
     config = EvalConfig(
         methods=args.methods,
+        metrics=metrics,
         n=args.n,
         seed=DEFAULT_SEED,
         device=args.device,
@@ -258,7 +271,7 @@ def main() -> None:
     n_seed = max(8, args.n // 4)
     for k in range(1, args.seeds + 1):
         seed = DEFAULT_SEED + k
-        config_seed = config.replace(n=n_seed, seed=seed, bootstrap=0)
+        config_seed = config.replace(n=n_seed, seed=seed, bootstrap=0, metrics=None)
         run = EvalResult()
         for m in models:
             run = run + evaluate(m, config=config_seed, extra_maps=peers[m])
@@ -283,11 +296,21 @@ def main() -> None:
         "image gives two maps). Columns: pointing game, relevance mass and rank accuracy "
         "against the class's mask, sparsity (share of tokens below 5 % of the max), class "
         "discrimination D on two-object images (0.5 = class-agnostic), RISE deletion / "
-        "insertion AUC, and r(TAM), the Pearson correlation with token ablation's map. "
+        "insertion AUC, Average Drop (AD) / Increase in Confidence (IC) in % keeping 100/50/15 % "
+        "of the min-max normalised map (T-TAME preset; target = the map's class, sigmoid "
+        "score), "
+        + (
+            ""
+            if args.no_road
+            else "ROAD MoRF / LeRF (T-TAME preset: top-1 agreement with the clean prediction, "
+            "mean over 10–90 % of pixels removed and imputed), "
+        )
+        + "and r(TAM), the Pearson correlation with token ablation's map. "
         "Cells are `mean [95 % bootstrap interval]`; ↑/↓ mark the better direction. "
         "Baselines: `random` (uniform noise) and `centre Gaussian`. Captum peers on the same "
         f"model: `IntegratedGradients` ({IG_STEPS} steps, black baseline, channel sum) on every "
-        "image model, `LayerGradCam` on the CNN's last stage.\n",
+        "image model, `LayerGradCam` on the CNN's last stage. T-TAME: the zoo's trained "
+        "explainer for the model (`NAME-ttame`, Ntrougkas et al. 2024), maps in [0, 1].\n",
         "## Results\n",
     ]
     parts = ["\n".join(header), result.to_markdown()]

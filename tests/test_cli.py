@@ -452,6 +452,7 @@ def test_demo_small_writes_every_output(tmp_path, capsys):
         "explanations.png",
         "explanations-shapes-vit-plain.png",
         "explanations-shapes-vit-free.png",
+        "explanations-shapes-cnn.png",
         "text.html",
         "text.png",
         "metrics.md",
@@ -485,6 +486,26 @@ def test_demo_grid_names_the_score_and_the_class_agnostic_columns():
     xs = np.linspace(0, 1, 5)
     assert np.allclose(heads["CDAM"].get_images()[-1].get_cmap()(xs), SIGNED_CMAP(xs))
     assert np.allclose(heads["Relevance"].get_images()[-1].get_cmap()(xs), POSITIVE_CMAP(xs))
+
+
+@needs_zoo
+def test_demo_grids_have_a_t_tame_column_where_the_zoo_ships_one():
+    """Issue 12: T-TAME next to the methods (ViT) and next to Captum's CNN references."""
+    from captum_ext import zoo
+    from captum_ext.cli.demo import image_grid
+    from captum_ext.viz import POSITIVE_CMAP
+
+    shipped = zoo.available(kind="explainer")
+    if not {"shapes-vit-ttame", "shapes-cnn-ttame"} <= set(shipped):
+        pytest.skip("the zoo of this installation ships no T-TAME explainers")
+    _, vit = image_grid("shapes-vit", 1)
+    assert vit["methods"][-1] == "T-TAME" and "CDAM" in vit["methods"]
+    fig, cnn = image_grid("shapes-cnn", 1)
+    assert cnn["methods"][0] == "T-TAME" and "CDAM" in cnn["skipped"]
+    assert any(m.startswith("Captum GradCAM") for m in cnn["methods"])
+    heads = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}
+    xs = np.linspace(0, 1, 5)
+    assert np.allclose(heads["T-TAME"].get_images()[-1].get_cmap()(xs), POSITIVE_CMAP(xs))
 
 
 @needs_zoo

@@ -13,7 +13,9 @@ from torch import nn
 from captum_ext.data import TEXT_VOCAB, shapes, text_rationales
 from captum_ext.evaluation import (
     BASELINES,
+    DEFAULT_SEED,
     IMAGE_METRICS,
+    OPTIONAL_METRICS,
     TEXT_METRICS,
     EvalConfig,
     EvalResult,
@@ -77,7 +79,8 @@ def result(data) -> EvalResult:
 
 def test_rows_for_every_method_and_metric(result):
     methods = [*METHODS, *BASELINES, "oracle"]
-    want = {(m, k) for m in methods for k in IMAGE_METRICS} - {("tam", "pearson_tam")}
+    metrics = [k for k in IMAGE_METRICS if k not in OPTIONAL_METRICS]  # ROAD only when asked
+    want = {(m, k) for m in methods for k in metrics} - {("tam", "pearson_tam")}
     got = {(r["method"], r["metric"]) for r in result.rows}
     assert got == want
     for r in result.rows:
@@ -309,14 +312,85 @@ def test_metric_table_reads_the_metrics_registry():
 
     assert tuple(m.name for m in IMAGE_TABLE) == IMAGE_METRICS
     assert tuple(m.name for m in TEXT_TABLE) == TEXT_METRICS
+    # Columns computed by a registry function under its own name, or a per-call column of one
+    # (AD / IC at one share kept, ROAD in one order) with that call's direction.
+    columns = {"ad": "average_drop", "ic": "increase_in_confidence", "road": "road"}
+    directions = {"ad": False, "ic": True, "road_morf": False, "road_lerf": True}
     for m in IMAGE_TABLE + TEXT_TABLE:
-        if m.name != "pearson_tam":
-            info = METRICS[m.name]
-            assert m.fn is info.fn, m.name
-            assert (m.higher_is_better, m.category) == (info.higher_is_better, info.category)
+        if m.name == "pearson_tam":
+            continue
+        stem = m.name.rstrip("0123456789").split("_")[0] if m.name not in METRICS else None
+        info = METRICS[m.name if stem is None else columns[stem]]
+        assert m.fn is info.fn, m.name
+        assert m.category == info.category, m.name
+        if stem is None:
+            assert m.higher_is_better == info.higher_is_better, m.name
+        else:
+            assert m.higher_is_better is directions.get(m.name, directions.get(stem)), m.name
+    assert set(OPTIONAL_METRICS) == {"road_morf", "road_lerf"}
     (tam,) = [m for m in IMAGE_TABLE if m.name == "pearson_tam"]
     assert tam.fn is METRICS["pearson"].fn
     assert tam.higher_is_better is None and tam.reference == "tam"
+
+
+def test_confidence_and_road_equal_the_metrics_called_directly(data):
+    from captum_ext.metrics import ROAD_TTAME_PERCENTAGES, average_drop, increase_in_confidence
+    from captum_ext.metrics import road as road_fn
+
+    model = tiny_vit()
+    oracle = mask_oracle(data)
+    asked = ["ad15", "ic50", "road_morf", "road_lerf"]
+    res = evaluate(
+        model, methods=[], data=data, metrics=asked, bootstrap=0, extra_maps={"oracle": oracle}
+    )
+    pi, pc = torch.nonzero(data.labels > 0.5, as_tuple=True)
+    x, t = data.images[pi], pc
+    maps = oracle(x, t)
+    kw = dict(target=t, score="sigmoid", percent=True)
+    ad = average_drop(model, x, maps, keep=0.15, **kw)
+    ic = increase_in_confidence(model, x, maps, keep=0.5, **kw)
+    common = dict(
+        percentages=ROAD_TTAME_PERCENTAGES, score="top1", seed=res.meta["VisionTransformer"]["seed"]
+    )
+    morf = road_fn(model, x, maps, t, order="morf", **common).mean(1)
+    lerf = road_fn(model, x, maps, t, order="lerf", **common).mean(1)
+    for metric, want in (("ad15", ad), ("ic50", ic), ("road_morf", morf), ("road_lerf", lerf)):
+        row = res.get("VisionTransformer", "oracle", metric)
+        assert row["mean"] == pytest.approx(float(want.nanmean()), rel=1e-9, abs=1e-9), metric
+        assert row["n"] == len(pi)
+    assert {r["metric"] for r in res.rows} == set(asked)
+    assert "ROAD MoRF / LeRF" in res.meta["VisionTransformer"]["summary"]
+
+
+def test_zoo_trained_explainer_is_a_method_row():
+    """shapes-cnn: transformer methods skipped with the note, T-TAME scored like a method."""
+    from captum_ext import zoo
+
+    if "shapes-cnn-ttame" not in zoo.available(kind="explainer"):
+        pytest.skip("the zoo of this installation ships no shapes-cnn-ttame")
+    kw = dict(n=4, metrics=["pointing_game", "ad100"], bootstrap=0)
+    res = evaluate("shapes-cnn", **kw)
+    assert {r["method"] for r in res.rows} == {"ttame", *BASELINES}
+    assert res.get("shapes-cnn", "ttame", "pointing_game")["label"] == "T-TAME"
+    assert any("Skipped" in note and "CDAM" in note for note in res.notes["shapes-cnn"])
+    assert "ttame" not in {r["method"] for r in evaluate("shapes-cnn", explainers=(), **kw).rows}
+    # The same maps, asked for directly and pooled to the 4x4 grid, give the same pointing game.
+    from captum_ext.metrics import pointing_game
+
+    data = shapes(4, DEFAULT_SEED, **zoo.data_kwargs("shapes-cnn"))
+    pi, pc = torch.nonzero(data.labels > 0.5, as_tuple=True)
+    maps = zoo.load("shapes-cnn-ttame").attribute(data.images[pi], target=pc, output="input")
+    grid = torch.nn.functional.adaptive_avg_pool2d(maps.float(), (4, 4))[:, 0]
+    masks = torch.nn.functional.adaptive_max_pool2d(data.masks[pi, pc][:, None].float(), (4, 4))
+    want = pointing_game(grid, masks[:, 0] > 0).double().mean()
+    assert res.get("shapes-cnn", "ttame", "pointing_game")["mean"] == pytest.approx(float(want))
+
+
+def test_unknown_trained_explainer_is_refused():
+    with pytest.raises(ValueError, match=r"unknown trained explainer.*ttame"):
+        EvalConfig(explainers=["mhex-typo"])
+    with pytest.raises(ValueError, match="clash"):
+        EvalConfig(extra_maps={"ttame": lambda x, t: x})
 
 
 def test_baseline_maps():

@@ -45,8 +45,11 @@ __all__ = [
 DEMO_SEED = 90_210
 """Seed of the demo's benchmark data; the zoo trains and validates on other seeds."""
 
-IMAGE_MODELS: tuple[str, ...] = ("shapes-vit", "shapes-vit-plain", "shapes-vit-free")
+IMAGE_MODELS: tuple[str, ...] = ("shapes-vit", "shapes-vit-plain", "shapes-vit-free", "shapes-cnn")
 """Image models drawn by the demo; the first goes to ``explanations.png``."""
+
+IG_STEPS = 32
+"""Steps of Captum ``IntegratedGradients`` in the CNN's grid."""
 
 TEXT_MODEL = "text-bert"
 TEXT_METHODS: tuple[str, ...] = ("cdam", "tam", "relevance")
@@ -58,10 +61,11 @@ examples:
   captum-ext demo --device cuda
 
 writes explanations.png (shapes-vit: rows = image x present class, columns = input,
-ground-truth mask, every method over the image; green = for the row's class, red =
-against, white = 0, a colour bar per method), the same for shapes-vit-plain and
-shapes-vit-free (explanations-NAME.png), text.html and text.png (text-bert), metrics.md
-and metrics.json (captum_ext.evaluation).
+ground-truth mask, every method over the image, T-TAME where the zoo ships one fitted to
+the model; green = for the row's class, red = against, white = 0, a colour bar per
+method), the same for shapes-vit-plain, shapes-vit-free and shapes-cnn (T-TAME, Captum
+GradCAM and IntegratedGradients; explanations-NAME.png), text.html and text.png
+(text-bert), metrics.md and metrics.json (captum_ext.evaluation).
 """
 
 
@@ -107,6 +111,35 @@ def pick_images(labels: torch.Tensor, n: int) -> list[int]:
     return sorted(multi[:k] + single[: n - k])
 
 
+def _captum_cnn_peers(model: torch.nn.Module) -> dict[str, tuple[Any, bool]]:
+    """Captum's usual CNN references, ``{label: (fn(x, target) -> (B, 1, H, W), signed)}``:
+    ``LayerGradCam`` on the last feature stage (ReLU, bilinear upsampling) and
+    ``IntegratedGradients`` (:data:`IG_STEPS` steps, black baseline, channel sum)."""
+    from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam
+
+    from captum_ext.adapters import adapter_for
+
+    adapter = adapter_for(model)
+    last = adapter.default_feature_layers()[-1]
+    layer = model.get_submodule(last) if isinstance(last, str) else None
+    peers: dict[str, tuple[Any, bool]] = {}
+    if layer is not None:
+        cam = LayerGradCam(model, layer)
+
+        def gradcam(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            maps = cam.attribute(x, target=t, relu_attributions=True).detach()
+            return LayerAttribution.interpolate(maps, tuple(x.shape[-2:]), "bilinear")
+
+        peers[f"Captum GradCAM\n({last})"] = (gradcam, False)
+    ig = IntegratedGradients(model)
+
+    def integrated(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return ig.attribute(x, target=t, n_steps=IG_STEPS).sum(1, keepdim=True).detach()
+
+    peers[f"Captum IG\n({IG_STEPS} steps)"] = (integrated, True)
+    return peers
+
+
 def image_grid(name: str, n: int, device: str = "cpu", show_progress: bool = False):
     """The explanation grid of zoo image model ``name`` on ``n`` held-out images.
 
@@ -114,10 +147,13 @@ def image_grid(name: str, n: int, device: str = "cpu", show_progress: bool = Fal
     used in training), half of them (rounded up) with two objects. Rows are (image,
     present class) pairs, labelled with the class and its score (sigmoid for multi-label
     models, else softmax); columns the input, the class's ground-truth mask and every
-    registered method that supports the model, each explaining the row's class, drawn over
-    the image in :mod:`captum_ext.viz`'s colours (green = for the class, red = against,
-    white = 0; a colour bar per column). Class-agnostic methods (rollout, the attention
-    map) are titled so: the row's class does not apply to them.
+    registered method that supports the model and every trained explainer the zoo ships for
+    it (T-TAME, :func:`captum_ext.evaluation.zoo_explainers`; maps in ``[0, 1]``), each
+    explaining the row's class, drawn over the image in :mod:`captum_ext.viz`'s colours
+    (green = for the class, red = against, white = 0; a colour bar per column). A CNN, which
+    no transformer method supports, also gets Captum's ``LayerGradCam`` (last stage) and
+    ``IntegratedGradients``. Class-agnostic methods (rollout, the attention map) are titled
+    so: the row's class does not apply to them.
 
     Args:
         name: A zoo image model (e.g. ``"shapes-vit"``, see :data:`IMAGE_MODELS`).
@@ -140,10 +176,11 @@ def image_grid(name: str, n: int, device: str = "cpu", show_progress: bool = Fal
     """
     from captum_ext.data import shapes
     from captum_ext.errors import UnsupportedModelError
+    from captum_ext.evaluation import zoo_explainers
     from captum_ext.models import load
     from captum_ext.registry import METHODS, make_method
     from captum_ext.viz import figure_grid
-    from captum_ext.zoo import data_kwargs
+    from captum_ext.zoo import data_kwargs, info
 
     loaded = load(f"zoo:{name}", device=device)
     model, names = loaded.model, loaded.class_names
@@ -170,6 +207,13 @@ def image_grid(name: str, n: int, device: str = "cpu", show_progress: bool = Fal
         signed[spec.label] = spec.signed
         if spec.class_agnostic:
             agnostic.append(spec.label)
+    for spec, explainer in zoo_explainers(name, device=device).values():
+        maps[spec.label] = explainer.attribute(x, target=cls_idx.to(device)).detach().cpu()
+        signed[spec.label] = spec.signed
+    if info(name).get("family") == "cnn":
+        for label, (fn, is_signed) in _captum_cnn_peers(model).items():
+            maps[label] = fn(x, cls_idx.to(device)).cpu()
+            signed[label] = is_signed
     score = "sigmoid" if loaded.multi_label else "softmax"
     labels = [
         f"#{i} {names[k]}\n({score} {float(probs[r, k]):.2f})" for r, (i, k) in enumerate(rows)

@@ -7,7 +7,10 @@ class-agnostic baselines and any custom maps) on a held-out set of the procedura
 * images (``shapes``): one map per present class of every image (a two-object image gives two
   maps); pointing game, relevance mass and rank accuracy against that class's mask, sparsity,
   class-discrimination ``D`` on two-object images, RISE deletion / insertion AUC for the class,
-  and the Pearson correlation with TAM's map (the CDAM paper's comparison);
+  Average Drop / Increase in Confidence at 100/50/15 % kept (T-TAME preset), ROAD MoRF / LeRF
+  (T-TAME preset; only when asked: :data:`OPTIONAL_METRICS`) and the Pearson correlation with
+  TAM's map (the CDAM paper's comparison). Trained explainers the zoo ships for the model
+  (:data:`TRAINED`: ``NAME-ttame``) are evaluated next to the methods, through the same loop;
 * text (``text_rationales``): ERASER comprehensiveness and sufficiency (AOPC) and token AUPRC
   against the planted rationale, for the target ``label``.
 
@@ -31,6 +34,8 @@ What the room holds, one concern per module:
   :data:`captum_ext.metrics.METRICS` function, its direction and how it reads a map;
 * ``_images`` / ``_text`` — a model's held-out set as the metrics read it, and how its maps are
   produced (methods, baselines, custom maps);
+* ``_trained`` — :data:`TRAINED`, the trained explainer kinds by zoo suffix, and
+  :func:`zoo_explainers`, which loads those fitted to a zoo model;
 * ``_maps`` — chunked attribution calls, grid <-> pixels, the model's grid
   (:func:`~captum_ext.evaluation._maps.model_grid`);
 * ``_baselines``, ``_bootstrap``, ``_result`` — the baseline maps, the cluster bootstrap and
@@ -45,18 +50,23 @@ from ._config import DEFAULT_SEED, EvalConfig
 from ._engine import evaluate
 from ._maps import MapFn
 from ._result import EvalResult
-from ._table import IMAGE_METRICS, TEXT_METRICS
+from ._table import IMAGE_METRICS, OPTIONAL_METRICS, TEXT_METRICS
+from ._trained import TRAINED, TrainedSpec, zoo_explainers
 
 __all__ = [
     "BASELINES",
     "DEFAULT_SEED",
     "IMAGE_METRICS",
+    "OPTIONAL_METRICS",
     "TEXT_METRICS",
+    "TRAINED",
     "EvalConfig",
     "EvalResult",
     "MapFn",
+    "TrainedSpec",
     "bootstrap_ci",
     "centre_gaussian_map",
     "evaluate",
     "random_map",
+    "zoo_explainers",
 ]

@@ -14,7 +14,8 @@ from captum_ext.registry import METHODS
 
 from ._baselines import BASELINES
 from ._maps import MapFn
-from ._table import IMAGE_METRICS, TEXT_METRICS
+from ._table import IMAGE_METRICS, OPTIONAL_METRICS, TEXT_METRICS
+from ._trained import TRAINED
 
 __all__ = ["DEFAULT_SEED", "EvalConfig"]
 
@@ -44,7 +45,11 @@ class EvalConfig:
             Methods that do not support a model (e.g. transformer methods on a CNN) are
             skipped with a note.
         metrics: Metric names to compute (a subset of :data:`IMAGE_METRICS` +
-            :data:`TEXT_METRICS`); ``None`` = all that apply.
+            :data:`TEXT_METRICS`); ``None`` = all that apply but the slow ones
+            (:data:`~captum_ext.evaluation.OPTIONAL_METRICS`: ROAD), which run only when named.
+        explainers: Trained explainer kinds (:data:`~captum_ext.evaluation.TRAINED`, e.g.
+            ``"ttame"``) evaluated next to the methods where the zoo ships one fitted to the
+            evaluated zoo model (``NAME-ttame``); ``None`` = every kind, ``()`` = none.
         n: Number of held-out images / sequences generated for a zoo model.
         seed: Seed of the held-out data (never used in training) and of the random baseline.
         device: Device of the model and data.
@@ -68,6 +73,7 @@ class EvalConfig:
 
     methods: Sequence[str] | None = None
     metrics: Sequence[str] | None = None
+    explainers: Sequence[str] | None = None
     n: int = 64
     seed: int = DEFAULT_SEED
     device: str | torch.device = "cpu"
@@ -84,6 +90,7 @@ class EvalConfig:
         set_ = object.__setattr__  # the dataclass is frozen: normalise once, here
         set_(self, "methods", _names(self.methods))
         set_(self, "metrics", _names(self.metrics))
+        set_(self, "explainers", _names(self.explainers))
         set_(self, "extra_maps", MappingProxyType(dict(self.extra_maps or {})))
         if self.resolution not in ("grid", "pixel"):
             raise ValueError(f"resolution must be 'grid' or 'pixel', got {self.resolution!r}")
@@ -95,7 +102,12 @@ class EvalConfig:
         unknown = [m for m in self.methods or () if m not in METHODS]
         if unknown:
             raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(METHODS)}")
-        clash = [k for k in self.extra_maps if k in METHODS or k in BASELINES]
+        unknown = [e for e in self.explainers or () if e not in TRAINED]
+        if unknown:
+            raise ValueError(
+                f"unknown trained explainer(s) {unknown}; available: {', '.join(TRAINED)}"
+            )
+        clash = [k for k in self.extra_maps if k in METHODS or k in BASELINES or k in TRAINED]
         if clash:
             raise ValueError(
                 f"extra_maps names {clash} clash with methods or baselines; rename them"
@@ -126,4 +138,6 @@ class EvalConfig:
 
     def wants(self, metric: str) -> bool:
         """Whether ``metric`` is to be computed (where it applies)."""
-        return self.metrics is None or metric in self.metrics
+        if self.metrics is None:
+            return metric not in OPTIONAL_METRICS
+        return metric in self.metrics

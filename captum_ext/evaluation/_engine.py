@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor, nn
@@ -19,19 +19,22 @@ from ._config import EvalConfig
 from ._images import ImageSet
 from ._result import Collector, EvalResult
 from ._text import TextSet
+from ._trained import TrainedSpec, zoo_explainers
 
 __all__ = ["evaluate"]
 
 
 @dataclass
 class _Subject:
-    """A model to evaluate, with its held-out data, name, RISE score and known facts."""
+    """A model to evaluate, with its held-out data, name, RISE score, known facts and the
+    trained explainers fitted to it (``{name: (spec, explainer)}``)."""
 
     model: nn.Module
     data: Any
     label: str
     score: str
     meta: dict[str, Any]
+    explainers: dict[str, tuple[TrainedSpec, Any]] = field(default_factory=dict)
 
 
 def _zoo() -> Any:
@@ -59,7 +62,8 @@ def _from_zoo(name: str, data: Any, label: str | None, config: EvalConfig) -> _S
     if data is None:
         maker = text_rationales if info.get("modality") == "text" else shapes
         data = maker(config.n, config.seed, **kwargs)
-    return _Subject(model, data, label or name, score, meta)
+    explainers = zoo_explainers(name, config.explainers, config.device)
+    return _Subject(model, data, label or name, score, meta, explainers)
 
 
 def _subject(target: Any, data: Any, label: str | None, config: EvalConfig) -> _Subject:
@@ -114,15 +118,25 @@ def _build_methods(
 
 
 def _score(
-    items: ImageSet | TextSet, label: str, config: EvalConfig, notes: list[str]
+    items: ImageSet | TextSet,
+    label: str,
+    config: EvalConfig,
+    notes: list[str],
+    explainers: dict[str, tuple[TrainedSpec, Any]],
 ) -> tuple[Collector, dict[str, Any]]:
-    """Every map of the set (methods, baselines, custom maps) through the metric table."""
+    """Every map of the set (methods, trained explainers, baselines, custom maps) through the
+    metric table."""
     table = [m for m in items.table if config.wants(m.name)]
     refs = {m.reference for m in items.table if m.reference}
     methods = sorted(config.method_names, key=lambda m: m not in refs)  # references first
     todo: list[tuple[str, str, Callable[[], Any]]] = [
         (name, METHODS[name].label, items.method_map(attr, agnostic))
         for name, attr, agnostic in _build_methods(items.model, methods, notes)
+    ]
+    todo += [
+        (n, spec.label, items.trained_map(n, explainer))
+        for n, (spec, explainer) in explainers.items()
+        if isinstance(items, ImageSet)
     ]
     todo += [(n, BASELINE_LABELS[n], run) for n, run in items.baselines().items()]
     notes.extend(items.baseline_notes)
@@ -145,7 +159,7 @@ def _evaluate_one(subject: _Subject, config: EvalConfig) -> EvalResult:
     notes: list[str] = []
     start = time.perf_counter()
     items = _items(subject, config)
-    col, m = _score(items, subject.label, config, notes)
+    col, m = _score(items, subject.label, config, notes, subject.explainers)
     meta = {**subject.meta, **m, "seconds": round(time.perf_counter() - start, 2)}
     unit = "sequences" if meta["modality"] == "text" else "images"
     b = config.bootstrap

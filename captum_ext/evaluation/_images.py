@@ -61,6 +61,7 @@ class ImageSet:
         self.groups = self.pi
         self.steps, self.score = config.steps, score
         self.seed, self.batch_size = config.seed, config.batch_size
+        self.wants = config.wants
 
     def method_map(self, attr: Any, class_agnostic: bool) -> Callable[[], RawMap]:
         """The maps of an attribution object, computed on the patch grid."""
@@ -69,6 +70,23 @@ class ImageSet:
             g = method_grids(attr, class_agnostic, self.images, self.pi, self.pc, self.batch_size)
             g = g.to(self.device)
             return to_pixels(g, self.size), g
+
+        return run
+
+    def trained_map(self, name: str, explainer: Any) -> Callable[[], RawMap]:
+        """The maps of a trained explainer (T-TAME): its own pixel maps, plus its grid maps
+        when they lie on the model's grid (a CNN's T-TAME map is finer: pooled to it)."""
+        pixels = self.extra_map(name, lambda x, t: explainer.attribute(x, target=t, output="input"))
+
+        def run() -> RawMap:
+            p, _ = pixels()
+            g = explainer.attribute(
+                self.images[:1], target=self.pc[:1].to(self.device), output="grid"
+            )
+            if tuple(g.shape[-2:]) != tuple(self.grid):
+                return p, None
+            grids = method_grids(explainer, False, self.images, self.pi, self.pc, self.batch_size)
+            return p, grids.to(self.device)
 
         return run
 
@@ -130,5 +148,21 @@ class ImageSet:
                 f"localisation, sparsity, D and r on {where}",
                 f"RISE deletion (zero) / insertion (blur) with {self.steps} steps on "
                 f"{self.score} scores",
+                *(
+                    [
+                        "AD / IC in % (T-TAME preset: min-max normalised soft mask keeping "
+                        f"100/50/15 % of the map; target = the map's class, {self.score} score)"
+                    ]
+                    if self.wants("ad100")
+                    else []
+                ),
+                *(
+                    [
+                        "ROAD MoRF / LeRF: top-1 agreement with the clean prediction, mean "
+                        "over 10–90 % removed (noisy linear imputation)"
+                    ]
+                    if self.wants("road_morf") or self.wants("road_lerf")
+                    else []
+                ),
             ],
         }

@@ -14,11 +14,12 @@ from typing import Any
 
 from torch import Tensor
 
-from captum_ext.metrics import METRICS
+from captum_ext.metrics import METRICS, ROAD_TTAME_PERCENTAGES, TTAME_KEEP
 
 __all__ = [
     "IMAGE_METRICS",
     "IMAGE_TABLE",
+    "OPTIONAL_METRICS",
     "TEXT_METRICS",
     "TEXT_TABLE",
     "EvalMetric",
@@ -67,6 +68,8 @@ class EvalMetric:
         category: Category of the registry entry.
         reference: A method whose maps this metric compares against (evaluated first).
         missing: Note written when the metric was asked for but is defined for no map.
+        default: Computed when ``EvalConfig.metrics`` is ``None``; ``False`` for metrics
+            too slow for every run (ROAD), which are computed only when named.
     """
 
     name: str
@@ -77,16 +80,36 @@ class EvalMetric:
     category: str
     reference: str | None = None
     missing: str = ""
+    default: bool = True
 
     def values(self, context: MapContext) -> Values:
         """Per-item values of the map in ``context``, or ``None`` where not defined."""
         return self.compute(self.fn, context)
 
 
-def _registered(name: str, short: str, compute: Callable[..., Values], missing: str = ""):
+def _registered(
+    name: str,
+    short: str,
+    compute: Callable[..., Values],
+    missing: str = "",
+    *,
+    column: str | None = None,
+    higher_is_better: bool | None = None,
+    default: bool = True,
+):
+    """An entry computed by registry function ``name``; ``column`` names the table column when
+    one function gives several (its direction is then given, the registry's being per call)."""
     info = METRICS[name]
+    better = info.higher_is_better if column is None else higher_is_better
     return EvalMetric(
-        name, short, info.fn, compute, info.higher_is_better, info.category, missing=missing
+        column or name,
+        short,
+        info.fn,
+        compute,
+        better,
+        info.category,
+        missing=missing,
+        default=default,
     )
 
 
@@ -112,6 +135,35 @@ def _rise(fn: Callable[..., Tensor], c: MapContext) -> Values:
     i = c.items
     kw = dict(target=i.targets, steps=i.steps, score=i.score, batch_size=256)
     return fn(i.model, i.inputs, c.pixels, **kw), i.groups
+
+
+def _confidence(keep: float) -> Callable[..., Values]:
+    """Average drop / increase in confidence with the T-TAME preset, keeping ``keep``.
+
+    Min-max normalised map, soft mask keeping the values at or above the ``1 - keep`` quantile,
+    masking in pixel space, in percent (Ntrougkas et al. 2024). The target is the map's class
+    and the score the set's (``sigmoid`` for multi-label models): T-TAME's softmax of the
+    predicted class assumes one class per image, which a two-object image does not have.
+    """
+
+    def compute(fn: Callable[..., Tensor], c: MapContext) -> Values:
+        i = c.items
+        kw = dict(target=i.targets, keep=keep, score=i.score, percent=True, batch_size=256)
+        return fn(i.model, i.inputs, c.pixels, **kw), i.groups
+
+    return compute
+
+
+def _road(order: str) -> Callable[..., Values]:
+    """ROAD with the T-TAME preset: top-1 agreement with the clean prediction, averaged over
+    :data:`~captum_ext.metrics.ROAD_TTAME_PERCENTAGES` removed (noisy linear imputation)."""
+
+    def compute(fn: Callable[..., Tensor], c: MapContext) -> Values:
+        i = c.items
+        kw = dict(order=order, percentages=ROAD_TTAME_PERCENTAGES, score="top1", seed=i.seed)
+        return fn(i.model, i.inputs, c.pixels, i.targets, batch_size=256, **kw).mean(1), i.groups
+
+    return compute
 
 
 def _versus_tam(fn: Callable[..., Tensor], c: MapContext) -> Values:
@@ -143,6 +195,33 @@ IMAGE_TABLE: tuple[EvalMetric, ...] = (
     ),
     _registered("deletion_auc", "deletion", _rise),
     _registered("insertion_auc", "insertion", _rise),
+    *(
+        _registered(
+            fn,
+            f"{kind.upper()}{round(keep * 100)}",
+            _confidence(keep),
+            column=f"{kind}{round(keep * 100)}",
+            higher_is_better=kind == "ic",
+        )
+        for keep in TTAME_KEEP
+        for kind, fn in (("ad", "average_drop"), ("ic", "increase_in_confidence"))
+    ),
+    _registered(
+        "road",
+        "ROAD MoRF",
+        _road("morf"),
+        column="road_morf",
+        higher_is_better=False,
+        default=False,
+    ),
+    _registered(
+        "road",
+        "ROAD LeRF",
+        _road("lerf"),
+        column="road_lerf",
+        higher_is_better=True,
+        default=False,
+    ),
     EvalMetric(
         "pearson_tam",
         "r(TAM)",
@@ -165,6 +244,10 @@ TEXT_TABLE: tuple[EvalMetric, ...] = (
 
 IMAGE_METRICS: tuple[str, ...] = tuple(m.name for m in IMAGE_TABLE)
 """Metrics computed for image models, in table order."""
+
+OPTIONAL_METRICS: tuple[str, ...] = tuple(m.name for m in IMAGE_TABLE if not m.default)
+"""Metrics computed only when named in ``EvalConfig.metrics`` (ROAD: one sparse solve per
+removal step and map, minutes per model on a CPU)."""
 
 TEXT_METRICS: tuple[str, ...] = tuple(m.name for m in TEXT_TABLE)
 """Metrics computed for text models, in table order."""

@@ -3,23 +3,25 @@
 A trainable explainer wraps the user's model, which it never trains: it adds a small module
 of its own (T-TAME's attention mechanism over features of three layers; MHEX's attention gates
 and deep-supervision heads), fits that module on unlabelled or labelled data, and afterwards
-explains a batch with one forward pass. The classes are ``torch.nn.Module`` subclasses
-constructed as ``Explainer(model, layers=None, num_classes=None)`` (DESIGN §1b).
+explains a batch with one forward pass. The classes are ``torch.nn.Module`` subclasses (and
+Captum ``Attribution`` subclasses) constructed as ``Explainer(model, layers=None,
+num_classes=None)`` (DESIGN §1b); the wrapped model is not one of their submodules, so
+``state_dict()``, ``.to()`` and DDP see only the explainer's own module.
 
-What each will implement:
+* T-TAME (Ntrougkas et al., IEEE Access 2024; :mod:`captum_ext.explainers.ttame`): ``fit``
+  trains on the model's own top-1 prediction (no labels needed) with the loss 1.5 CE + 2 area
+  + 0.01 TV, SGD Nesterov and a one-cycle schedule (DESIGN §4.5); ``attribute`` returns the
+  min-max normalised class map.
+* MHEX (Sun & Liò; the project's documented reconstruction, DESIGN §4.6), to come: ``fit``
+  trains the gates and heads with CE(final) + Σ λ_l CE(head_l) on labels; ``attribute``
+  integrates the per-stage equivalent-matrix CAMs.
 
-* T-TAME (Ntrougkas et al., IEEE Access 2024): ``fit`` trains on the model's own top-1
-  prediction (no labels needed) with the loss 1.5 CE + 2 area + 0.01 TV, SGD Nesterov and a
-  one-cycle schedule (DESIGN §4.5); ``attribute`` returns the min-max normalised class map.
-* MHEX (Sun & Liò; the project's documented reconstruction, DESIGN §4.6): ``fit`` trains the
-  gates and heads with CE(final) + Σ λ_l CE(head_l) on labels; ``attribute`` integrates the
-  per-stage equivalent-matrix CAMs.
-
-Both write checkpoints with :func:`captum_ext.checkpoint.save_checkpoint` (their own tensors
-only, never the wrapped model's) and a record of their configuration (method, layers, number
-of classes, the wrapped model's class name and parameter count), and read them with
-:func:`captum_ext.checkpoint.load_checkpoint` with ``expect=`` on those values, so a
-checkpoint made for another model or class count is refused with a clear error.
+Both train through the one loop of ``explainers/_training.py`` (their own step function:
+forward passes and loss terms), write checkpoints with
+:func:`captum_ext.checkpoint.save_checkpoint` (their own tensors only, never the wrapped
+model's) with a record of their configuration and of the wrapped model (class name, a
+fingerprint of its parameter names and shapes, feature shapes, number of classes), and refuse
+on load a checkpoint made for another model, layer set or class count.
 """
 
 from __future__ import annotations

@@ -76,20 +76,44 @@ class TTAMEMechanism(nn.Module):
         """The map size for a first branch of ``height x width``."""
         return min(height, self.max_size), min(width, self.max_size)
 
-    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Class logit maps ``c (B, K, s, s)`` of the feature maps ``[(B, C_l, h_l, w_l), ...]``."""
+    def forward(
+        self, features: Sequence[torch.Tensor], classes: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Class logit maps ``c (B, K, s, s)`` of the feature maps ``[(B, C_l, h_l, w_l), ...]``.
+
+        With ``classes`` ``(B,)``, only the map of each example's class, ``(B, 1, s, s)``
+        (the same numbers, without computing the other ``K - 1`` maps).
+        """
         if len(features) != len(self.convs):
             raise ValueError(
                 f"TTAMEMechanism was built for {len(self.convs)} feature maps; got {len(features)}."
             )
         size = self.output_size(*features[0].shape[-2:])
-        branches = []
-        for f, conv, bn in zip(features, self.convs, self.bns, strict=True):
-            y = F.relu(bn(conv(f)) + f)
-            if tuple(y.shape[-2:]) != size:
-                y = F.interpolate(y, size=size, mode="bilinear", align_corners=False)
-            branches.append(y)
-        return self.fuser(torch.cat(branches, 1))
+        ys = [
+            F.relu(bn(conv(f)) + f)
+            for f, conv, bn in zip(features, self.convs, self.bns, strict=True)
+        ]
+        if classes is None:
+            return self.fuser(torch.cat([_resize(y, size) for y in ys], 1))
+        # The fuser and the bilinear resizing are both linear, so they commute: each branch's
+        # share of the class map is computed at the branch's resolution, then resized.
+        w = self.fuser.weight[classes, :, 0, 0]
+        out = self.fuser.bias[classes].view(-1, 1, 1, 1).to(ys[0].dtype)
+        start = 0
+        for y in ys:
+            part = torch.einsum("bc,bchw->bhw", w[:, start : start + y.shape[1]].to(y.dtype), y)
+            out = out + _resize(part.unsqueeze(1), size)
+            start += y.shape[1]
+        return out
+
+
+def _resize(y: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resizing (``align_corners=False``) to ``size``; a no-op at that size."""
+    if tuple(y.shape[-2:]) == size:
+        return y
+    if y.device.type == "cpu" and y.shape[1] > 1:  # CPU bilinear: ~10x faster channels-last
+        y = y.contiguous(memory_format=torch.channels_last)
+    return F.interpolate(y, size=size, mode="bilinear", align_corners=False)
 
 
 class TTAME(Attribution, nn.Module):
@@ -340,11 +364,10 @@ class TTAME(Attribution, nn.Module):
             was_training = self.mechanism.training
             self.mechanism.eval()
             try:
-                c = self.mechanism(feats)
+                c = self.mechanism(feats, classes=tgt.to(feats[0].device))
             finally:
                 self.mechanism.train(was_training)
-        idx = tgt.to(c.device).view(-1, 1, 1, 1).expand(-1, 1, *c.shape[-2:])
-        maps = _minmax(c.gather(1, idx))
+        maps = _minmax(c)
         if output != "grid":
             maps = F.interpolate(maps, size=x.shape[-2:], mode="bilinear", align_corners=False)
             if output == "like_input":

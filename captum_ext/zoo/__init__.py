@@ -144,26 +144,38 @@ def available(directory: Directory = None, kind: Kind = "model") -> list[str]:
     return [n for n in names if _kind(folder, n) == kind]
 
 
-def check_name(name: str, directory: Directory = None) -> None:
-    """Raise unless ``name`` is one of :func:`available`.
+def check_name(name: str, directory: Directory = None, kind: Kind = "model") -> None:
+    """Raise unless ``name`` is one of :func:`available` of that ``kind``.
 
     Args:
-        name: A zoo model name.
+        name: A zoo model name (or, with ``kind="explainer"`` or ``"all"``, a trained
+            explainer's).
         directory: Folder of the entries (default: the shipped ones).
+        kind: ``"model"`` (default: where a model is expected), ``"explainer"`` or ``"all"``.
 
     Raises:
-        ValueError: ``"unknown zoo model 'x'; available: 'shapes-cnn', ..."``.
+        ValueError: ``"unknown zoo model 'x'; available: 'shapes-cnn', ..."``, or an entry of
+            the other kind (``"zoo entry 'shapes-vit-ttame' is a trained explainer, not a
+            model ..."``).
         CheckpointError: If one file of the pair ``<name>.safetensors`` + ``<name>.json`` is
             there and the other is missing (a ``ValueError`` too).
     """
-    if name in available(directory, kind="all"):
+    if name in available(directory, kind):
         return
     folder = _folder(directory)
+    if name in available(directory, "all"):
+        actual = _kind(folder, name)
+        what = {"model": "model", "explainer": "trained explainer"}
+        others = ", ".join(repr(n) for n in available(directory, kind)) or "none"
+        raise ValueError(
+            f"zoo entry {name!r} is a {what[actual]}, not a {what.get(kind, kind)}; "
+            f"{kind}s: {others}. zoo.load({name!r}) returns it as what it is."
+        )
     pair = (folder / f"{name}.safetensors", folder / f"{name}.json")
     if any(p.is_file() for p in pair):
         missing = next(p for p in pair if not p.is_file())
         raise CheckpointError(missing, f"zoo model {name!r}: file missing", _remedy(name))
-    shown = ", ".join(repr(n) for n in available(directory, kind="all"))
+    shown = ", ".join(repr(n) for n in available(directory, kind))
     shown = shown or f"none (no weights in {folder})"
     raise ValueError(
         f"unknown zoo model {name!r}; available: {shown}. "
@@ -180,7 +192,7 @@ def _remedy(name: str) -> str:
 
 def _verified(name: str, directory: Directory, read_tensors: bool) -> tuple[Any, dict[str, Any]]:
     """``(tensors or None, record)`` of a verified entry; zoo advice in the error."""
-    check_name(name, directory)
+    check_name(name, directory, kind="all")
     base = _folder(directory) / name
     expect: dict[str, Any] = {"name": name}
     require = REQUIRED_KEYS
