@@ -684,3 +684,29 @@ def test_full_run_from_scratch_matches_the_plain_model_trained_the_same_way(name
             return ((m(held.images) > 0) == (held.labels > 0.5)).all(1).float().mean().item()
 
     assert acc(mhex.network) >= acc(plain.eval()) - 0.005
+
+
+# ---------------------------------------------------------------------------------------------
+# CUDA
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device present")
+
+
+@CUDA
+@pytest.mark.cuda
+@pytest.mark.parametrize(
+    "case", [CNN_CASE, tiny_models.IMAGE_MODELS[0], tiny_models.TEXT_MODELS[0]]
+)
+def test_cuda_parity_and_fit_with_autocast(case):
+    cpu = _build(case)
+    gpu = _build(case).to("cuda")
+    x, extra = _inputs(case, batch=4)
+    want = cpu.attribute(x, target=1, additional_forward_args=extra)
+    got = gpu.attribute(x.cuda(), target=1, additional_forward_args=tuple(e.cuda() for e in extra))
+    assert got.is_cuda
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-8)
+    history = gpu.fit((x.cuda(), *[e.cuda() for e in extra], torch.tensor([0, 1, 1, 0]).cuda()),
+                      epochs=1, batch_size=2, show_progress=False)  # fmt: skip
+    assert history[0]["steps"] == 2 and torch.isfinite(torch.tensor(history[0]["loss"]))
+    assert _hooks(gpu.network.model) == 0
