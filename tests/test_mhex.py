@@ -652,6 +652,7 @@ def test_zoo_mhex_explains_sequences_with_counter_evidence():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 @pytest.mark.parametrize("name", ["shapes-cnn", "shapes-vit"])
 def test_full_run_from_scratch_matches_the_plain_model_trained_the_same_way(name):
     """Same init, data, loop and recipe; MHEX's final classifier is as accurate or better."""

@@ -526,7 +526,7 @@ class MHEX(Attribution, nn.Module):
         head_channels: int | Sequence[int | None] | None = None,
         pooling: Pooling = "mean",
         nonneg: bool = True,
-        window: int | None = None,
+        window: int = 1,
         stage_weights: Sequence[float] | None = None,
         fusion: Literal["geometric", "mean"] = "geometric",
         readout: Readout | None = None,
@@ -579,8 +579,6 @@ class MHEX(Attribution, nn.Module):
                 "MHEX: fusion='geometric' needs non-negative maps; with nonneg=False use "
                 "fusion='mean'."
             )
-        if window is None:
-            window = 1
         if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
             raise ValueError(f"MHEX: window must be an odd positive int; got {window!r}.")
         self.adapter = adapter
