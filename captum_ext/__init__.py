@@ -2,10 +2,10 @@
 
 Methods (Captum ``Attribution`` subclasses): :class:`CDAM` and :class:`ConceptCDAM`,
 :class:`TokenAblation` (TAM), :class:`RelevancePropagation`, :class:`AttentionRollout` and
-:class:`AttentionMap`, and the trainable :class:`TTAME`, on timm ViTs, HuggingFace ViT and
+:class:`AttentionMap`, and the trainable :class:`TTAME` and :class:`MHEX`, on timm ViTs, HuggingFace ViT and
 BERT-family models through :func:`adapter_for`. Rooms, bottom to top: ``errors``/``_scores`` (floor 1), ``adapters``,
 ``checkpoint``, ``data``, ``metrics``, ``viz``; ``capture`` (hooks) and ``zoo``; ``attr`` and
-``explainers`` (trainable explainers: :class:`TTAME`); ``registry``; ``evaluation`` and
+``explainers`` (trainable explainers: :class:`TTAME`, :class:`MHEX`); ``registry``; ``evaluation`` and
 ``models``; ``cli``. Nothing imports from a room above it.
 """
 
@@ -25,12 +25,13 @@ from captum_ext.errors import (
     ReentrantCallError,
     UnsupportedModelError,
 )
-from captum_ext.explainers import TTAME
+from captum_ext.explainers import MHEX, TTAME
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CDAM",
+    "MHEX",
     "TAM",
     "TTAME",
     "AttentionMap",

@@ -27,6 +27,9 @@ from the zoo entry its record names (``backbone_model``):
 
 * ``"shapes-vit-ttame"``: :class:`~captum_ext.TTAME` fitted to ``"shapes-vit"``.
 * ``"shapes-cnn-ttame"``: :class:`~captum_ext.TTAME` fitted to ``"shapes-cnn"``.
+* ``"shapes-cnn-mhex"``, ``"shapes-vit-mhex"``, ``"text-bert-mhex"``: :class:`~captum_ext.MHEX`
+  trained into ``"shapes-cnn"``, ``"shapes-vit"`` and ``"text-bert"``
+  (``benchmarks/train_mhex.py``).
 
 Every read verifies the entry (:mod:`captum_ext.checkpoint`): the sha256 and size of the
 weights file, the JSON record against the copy stored inside the weights file (class names,
