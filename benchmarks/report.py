@@ -13,10 +13,11 @@ and prints the markdown.
 
 Run time of the default command (n = 256, two extra seeds with n = 64, 1000 bootstrap
 resamples, RISE with 16 steps, sanity check on 16 images) on the development machine (CPU, one
-thread, two cores shared with other jobs): about 5 minutes for the six zoo models, Captum
-peers included (301 s on 2026-11-30: main evaluation 205 s, of which shapes-cnn 58 s,
-shapes-vit-free 44 s, shapes-vit 34 s, shapes-vit-linear 33 s, shapes-vit-plain 33 s,
-text-bert 1 s; extra seeds 95 s). The header of
+thread, two cores shared with other jobs) was about 5 minutes before T-TAME rows, AD/IC and
+ROAD joined the table (301 s on 2026-11-30). ROAD (noisy linear imputation, ~22 ms per map
+and order) now dominates: the committed report was made with ``--n 64`` (2026-12-01, about
+4.5 minutes: 38–45 s per image model, text-bert 0.4 s, then the extra seeds and the sanity
+check); ``--no-road`` skips ROAD. The header of
 ``report.md`` and ``run`` in ``report.json`` record each run's times. ``--threads 1`` is the
 default because on a busy two-core machine one thread is several times faster than two.
 """
