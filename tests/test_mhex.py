@@ -651,40 +651,38 @@ def test_zoo_mhex_explains_sequences_with_counter_evidence():
 # slow: a full run
 
 
+def _train_script():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import train_mhex
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return train_mhex
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
-@pytest.mark.parametrize("name", ["shapes-cnn", "shapes-vit"])
-def test_full_run_from_scratch_matches_the_plain_model_trained_the_same_way(name):
-    """Same init, data, loop and recipe; MHEX's final classifier is as accurate or better."""
-    from captum_ext.explainers._training import Recipe, train
-    from captum_ext.zoo._build import build_model
+@pytest.mark.parametrize("name", ["shapes-cnn-mhex", "shapes-vit-mhex"])
+def test_full_run_of_the_shipped_recipe_keeps_the_accuracy_and_reaches_the_targets(name):
+    """The zoo entry's recipe from scratch (gates and heads): accuracy and benchmark targets.
 
-    rec = zoo.info(name)
-    dk = zoo.data_kwargs(name)
-    data = shapes(8192, 3, **dk)
-    held = shapes(2048, FRESH_SEED, **dk)
-    recipe = dict(epochs=4, batch_size=64, lr=0.05, seed=0)
-
-    torch.manual_seed(0)
-    plain = build_model(rec)
-    train(
-        plain,
-        lambda m, b: {"loss": F.binary_cross_entropy_with_logits(m(b[0]), b[1])},
-        torch.utils.data.TensorDataset(data.images, data.labels),
-        Recipe(**recipe),
-        device="cpu",
-        show_progress=False,
-    )
-    torch.manual_seed(0)
-    mhex = MHEX(build_model(rec))
-    mhex.fit((data.images, data.labels), objective="bce", train_backbone=True,
-             show_progress=False, **recipe)  # fmt: skip
-
-    def acc(m) -> float:
-        with torch.no_grad():
-            return ((m(held.images) > 0) == (held.labels > 0.5)).all(1).float().mean().item()
-
-    assert acc(mhex.network) >= acc(plain.eval()) - 0.005
+    Accuracy: the gated network against the plain model on the zoo's 2048 held-out images, at
+    most one example worse (measured: ViT 0.9966 vs 0.9961, CNN 0.9839 vs 0.9844).
+    """
+    script = _train_script()
+    entry = script.ENTRIES[name]
+    dk = zoo.data_kwargs(entry.backbone)
+    torch.manual_seed(entry.train_seed)
+    mhex = MHEX(zoo.load(entry.backbone), **entry.mhex)
+    mhex.fit(script.training_set(entry, dk), objective=entry.objective, show_progress=False,
+             **entry.fit)  # fmt: skip
+    plain = zoo.load(entry.backbone)
+    with torch.no_grad():
+        acc = script.heldout_accuracy(mhex.network.eval(), False, dk)
+        base = script.heldout_accuracy(plain, False, dk)
+    assert acc >= base - 1 / 2048
+    loc = script.image_metrics(mhex, dk)
+    assert loc["pointing_game"] >= 0.8 and loc["discrimination"] > 0.8
 
 
 # ---------------------------------------------------------------------------------------------
