@@ -31,9 +31,14 @@ class TrainedSpec:
 
 TRAINED: dict[str, TrainedSpec] = {
     s.name: s
-    for s in (TrainedSpec("ttame", "T-TAME", "-ttame", False, False, "Ntrougkas et al. 2024"),)
+    for s in (
+        TrainedSpec("ttame", "T-TAME", "-ttame", False, False, "Ntrougkas et al. 2024"),
+        TrainedSpec("mhex", "MHEX", "-mhex", False, False, "Sun & Liò (reconstruction)"),
+    )
 }
-"""Trained explainer kinds by name (MHEX will join with its own zoo suffix)."""
+"""Trained explainer kinds by name. MHEX explains its gated network (the zoo model with
+trained gates and heads, same held-out accuracy); the faithfulness metrics run the plain
+model, so its deletion/insertion/AD/IC/ROAD rows score its maps against the plain model."""
 
 
 def zoo_explainers(
