@@ -23,7 +23,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -70,12 +70,18 @@ class Hook:
             forward pass (e.g. :func:`as_leaf`, noise, token removal).
         record: Keep the (transformed) tensor in :attr:`tensors`.
         tensors: One entry per call of the module in the last forward pass.
+        enable_grad: Switch grad mode on here, before the transform, for the rest of
+            the forward pass (:func:`hooks` restores the mode on exit). With
+            ``model_state(model, grad="from_hook")`` the layers before the point run
+            without building a graph (a gradient w.r.t. an :func:`as_leaf` tensor
+            never reaches them).
     """
 
     point: Point
     transform: Transform | None = None
     record: bool = True
     tensors: list[torch.Tensor | None] = field(default_factory=list)
+    enable_grad: bool = False
 
     @property
     def tensor(self) -> torch.Tensor:
@@ -103,6 +109,8 @@ class Hook:
                 f"{self.point.name}: expected a tensor, got {type(t).__name__}; pass the module "
                 "whose output are the tokens (B, N, D)."
             )
+        if self.enable_grad:
+            torch.set_grad_enabled(True)  # until hooks() exits, which restores the mode
         if t is not None and self.transform is not None:
             t = self.transform(t)
             value = t if idx is None else (*value[:idx], t, *value[idx + 1 :])
@@ -139,9 +147,11 @@ def hooks(specs: Sequence[Hook]) -> Iterator[Sequence[Hook]]:
     """Registers the forward hooks of ``specs``; removes every handle on exit.
 
     Handles are removed in ``finally``: after success, after an exception in
-    the forward pass, after a bad target.
+    the forward pass, after a bad target. The grad mode of entry is restored in
+    ``finally`` too (a hook with ``enable_grad`` switches it on mid-forward).
     """
     handles = []
+    grad_mode = torch.is_grad_enabled()
     try:
         for h in specs:
             h.tensors.clear()
@@ -155,6 +165,7 @@ def hooks(specs: Sequence[Hook]) -> Iterator[Sequence[Hook]]:
     finally:
         for handle in handles:
             handle.remove()
+        torch.set_grad_enabled(grad_mode)
 
 
 @contextlib.contextmanager
@@ -236,7 +247,7 @@ _CHECKPOINT_FLAGS = ("grad_checkpointing", "gradient_checkpointing")
 
 
 @contextlib.contextmanager
-def model_state(model: nn.Module, grad: bool = True) -> Iterator[None]:
+def model_state(model: nn.Module, grad: bool | Literal["from_hook"] = True) -> Iterator[None]:
     """Holds the model (:func:`exclusive`); eval mode, checkpointing off, grad on (or off).
 
     Every module's ``training`` flag and every checkpointing flag is restored
@@ -244,14 +255,15 @@ def model_state(model: nn.Module, grad: bool = True) -> Iterator[None]:
     come back as they were. Grad is enabled because ``captum.metrics.
     sensitivity_max`` calls ``attribute`` under ``torch.no_grad()``. Enter it
     first, so that the lock covers every other change (hooks, attention
-    switches) made inside.
+    switches) made inside. ``grad="from_hook"``: grad off until a :class:`Hook`
+    with ``enable_grad`` switches it on (the method still needs gradients).
     """
     if grad and torch.is_inference_mode_enabled():
         raise RuntimeError(
             "captum_ext needs gradients, which torch.inference_mode() forbids; call attribute() "
             "outside inference_mode (torch.no_grad() is fine)."
         )
-    with exclusive(model), _modes_restored(model, grad):
+    with exclusive(model), _modes_restored(model, grad is True):
         yield
 
 

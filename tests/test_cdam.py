@@ -6,7 +6,15 @@ import pytest
 import torch
 from captum.attr import LayerGradientXActivation
 from reference import cdam_finite_difference, cdam_timm_manual
-from tiny_models import ALL_MODELS, IMAGE_MODELS, TEXT_MODELS, MeanPoolBert, build, make_inputs
+from tiny_models import (
+    ALL_MODELS,
+    IMAGE_MODELS,
+    NUM_CLASSES,
+    TEXT_MODELS,
+    MeanPoolBert,
+    build,
+    make_inputs,
+)
 
 from captum_ext import CDAM, ConceptCDAM, adapter_for
 
@@ -251,3 +259,83 @@ def test_concept_cdam_text_wrapper_equals_reference():
         model, "meanpool_bert", ids[:1], (extra[0][:1],), lambda z: (z[0] * concept).sum()
     )
     torch.testing.assert_close(got[0], ref, rtol=1e-6, atol=1e-7)
+
+
+GRAPH_CASES = [c for c in ALL_MODELS if c.name in ("timm_vit", "hf_vit", "bert", "meanpool_bert")]
+
+
+def _watch_blocks(adapter):
+    """Forward hooks recording, per block call, grad mode and whether its output has a graph."""
+    seen: dict[int, list[tuple[bool, bool]]] = {}
+
+    def watch(i):
+        def fn(module, args, output):
+            t = output[0] if isinstance(output, tuple) else output
+            seen.setdefault(i, []).append((torch.is_grad_enabled(), t.requires_grad))
+
+        return fn
+
+    handles = [b.register_forward_hook(watch(i)) for i, b in enumerate(adapter.blocks)]
+    return seen, handles
+
+
+@pytest.mark.parametrize("case", GRAPH_CASES, ids=[c.name for c in GRAPH_CASES])
+@pytest.mark.parametrize("call", ["attribute", "attribute_targets", "smooth", "concept"])
+def test_blocks_before_the_layer_build_no_graph(case, call):
+    model = build(case)
+    x, extra = make_inputs(case, batch=2)
+    if call == "concept":  # the logits stand in for the latent
+        cdam = ConceptCDAM(model)
+    else:
+        cdam = CDAM(model, variant="smooth" if call == "smooth" else "plain", n_samples=2)
+    adapter = cdam.adapter
+    seen, handles = _watch_blocks(adapter)
+    try:
+        if call == "attribute_targets":
+            cdam.attribute_targets(x, [0, 2], additional_forward_args=extra)
+        elif call == "concept":
+            concept = torch.ones(NUM_CLASSES, dtype=torch.float64)
+            cdam.attribute(x, concept, additional_forward_args=extra)
+        else:
+            cdam.attribute(x, target=1, additional_forward_args=extra)
+    finally:
+        for h in handles:
+            h.remove()
+    last = adapter.num_layers - 1
+    for i, calls in seen.items():
+        if i < last:  # before the hooked tokens: no grad mode, no graph
+            assert all(calls_i == (False, False) for calls_i in calls), (i, calls)
+        else:  # the last block runs with grad and its output depends on the leaf
+            assert all(calls_i == (True, True) for calls_i in calls), (i, calls)
+    assert set(seen) == set(range(last + 1))
+    assert torch.is_grad_enabled()
+    assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("outer_grad", [True, False])
+def test_grad_mode_is_restored_after_an_exception(outer_grad):
+    case = IMAGE_MODELS[0]
+    model = build(case)
+    x, _ = make_inputs(case, batch=2)
+    cdam = CDAM(model)
+
+    def fail(module, args, output):
+        assert torch.is_grad_enabled()  # switched on at the last block's tokens
+        raise RuntimeError("boom in the head")
+
+    handle = model.head.register_forward_hook(fail)
+    try:
+        with torch.set_grad_enabled(outer_grad), pytest.raises(RuntimeError, match="boom"):
+            cdam.attribute(x, target=1)
+        assert torch.is_grad_enabled()
+        with torch.set_grad_enabled(outer_grad):
+            with pytest.raises(RuntimeError, match="boom"):
+                cdam.attribute(x, target=1)
+            assert torch.is_grad_enabled() == outer_grad
+    finally:
+        handle.remove()
+    assert not model._forward_hooks and not model.blocks[-1].attn._forward_pre_hooks
+    with torch.set_grad_enabled(outer_grad):
+        got = cdam.attribute(x, target=1, output="tokens")
+        assert torch.is_grad_enabled() == outer_grad
+    torch.testing.assert_close(got, cdam_timm_manual(model, x, 1)[:, 1:], rtol=1e-12, atol=1e-12)

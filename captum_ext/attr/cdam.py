@@ -163,9 +163,12 @@ class CDAM(TokenMapMethod, LayerAttribution, GradientAttribution):
     def _one_pass(
         self, x: torch.Tensor, extra: Any, score_fns: Sequence[ScoreFn], pre: Hook | None
     ) -> list[torch.Tensor]:
-        leaf = Hook(self._point, as_leaf)
+        # Grad is off until the hooked tokens: the blocks before them build no graph (the
+        # gradient w.r.t. the detached leaf never reaches them), so the forward costs
+        # about what an inference forward does, and only the last block's graph is kept.
+        leaf = Hook(self._point, as_leaf, enable_grad=True)
         specs = [pre, leaf] if pre is not None else [leaf]
-        with model_state(self.adapter.model), hooks(specs):
+        with model_state(self.adapter.model, grad="from_hook"), hooks(specs):
             out = self.adapter.forward(x, extra)
             tokens = leaf.tensor
             if tokens.dim() != 3:
@@ -176,9 +179,11 @@ class CDAM(TokenMapMethod, LayerAttribution, GradientAttribution):
             maps = []
             for i, fn in enumerate(score_fns):
                 score = fn(out).sum()
-                (grad,) = torch.autograd.grad(
-                    score, tokens, retain_graph=i < len(score_fns) - 1, allow_unused=True
-                )
+                grad = None
+                if score.requires_grad:
+                    (grad,) = torch.autograd.grad(
+                        score, tokens, retain_graph=i < len(score_fns) - 1, allow_unused=True
+                    )
                 if grad is None:
                     raise RuntimeError(
                         f"{self._method}: the score does not depend on {self._point.name}; "
