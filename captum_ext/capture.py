@@ -269,7 +269,7 @@ def model_state(model: nn.Module, grad: bool | Literal["from_hook"] = True) -> I
 
 @contextlib.contextmanager
 def _modes_restored(model: nn.Module, grad: bool) -> Iterator[None]:
-    modules = list(model.modules())
+    modules = _all_modules(model)
     modes = [m.training for m in modules]
     flags = []
     try:
@@ -289,6 +289,22 @@ def _modes_restored(model: nn.Module, grad: bool) -> Iterator[None]:
         for m, mode in zip(modules, modes):
             if m.training != mode:  # Module.__setattr__ is slow; touch only what changed
                 m.training = mode
+
+
+def _all_modules(model: nn.Module) -> list[nn.Module]:
+    """``list(model.modules())`` as a set, in breadth-first order, without building names.
+
+    Called on every method call: ``Module.modules()`` walks ``named_modules``,
+    which formats a prefix string per module, several times slower.
+    """
+    out = [model]
+    seen = {id(model)}
+    for m in out:  # grows while iterating: breadth first
+        for child in m._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                out.append(child)
+    return out
 
 
 def probe_readout(adapter: TransformerAdapter) -> Readout | None:

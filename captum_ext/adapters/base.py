@@ -138,7 +138,9 @@ class ModelAdapter:
                     f"{method}: images must be floating point; got {inputs.dtype}. "
                     "Convert with inputs.float() after normalisation."
                 )
-            if not torch.isfinite(inputs).all():
+            # A finite sum implies finite entries (NaN and inf propagate); the full check
+            # runs only when the sum is not finite (bad entries, or an overflowing sum).
+            if not torch.isfinite(inputs.sum()) and not torch.isfinite(inputs).all():
                 raise ValueError(f"{method}: inputs contain NaN or inf values.")
             self._check_image_size(inputs, method)
 

@@ -9,6 +9,7 @@ where they differ from Captum's defaults.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -206,7 +207,7 @@ def format_token_map(
     if output == "grid":
         return grid
     ph, pw = adapter.patch_size
-    up = LayerAttribution.interpolate(grid, (h * ph, w * pw), interpolate_mode="nearest")
+    up = _upsample_nearest(grid, ph, pw)
     up = up[..., : inputs.shape[-2], : inputs.shape[-1]]
     if output == "like_input":
         if up.shape[1] != 1:
@@ -216,3 +217,27 @@ def format_token_map(
             )
         return up.expand(-1, inputs.shape[1], -1, -1).contiguous()
     return up
+
+
+def _upsample_nearest(grid: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
+    """Nearest upsampling of ``grid (..., h, w)`` by integer factors: each cell a patch.
+
+    Cell expansion (a view expanded and copied once) instead of
+    ``F.interpolate``: the same values at a fraction of the cost. Where
+    ``F.interpolate``'s float index arithmetic maps a pixel to a neighbouring
+    cell (some factors, e.g. 41), it is used instead, so results never change.
+    """
+    h, w = grid.shape[-2:]
+    if not (_expands_like_interpolate(h, ph) and _expands_like_interpolate(w, pw)):
+        return LayerAttribution.interpolate(grid, (h * ph, w * pw), interpolate_mode="nearest")
+    lead = grid.shape[:-2]
+    cells = grid[..., :, None, :, None].expand(*lead, h, ph, w, pw)
+    return cells.reshape(*lead, h * ph, w * pw)
+
+
+@functools.lru_cache(maxsize=256)
+def _expands_like_interpolate(size: int, factor: int) -> bool:
+    """Whether nearest interpolation of ``size`` cells to ``size * factor`` repeats each cell."""
+    cells = torch.arange(size, dtype=torch.float32)
+    up = torch.nn.functional.interpolate(cells[None, None], size=size * factor, mode="nearest")
+    return torch.equal(up[0, 0], cells.repeat_interleave(factor))

@@ -362,11 +362,16 @@ class TTAME(Attribution, nn.Module):
             tgt = normalise_target(target, logits, self._method)
             self._align(feats)
             was_training = self.mechanism.training
-            self.mechanism.eval()
+            # eval()/train() set every module's flag (slow nn.Module.__setattr__): skip both
+            # when every module already is in eval mode, the usual case at inference.
+            switch = any(m.training for m in self.mechanism.modules())
+            if switch:
+                self.mechanism.eval()
             try:
                 c = self.mechanism(feats, classes=tgt.to(feats[0].device))
             finally:
-                self.mechanism.train(was_training)
+                if switch:
+                    self.mechanism.train(was_training)
         maps = _minmax(c)
         if output != "grid":
             maps = F.interpolate(maps, size=x.shape[-2:], mode="bilinear", align_corners=False)

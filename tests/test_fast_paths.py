@@ -1,0 +1,58 @@
+"""The per-call fast paths give what the slow paths they replace gave."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import IMAGE_MODELS, build, make_inputs
+
+from captum_ext import AttentionMap, adapter_for
+from captum_ext.attr._base import _upsample_nearest
+from captum_ext.capture import _all_modules
+
+
+@pytest.mark.parametrize("factors", [(1, 1), (8, 8), (14, 16), (16, 14), (41, 8), (8, 47)])
+@pytest.mark.parametrize("grid", [(1, 1), (2, 3), (7, 5), (14, 14)])
+def test_cell_expansion_equals_nearest_interpolation(grid, factors):
+    g = torch.randn(2, 3, *grid, dtype=torch.float64)
+    size = (grid[0] * factors[0], grid[1] * factors[1])
+    got = _upsample_nearest(g, *factors)
+    assert got.shape == (2, 3, *size)
+    assert torch.equal(got, F.interpolate(g, size=size, mode="nearest"))
+
+
+def test_input_check_finds_nan_and_inf_but_not_an_overflowing_sum():
+    case = IMAGE_MODELS[0]
+    adapter = adapter_for(build(case))
+    x, _ = make_inputs(case, batch=2, dtype=torch.float32)
+    adapter.check_inputs(x, "m")
+    huge = torch.full_like(x, 3e38)  # finite entries whose float32 sum overflows to inf
+    adapter.check_inputs(huge, "m")
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[1, 2, 3, 4] = bad
+        with pytest.raises(ValueError, match="NaN or inf"):
+            adapter.check_inputs(y, "m")
+    mixed = x.clone()
+    mixed[0, 0, 0, 0], mixed[0, 0, 0, 1] = float("inf"), -float("inf")  # sum is NaN
+    with pytest.raises(ValueError, match="NaN or inf"):
+        adapter.check_inputs(mixed, "m")
+
+
+@pytest.mark.parametrize("case", IMAGE_MODELS[:2] + IMAGE_MODELS[-1:], ids=lambda c: c.name)
+def test_module_walk_equals_modules(case):
+    model = build(case)
+    model.shared = model.blocks[0] if hasattr(model, "blocks") else torch.nn.Identity()
+    assert {id(m) for m in _all_modules(model)} == {id(m) for m in model.modules()}
+    assert len(_all_modules(model)) == len(list(model.modules()))
+
+
+def test_mixed_training_flags_come_back():
+    case = IMAGE_MODELS[0]
+    model = build(case)
+    model.blocks[0].train()
+    before = [m.training for m in model.modules()]
+    x, _ = make_inputs(case)
+    AttentionMap(model).attribute(x)
+    assert [m.training for m in model.modules()] == before
