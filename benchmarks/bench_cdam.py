@@ -4,7 +4,12 @@ All timings in one run, on one model and one batch, as ratios (DESIGN.md §8):
 CDAM target ≤ 0.45 × a forward+backward (the forward pass plus a backward
 through the last block only); the attention map ≤ 1.15 × a forward.
 
-    python benchmarks/bench_cdam.py [--model vit_small_patch16_224] [--batch 8] [--ig]
+    python benchmarks/bench_cdam.py [--model vit_small_patch16_224] [--batch 8] [--ig] [--memory]
+
+``--memory`` also reports the peak memory of one call of forward, forward+backward and CDAM,
+each in a fresh process: on CPU the rise of the peak resident set (VmHWM, reset through
+``/proc/self/clear_refs``) over the resident set before the call; on CUDA
+``torch.cuda.max_memory_allocated`` over the allocation before the call.
 
 Peers on the same model: Captum ``LayerGradientXActivation`` on
 ``blocks[-1].norm1`` (the same quantity, computed by Captum's hooks),
@@ -15,6 +20,9 @@ pytorch-grad-cam ``GradCAM`` with a token ``reshape_transform``, and with
 from __future__ import annotations
 
 import argparse
+import json
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -34,6 +42,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--ig", action="store_true", help="also time IntegratedGradients (slow)")
+    p.add_argument("--memory", action="store_true", help="also peak memory per call")
+    p.add_argument("--memory-child", choices=MEMORY_CALLS, help=argparse.SUPPRESS)
     args = p.parse_args()
 
     torch.manual_seed(0)
@@ -51,6 +61,14 @@ def main() -> None:
         model(x).gather(1, target[:, None]).sum().backward()
 
     cdam = CDAM(model)
+    if args.memory_child:
+        calls = {
+            "forward": forward,
+            "forward+backward": forward_backward,
+            "CDAM": lambda: cdam.attribute(x, target=target),
+        }
+        print(json.dumps({"peak_mib": _peak_mib(calls[args.memory_child], args.device)}))
+        return
     am = AttentionMap(model)
     rows = [
         ("forward (no grad)", median_time(forward, args.repeats)),
@@ -113,6 +131,45 @@ def main() -> None:
         f"device {args.device}, torch {torch.__version__}, threads {torch.get_num_threads()}"
     )
     print(table(rows, base))
+    if args.memory:
+        peaks = {name: _peak_in_child(args, name) for name in MEMORY_CALLS}
+        where = "peak RSS rise" if args.device == "cpu" else "peak CUDA allocation rise"
+        print(f"\nmemory of one call ({where}, fresh process each): ", end="")
+        print(", ".join(f"{name} {mib:.0f} MiB" for name, mib in peaks.items()))
+
+
+MEMORY_CALLS = ("forward", "forward+backward", "CDAM")
+
+
+def _status_kib(key: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{key}:\s+(\d+)", text).group(1))
+
+
+def _peak_mib(fn, device: str) -> float:
+    """Peak memory in MiB that one call of ``fn`` adds.
+
+    CUDA: after a warm-up call. CPU: the first call of the process, since memory freed by
+    a warm-up call stays resident (glibc) and would hide the second call's peak.
+    """
+    if device == "cuda":
+        fn()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        fn()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+    base = _status_kib("VmRSS")
+    fn()
+    return (_status_kib("VmHWM") - base) / 1024
+
+
+def _peak_in_child(args: argparse.Namespace, name: str) -> float:
+    cmd = [sys.executable, __file__, "--model", args.model, "--batch", str(args.batch)]
+    cmd += ["--device", args.device, "--memory-child", name]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_mib"]
 
 
 if __name__ == "__main__":
