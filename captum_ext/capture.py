@@ -251,8 +251,19 @@ def model_state(model: nn.Module, grad: bool = True) -> Iterator[None]:
             "captum_ext needs gradients, which torch.inference_mode() forbids; call attribute() "
             "outside inference_mode (torch.no_grad() is fine)."
         )
-    with exclusive(model), _modes_restored(model, grad):
+    with exclusive(model), _modes_restored(model, grad), _eager():
         yield
+
+
+def _eager() -> contextlib.AbstractContextManager[None]:
+    """``torch.compile``d submodules run eagerly inside: hooks see every module, no recompiles.
+
+    (A compiled top-level model is unwrapped to its ``_orig_mod`` by the adapter lookup; this
+    covers compiled parts inside a user's wrapper.)
+    """
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.compiler.set_stance("force_eager")
 
 
 @contextlib.contextmanager

@@ -177,3 +177,22 @@ def test_explainers_take_compiled_models(case):
         got = explainer.attribute(x, target=1, additional_forward_args=extra)
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
     assert backend.graphs == 0
+
+
+@pytest.mark.parametrize("method", METHODS, ids=[m.name for m in METHODS])
+def test_compiled_parts_inside_a_wrapper_run_eagerly(method):
+    # A user's mean-pooling wrapper whose encoder was compiled: the adapter finds the encoder
+    # inside; the compiled part runs eagerly during the explanation (no graph, no recompile).
+    case = ALL_MODELS[10]
+    assert case.name == "meanpool_bert"
+    model = build(case, dtype=torch.float64)
+    x, extra = make_inputs(case, batch=2, dtype=torch.float64)
+    wrapped = build(case, dtype=torch.float64)
+    backend = _Counting()
+    compiled_encoder = torch.compile(wrapped.encoder, backend=backend)
+    wrapped.encoder = compiled_encoder
+    ref = method.make(model).attribute(x, target=1, additional_forward_args=extra)
+    got = method.make(wrapped).attribute(x, target=1, additional_forward_args=extra)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    assert backend.graphs == 0
+    assert wrapped.encoder is compiled_encoder

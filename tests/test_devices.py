@@ -324,3 +324,32 @@ def test_audit_catches_captums_occlusion_masks_built_on_the_cpu():
         roots=[root],
     )
     assert any("occlusion.py" in s and "zeros" in s for s in slips), slips
+
+
+def _literal_ap(scores: list[float], labels: list[bool]) -> float:
+    """AP from its definition: sum over distinct thresholds t of (R(t) - R(t_prev)) * P(t)."""
+    n_pos = sum(labels)
+    if n_pos == 0:
+        return float("nan")
+    ap, recall_prev = 0.0, 0.0
+    for t in sorted(set(scores), reverse=True):
+        picked = [y for s, y in zip(scores, labels) if s >= t]
+        recall = sum(picked) / n_pos
+        ap += (recall - recall_prev) * sum(picked) / len(picked)
+        recall_prev = recall
+    return ap
+
+
+def test_token_auprc_in_one_batched_pass_equals_the_definition_per_row():
+    g = torch.Generator().manual_seed(0)
+    s = torch.randint(0, 4, (12, 10), generator=g).float()  # many ties
+    r = torch.rand(12, 10, generator=g) < 0.3
+    v = torch.rand(12, 10, generator=g) < 0.8
+    got = M.token_auprc(s, r, v)
+    for i in range(12):
+        keep = v[i]
+        want = _literal_ap(s[i][keep].tolist(), r[i][keep].tolist())
+        if want != want:
+            assert got[i].isnan()
+        else:
+            assert abs(got[i].item() - want) < 1e-12, i
