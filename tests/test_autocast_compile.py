@@ -129,7 +129,12 @@ def _state(model: nn.Module) -> tuple:
     return hooks, flags, modes
 
 
-@pytest.mark.parametrize(("method", "case"), PAIRS, ids=PAIR_IDS)
+COMPILE_PAIRS = [(m, c) for m in METHODS for c in (CASES[0], CASES[2])]  # image, text
+
+
+@pytest.mark.parametrize(
+    ("method", "case"), COMPILE_PAIRS, ids=[f"{m.name}-{c.name}" for m, c in COMPILE_PAIRS]
+)
 def test_compiled_models_are_explained_through_the_eager_module(method, case):
     model = build(case, dtype=torch.float64)
     x, extra = make_inputs(case, batch=2, dtype=torch.float64)
