@@ -83,8 +83,10 @@ def target_indices(
         "Supported: None (predicted class), an int, a list of B ints or an integer tensor of "
         "shape (B,) or (B, 1)."
     )
+    values: list[int] | None = None  # Python targets are checked without a device sync
     if isinstance(target, int) and not isinstance(target, bool):
-        idx = torch.full((batch_size,), target, dtype=torch.long)
+        values = [target]
+        idx = torch.full((batch_size,), target, dtype=torch.long, device=device)
     elif isinstance(target, torch.Tensor):
         if target.is_meta:
             raise ValueError(f"{method}: target is a meta tensor without values. {supported}")
@@ -105,7 +107,8 @@ def target_indices(
     elif isinstance(target, list | tuple) and all(
         isinstance(t, int) and not isinstance(t, bool) for t in target
     ):
-        idx = torch.tensor(list(target), dtype=torch.long)
+        values = list(target)
+        idx = torch.tensor(values, dtype=torch.long, device=device)
     else:
         raise ValueError(f"{method}: unsupported target {target!r}. {supported}")
     if idx.numel() != batch_size:
@@ -114,10 +117,14 @@ def target_indices(
             f"({batch_size},)); pass one int for all examples or one per example."
         )
     if num_classes is not None:
-        bad = (idx < 0) | (idx >= num_classes)
-        if bad.any():
+        if values is not None:
+            bad_value = next((v for v in values if not 0 <= v < num_classes), None)
+        else:
+            bad = (idx < 0) | (idx >= num_classes)
+            bad_value = idx[bad][0].item() if bad.any() else None
+        if bad_value is not None:
             raise ValueError(
-                f"{method}: target {idx[bad][0].item()} is out of range for a model with "
+                f"{method}: target {bad_value} is out of range for a model with "
                 f"{num_classes} outputs (valid: 0..{num_classes - 1})."
             )
     return idx.to(device) if device is not None else idx

@@ -267,6 +267,19 @@ def model_state(model: nn.Module, grad: bool | Literal["from_hook"] = True) -> I
         yield
 
 
+def _eager(modules: list[nn.Module]) -> contextlib.AbstractContextManager[None]:
+    """``torch.compile``d submodules run eagerly inside: hooks see every module, no recompiles.
+
+    A compiled top-level model is unwrapped to its ``_orig_mod`` by the adapter lookup; this
+    covers compiled parts inside a user's wrapper (an ``OptimizedModule`` holds its eager
+    module as the child ``_orig_mod``). Switching the compiler's stance costs about 0.5 ms,
+    so it happens only when such a part exists.
+    """
+    if not any("_orig_mod" in m._modules for m in modules) or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.compiler.set_stance("force_eager")
+
+
 @contextlib.contextmanager
 def _modes_restored(model: nn.Module, grad: bool) -> Iterator[None]:
     modules = _all_modules(model)
@@ -281,7 +294,7 @@ def _modes_restored(model: nn.Module, grad: bool) -> Iterator[None]:
                     setattr(m, name, False)
         if any(modes):  # eval() walks every module; skip it when nothing is training
             model.eval()
-        with torch.set_grad_enabled(grad):
+        with torch.set_grad_enabled(grad), _eager(modules):
             yield
     finally:
         for m, name in flags:

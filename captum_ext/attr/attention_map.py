@@ -11,6 +11,7 @@ from torch import nn
 from captum_ext.adapters.base import Readout, TransformerAdapter
 from captum_ext.attr._attention import capture_attention, readout_row
 from captum_ext.attr._base import TokenMapMethod
+from captum_ext.attr._precision import accumulation_dtype, full_precision
 
 __all__ = ["AttentionMap"]
 
@@ -51,6 +52,8 @@ class AttentionMap(TokenMapMethod, Attribution):
     def _token_scores(self, x: torch.Tensor, target: Any, extra: Any) -> torch.Tensor:
         """Readout-row attention ``(B, N)`` (``(B, H, N)`` with ``heads="all"``); ``target`` unused."""
         (attn,) = capture_attention(self.adapter, x, extra, [self.layer])
+        attn = attn.to(accumulation_dtype(attn))  # float32 at least, also under autocast
         w = readout_row(self.adapter, attn, x, extra)
-        rows = torch.einsum("bn,bhnm->bhm", w, attn)
+        with full_precision(attn):
+            rows = torch.einsum("bn,bhnm->bhm", w, attn)
         return rows.mean(1) if self.heads == "mean" else rows

@@ -18,6 +18,7 @@ from torch import nn
 from captum_ext._scores import normalise_target, select_target
 from captum_ext.adapters.base import Readout, TransformerAdapter
 from captum_ext.attr._base import OutputKind, TokenMapMethod, check_targets
+from captum_ext.attr._precision import accumulation_dtype
 from captum_ext.capture import Hook, as_leaf, hooks, model_state
 
 __all__ = ["CDAM", "ConceptCDAM"]
@@ -189,7 +190,8 @@ class CDAM(TokenMapMethod, LayerAttribution, GradientAttribution):
                         f"{self._method}: the score does not depend on {self._point.name}; "
                         "pass a layer whose tokens reach the output."
                     )
-                maps.append((tokens.detach() * grad).sum(-1))
+                acc = accumulation_dtype(tokens)  # float32 at least, also under autocast
+                maps.append((tokens.detach().to(acc) * grad.to(acc)).sum(-1))
         return maps
 
 
@@ -278,7 +280,9 @@ def _noise(level: float, gen: torch.Generator) -> Callable[[torch.Tensor], torch
         sigma = level * (flat.amax(1) - flat.amin(1))
         # One draw per example shape, shared by the batch: every example sees the noise it
         # would see alone (the same seed), so a batch equals its single calls.
-        noise = torch.randn(x.shape[1:], generator=gen, dtype=x.dtype).to(x.device)
+        # Drawn on the CPU on purpose (the generator's device): the same map on every device.
+        noise = torch.randn(x.shape[1:], generator=gen, dtype=x.dtype, device="cpu")
+        noise = noise.to(x.device)
         return x + noise * sigma.view(-1, *([1] * (x.dim() - 1)))
 
     return tf

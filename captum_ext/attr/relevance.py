@@ -13,6 +13,7 @@ from captum_ext._scores import normalise_target, select_target
 from captum_ext.adapters.base import Readout, TransformerAdapter
 from captum_ext.attr._attention import readout_row, require_attention, resolve_start_layer
 from captum_ext.attr._base import TokenMapMethod
+from captum_ext.attr._precision import accumulation_dtype, full_precision
 from captum_ext.capture import Hook, as_leaf, grad_hooks, hooks, model_state
 
 __all__ = ["RelevancePropagation", "relevance_increment"]
@@ -115,6 +116,7 @@ class RelevancePropagation(TokenMapMethod, GradientAttribution):
             score = select_target(out, normalise_target(target, out, self._method)).sum()
             del out
             w = readout_row(ad, attn[-1], x, extra)
+            w = w.to(accumulation_dtype(w))  # R accumulates in float32 at least (autocast)
             if self.streaming:
                 return self._streamed(score, attn, w)
             return self._naive(score, attn, w)
@@ -134,12 +136,13 @@ class RelevancePropagation(TokenMapMethod, GradientAttribution):
                 fired.append(k)
                 inc = relevance_increment(held.pop(), grad)  # (B, H, N, N)
                 v = state["v"]
-                if k == last and self.heads == "all":
-                    state["v"] = v[:, None] + torch.einsum("bn,bhnm->bhm", v, inc)
-                elif v.dim() == 3:
-                    state["v"] = v + torch.einsum("bhn,bnm->bhm", v, inc.mean(1))
-                else:
-                    state["v"] = v + torch.bmm(v[:, None], inc.mean(1))[:, 0]
+                with full_precision(v):
+                    if k == last and self.heads == "all":
+                        state["v"] = v[:, None] + torch.einsum("bn,bhnm->bhm", v, inc)
+                    elif v.dim() == 3:
+                        state["v"] = v + torch.einsum("bhn,bnm->bhm", v, inc.mean(1))
+                    else:
+                        state["v"] = v + torch.bmm(v[:, None], inc.mean(1))[:, 0]
 
             return fn
 
@@ -168,13 +171,14 @@ class RelevancePropagation(TokenMapMethod, GradientAttribution):
         b, n = w.shape
         eye = torch.eye(n, dtype=w.dtype, device=w.device).expand(b, n, n)
         r = eye
-        for inc in incs[:-1]:
-            r = r + torch.bmm(inc.mean(1), r)
-        if self.heads == "all":
-            last = eye[:, None] + incs[-1]  # (B, H, N, N)
-            return torch.einsum("bn,bhnm,bmk->bhk", w, last, r)
-        r = r + torch.bmm(incs[-1].mean(1), r)
-        return torch.bmm(w[:, None], r)[:, 0]
+        with full_precision(w):
+            for inc in incs[:-1]:
+                r = r + torch.bmm(inc.mean(1), r)
+            if self.heads == "all":
+                last = eye[:, None] + incs[-1]  # (B, H, N, N)
+                return torch.einsum("bn,bhnm,bmk->bhk", w, last, r)
+            r = r + torch.bmm(incs[-1].mean(1), r)
+            return torch.bmm(w[:, None], r)[:, 0]
 
 
 def relevance_increment(attn: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
@@ -185,6 +189,8 @@ def relevance_increment(attn: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         grad: ``∂f/∂A`` ``(B, H, N, N)``.
 
     Returns:
-        ``(B, H, N, N)``, non-negative.
+        ``(B, H, N, N)``, non-negative, in float32 at least (half-precision inputs
+        from autocast are promoted so that the chained updates accumulate in float32).
     """
-    return (grad * attn).clamp_min(0)
+    acc = torch.promote_types(accumulation_dtype(attn), grad.dtype)
+    return (grad.to(acc) * attn.to(acc)).clamp_min(0)

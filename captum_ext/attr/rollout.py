@@ -11,6 +11,7 @@ from torch import nn
 from captum_ext.adapters.base import Readout, TransformerAdapter
 from captum_ext.attr._attention import readout_row, require_attention, resolve_start_layer
 from captum_ext.attr._base import TokenMapMethod
+from captum_ext.attr._precision import accumulation_dtype, full_precision
 from captum_ext.capture import Hook, hooks, model_state
 
 __all__ = ["AttentionRollout", "rollout_matrix"]
@@ -69,8 +70,9 @@ class AttentionRollout(TokenMapMethod, Attribution):
         """The rollout's readout row ``(B, N)``; ``target`` unused (class-agnostic)."""
         mats = self._rollout_matrices(x, extra)
         v = readout_row(self.adapter, mats[-1], x, extra)
-        while mats:  # right to left; each matrix is released once used
-            v = torch.bmm(v[:, None], mats.pop())[:, 0]
+        with full_precision(v):  # the matrices are float32 at least; keep autocast off bmm
+            while mats:  # right to left; each matrix is released once used
+                v = torch.bmm(v[:, None], mats.pop())[:, 0]
         return v
 
     def _rollout_matrices(self, x: torch.Tensor, extra: Any) -> list[torch.Tensor]:
@@ -99,9 +101,10 @@ def rollout_matrix(attn: torch.Tensor) -> torch.Tensor:
         attn: Post-softmax attention ``(B, H, N, N)``.
 
     Returns:
-        ``(B, N, N)``, each row non-negative and summing to 1.
+        ``(B, N, N)``, each row non-negative and summing to 1, in float32 at least
+        (half-precision probabilities from autocast are accumulated in float32).
     """
-    a = attn.mean(1)
+    a = attn.mean(1, dtype=accumulation_dtype(attn))
     a.diagonal(dim1=-2, dim2=-1).add_(1.0)  # + I, in place on the fresh head mean
     return a.div_(a.sum(-1, keepdim=True))
 

@@ -20,6 +20,7 @@ from torch import nn
 from captum_ext._scores import normalise_target, progress
 from captum_ext.adapters.base import Point, Readout, TransformerAdapter, as_tuple
 from captum_ext.attr._base import OutputKind, TokenMapMethod, check_targets
+from captum_ext.attr._precision import accumulation_dtype
 from captum_ext.capture import Hook, hooks, model_state, replay
 
 __all__ = ["TAM", "TokenAblation"]
@@ -218,6 +219,7 @@ class TokenAblation(TokenMapMethod, PerturbationAttribution):
                 )
             if clean.dim() == 1:
                 clean = clean[:, None]
+            clean = clean.to(accumulation_dtype(clean))  # fp32 logit differences (autocast)
             idx = torch.stack([normalise_target(t, clean, m) for t in targets])  # (K, B)
             clean_sel = clean.gather(1, idx.T).T  # (K, B)
             plan = _plan(groups, perturbations_per_eval, m)

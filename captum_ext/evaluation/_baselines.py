@@ -23,7 +23,7 @@ def random_map(inputs: Tensor, seed: int = 0) -> Tensor:
     """
     g = torch.Generator().manual_seed(seed)
     shape = (inputs.shape[0], 1, *inputs.shape[-2:]) if inputs.dim() == 4 else inputs.shape[:2]
-    return torch.rand(tuple(shape), generator=g).to(inputs.device)
+    return torch.rand(tuple(shape), generator=g, device="cpu").to(inputs.device)
 
 
 def centre_gaussian_map(images: Tensor, sigma: float = 0.25) -> Tensor:
@@ -42,10 +42,11 @@ def centre_gaussian_map(images: Tensor, sigma: float = 0.25) -> Tensor:
     if sigma <= 0:
         raise ValueError(f"sigma must be > 0, got {sigma}")
     b, _, h, w = images.shape
-    y = (2 * torch.arange(h, dtype=torch.float32) + 1 - h) / (2 * h)  # exactly symmetric
-    x = (2 * torch.arange(w, dtype=torch.float32) + 1 - w) / (2 * w)
+    dev = images.device
+    y = (2 * torch.arange(h, dtype=torch.float32, device=dev) + 1 - h) / (2 * h)  # symmetric
+    x = (2 * torch.arange(w, dtype=torch.float32, device=dev) + 1 - w) / (2 * w)
     g = torch.exp(-(y[:, None] ** 2 + x[None, :] ** 2) / (2 * sigma**2))
-    return g.expand(b, 1, h, w).to(images.device)
+    return g.expand(b, 1, h, w)
 
 
 BASELINES: dict[str, str] = {

@@ -74,8 +74,10 @@ def method_grids(
             classes = sorted(set(pc[sel].tolist()))
             maps = attr.attribute_targets(images[s], targets=classes, output="grid")
             row = {c: k for k, c in enumerate(classes)}
-            k = torch.tensor([row[c] for c in pc[sel].tolist()], dtype=torch.long)
-            out.append(maps[k.to(maps.device), pi[sel].to(maps.device) - s.start, 0])
+            k = torch.tensor(
+                [row[c] for c in pc[sel].tolist()], dtype=torch.long, device=maps.device
+            )
+            out.append(maps[k, pi[sel].to(maps.device) - s.start, 0])
         return torch.cat(out).detach().float()
     for s in chunks(len(pi), batch_size):
         x = images[pi[s]]

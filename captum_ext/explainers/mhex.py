@@ -356,13 +356,14 @@ def _objective_loss(logits: torch.Tensor, labels: torch.Tensor, objective: Objec
     raise ValueError(f"MHEX: objective must be 'ce' or 'bce'; got {objective!r}.")
 
 
-def _correct(logits: torch.Tensor, labels: torch.Tensor, objective: Objective) -> float:
-    """Correct examples: the predicted set (``"bce"``: sigmoid > 0.5) or class (``"ce"``)."""
+def _correct(logits: torch.Tensor, labels: torch.Tensor, objective: Objective) -> torch.Tensor:
+    """Correct examples (a 0-dim tensor on the logits' device): the predicted set (``"bce"``:
+    sigmoid > 0.5) or class (``"ce"``)."""
     if objective == "bce":
         if not labels.is_floating_point():
             labels = F.one_hot(labels.reshape(-1).long(), logits.shape[1])
-        return float(((logits > 0) == (labels > 0.5)).all(dim=1).sum())
-    return float((logits.argmax(1) == labels.reshape(-1)).sum())
+        return ((logits > 0) == (labels > 0.5)).all(dim=1).sum()
+    return (logits.argmax(1) == labels.reshape(-1)).sum()
 
 
 def mhex_step(
@@ -1030,7 +1031,7 @@ class MHEX(Attribution, nn.Module):
         if isinstance(val_data, tuple) and all(isinstance(t, torch.Tensor) for t in val_data):
             val_data = TensorDataset(*val_data)
         loader = DataLoader(val_data, batch_size=batch_size)
-        hits = torch.zeros(len(self.stages) + 1, dtype=torch.float64)
+        hits = torch.zeros(len(self.stages) + 1, dtype=torch.float64, device=device)
         n = 0
         with torch.no_grad():
             for batch in loader:
@@ -1040,7 +1041,8 @@ class MHEX(Attribution, nn.Module):
                     hits[i] += _correct(lg, labels, objective)
                 n += labels.shape[0]
         names = [f"val_{s.layer}" for s in self.stages] + ["val_final"]
-        return {k: float(h / max(n, 1)) for k, h in zip(names, hits, strict=True)}
+        rates = (hits / max(n, 1)).tolist()  # one host copy, after the loop
+        return dict(zip(names, rates, strict=True))
 
     # ------------------------------------------------------------------ analysis
     def gradient_similarity(

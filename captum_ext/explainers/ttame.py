@@ -573,7 +573,7 @@ class TTAME(Attribution, nn.Module):
             x = batch_inputs(batch).to(device)
             scores = average_drop_ttame(self.adapter.model, x, self)
             for k, v in scores.items():
-                parts.setdefault(k, []).append(v.cpu())
+                parts.setdefault(k, []).append(v)  # on the device; one host copy at the end
         return {f"val_{k}": float(torch.cat(v).nanmean()) for k, v in parts.items()}
 
     # ------------------------------------------------------------------ save / load

@@ -187,18 +187,23 @@ def road(
     clean, tgt = default_target(model, inputs, target, batch_size)
     pred = clean.argmax(dim=1)
     a = resolve_map(attributions, inputs, tgt, attribute_kwargs, batch_size=b, spatial=(h, w))
-    ranks = ranks_of(a.reshape(b, -1), descending=(order == "morf")).cpu()
+    ranks = ranks_of(a.reshape(b, -1), descending=(order == "morf"))
+    # The imputation is a scipy sparse solve on the host: copy images and ranks there once;
+    # the model runs and the scores stay on the inputs' device.
+    host_inputs, host_ranks = inputs.detach().cpu(), ranks.cpu()
     gen = torch.Generator().manual_seed(seed)
-    out = torch.empty(b, len(pcts), dtype=torch.float64)
+    rows = []
     for i in progress(range(b), show_progress, desc=f"ROAD {order}"):
         imgs = []
         for p in pcts:
-            removed = (ranks[i] < math.floor(p * h * w + 1e-9)).view(h, w)
-            imgs.append(noisy_linear_imputation(inputs[i], removed, noise_std, gen))
-        logits = forward_logits(model, torch.stack(imgs), batch_size)
+            removed = (host_ranks[i] < math.floor(p * h * w + 1e-9)).view(h, w)
+            imgs.append(noisy_linear_imputation(host_inputs[i], removed, noise_std, gen))
+        logits = forward_logits(model, torch.stack(imgs).to(inputs.device), batch_size)
         if score == "top1":
-            out[i] = (logits.argmax(dim=1) == pred[i]).double().cpu()
+            rows.append((logits.argmax(dim=1) == pred[i]).double())
         else:
             s = class_scores(logits, score)
-            out[i] = pick(s, tgt[i].expand(len(pcts))).double().cpu()
-    return out.to(inputs.device)
+            rows.append(pick(s, tgt[i].expand(len(pcts))).double())
+    if not rows:
+        return torch.empty(0, len(pcts), dtype=torch.float64, device=inputs.device)
+    return torch.stack(rows)

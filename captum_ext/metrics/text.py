@@ -223,21 +223,27 @@ def sufficiency(
     )
 
 
-def _average_precision(scores: Tensor, labels: Tensor) -> float:
-    n_pos = int(labels.sum())
-    if n_pos == 0:
-        return math.nan
-    order = torch.sort(scores, descending=True, stable=True).indices
-    s, y = scores[order], labels[order].double()
-    tp = y.cumsum(0)
-    last = torch.ones_like(s, dtype=torch.bool)
-    last[:-1] = s[1:] != s[:-1]
-    tp = tp[last]
-    seen = (torch.nonzero(last).squeeze(1) + 1).double()
-    precision = tp / seen
-    recall = tp / n_pos
-    d_recall = torch.diff(recall, prepend=recall.new_zeros(1))
-    return float((d_recall * precision).sum())
+def _average_precision(scores: Tensor, labels: Tensor, valid: Tensor) -> Tensor:
+    """Average precision of every row of ``scores (B, T)`` against ``labels``, valid tokens only.
+
+    Invalid tokens are sorted last (score ``-inf``, label 0), so they add nothing; tied scores
+    enter together: each tie group's positives are credited at the group's precision. One
+    batched pass on the scores' device (no per-example host round trip).
+    """
+    s = scores.double().masked_fill(~valid, float("-inf"))
+    y = (labels & valid).double()
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices
+    s, y = s.gather(1, order), y.gather(1, order)
+    n_pos = y.sum(1)
+    tp = y.cumsum(1)
+    last = torch.ones_like(s, dtype=torch.bool)  # last position of each tie group
+    last[:, :-1] = s[:, 1:] != s[:, :-1]
+    seen = torch.arange(1, s.shape[1] + 1, device=s.device, dtype=torch.float64)
+    ends = torch.where(last, tp, torch.zeros_like(tp)).cummax(dim=1).values
+    before = torch.cat([torch.zeros_like(ends[:, :1]), ends[:, :-1]], dim=1)
+    gained = torch.where(last, tp - before, torch.zeros_like(tp))  # positives of each group
+    ap = (gained * (tp / seen)).sum(1) / n_pos
+    return ap.masked_fill(n_pos == 0, math.nan)
 
 
 @register_metric(
@@ -289,5 +295,4 @@ def token_auprc(
     if tuple(v.shape) != tuple(s.shape):
         raise ValueError(f"valid_mask: expected shape {tuple(s.shape)}, got {tuple(v.shape)}")
     r, v = r.bool(), v.bool()
-    out = [_average_precision(s[i][v[i]].double(), r[i][v[i]]) for i in range(s.shape[0])]
-    return torch.tensor(out, dtype=torch.float64, device=s.device)
+    return _average_precision(s, r, v)
