@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -55,15 +56,132 @@ def loop_reference(model, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor
     return torch.stack(out)
 
 
+# ----------------------------------------------------------- pass sizing (--sizing)
+HUGE = 1 << 62
+VARIANTS = {
+    # the plan before the token budget: B * 16 rows per pass, no memory cap
+    "before": dict(perturbations_per_eval=16, max_tokens_per_pass=HUGE, max_memory_bytes=HUGE),
+    # the default: token budget measured per device (CPU: calibrated on the first call)
+    "after": dict(),
+    # one removal of every example per forward: B rows per pass
+    "loop": dict(perturbations_per_eval=1, max_tokens_per_pass=HUGE, max_memory_bytes=HUGE),
+    # every removal of every example in one pass
+    "stacked": dict(max_tokens_per_pass=HUGE, max_memory_bytes=HUGE),
+}
+
+
+def _model(name: str) -> tuple[torch.nn.Module, str]:
+    if name.startswith("shapes-"):
+        return shapes_vit(name)
+    import timm
+
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False).eval(), f"timm:{name} (untrained)"
+
+
+def _worker(args: argparse.Namespace) -> None:
+    """One variant in this process: times ``--calls`` calls, prints JSON (times, rows, max RSS)."""
+    import json
+    import resource
+
+    model, _ = _model(args.model)
+    size = model.patch_embed.img_size
+    torch.manual_seed(0)
+    x = torch.rand(args.batch, 3, *size)
+    target = torch.arange(args.batch) % model.num_classes
+    tam = TokenAblation(model)
+    with torch.no_grad():
+        model(x)
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rows: list[int] = []
+    forward = tam.adapter.forward
+
+    def counting(inputs, extra=None):
+        rows.append(inputs.shape[0])
+        return forward(inputs, extra)
+
+    tam.adapter.forward = counting
+    times = []
+    for _ in range(args.calls):
+        rows.clear()
+        t0 = time.perf_counter()
+        maps = tam.attribute(x, target=target, output="tokens", **VARIANTS[args.worker])
+        times.append(time.perf_counter() - t0)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    torch.save(maps, args.save)
+    sizes = sorted(set(rows[1:]))
+    print(json.dumps(dict(times=times, passes=len(rows) - 1, rows=sizes, rss0_kb=rss0, rss_kb=rss)))
+
+
+def _sizing(args: argparse.Namespace) -> None:
+    """Runs every variant in its own process, interleaved, ``--repeats`` rounds; medians."""
+    import json
+    import statistics
+    import subprocess
+    import tempfile
+
+    _, label = _model(args.model)
+    res: dict[str, list[dict]] = {v: [] for v in args.variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.repeats):
+            for v in args.variants:
+                save = f"{tmp}/{v}.pt"
+                cmd = [sys.executable, __file__, "--worker", v, "--model", args.model]
+                cmd += ["--batch", str(args.batch), "--calls", str(args.calls), "--save", save]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+                res[v].append(json.loads(out.strip().splitlines()[-1]))
+                print(v, res[v][-1], flush=True)
+        ref = torch.load(f"{tmp}/{args.variants[0]}.pt")
+        diff = {v: (torch.load(f"{tmp}/{v}.pt") - ref).abs().max().item() for v in args.variants}
+    print(
+        f"\nmodel {label}, batch {args.batch}, torch {torch.__version__}, threads "
+        f"{torch.get_num_threads()}, {args.repeats} rounds interleaved, medians; peak = max RSS "
+        "of the variant's process (model and input included)"
+    )
+    first = {v: statistics.median(r["times"][0] for r in res[v]) for v in args.variants}
+    print(
+        "| variant | rows per pass | passes | 1st call s | later calls s | peak MB | "
+        "+MB over model | max abs diff |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for v in args.variants:
+        r = res[v][-1]
+        later = [t for x in res[v] for t in x["times"][1:]]
+        later_s = f"{statistics.median(later):.2f}" if later else "-"
+        peak = statistics.median(x["rss_kb"] for x in res[v]) / 1024
+        extra = statistics.median(x["rss_kb"] - x["rss0_kb"] for x in res[v]) / 1024
+        rows = ",".join(map(str, r["rows"]))
+        print(
+            f"| {v} | {rows} | {r['passes']} | {first[v]:.2f} | {later_s} | {peak:.0f} | "
+            f"{extra:.0f} | {diff[v]:.1e} |"
+        )
+    best = min(first[v] for v in ("loop", "stacked") if v in first)
+    if "after" in first:
+        print(f"\nafter / best exact alternative (1st call): {first['after'] / best:.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="shapes-vit")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--ppe", type=int, default=16, help="perturbations_per_eval")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--sizing",
+        action="store_true",
+        help="compare pass sizings (before/after/loop/stacked), one process per run",
+    )
+    ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--calls", type=int, default=1, help="--sizing: calls per process")
+    ap.add_argument("--worker", choices=list(VARIANTS), help=argparse.SUPPRESS)
+    ap.add_argument("--save", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.worker:
+        return _worker(args)
+    if args.sizing:
+        return _sizing(args)
 
-    model, label = shapes_vit(args.model)
+    model, label = _model(args.model)
     size = model.patch_embed.img_size
     torch.manual_seed(0)
     x = torch.rand(args.batch, 3, *size)
