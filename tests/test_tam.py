@@ -591,7 +591,7 @@ def test_calibration_choice(fresh_cache: dict) -> None:
 
 
 def test_calibration_end_to_end_with_a_fake_clock(
-    monkeypatch: pytest.MonkeyPatch, fresh_cache: dict
+    monkeypatch: pytest.MonkeyPatch, fresh_cache: dict, capsys: pytest.CaptureFixture[str]
 ) -> None:
     name = "timm_vit"  # width 32, L = 16 per single removal
     x, _ = _inputs(name)
@@ -610,8 +610,9 @@ def test_calibration_end_to_end_with_a_fake_clock(
         return forward(inputs, extra)
 
     monkeypatch.setattr(tam.adapter, "forward", costly)
-    first = tam.attribute(x, target=2, output="tokens")
+    first = tam.attribute(x, target=2, output="tokens", show_progress=True)
     assert seen[1:] == [1, 1, 2, 2, 4, 4, 8, 8, 2]  # 32 rows: the ladder, then 4 per pass
+    assert "9/9" in capsys.readouterr().err  # the bar's total follows the calibration
     key = tam_module._calibration_key(torch.device("cpu"), torch.float64, 32, 17)
     assert fresh_cache == {key: 64}  # 4 rows of 16 tokens
     seen.clear()

@@ -257,32 +257,33 @@ class TokenAblation(TokenMapMethod, PerturbationAttribution):
                 x, tokens, perturbations_per_eval, max_tokens_per_pass, max_memory_bytes
             )
             table = clean.new_zeros(len(targets), b, plan.num_ranks)
+
+            def run(rows: torch.Tensor, ranks: torch.Tensor, keep: torch.Tensor) -> None:
+                rows_in, rows_extra = removal.model_args(rows, keep)
+                swap = Hook(point, _keep_tokens(tokens, rows, keep, removal, m), record=False)
+                with hooks([swap]), _replaying(embedding, embedded, rows, b):
+                    out = self.adapter.forward(rows_in, rows_extra)
+                if out.dim() == 1:
+                    out = out[:, None]
+                ablated = out.gather(1, idx[:, rows].T)  # (R, K)
+                table[:, rows, ranks] = clean_sel[:, rows] - ablated.T
+
             left = plan.num_rows
             with progress(total=sizer.passes(plan.buckets), show=show_progress, desc=m) as bar:
-                for length, rows_all, ranks_all, keep_all in plan.buckets:
+                for length, rows, ranks, keep in plan.buckets:
                     start = 0
-                    while start < len(rows_all):
+                    while start < len(rows):
+                        calibrating = sizer.calibrating
                         size, timed = sizer.next_rows(length, left)
-                        stop = min(start + size, len(rows_all))
-                        rows, ranks = rows_all[start:stop], ranks_all[start:stop]
-                        keep = keep_all[start:stop]
+                        stop = min(start + size, len(rows))
                         began = _clock()
-                        rows_in, rows_extra = removal.model_args(rows, keep)
-                        swap = Hook(
-                            point, _keep_tokens(tokens, rows, keep, removal, m), record=False
-                        )
-                        with hooks([swap]), _replaying(embedding, embedded, rows, b):
-                            out = self.adapter.forward(rows_in, rows_extra)
-                        if out.dim() == 1:
-                            out = out[:, None]
-                        ablated = out.gather(1, idx[:, rows].T)  # (R, K)
-                        table[:, rows, ranks] = clean_sel[:, rows] - ablated.T
+                        run(rows[start:stop], ranks[start:stop], keep[start:stop])
                         if timed:
                             sizer.record(stop - start, length, _clock() - began)
                         left -= stop - start
                         start = stop
                         bar.update(1)
-                        if timed:  # the pass size may have changed: re-estimate
+                        if calibrating:  # the pass size may have changed: re-estimate
                             bar.total = bar.n + sizer.passes(plan.buckets, plan.num_rows - left)
                             bar.refresh()
         rank = plan.rank  # (B, N), -1 = never removed
