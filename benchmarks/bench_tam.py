@@ -10,7 +10,21 @@ In one run on the same model and batch:
 
 Target (DESIGN.md §8): TAM ≥ 10× faster than the loop.
 
-    python benchmarks/bench_tam.py [--model shapes-vit] [--batch 16] [--ppe 16]
+    python benchmarks/bench_tam.py [--model shapes-vit] [--batch 16] [--ppe 0]
+
+Pass sizing (``--sizing``): each variant in its own process (max RSS via
+``resource.getrusage``), variants interleaved, ``--repeats`` rounds, medians:
+``before`` (the plan before the token budget: ``B * 16`` rows per pass, no
+memory cap), ``after`` (the default: token budget per device; on CPU its first
+call calibrates, a second call uses the cached budget), ``loop`` (one removal
+of every example per forward: B rows per pass) and ``stacked`` (all ``B * N``
+rows in one pass). Target: ``after`` never slower than the best of ``loop``
+and ``stacked``.
+
+    python benchmarks/bench_tam.py --sizing [--model vit_small_patch16_224] [--batch 2]
+        [--repeats 2] [--threads 1]
+
+MEASURED_SIZING
 
 Measured 2026-11-30 on the development machine (CPU, 2 threads shared with other work;
 zoo shapes-vit, batch 16, 16 patch tokens): TAM 0.028 s = 10.0× one forward (it runs the
@@ -36,6 +50,7 @@ from _models import shapes_vit
 from _timing import median_time, table
 
 from captum_ext import TokenAblation
+from captum_ext.attr import tam as tam_module
 
 
 def loop_reference(model, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -112,7 +127,9 @@ def _worker(args: argparse.Namespace) -> None:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     torch.save(maps, args.save)
     sizes = sorted(set(rows[1:]))
-    print(json.dumps(dict(times=times, passes=len(rows) - 1, rows=sizes, rss0_kb=rss0, rss_kb=rss)))
+    calibrated = list(tam_module._CALIBRATED.values())  # the cached CPU budget, if any
+    info = dict(times=times, passes=len(rows) - 1, rows=sizes, rss0_kb=rss0, rss_kb=rss)
+    print(json.dumps(dict(info, calibrated=calibrated)))
 
 
 def _sizing(args: argparse.Namespace) -> None:
@@ -185,7 +202,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="shapes-vit")
     ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--ppe", type=int, default=16, help="perturbations_per_eval")
+    ap.add_argument(
+        "--ppe", type=int, default=0, help="perturbations_per_eval (0: TAM's token budget alone)"
+    )
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument(
         "--sizing",
@@ -210,7 +229,8 @@ def main() -> None:
     target = torch.arange(args.batch) % model.num_classes
     tam = TokenAblation(model)
 
-    got = tam.attribute(x, target=target, output="tokens", perturbations_per_eval=args.ppe)
+    ppe = args.ppe or None  # 0: TAM sizes its passes by its token budget alone
+    got = tam.attribute(x, target=target, output="tokens", perturbations_per_eval=ppe)
     ref = loop_reference(model, x, target)
     max_err = (got - ref).abs().max().item()
 
@@ -229,9 +249,9 @@ def main() -> None:
     rows = [
         ("forward (no grad)", median_time(forward, args.repeats)),
         (
-            f"TAM (perturbations_per_eval={args.ppe})",
+            f"TAM (perturbations_per_eval={ppe})",
             median_time(
-                lambda: tam.attribute(x, target=target, perturbations_per_eval=args.ppe),
+                lambda: tam.attribute(x, target=target, perturbations_per_eval=ppe),
                 args.repeats,
             ),
         ),
@@ -240,10 +260,10 @@ def main() -> None:
             median_time(lambda: loop_reference(model, x, target), args.repeats),
         ),
         (
-            f"Captum FeatureAblation, patch mask (ppe={args.ppe})",
+            f"Captum FeatureAblation, patch mask (ppe={args.ppe or 16})",
             median_time(
                 lambda: fa.attribute(
-                    x, target=target, feature_mask=fmask, perturbations_per_eval=args.ppe
+                    x, target=target, feature_mask=fmask, perturbations_per_eval=args.ppe or 16
                 ),
                 args.repeats,
             ),

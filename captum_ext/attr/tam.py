@@ -530,7 +530,7 @@ ACCELERATOR_MEMORY_SHARE = 0.5
 """Share of a CUDA device's free memory one pass may use by default."""
 
 _RISE = 1.1  # the CPU ladder stops at the first size costing 10% more per token than the best
-_SAMPLES = 2  # passes timed per candidate size; the faster counts (the first may warm up)
+_SAMPLES = 2  # passes timed per candidate size and round; the fastest counts
 _CALIBRATED: dict[tuple, int] = {}  # calibration key -> token budget, for the process
 _clock = time.perf_counter
 
@@ -581,22 +581,30 @@ class _PassSizer:
 
     With ``budget`` given, every pass of kept length L holds
     ``min(budget // L, memory_cap // row_bytes(L), per_pass)`` rows (at least
-    one). With ``candidates`` (ascending token budgets), the first passes time
-    each candidate ``_SAMPLES`` times on real rows; the ladder stops at the
-    first candidate costing ``_RISE`` times the best per token, at its end, or
-    when a cap or the remaining work keeps the next candidate from being
-    measured; the cheapest candidate per token is then the budget for the
-    rest, cached under ``key`` when the ladder stopped on its own.
+    one). With ``candidates`` (ascending token budgets), the first passes
+    time them on real rows: the smallest twice, then each larger one against
+    the best so far, alternating (new, best, new, best) so that a change of
+    load on a shared machine hits both alike; each counts its faster pass.
+    The ladder stops at the first candidate costing ``_RISE`` times the best
+    per token, at its end, or when a cap or the remaining work keeps the next
+    candidate from being measured; the best candidate is then the budget for
+    the rest, cached under ``key`` when the ladder stopped on its own.
     """
 
     row_bytes: Callable[[int], int]
     memory_cap: float
     per_pass: int | None = None
-    budget: int | None = None
+    budget: float | None = None
     candidates: tuple[int, ...] = ()
     key: tuple | None = None
-    costs: list[float] = field(default_factory=list)  # seconds per token of each measured candidate
-    _samples: list[float] = field(default_factory=list)
+    best: int | None = None  # index of the best candidate so far
+    _trying: int = 0  # index of the candidate being measured
+    _queue: list[int] = field(default_factory=list)  # candidates of the passes left to time
+    _samples: dict[int, list[float]] = field(default_factory=dict)  # seconds per token
+
+    def __post_init__(self) -> None:
+        if self.calibrating:
+            self._queue = [0] * _SAMPLES
 
     def rows(self, length: int, budget: float) -> tuple[int, bool]:
         """Rows per pass of kept length ``length`` under ``budget``; and whether a cap bound."""
@@ -616,36 +624,48 @@ class _PassSizer:
     def next_rows(self, length: int, left: int) -> tuple[int, bool]:
         """Rows of the next pass (``left`` rows remain in all) and whether to time it."""
         if self.calibrating:
-            size, capped = self.rows(length, self.candidates[len(self.costs)])
-            if capped or left < size * (_SAMPLES - len(self._samples)):
-                self._finish(cache=False)  # this candidate can't be measured as asked
+            capped = self.rows(length, self.candidates[self._trying])[1]
+            need = sum(self.rows(length, self.candidates[k])[0] for k in self._queue)
+            if capped or left < need:  # the candidate can't be measured as asked
+                self._finish(cache=False)
             else:
-                return size, True
+                return self.rows(length, self.candidates[self._queue[0]])[0], True
         return self.rows(length, self.budget)[0], False
 
     def record(self, rows: int, length: int, seconds: float) -> None:
-        """Adds the time of a pass of the candidate being calibrated."""
-        self._samples.append(seconds / (rows * length))
-        if len(self._samples) < _SAMPLES:
+        """Adds the time of a calibration pass (the one :meth:`next_rows` asked for)."""
+        k = self._queue.pop(0)
+        self._samples.setdefault(k, []).append(seconds / (rows * length))
+        if self._queue:
             return
-        cost = min(self._samples)
-        self._samples = []
-        best = min(self.costs, default=math.inf)
-        self.costs.append(cost)
-        if cost > _RISE * best or len(self.costs) == len(self.candidates):
+        new = self._trying
+        if self.best is None:
+            self.best = new
+        else:
+            cost, best = min(self._samples[new]), min(self._samples[self.best])
+            if cost > _RISE * best:
+                self._finish(cache=True)
+                return
+            if cost < best:
+                self.best = new
+        self._samples = {}
+        self._trying += 1
+        if self._trying == len(self.candidates):
             self._finish(cache=True)
+            return
+        self._queue = [self._trying, self.best] * _SAMPLES
 
     def _finish(self, cache: bool) -> None:
-        if not self.costs:  # too little work to time: everything the caps allow per pass
+        if self.best is None:  # too little work to time: everything the caps allow per pass
             self.budget = math.inf
             return
-        self.budget = self.candidates[min(range(len(self.costs)), key=self.costs.__getitem__)]
+        self.budget = self.candidates[self.best]
         if cache and self.key is not None:
             _CALIBRATED[self.key] = self.budget
 
     def passes(self, buckets: list, done: int = 0) -> int:
         """Passes left for ``buckets`` after their first ``done`` rows, at the current sizes."""
-        budget = self.candidates[len(self.costs)] if self.calibrating else self.budget
+        budget = self.candidates[self._queue[0]] if self.calibrating else self.budget
         total = 0
         for length, rows, _, _ in buckets:
             count = max(0, len(rows) - done)
