@@ -24,7 +24,20 @@ and ``stacked``.
     python benchmarks/bench_tam.py --sizing [--model vit_small_patch16_224] [--batch 2]
         [--repeats 2] [--threads 1]
 
-MEASURED_SIZING
+Measured 2026-12-01 with ``--sizing --threads 1`` (one torch thread per process on the 2
+cores shared with other helpers, load average 10-12, so times are 3-6x an idle machine's and
+drift by up to 3x over minutes; "+MB" = max RSS minus the RSS after model and clean forward):
+- zoo shapes-vit, batch 16 (256 rows of 16 tokens), ``--repeats 5 --calls 2``: all four
+  variants 0.27-0.33 s; after 0.93x the best alternative on its first call (too little work
+  to calibrate fully: 2 timed passes of 128 rows, nothing cached), 0.99x later; +17 MB
+  (before/stacked +27-29 MB, loop +6 MB); maps identical (max diff 0).
+- untrained ViT-S/16, 224 px, batch 2 (392 rows of 196 tokens; batch 8 did not fit the
+  time), ``--model vit_small_patch16_224 --batch 2 --repeats 2``, seconds per round:
+  after 173 / 234 (1st call, calibrating) and 136 / 220 (cached: 27 resp. 13 rows per pass;
+  round 1 ran the first, non-interleaved calibration), loop 115 / 138, stacked 403 / 117,
+  before 151 / 106. +MB: after ~400, loop 14, stacked 1690, before 225. The same variant
+  moved 3.4x between rounds, so these ratios say nothing; the one-process sweep below does.
+  Max map difference between variants 3e-7 (float32).
 
 Measured 2026-11-30 on the development machine (CPU, 2 threads shared with other work;
 zoo shapes-vit, batch 16, 16 patch tokens): TAM 0.028 s = 10.0× one forward (it runs the
