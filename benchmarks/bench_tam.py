@@ -38,6 +38,12 @@ drift by up to 3x over minutes; "+MB" = max RSS minus the RSS after model and cl
   before 151 / 106. +MB: after ~400, loop 14, stacked 1690, before 225. The same variant
   moved 3.4x between rounds, so these ratios say nothing; the one-process sweep below does.
   Max map difference between variants 3e-7 (float32).
+- The same ViT-S/16, batch 1, in one process (1 thread), fixed passes of 2 / 13 / 32 / 196
+  rows (``max_tokens_per_pass=rows * 196``), interleaved, 3 rounds, medians: 112 / 107 / 125
+  / 136 ms per row. 13 rows (2730 tokens) is what the calibration cached for this model in
+  round 2 above; it was the fastest in every round: 0.95x passes of 2 rows (the loop at
+  batch 2), 0.85x passes of 32 rows (the former default at batch 2), 0.78x everything
+  stacked.
 
 Measured 2026-11-30 on the development machine (CPU, 2 threads shared with other work;
 zoo shapes-vit, batch 16, 16 patch tokens): TAM 0.028 s = 10.0× one forward (it runs the
