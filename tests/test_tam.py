@@ -395,3 +395,231 @@ def test_clear_errors() -> None:
         text.attribute_targets(ids, 3, additional_forward_args=extra)
     with pytest.raises(ValueError, match="integer input_ids"):
         text.attribute(ids.double(), additional_forward_args=extra)
+
+
+# ----------------------------------------------------------------- pass sizing
+import math  # noqa: E402
+
+from captum_ext.attr import tam as tam_module  # noqa: E402
+
+HUGE = 1 << 62
+
+
+@pytest.fixture
+def fresh_cache(monkeypatch: pytest.MonkeyPatch) -> dict:
+    cache: dict = {}
+    monkeypatch.setattr(tam_module, "_CALIBRATED", cache)
+    return cache
+
+
+def _count_rows(tam: TokenAblation, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Rows of every forward pass (the first is the clean pass), by wrapping the forward."""
+    seen: list[int] = []
+    forward = tam.adapter.forward
+
+    def counting(inputs, extra=None):
+        seen.append(inputs.shape[0])
+        return forward(inputs, extra)
+
+    monkeypatch.setattr(tam.adapter, "forward", counting)
+    return seen
+
+
+def _expected_row_bytes(length: int, width: int, heads: int, itemsize: int, row: int) -> int:
+    """The documented estimate: itemsize * L * (12 D + 2 H L) plus the input row."""
+    return itemsize * length * (12 * width + 2 * heads * length) + row
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"),
+    [
+        ("timm_vit", dict(window=(1, 3))),  # groups of 3 and 1 patches: two kept lengths
+        ("timm_registers", {}),
+        ("roberta", {}),
+    ],
+)
+def test_maps_do_not_depend_on_the_pass_sizes(
+    name: str, kwargs: dict, monkeypatch: pytest.MonkeyPatch, fresh_cache: dict
+) -> None:
+    x, extra = _inputs(name)
+    tam = TokenAblation(_model(name))
+    out = _tokens_out(name)
+    seen = _count_rows(tam, monkeypatch)
+    runs, sizes = [], []
+    settings = [
+        dict(max_tokens_per_pass=1),  # one row per pass
+        dict(max_tokens_per_pass=HUGE, max_memory_bytes=HUGE),  # everything in one pass
+        dict(max_tokens_per_pass=5 * 17),  # odd: an example's removals split across passes
+        dict(perturbations_per_eval=2, max_tokens_per_pass=HUGE),  # Captum's cap: 4 rows
+        dict(max_memory_bytes=1),  # memory cap below one row: one row per pass
+        {},  # auto
+    ]
+    for kw in settings:
+        seen.clear()
+        runs.append(
+            tam.attribute(x, target=1, additional_forward_args=extra, output=out, **kw, **kwargs)
+        )
+        sizes.append(seen[1:])
+    total = sum(sizes[0])
+    buckets = 2 if kwargs else 1  # window (1, 3) on 4x4: groups of 3 and of 1 patch
+    assert all(r == 1 for r in sizes[0]) and len(sizes[1]) == buckets
+    assert all(sum(s) == total for s in sizes)  # every removal exactly once
+    assert 1 < max(sizes[2]) < total  # odd-sized passes cutting through examples
+    assert max(sizes[3]) == 4 and max(sizes[4]) == 1
+    for run in runs[1:]:
+        torch.testing.assert_close(run, runs[0], atol=ATOL, rtol=0)
+
+
+def test_token_budget_and_memory_cap_are_respected(monkeypatch: pytest.MonkeyPatch) -> None:
+    name = "timm_vit"  # width 32, 2 heads, 16 patches + CLS: single removals keep L = 16
+    x, _ = _inputs(name, batch=3)
+    tam = TokenAblation(_model(name))
+    seen = _count_rows(tam, monkeypatch)
+    for budget in (16, 40, 100, 333):
+        seen.clear()
+        tam.attribute(x, target=0, max_tokens_per_pass=budget, max_memory_bytes=HUGE)
+        assert max(seen[1:]) == budget // 16 and sum(seen[1:]) == 48
+    row = _expected_row_bytes(16, 32, 2, 8, 3 * 32 * 32 * 8)
+    for cap in (row, 3 * row + 5, 7.5 * row):
+        seen.clear()
+        tam.attribute(x, target=0, max_tokens_per_pass=HUGE, max_memory_bytes=cap)
+        assert max(seen[1:]) == int(cap // row) and sum(seen[1:]) == 48
+    seen.clear()  # the smallest of the three caps wins
+    tam.attribute(
+        x, target=0, perturbations_per_eval=3, max_tokens_per_pass=160, max_memory_bytes=5 * row
+    )
+    assert max(seen[1:]) == 5
+
+
+def test_bad_pass_arguments_give_clear_errors() -> None:
+    x, _ = _inputs("timm_vit")
+    tam = TAM(_model("timm_vit"))
+    for bad in (0, -3, 1.5, True, "fast", None):
+        with pytest.raises(ValueError, match="max_tokens_per_pass must be 'auto' or a positive"):
+            tam.attribute(x, max_tokens_per_pass=bad)
+    for bad in (0, -1.0, math.nan, math.inf, "1GB", True):
+        with pytest.raises(ValueError, match="max_memory_bytes must be None or a positive"):
+            tam.attribute(x, max_memory_bytes=bad)
+    for bad in (0, 2.0, False):
+        with pytest.raises(ValueError, match="perturbations_per_eval must be None or a positive"):
+            tam.attribute(x, perturbations_per_eval=bad)
+
+
+def test_calibration_key_and_device_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 1)
+    key = tam_module._calibration_key(cpu, torch.float32, 384, 197)
+    threads = torch.get_num_threads()
+    assert key == ("cpu", None, threads, "torch.float32", 384, 197)
+    assert key != tam_module._calibration_key(cpu, torch.float64, 384, 197)
+    assert key != tam_module._calibration_key(cpu, torch.float32, 768, 197)
+    assert key != tam_module._calibration_key(cpu, torch.float32, 384, 50)
+    try:
+        torch.set_num_threads(threads + 1)
+        assert key != tam_module._calibration_key(cpu, torch.float32, 384, 197)
+    finally:
+        torch.set_num_threads(threads)
+    assert tam_module._calibration_key(cuda, torch.float16, 384, 197)[:3] == ("cuda", 1, 0)
+    # accelerators: big passes without timing; CPU: calibrate unless cached
+    monkeypatch.setattr(tam_module, "_CALIBRATED", {key: 1234})
+    assert tam_module._auto_budget(cuda, key) == tam_module.ACCELERATOR_TOKENS
+    assert tam_module._auto_budget(torch.device("mps"), key) == tam_module.ACCELERATOR_TOKENS
+    assert tam_module._auto_budget(cpu, key) == 1234
+    assert tam_module._auto_budget(cpu, (*key[:-1], 50)) is None
+    # memory caps: CPU fixed, CUDA half of the free memory (mocked), others fixed
+    calls = []
+
+    def mem_get_info(device):
+        calls.append(device)
+        return 40 << 30, 80 << 30
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    assert tam_module._default_memory_cap(cuda) == 20 << 30 and calls == [cuda]
+    assert tam_module._default_memory_cap(cpu) == tam_module.CPU_MEMORY_BYTES
+    assert tam_module._default_memory_cap(torch.device("mps")) == (
+        tam_module.OTHER_DEVICE_MEMORY_BYTES
+    )
+    # ViT-S/16 fp32 on such a GPU: passes >= 10x the rows of the loop over a batch of 8
+    row_bytes = functools.partial(tam_module._row_bytes, width=384, heads=6, itemsize=4)
+    sizer = tam_module._PassSizer(
+        lambda n: row_bytes(n) + 3 * 224 * 224 * 4,
+        tam_module._default_memory_cap(cuda),
+        budget=tam_module.ACCELERATOR_TOKENS,
+    )
+    rows, capped = sizer.rows(196, sizer.budget)
+    assert rows >= 80 and rows == tam_module.ACCELERATOR_TOKENS // 196 and not capped
+
+
+def _sizer(candidates=(10, 20, 40, 80), per_pass=None, cap=HUGE, key=("k",)):
+    return tam_module._PassSizer(lambda n: 1, cap, per_pass, candidates=candidates, key=key)
+
+
+def test_calibration_choice(fresh_cache: dict) -> None:
+    # per-token cost by rows per pass (length 10): 2 rows are cheapest, 4 rise > 10%
+    cost = {1: 3.0, 2: 1.0, 4: 1.2, 8: 0.5}
+    sizer = _sizer()
+    used = []
+    while sizer.calibrating:
+        rows, timed = sizer.next_rows(10, left=1000)
+        assert timed
+        used.append(rows)
+        slow = 2.0 if len(used) in (3, 8) else 1.0  # a burst of load: the faster pass counts
+        sizer.record(rows, 10, cost[rows] * rows * 10 * slow)
+    assert used == [1, 1, 2, 1, 2, 1, 4, 2, 4, 2]  # each size against the best; 8 never tried
+    assert sizer.budget == 20 and fresh_cache == {("k",): 20}
+    assert sizer.next_rows(10, left=1000) == (2, False) and sizer.next_rows(7, 5) == (2, False)
+    # still falling at the end of the ladder: the largest
+    sizer = _sizer(candidates=(10, 20))
+    for rows in (1, 1, 2, 1, 2, 1):
+        assert sizer.next_rows(10, 1000) == (rows, True)
+        sizer.record(rows, 10, 1.0 / rows)
+    assert sizer.budget == 20 and fresh_cache[("k",)] == 20
+    # too little work left to time the next size against the best: the best, not cached
+    sizer = _sizer(key=("small",))
+    for _ in range(2):
+        sizer.next_rows(10, 6)
+        sizer.record(1, 10, 1.0)
+    assert sizer.next_rows(10, left=5) == (1, False) and ("small",) not in fresh_cache
+    # too little work for even the first size: everything in one pass, not cached
+    sizer = _sizer(candidates=(100,), key=("tiny",))
+    assert sizer.next_rows(10, left=15) == (HUGE, False) and sizer.budget == math.inf
+    assert ("tiny",) not in fresh_cache
+    # a cap binds (Captum's perturbations_per_eval): the ladder stops, nothing cached
+    sizer = _sizer(per_pass=3, key=("capped",))
+    for rows in (1, 1, 2, 1, 2, 1):
+        assert sizer.next_rows(10, 1000) == (rows, True)
+        sizer.record(rows, 10, 1.0 / rows)
+    assert sizer.next_rows(10, 1000) == (2, False) and ("capped",) not in fresh_cache
+
+
+def test_calibration_end_to_end_with_a_fake_clock(
+    monkeypatch: pytest.MonkeyPatch, fresh_cache: dict, capsys: pytest.CaptureFixture[str]
+) -> None:
+    name = "timm_vit"  # width 32, L = 16 per single removal
+    x, _ = _inputs(name, batch=4)
+    tam = TokenAblation(_model(name))
+    monkeypatch.setattr(
+        tam_module, "CPU_CANDIDATE_ELEMENTS", tuple(32 * 16 * r for r in (1, 2, 4, 8))
+    )
+    seconds_per_row = {1: 3.0, 2: 2.0, 4: 1.0, 8: 1.5}
+    now = [0.0]
+    monkeypatch.setattr(tam_module, "_clock", lambda: now[0])
+    seen = _count_rows(tam, monkeypatch)
+    forward = tam.adapter.forward
+
+    def costly(inputs, extra=None):
+        now[0] += seconds_per_row.get(inputs.shape[0], 9.0) * inputs.shape[0]
+        return forward(inputs, extra)
+
+    monkeypatch.setattr(tam.adapter, "forward", costly)
+    first = tam.attribute(x, target=2, output="tokens", show_progress=True)
+    ladder = [1, 1, 2, 1, 2, 1, 4, 2, 4, 2, 8, 4, 8, 4]  # 44 rows; 8 costs more than 4: stop
+    assert seen[1:] == [*ladder, 4, 4, 4, 4, 4]  # 64 rows: the ladder, then 4 per pass
+    assert "19/19" in capsys.readouterr().err  # the bar's total follows the calibration
+    key = tam_module._calibration_key(torch.device("cpu"), torch.float64, 32, 17)
+    assert fresh_cache == {key: 64}  # 4 rows of 16 tokens
+    seen.clear()
+    again = tam.attribute(x, target=2, output="tokens")
+    assert seen[1:] == [4] * 16  # cached: no ladder
+    torch.testing.assert_close(again, first, atol=ATOL, rtol=0)
+    one_pass = tam.attribute(x, target=2, output="tokens", max_tokens_per_pass=HUGE)
+    torch.testing.assert_close(first, one_pass, atol=ATOL, rtol=0)
