@@ -145,6 +145,7 @@ plt.show()
 # units.
 
 # %%
+captum_scores = {}
 
 
 def perturb(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -153,7 +154,6 @@ def perturb(inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return noise, inputs - noise
 
 
-captum_scores = {}
 for name in ("CDAM", "TAM"):
     method = methods[name]
     like = method.attribute(x, target=pairs[:, 0], output="like_input")  # (N, 3, 32, 32)
@@ -175,13 +175,13 @@ for name in ("CDAM", "TAM"):
 # modified (a copy is randomised).
 
 # %%
+steps = []
 
 
 def explain_cdam(m: torch.nn.Module, inputs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return CDAM(m).attribute(inputs, target=target, output="tokens")
 
 
-steps = []
 if not TINY:  # 36 modules, one CDAM call each: a few seconds, left out of the tiny run
     steps = model_randomisation(model, explain_cdam, x[:8], pairs[:8, 0])
 for module, similarity in steps[:: max(1, len(steps) // 6)]:
