@@ -116,8 +116,13 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# The map moves with the class: for each image the green cells sit on or around the
-# object of the column's class. The exact masks let us measure it. The **class
+# The map moves with the class. Read both colours: sometimes the object of the column's
+# class is green, and often the clearest mark is the *other* object in red, evidence
+# against the column's class (the model has learned that a plus in that cell argues
+# against "circle"). Captum's colour bar reads -1..1 because it divides each map by its
+# largest absolute value. On this model CDAM tells the classes apart well but localises
+# less sharply than TAM or relevance propagation (tutorial 4 and the README's benchmark
+# table compare them). The exact masks let us measure the first part: the **class
 # discrimination score D** (`captum_ext.metrics.discrimination_score`) takes the maps of
 # both classes and asks how much of each map's positive mass lies on its own object
 # rather than on the other one: 1 = every map on its own object, 0.5 = no discrimination
@@ -155,8 +160,9 @@ visualization.visualize_image_attr(
 # `ConceptCDAM` needs an encoder whose forward returns a latent `(B, D)`. For a timm ViT
 # that is the same model without its head (`reset_classifier(0)` on a copy, so the
 # classifier stays as it was). The concept is the mean latent of a few examples, here
-# images holding a single circle; the map then shows which tokens make an image similar
-# to "circle", with no class head involved.
+# images holding a single circle; the map then shows which tokens make an image more
+# (green) or less (red) similar to "circle", with no class head involved. Here, as with
+# the class map above, the other object lowering the similarity is the strongest mark.
 
 # %%
 encoder = copy.deepcopy(model)
