@@ -9,8 +9,8 @@
 # %% [markdown]
 # # Tutorial 1: CDAM and concept-CDAM on a ViT, drawn with Captum
 #
-# **Run time on CPU:** about 10 s with the full settings below (2 cores; most of it is
-# importing torch and drawing the figures). The test suite runs it with
+# **Run time on CPU:** about 10 s with the full settings below (measured: 10 s of CPU time,
+# 2 threads; most of it is importing torch and drawing the figures). The test suite runs it with
 # `CAPTUM_EXT_TUTORIAL_TINY=1` (fewer images and noise samples).
 #
 # CDAM (Brocki & Chung 2023) scores each token by `S_i = Σ_j T_ij · ∂f/∂T_ij`, with `T`
