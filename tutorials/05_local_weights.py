@@ -27,6 +27,7 @@
 
 # %%
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -171,4 +172,5 @@ dreadful = tokenizer.convert_ids_to_tokens(enc["input_ids"][1].tolist()).index("
 assert scores[0, superb] > 0 > scores[1, dreadful]  # for positive / against positive
 assert torch.allclose(hf_scores[0], scores[0, : hf_scores.shape[1]], atol=1e-4)
 assert text_model.class_names[int(logits.argmax())] == "positive"
+shutil.rmtree(folder)  # the temporary files
 print("tutorial 5 checks passed")
