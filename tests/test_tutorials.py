@@ -1,8 +1,16 @@
-"""The tutorials run (small settings) and write what they promise."""
+"""The tutorials run (small settings) and write what they promise; notebooks match their scripts.
+
+The notebook tutorials are jupytext "percent" scripts `tutorials/NN_*.py` rendered to
+`tutorials/NN_*.ipynb` (outputs stripped). Each notebook is executed with nbclient in a kernel
+of this interpreter, with `CAPTUM_EXT_TUTORIAL_TINY=1` (its tiny settings), and must reach its
+final cell, whose assertions print "tutorial N checks passed".
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +20,10 @@ from PIL import Image
 from captum_ext import zoo
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.skipif(
-    "shapes-vit" not in zoo.available(), reason="zoo weights are not installed"
-)
+pytestmark = [
+    pytest.mark.tutorials,
+    pytest.mark.skipif("shapes-vit" not in zoo.available(), reason="zoo weights are not installed"),
+]
 
 
 def _load(name: str):
@@ -41,3 +50,101 @@ def test_benchmark_your_method_scores_the_custom_map(tmp_path, capsys):
     assert "InputXGradient" in table and "CDAM" in table and "random" in table
     with Image.open(out / "mass_accuracy.png") as img:
         assert img.size[0] > 300
+
+
+# --- notebooks: tutorials/NN_*.py (jupytext percent) rendered to tutorials/NN_*.ipynb ----------
+
+NOTEBOOKS = sorted(p.stem for p in (ROOT / "tutorials").glob("[0-9][0-9]_*.py"))
+RENDER = "jupytext --to ipynb tutorials/NN_name.py  (or: --to ipynb tutorials/[0-9][0-9]_*.py)"
+
+
+def _cells(nb) -> list[tuple[str, str]]:
+    return [(c.cell_type, c.source.strip()) for c in nb.cells]
+
+
+def test_there_are_five_notebook_tutorials():
+    assert len(NOTEBOOKS) == 5, NOTEBOOKS
+    for name in NOTEBOOKS:
+        assert (ROOT / "tutorials" / f"{name}.ipynb").is_file(), f"{name}.ipynb missing: {RENDER}"
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_is_in_sync_with_its_script(name):
+    jupytext = pytest.importorskip("jupytext", reason="jupytext is in the dev extra")
+    import nbformat
+
+    source = jupytext.read(ROOT / "tutorials" / f"{name}.py", fmt="py:percent")
+    committed = nbformat.read(ROOT / "tutorials" / f"{name}.ipynb", as_version=4)
+    assert _cells(committed) == _cells(source), f"{name}.ipynb differs from {name}.py: {RENDER}"
+    assert all(not c.get("outputs") for c in committed.cells if c.cell_type == "code"), (
+        f"{name}.ipynb is committed with outputs; render it again: {RENDER}"
+    )
+    first = source.cells[0].source
+    assert "Run time on CPU" in first, f"{name}: the first cell states the CPU run time"
+
+
+@pytest.fixture
+def python_kernel(tmp_path, monkeypatch):
+    """A ``python3`` kernelspec that runs this interpreter (the venv's), found first."""
+    import json
+
+    spec_dir = tmp_path / "jupyter" / "kernels" / "python3"
+    spec_dir.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    spec = {"argv": argv, "display_name": "Python 3", "language": "python"}
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+    monkeypatch.setenv("JUPYTER_PATH", str(tmp_path / "jupyter"))
+    monkeypatch.setenv("JUPYTER_PLATFORM_DIRS", "1")
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path / "runtime"))
+    monkeypatch.setenv("CAPTUM_EXT_TUTORIAL_TINY", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    path = os.environ.get("PYTHONPATH")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT) + (os.pathsep + path if path else ""))
+    return "python3"
+
+
+def _run_notebook(name: str, kernel: str, cwd: Path):
+    pytest.importorskip("nbclient", reason="nbclient is in the dev extra")
+    pytest.importorskip("ipykernel", reason="ipykernel is in the dev extra")
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(ROOT / "tutorials" / f"{name}.ipynb", as_version=4)
+    client = NotebookClient(
+        nb, timeout=300, kernel_name=kernel, resources={"metadata": {"path": str(cwd)}}
+    )
+    client.execute()
+    return nb
+
+
+def _outputs(nb, key: str) -> list[str]:
+    """Every output of the executed notebook holding ``key`` (a MIME type or ``"text"``)."""
+    found = []
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            if key == "text" and out.get("output_type") == "stream":
+                found.append(out.get("text", ""))
+            elif key in out.get("data", {}):
+                found.append(out["data"][key])
+    return found
+
+
+EXPECTED = {  # what the executed notebook must show besides running its own final asserts
+    "01_cdam_vit": ("image/png", 3),
+    "02_bert_text": ("text/html", 3),  # the sentence of your own + 2 held-out ones
+    "03_trainable_explainers": ("image/png", 1),
+    "04_evaluating_methods": ("image/png", 1),
+    "05_local_weights": ("text", 1),
+}
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_runs_and_passes_its_checks(name, python_kernel, tmp_path):
+    nb = _run_notebook(name, python_kernel, tmp_path)
+    text = "".join(_outputs(nb, "text"))
+    number = int(name[:2])
+    assert f"tutorial {number} checks passed" in text, text[-2000:]
+    kind, count = EXPECTED[name]
+    assert len(_outputs(nb, kind)) >= count, f"{name}: fewer than {count} {kind} outputs"
