@@ -308,8 +308,12 @@ def test_imagefolder_and_plain_folder_layouts(image_folder, plain_folder):
     assert [SHAPE_CLASSES[k] for k in tree.labels] == [i.split("/")[0] for i in tree.ids]
     flat = ImageFiles(plain_folder, lambda img: img)
     assert flat.layout == "folder" and flat.labels == [-1] * 5
+    empty = plain_folder.parent / "empty"
+    empty.mkdir(exist_ok=True)
     with pytest.raises(ValueError, match="no images"):
-        ImageFiles(plain_folder.parent / "missing-or-empty", lambda img: img)
+        ImageFiles(empty, lambda img: img)
+    with pytest.raises(ValueError, match="not a folder"):
+        ImageFiles(empty / "missing", lambda img: img)
 
 
 def test_plain_folder_label_targets_are_refused_and_evaluation_skips_mask_metrics(
