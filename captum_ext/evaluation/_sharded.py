@@ -271,7 +271,7 @@ def run_sharded(
         n: Number of examples.
         chunk_size: Examples per shard.
         compute: ``(tensors, record)`` of one chunk (``examples`` = its global indices).
-        world: The process group (:func:`captum_ext.explainers._training._world`).
+        world: The processes (:func:`_joined`): ``rank`` and ``size``.
         overwrite: Empty ``out`` first.
         gather: Also gather every shard's tensors and record on every process (in chunk
             order): :attr:`ShardedOutput.payloads`.
@@ -307,8 +307,8 @@ def run_sharded(
         except CheckpointError:  # missing, partial or stale: compute it (again)
             tensors, extra = compute(c, range(start, stop))
             record = {"format": FORMAT, **expect, **extra}
-            save_checkpoint(base, tensors, record)
-            record = verify_checkpoint(base)
+            paths = save_checkpoint(base, tensors, record)
+            record = json.loads(paths.record.read_text())  # with the file's size and sha256
             reused = False
         done.append(
             {
