@@ -288,9 +288,15 @@ def test_evaluate_refuses_an_out_of_another_evaluation(tmp_path, capsys):
         "evaluate", "--models", MODEL, "--dataset", "shapes", "--num-examples", "3",
         "--methods", "cdam", "--bootstrap", "0", "--out", str(out), "-q",
     ]  # fmt: skip
-    assert main([*base, "--metrics", "sparsity"]) == 0
+    assert main([*base, "--metrics", "sparsity", "--chunk-size", "2"]) == 0
+    table = (out / "metrics.json").read_text()
+    shard = (out / "shard-00001.safetensors").read_bytes()
+    (out / "shard-00000.json").unlink()  # an interrupted shard: computed again, the other kept
+    assert main([*base, "--metrics", "sparsity", "--chunk-size", "2"]) == 0
+    assert (out / "metrics.json").read_text() == table
+    assert (out / "shard-00001.safetensors").read_bytes() == shard
     capsys.readouterr()
-    assert main([*base, "--metrics", "pointing_game"]) == 2
+    assert main([*base, "--metrics", "pointing_game", "--chunk-size", "2"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "differs in: metrics" in err
 
