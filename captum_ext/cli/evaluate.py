@@ -29,6 +29,7 @@ from captum_ext.cli._common import (
     count,
     first_line,
     is_main_process,
+    local_device,
     open_dataset,
     resolve_device,
     run_metrics,
@@ -150,6 +151,7 @@ def _run_dataset(args: argparse.Namespace, device: str) -> int:
     if not args.model and len(args.models or []) != 1:
         raise CLIError("--dataset takes one model: --model SPEC or one --models NAME")
     spec = args.model or f"zoo:{args.models[0]}"
+    device = local_device(device)
     weights = Path(args.weights) if args.weights else None
     if weights is not None and not weights.is_file():
         raise CLIError(f"--weights {weights}: no such file")

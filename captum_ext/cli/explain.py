@@ -50,6 +50,7 @@ from captum_ext.cli._common import (
     count,
     first_line,
     is_main_process,
+    local_device,
     open_dataset,
     resolve_device,
     staged_output,
@@ -526,6 +527,7 @@ def _run_dataset(args: argparse.Namespace, methods: list[str], device: str) -> i
     from captum_ext.evaluation import DEFAULT_SEED, ShardedOutputError, explain_dataset
     from captum_ext.evaluation._sharded import model_fingerprint
 
+    device = local_device(device)
     out = Path(args.out)
     check_out_dir(out, "merge")
     weights = Path(args.weights) if args.weights else None
