@@ -28,12 +28,16 @@ __all__ = [
     "HelpFormatter",
     "OutMode",
     "Terminated",
+    "add_chunk_size",
     "add_device",
     "add_quiet",
     "check_methods",
     "check_out_dir",
     "count",
     "first_line",
+    "is_main_process",
+    "local_device",
+    "open_dataset",
     "resolve_device",
     "run_metrics",
     "staged_output",
@@ -325,3 +329,69 @@ def run_metrics(
         kwargs["seed"] = seed
     result = evaluate(list(models), methods, show_progress=show_progress, **kwargs)
     return result.to_markdown(), result.to_dict()
+
+
+# --- whole datasets (``--dataset``), in one process or under torchrun -------------------------
+
+DATASET_HELP = (
+    "a whole dataset: 'shapes' (the benchmark), a folder of images, or an ImageFolder tree "
+    "(one sub-folder per class); written as resumable shards, one process or torchrun"
+)
+
+
+def add_chunk_size(p: argparse.ArgumentParser) -> None:
+    """Adds ``--chunk-size`` (examples per shard of a ``--dataset`` run)."""
+    p.add_argument(
+        "--chunk-size",
+        type=count(1),
+        default=256,
+        metavar="N",
+        help="--dataset: examples per shard file, the unit of resuming (default: %(default)s)",
+    )
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun launch, or a process started without torchrun."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def local_device(device: str) -> str:
+    """``cuda`` under torchrun is the process's own GPU, ``cuda:LOCAL_RANK`` (so that the
+    model is loaded there, not on GPU 0 by every process)."""
+    if device == "cuda" and "LOCAL_RANK" in os.environ:
+        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    return device
+
+
+def open_dataset(source: str, loaded: Any, n: int, seed: int) -> Any:
+    """The dataset of ``--dataset`` for a loaded image model.
+
+    ``shapes`` is the benchmark at the model's input size (a zoo model's own data settings);
+    a folder is read with the model's transform, and an ``ImageFolder`` tree's classes are
+    matched with the model's.
+
+    Raises:
+        CLIError: Not an image model, a folder that does not exist or holds no image, or
+            class folders that do not match the model's classes.
+    """
+    from captum_ext.evaluation import image_dataset
+
+    if loaded.modality != "image":
+        raise CLIError(f"--dataset: {loaded.spec} is a text model; --dataset takes images")
+    kwargs: dict[str, Any] = {}
+    if source == "shapes":
+        if loaded.spec.startswith("zoo:"):
+            from captum_ext import zoo
+
+            kwargs = dict(zoo.data_kwargs(loaded.spec[4:]))
+        elif loaded.input_size is not None:
+            kwargs = {"size": int(loaded.input_size[0])}
+    elif not Path(source).exists():
+        raise CLIError(f"--dataset {source}: no such folder; use 'shapes' or an image folder")
+    try:
+        data = image_dataset(source, loaded.image_transform, n=n, seed=seed, shapes_kwargs=kwargs)
+        if hasattr(data, "map_classes"):
+            data.map_classes(loaded.class_names)
+    except ValueError as err:
+        raise CLIError(first_line(err)) from err
+    return data

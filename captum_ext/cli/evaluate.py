@@ -1,6 +1,14 @@
 """``captum-ext evaluate``: :func:`captum_ext.evaluation.evaluate` on zoo models.
 
 Writes ``metrics.md`` and ``metrics.json`` to ``--out`` and prints the markdown table.
+
+With ``--dataset`` (``shapes``, a folder of images or an ``ImageFolder`` tree) one model
+(``--model SPEC`` or one ``--models NAME``) is evaluated on the whole dataset, in one process
+or under ``torchrun``: each process scores its share of the chunks, every chunk's per-example
+values are written as a resumable shard (``shard-CCCCC.safetensors`` + ``.json``, one
+``index.json``), and the table is gathered from all of them (the same as one process gives);
+rank 0 writes ``metrics.md`` / ``metrics.json`` beside the shards. See
+:func:`captum_ext.evaluation.evaluate_dataset`.
 """
 
 from __future__ import annotations
@@ -9,13 +17,20 @@ import argparse
 from pathlib import Path
 
 from captum_ext.cli._common import (
+    DATASET_HELP,
     ZOO_MODELS,
+    CLIError,
     HelpFormatter,
+    add_chunk_size,
     add_device,
     add_quiet,
     check_methods,
     check_out_dir,
     count,
+    first_line,
+    is_main_process,
+    local_device,
+    open_dataset,
     resolve_device,
     run_metrics,
     staged_output,
@@ -31,8 +46,12 @@ zoo models:
 examples:
   captum-ext evaluate                                   # every zoo model, default methods
   captum-ext evaluate --models shapes-vit --methods cdam tam --n 32 --out results/
+  captum-ext evaluate --models shapes-vit --dataset shapes --n 4096 --out shards/
+  torchrun --nproc_per_node 8 -m captum_ext.cli evaluate --model hf:./my-vit \\
+      --dataset imagenet-val/ --methods cdam --device cuda --out shards/
 
 writes metrics.md and metrics.json to --out and prints the markdown table.
+--dataset also writes resumable shards and index.json there: run again to resume.
 """
 
 
@@ -53,7 +72,19 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="methods, or all (default: the evaluation's own set)",
     )
     p.add_argument(
-        "--n", type=count(1), default=64, help="examples per model (default: %(default)s)"
+        "--n",
+        "--num-examples",
+        dest="n",
+        type=count(1),
+        default=64,
+        help="examples per model (default: %(default)s; under torchrun write --num-examples)",
+    )
+    p.add_argument(
+        "--metrics",
+        nargs="+",
+        metavar="NAME",
+        help="metrics to compute (default: all that apply but ROAD; see "
+        "captum_ext.evaluation.IMAGE_METRICS)",
     )
     p.add_argument("--seed", type=int, help="data seed (default: the evaluation's held-out seed)")
     p.add_argument(
@@ -61,6 +92,19 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         type=count(0),
         default=1000,
         help="bootstrap resamples for intervals (default: %(default)s)",
+    )
+    p.add_argument("--dataset", metavar="SOURCE", help=DATASET_HELP)
+    p.add_argument(
+        "--model",
+        metavar="SPEC",
+        help="--dataset: the model, timm:ARCH, hf:DIR or zoo:NAME (or one --models NAME)",
+    )
+    p.add_argument("--weights", metavar="PATH", help="--dataset: weights file of --model")
+    add_chunk_size(p)
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="--dataset: replace an --out written with other settings",
     )
     p.add_argument("--out", default="captum-ext-eval", help="output folder (default: %(default)s)")
     add_device(p)
@@ -74,6 +118,12 @@ def run(args: argparse.Namespace) -> int:
     from captum_ext.models import parse_spec
 
     device = resolve_device(args.device)
+    if args.dataset:
+        return _run_dataset(args, device)
+    if args.metrics:
+        raise CLIError("--metrics goes with --dataset")
+    if args.model or args.weights:
+        raise CLIError("--model and --weights go with --dataset; without it use --models NAME")
     out = Path(args.out)
     check_out_dir(out)
     models = list(args.models or zoo.available())
@@ -87,4 +137,60 @@ def run(args: argparse.Namespace) -> int:
         write_json(tmp / "metrics.json", {"n": args.n, "seed": args.seed, **data})
     print(md)
     print(f"wrote {out / 'metrics.md'} and {out / 'metrics.json'}")
+    return 0
+
+
+def _run_dataset(args: argparse.Namespace, device: str) -> int:
+    """``evaluate --dataset``: one model on a whole dataset, sharded, the table on rank 0."""
+    from captum_ext.evaluation import DEFAULT_SEED, ShardedOutputError, evaluate_dataset
+    from captum_ext.evaluation._sharded import model_fingerprint
+    from captum_ext.models import load
+
+    if args.model and args.models:
+        raise CLIError("--dataset takes one model: --model SPEC or one --models NAME, not both")
+    if not args.model and len(args.models or []) != 1:
+        raise CLIError("--dataset takes one model: --model SPEC or one --models NAME")
+    spec = args.model or f"zoo:{args.models[0]}"
+    device = local_device(device)
+    weights = Path(args.weights) if args.weights else None
+    if weights is not None and not weights.is_file():
+        raise CLIError(f"--weights {weights}: no such file")
+    out = Path(args.out)
+    check_out_dir(out)
+    methods = check_methods(args.methods) if args.methods else None
+    loaded = load(spec, weights, device)
+    seed = DEFAULT_SEED if args.seed is None else args.seed
+    data = open_dataset(args.dataset, loaded, args.n, seed)
+    zoo_name = spec[4:] if spec.startswith("zoo:") and weights is None else None
+    main = is_main_process()
+    settings = {"bootstrap": args.bootstrap, "device": device, "seed": seed}
+    if args.metrics:
+        settings["metrics"] = args.metrics
+    if zoo_name is None:
+        settings["score"] = "sigmoid" if loaded.multi_label else "softmax"
+    try:
+        result = evaluate_dataset(
+            zoo_name or loaded.model,
+            data,
+            out,
+            methods,
+            chunk_size=args.chunk_size,
+            name=zoo_name or spec,
+            model_record={"spec": spec, **model_fingerprint(loaded.model)},
+            overwrite=args.overwrite,
+            show_progress=not args.quiet and main,
+            **settings,
+        )
+    except (ShardedOutputError, ValueError) as err:
+        raise CLIError(first_line(err)) from err
+    if not main:
+        return 0
+    md = result.to_markdown()
+    (out / "metrics.md").write_text(md)
+    meta = {"n": len(data), "seed": seed, "dataset": data.describe()}
+    write_json(out / "metrics.json", {**meta, **result.to_dict()})
+    print(md)
+    print(
+        f"wrote {out / 'metrics.md'}, {out / 'metrics.json'} and the shards ({out / 'index.json'})"
+    )
     return 0

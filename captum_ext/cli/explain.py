@@ -9,6 +9,14 @@ text: ``text.html`` (Captum's ``visualize_text``), ``text.png`` and
 ``attributions.safetensors`` (every map, keyed ``NAME/METHOD/classK``) and
 ``prediction.json`` (top classes with scores, targets, files, preprocessing).
 
+With ``--dataset`` (``shapes``, a folder of images or an ``ImageFolder`` tree) the whole
+dataset is explained, in one process or under ``torchrun`` (one share of the chunks per
+process), into resumable shards: ``shard-CCCCC.safetensors`` + ``.json`` per chunk of
+``--chunk-size`` examples and one ``index.json`` (see
+:func:`captum_ext.evaluation.explain_dataset`); no figures. Running it again on the same
+``--out`` computes only the missing shards; an ``--out`` written with other settings is
+refused.
+
 Everything that can be checked is checked before the model runs: the output folder can
 be written (and is empty, unless ``--overwrite``), every image decodes, the weights and
 labels files exist, the targets name classes.
@@ -30,15 +38,20 @@ import torch
 
 from captum_ext._scores import progress
 from captum_ext.cli._common import (
+    DATASET_HELP,
     ZOO_MODELS,
     CLIError,
     HelpFormatter,
+    add_chunk_size,
     add_device,
     add_quiet,
     check_methods,
     check_out_dir,
     count,
     first_line,
+    is_main_process,
+    local_device,
+    open_dataset,
     resolve_device,
     staged_output,
     write_json,
@@ -68,12 +81,18 @@ examples:
   captum-ext explain --model hf:./my-vit --image x.png --method relevance
   captum-ext explain --model hf:./my-bert --text "a great movie" --method cdam --target 1
   captum-ext explain --model zoo:shapes-vit --image shapes.png --method cdam --target circ
+  captum-ext explain --model zoo:shapes-vit --dataset shapes --n 1000 --method cdam \\
+      --target label --out shards/              # every present class of every image
+  torchrun --nproc_per_node 8 -m captum_ext.cli explain --model timm:vit_small_patch16_224 \\
+      --weights vit_s16.safetensors --dataset val/ --method cdam --device cuda --out shards/
 
 writes, per input and target: NAME_METHOD_classK.png (the map over the greyscale image,
 400x400 px; green = for the class, red = against, white = 0, with a colour bar) and
 NAME_METHOD_classK.npy (the map in input space); for texts text.html, text.png and
 token-score .npy files; always attributions.safetensors (every map) and
 prediction.json (top classes and scores: softmax, or sigmoid for multi-label models).
+--dataset writes shard-CCCCC.safetensors/.json (maps, example indices and ids, targets,
+scores) per --chunk-size examples and index.json; run again to resume.
 A non-empty --out is refused unless --overwrite, which replaces its content.
 Weights: .safetensors preferred; .pt/.pth/.bin are read with torch.load(weights_only=True).
 """
@@ -107,6 +126,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="image files, folders (every image in them, sorted) or glob patterns",
     )
     inputs.add_argument("--text", nargs="+", metavar="TEXT", help="texts to classify and explain")
+    inputs.add_argument("--dataset", metavar="SOURCE", help=DATASET_HELP)
     p.add_argument(
         "--method",
         nargs="+",
@@ -118,9 +138,19 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--target",
         nargs="+",
         metavar="K",
-        help="class indices, names or unambiguous name prefixes "
-        "(default: the top class of each input)",
+        help="class indices, names or unambiguous name prefixes, or (--dataset) label: "
+        "the ImageFolder class / every present shapes class (default: the top class)",
     )
+    p.add_argument(
+        "--n",
+        "--num-examples",
+        dest="n",
+        type=count(1),
+        default=64,
+        help="--dataset shapes: number of images (default: %(default)s)",
+    )
+    p.add_argument("--seed", type=int, help="--dataset shapes: data seed (default: held-out)")
+    add_chunk_size(p)
     p.add_argument(
         "--batch-size",
         type=count(1),
@@ -446,6 +476,8 @@ def run(args: argparse.Namespace) -> int:
     """Runs ``captum-ext explain`` (see the module docstring for the outputs)."""
     methods = check_methods(args.method)
     device = resolve_device(args.device)
+    if args.dataset:
+        return _run_dataset(args, methods, device)
     out = Path(args.out)
     mode = "replace" if args.overwrite else "new"
     check_out_dir(out, mode)
@@ -487,4 +519,57 @@ def run(args: argparse.Namespace) -> int:
         + ", ".join(map(str, files[:6]))
         + (", ..." if len(files) > 6 else "")
     )
+    return 0
+
+
+def _run_dataset(args: argparse.Namespace, methods: list[str], device: str) -> int:
+    """``explain --dataset``: every example, sharded and resumable (one process or torchrun)."""
+    from captum_ext.evaluation import DEFAULT_SEED, ShardedOutputError, explain_dataset
+    from captum_ext.evaluation._sharded import model_fingerprint
+
+    device = local_device(device)
+    out = Path(args.out)
+    check_out_dir(out, "merge")
+    weights = Path(args.weights) if args.weights else None
+    if weights is not None and not weights.is_file():
+        raise CLIError(f"--weights {weights}: no such file")
+    names = read_class_names(args.labels) if args.labels else None
+    loaded = load(
+        args.model,
+        weights,
+        device,
+        model_kwargs=_parse_kwargs(args.model_kwargs),
+        class_names=names,
+    )
+    seed = DEFAULT_SEED if args.seed is None else args.seed
+    data = open_dataset(args.dataset, loaded, args.n, seed)
+    if args.target == ["label"]:
+        targets: str | list[int] = "label"
+    else:
+        targets = _parse_targets(args.target, loaded.class_names) or "top"
+    explainers = _explainers(methods, loaded, skip_unsupported="all" in map(str.lower, args.method))
+    main = is_main_process()
+    try:
+        run = explain_dataset(
+            loaded.model,
+            list(explainers),
+            data,
+            out,
+            targets=targets,
+            multi_label=loaded.multi_label,
+            chunk_size=args.chunk_size,
+            batch_size=args.batch_size,
+            device=device,
+            model_record={"spec": loaded.spec, **model_fingerprint(loaded.model)},
+            overwrite=args.overwrite,
+            show_progress=not args.quiet and main,
+        )
+    except (ShardedOutputError, ValueError) as err:
+        raise CLIError(first_line(err)) from err
+    if main:
+        print(
+            f"explained {len(data)} examples with {', '.join(explainers)}: "
+            f"{len(run.index['shards'])} shards in {out}/ ({len(run.computed)} computed, "
+            f"{len(run.reused)} reused) and {out / 'index.json'}"
+        )
     return 0

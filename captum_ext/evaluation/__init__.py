@@ -39,7 +39,11 @@ What the room holds, one concern per module:
 * ``_maps`` — chunked attribution calls, grid <-> pixels, the model's grid
   (:func:`~captum_ext.evaluation._maps.model_grid`);
 * ``_baselines``, ``_bootstrap``, ``_result`` — the baseline maps, the cluster bootstrap and
-  :class:`EvalResult` with its markdown / JSON tables.
+  :class:`EvalResult` with its markdown / JSON tables;
+* ``_datasets`` / ``_sharded`` — whole datasets (a folder of images, an ``ImageFolder`` tree,
+  the shapes benchmark) explained (:func:`explain_dataset`) or evaluated
+  (:func:`evaluate_dataset`) in one process or under ``torchrun``, written as resumable
+  shards with one index.
 """
 
 from __future__ import annotations
@@ -47,9 +51,17 @@ from __future__ import annotations
 from ._baselines import BASELINES, centre_gaussian_map, random_map
 from ._bootstrap import bootstrap_ci
 from ._config import DEFAULT_SEED, EvalConfig
+from ._datasets import ImageFiles, ShapesSource, image_dataset
 from ._engine import evaluate
 from ._maps import MapFn
 from ._result import EvalResult
+from ._sharded import (
+    ShardedOutput,
+    ShardedOutputError,
+    evaluate_dataset,
+    explain_dataset,
+    load_maps,
+)
 from ._table import IMAGE_METRICS, OPTIONAL_METRICS, TEXT_METRICS
 from ._trained import TRAINED, TrainedSpec, zoo_explainers
 
@@ -62,11 +74,19 @@ __all__ = [
     "TRAINED",
     "EvalConfig",
     "EvalResult",
+    "ImageFiles",
     "MapFn",
+    "ShapesSource",
+    "ShardedOutput",
+    "ShardedOutputError",
     "TrainedSpec",
     "bootstrap_ci",
     "centre_gaussian_map",
     "evaluate",
+    "evaluate_dataset",
+    "explain_dataset",
+    "image_dataset",
+    "load_maps",
     "random_map",
     "zoo_explainers",
 ]

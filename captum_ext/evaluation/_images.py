@@ -14,7 +14,17 @@ from ._config import EvalConfig
 from ._maps import MapFn, chunks, method_grids, model_grid, pixel_map, to_grid, to_pixels
 from ._table import IMAGE_TABLE, MapContext
 
-__all__ = ["ImageSet"]
+__all__ = ["ImageSet", "images_part"]
+
+
+def images_part(n_images: int, n_pairs: int, n_two: int, layout: str | None) -> str:
+    """The summary's first part: how many images, maps and two-object images."""
+    return (
+        f"{n_images} images ({n_pairs} image–class maps, {n_two} two-object images"
+        + (f", {layout} layout" if layout else "")
+        + ")"
+    )
+
 
 RawMap = tuple[Tensor, Tensor | None]
 """Pixel maps ``(Np, H, W)`` and, for methods, their patch grids ``(Np, h, w)``."""
@@ -38,24 +48,29 @@ class ImageSet:
         self.model, self.data, self.device = model, data, device
         self.images = data.images.to(device)
         self.labels = torch.as_tensor(data.labels)
-        masks = torch.as_tensor(data.masks).bool()
-        if self.labels.dim() != 2 or masks.dim() != 4:
+        # masks may be None (images without ground truth): the mask metrics are left out
+        masks = None if data.masks is None else torch.as_tensor(data.masks).bool()
+        if self.labels.dim() != 2 or (masks is not None and masks.dim() != 4):
             raise ValueError(
-                "image data needs labels (N, K) and masks (N, K, H, W); "
-                f"got {tuple(self.labels.shape)} and {tuple(masks.shape)}"
+                "image data needs labels (N, K) and masks (N, K, H, W) or None; "
+                f"got {tuple(self.labels.shape)} and "
+                f"{None if masks is None else tuple(masks.shape)}"
             )
         self.size = (self.images.shape[-2], self.images.shape[-1])
         self.pi, self.pc = torch.nonzero(self.labels > 0.5, as_tuple=True)  # image-major pairs
-        pair_masks = masks[self.pi, self.pc].to(device)  # (Np, H, W)
         counts = (self.labels > 0.5).sum(dim=1)
         two = torch.nonzero(counts[self.pi] == 2).squeeze(1)
         self.pair_a, self.pair_b = two[0::2], two[1::2]
         self.grid = model_grid(model, self.images, data)
         self.resolution = config.resolution
-        if self.resolution == "grid":
-            self.masks = F.adaptive_max_pool2d(pair_masks[:, None].float(), self.grid)[:, 0] > 0
-        else:
-            self.masks = pair_masks
+        self.masks: Tensor | None = None
+        if masks is not None:
+            pair_masks = masks[self.pi, self.pc].to(device)  # (Np, H, W)
+            if self.resolution == "grid":
+                pooled = F.adaptive_max_pool2d(pair_masks[:, None].float(), self.grid)[:, 0]
+                self.masks = pooled > 0
+            else:
+                self.masks = pair_masks
         self.inputs = self.images[self.pi.to(device)]
         self.targets = self.pc.to(device)
         self.groups = self.pi
@@ -142,9 +157,7 @@ class ImageSet:
             "score": self.score,
             "methods": methods,
             "summary_parts": [
-                f"{n_images} images ({n_pairs} image–class maps, {n_two} two-object images"
-                + (f", {layout} layout" if layout else "")
-                + ")",
+                images_part(n_images, n_pairs, n_two, layout),
                 f"localisation, sparsity, D and r on {where}",
                 f"RISE deletion (zero) / insertion (blur) with {self.steps} steps on "
                 f"{self.score} scores",

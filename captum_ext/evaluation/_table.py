@@ -117,6 +117,8 @@ def _registered(
 
 
 def _against_masks(fn: Callable[..., Tensor], c: MapContext) -> Values:
+    if getattr(c.items, "masks", None) is None:  # images without ground truth
+        return None
     return fn(c.maps, c.items.masks), c.items.groups
 
 
@@ -126,7 +128,7 @@ def _alone(fn: Callable[..., Tensor], c: MapContext) -> Values:
 
 def _two_objects(fn: Callable[..., Tensor], c: MapContext) -> Values:
     a, b = c.items.pair_a, c.items.pair_b
-    if not len(a):
+    if not len(a) or c.items.masks is None:
         return None
     return fn(c.maps[a], c.maps[b], c.items.masks[a], c.items.masks[b]), c.items.groups[a]
 
