@@ -283,7 +283,8 @@ def _trained(kind: str) -> Callable[[Case], Callable[[], Any]]:
         elif kind == "ttame" and case.key.split("@")[0] in TIMM:
             from captum_ext import TTAME
 
-            explainer = TTAME(case.model).eval().to(case.inputs.device)
+            size = tuple(case.inputs.shape[-2:])
+            explainer = TTAME(case.model, input_size=size).eval().to(case.inputs.device)
             case.info["note"] = "untrained T-TAME: time only"
         else:
             raise Skip(f"no trained {kind.upper()} in the zoo for {case.key}")
