@@ -340,8 +340,15 @@ def plots(payload: dict[str, Any], out: Path, prefix: str) -> list[str]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullFormatter
 
     written: list[str] = []
+
+    def ticks(axes: Any, values: list[int]) -> None:
+        for a in axes:
+            a.set_xticks(sorted(set(values)))
+            a.set_xticklabels([str(v) for v in sorted(set(values))])
+            a.xaxis.set_minor_formatter(NullFormatter())
 
     def save(fig: Any, name: str) -> None:
         fig.tight_layout()
@@ -380,6 +387,7 @@ def plots(payload: dict[str, Any], out: Path, prefix: str) -> list[str]:
         a1.set_yscale("log")
         a1.set_ylabel("seconds per explained example")
         a2.set_ylabel("time ÷ one forward of the same batch")
+        ticks((a1, a2), xs)
         a1.legend(fontsize=8)
         fig.suptitle(f"Cost vs batch size: {cells[0]['model']} ({cells[0]['tokens']} tokens)")
         save(fig, f"{prefix}_batch.png")
@@ -433,6 +441,7 @@ def plots(payload: dict[str, Any], out: Path, prefix: str) -> list[str]:
             a.set_yscale("log")
             a.set_xlabel("tokens (patches + CLS)")
             a.grid(alpha=0.3, which="both")
+        ticks((a1, a2), [c["tokens"] for c in cells])
         a1.set_ylabel("seconds per call (batch 1)")
         a2.set_ylabel("time ÷ one forward")
         a1.legend(fontsize=7, ncol=2)
@@ -462,6 +471,7 @@ def plots(payload: dict[str, Any], out: Path, prefix: str) -> list[str]:
             a.set_yscale("log")
             a.set_xlabel("targets explained (K)")
             a.grid(alpha=0.3, which="both")
+        ticks((a1, a2), [k for pts in curves.values() for k, _ in pts])
         a1.set_ylabel("seconds per call (whole batch)")
         a2.set_ylabel("time ÷ one forward of the same batch")
         a1.legend(fontsize=7)

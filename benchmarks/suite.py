@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import platform
 import subprocess
@@ -224,7 +225,16 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         default=str(REPO / "benchmarks" / "results" / "report.json"),
         help="quality metrics (benchmarks/report.py output)",
     )
+    p.add_argument(
+        "--from-json",
+        default=None,
+        help="re-write the markdown and plots from an earlier suite JSON (measures nothing)",
+    )
     args = p.parse_args(argv)
+    if args.from_json:
+        payload = json.loads(Path(args.from_json).read_text())
+        write_outputs(payload, Path(args.out), Path(args.report))
+        return payload
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("--device cuda: no CUDA device is available here; run with --device cpu")
     isolate = args.isolate or ("model" if args.quick else "cell")
