@@ -60,7 +60,7 @@ class Cell:
 
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(torch.device(device))
 
 
 def _clock(fn: Callable[[], Any], device: str) -> float:
@@ -104,11 +104,13 @@ def peak_memory(fn: Callable[[], Any], device: str) -> tuple[float, float, str]:
     """``(seconds, peak bytes above the start, how measured)`` of one call of ``fn``."""
     if device.startswith("cuda"):
         _sync(device)
+        dev = torch.device(device)
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
         seconds = _clock(fn, device)
-        return seconds, float(torch.cuda.max_memory_allocated() - before), "cuda max_allocated"
+        peak = torch.cuda.max_memory_allocated(dev) - before
+        return seconds, float(peak), "torch.cuda.max_memory_allocated - allocated before"
     _trim()
     if sys.platform.startswith("linux") and _reset_hwm():
         before = _rss_bytes()

@@ -191,8 +191,11 @@ def markdown(payload: dict[str, Any], report: Path, plots: list[str]) -> str:
         "# captum_ext performance suite" + (" (quick)" if payload["quick"] else "") + "\n",
         f"Command: `{payload['command']}`  ",
         f"Run: {m['date_utc']}, git {m['git_commit']}{' (+ local changes)' if m['git_dirty'] else ''}"
-        f", wall time {m['wall_seconds']:.0f} s; each cell in a fresh process "
-        f"({'one per (model, method)' if m['isolation'] == 'cell' else 'one per model'}).  ",
+        f", wall time {m['wall_seconds']:.0f} s; "
+        + {
+            "cell": "each (model, method) cell in a fresh process.  ",
+            "model": "one fresh process per model (memory of later methods is approximate).  ",
+        }.get(m["isolation"], "every cell in the suite's process (CUDA).  "),
         f"Machine: {m['device_name']} ({m['device']}), {m['cores']} cores, {m['threads']} torch "
         f"thread(s); Python {m['python']}, torch {m['torch']}, captum {m['captum']}, timm "
         f"{m['timm']}, transformers {m['transformers']}, pytorch-grad-cam {m['pytorch_grad_cam']}.",

@@ -247,6 +247,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     if isolate == "model":
         cells = _group_by_model(cells)
     results = []
+    partial = Path(args.out) / ("suite_quick" if args.quick else "suite")
+    partial = partial.with_suffix(".partial.json")
+    partial.parent.mkdir(parents=True, exist_ok=True)
     bar = tqdm(cells, desc="suite", unit="cell")
     for cell in bar:
         bar.set_postfix_str(f"{cell.model} {','.join(cell.methods)[:40]} b{cell.batch}")
@@ -254,9 +257,10 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         if "cell_error" in res:
             tqdm.write(f"[suite] {cell.model} {cell.methods}: {res['cell_error']}")
         results.append(res)
+        partial.write_text(json.dumps(results, default=str))  # survives an interrupted run
     machine["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     machine["wall_seconds"] = time.perf_counter() - t0
-    machine["isolation"] = isolate
+    machine["isolation"] = "process" if args.device.startswith("cuda") else isolate
     command = "python benchmarks/suite.py " + " ".join(sys.argv[1:] if argv is None else argv)
     payload = {
         "command": command.strip(),
@@ -268,6 +272,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "cells": results,
     }
     write_outputs(payload, Path(args.out), Path(args.report))
+    partial.unlink(missing_ok=True)
     return payload
 
 
