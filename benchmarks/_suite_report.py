@@ -201,6 +201,13 @@ def markdown(payload: dict[str, Any], report: Path, plots: list[str]) -> str:
         f"{m['timm']}, transformers {m['transformers']}, pytorch-grad-cam {m['pytorch_grad_cam']}.",
         "",
     ]
+    if payload.get("omitted_models"):
+        lines += [
+            "> Not measured in this run (left out with `--models` to fit the time available): "
+            + ", ".join(f"{x} ({model_label(x)})" for x in payload["omitted_models"])
+            + ".",
+            "",
+        ]
     if load:
         lines += [
             f"> Load average at start {load[0]:.1f}, at end {m['load_average_end'][0]:.1f} (1 min) "
