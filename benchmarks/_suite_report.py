@@ -201,6 +201,13 @@ def markdown(payload: dict[str, Any], report: Path, plots: list[str]) -> str:
         f"{m['timm']}, transformers {m['transformers']}, pytorch-grad-cam {m['pytorch_grad_cam']}.",
         "",
     ]
+    if payload.get("not_reached"):
+        lines += [
+            "> **Interrupted run**: these cells were not reached before the run was stopped: "
+            + "; ".join(payload["not_reached"])
+            + ". Wall time is the sum of the finished cells.",
+            "",
+        ]
     if payload.get("omitted_models"):
         lines += [
             "> Not measured in this run (left out with `--models` to fit the time available): "

@@ -212,6 +212,31 @@ def machine_info(device: str, threads: int) -> dict[str, Any]:
     return info
 
 
+def _partial_payload(cells: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    """A payload for the cells of an interrupted run (machine info taken now, marked so)."""
+    machine = machine_info(args.device, args.threads)
+    machine.update(
+        wall_seconds=sum(c.get("cell_seconds", 0.0) for c in cells),
+        isolation="cell",
+        load_average_end=machine["load_average_start"],
+        partial=True,
+    )
+    done = {(c["model"], m) for c in cells if c.get("series") == "main" for m in c["methods"]}
+    plan, skipped = main_plan(args.quick, args.models)
+    return {
+        "command": "python benchmarks/suite.py (interrupted; rendered with --from-json)",
+        "quick": args.quick,
+        "machine": machine,
+        "skipped": skipped,
+        "main_models": sorted({c.model for c in plan}),
+        "omitted_models": [],
+        "not_reached": sorted(
+            {f"{c.model}: {c.methods[0]}" for c in plan if (c.model, c.methods[0]) not in done}
+        ),
+        "cells": cells,
+    }
+
+
 # ------------------------------------------------------------------------------- main
 def run(argv: list[str] | None = None) -> dict[str, Any]:
     """Runs the suite; returns what ``suite.json`` holds."""
@@ -247,6 +272,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     if args.from_json:
         payload = json.loads(Path(args.from_json).read_text())
+        if isinstance(payload, list):  # a *.partial.json of an interrupted run
+            payload = _partial_payload(payload, args)
         write_outputs(payload, Path(args.out), Path(args.report))
         return payload
     if args.device.startswith("cuda") and not torch.cuda.is_available():
