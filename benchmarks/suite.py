@@ -252,6 +252,7 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         help="a fresh process per (model, method) cell (default) or per model (--quick)",
     )
     p.add_argument("--no-scaling", action="store_true", help="skip the scaling curves")
+    p.add_argument("--no-main", action="store_true", help="only the scaling curves")
     p.add_argument(
         "--models",
         nargs="*",
@@ -283,6 +284,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     machine = machine_info(args.device, args.threads)
 
     cells, skipped = main_plan(args.quick, args.models)
+    if args.no_main:
+        cells, skipped = [], {}
     if not args.no_scaling:
         cells += scaling_plan(args.quick)
     if isolate == "model":
