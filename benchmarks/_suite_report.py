@@ -201,6 +201,8 @@ def markdown(payload: dict[str, Any], report: Path, plots: list[str]) -> str:
         f"{m['timm']}, transformers {m['transformers']}, pytorch-grad-cam {m['pytorch_grad_cam']}.",
         "",
     ]
+    for note in payload.get("notes", []):
+        lines += [f"> {note}", ""]
     if payload.get("not_reached"):
         lines += [
             "> **Interrupted run**: these cells were not reached before the run was stopped: "
