@@ -92,7 +92,7 @@ METHODS: dict[str, MethodInfo] = {
 TIMM = {
     "vit-s16": ("vit_small_patch16_224", {}),
     "vit-b16": ("vit_base_patch16_224", {}),
-    "vit-s8": ("vit_small_patch8_224", {}),
+    "vit-s8": ("vit_small_patch8_224", {"num_classes": 1000}),  # timm's has no head
     "tiny-vit": (
         "vit_tiny_patch16_224",
         {"patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 16},
