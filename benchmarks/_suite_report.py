@@ -369,8 +369,9 @@ def plots(payload: dict[str, Any], out: Path, prefix: str) -> list[str]:
             a.set_xticklabels([str(v) for v in sorted(set(values))])
             a.xaxis.set_minor_formatter(NullFormatter())
 
-    def save(fig: Any, name: str) -> None:
-        fig.tight_layout()
+    def save(fig: Any, name: str, layout: bool = True) -> None:
+        if layout:
+            fig.tight_layout()
         fig.savefig(out / name, dpi=110)
         plt.close(fig)
         written.append(name)
@@ -413,7 +414,7 @@ def plots(payload: dict[str, Any], out: Path, prefix: str) -> list[str]:
 
     cells = _series(payload, "tokens")
     if cells:
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4.2))
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 5.4))
         base = sorted({c["model"].split("@")[0] for c in cells})
         names = sorted({m for c in cells for m in c["methods"]}, key=list(METHODS).index)
         for b in base:
@@ -463,13 +464,14 @@ def plots(payload: dict[str, Any], out: Path, prefix: str) -> list[str]:
         ticks((a1, a2), [c["tokens"] for c in cells])
         a1.set_ylabel("seconds per call (batch 1)")
         a2.set_ylabel("time ÷ one forward")
-        a1.legend(fontsize=7, ncol=2)
-        fig.suptitle(
-            "Cost vs number of tokens: "
-            + ", ".join(base)
-            + " (image size varied; squares: ViT-S/8 at 224 px)" * ("vit-s8" in base)
-        )
-        save(fig, f"{prefix}_tokens.png")
+        handles, labels = a1.get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7)
+        title = "Cost vs number of tokens: " + ", ".join(base)
+        if "vit-s8" in base:
+            title += " (squares: ViT-S/8 at 224 px)"
+        fig.suptitle(title)
+        fig.tight_layout(rect=(0, 0.2, 1, 1))
+        save(fig, f"{prefix}_tokens.png", layout=False)
 
     cells = _series(payload, "targets")
     if cells:
