@@ -198,6 +198,21 @@ def test_gates_start_near_one_so_a_trained_model_keeps_its_function():
 # saliency: shapes, forms, batch independence, Captum
 
 
+@pytest.mark.parametrize("stages", [2, 3, 5, 8])
+def test_geometric_fusion_of_zero_maps_is_exactly_zero_not_slightly_negative(stages):
+    # exp(sum_k log(FLOOR) / K) rounds one ulp below FLOOR for these K (float32): the fused map
+    # used to come out at -1.2e-10 where every stage is 0, outside the documented [0, 1].
+    mhex = _build(CASES[0])
+    mhex.stages = [object()] * stages
+    mhex.stage_weights = None
+    zero = torch.zeros(2, 1, 4, 4)
+    one = torch.ones(2, 1, 4, 4)
+    fused = mhex._fuse([zero] * stages, (1, 2, 3))
+    assert (fused == 0).all()
+    mixed = mhex._fuse([one] + [torch.rand(2, 1, 4, 4)] * (stages - 1), (1, 2, 3))
+    assert mixed.min() >= 0 and mixed.max() <= 1
+
+
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_attribute_shapes_ranges_and_batch_independence(case):
     mhex = _build(case)

@@ -787,7 +787,9 @@ class MHEX(Attribution, nn.Module):
         if self.fusion == "mean":
             return sum(w * m for w, m in zip(weights, normed, strict=True))
         logs = sum(w * m.clamp_min(_FLOOR).log() for w, m in zip(weights, normed, strict=True))
-        return (logs.exp() - _FLOOR) / (1 - _FLOOR)
+        # [_FLOOR, 1] maps to [0, 1]; the clamp removes rounding (exp(log(_FLOOR)) can come out
+        # one ulp below _FLOOR), so an all-zero location is exactly 0, never -1e-10.
+        return ((logs.exp() - _FLOOR) / (1 - _FLOOR)).clamp(0, 1)
 
     def _saliency(
         self,
