@@ -484,17 +484,7 @@ def run(args: argparse.Namespace) -> int:
     images = _expand_images(args.image) if args.image else None
     if images:
         _check_images(images)
-    weights = Path(args.weights) if args.weights else None
-    if weights is not None and not weights.is_file():
-        raise CLIError(f"--weights {weights}: no such file")
-    names = read_class_names(args.labels) if args.labels else None
-    loaded = load(
-        args.model,
-        weights,
-        device,
-        model_kwargs=_parse_kwargs(args.model_kwargs),
-        class_names=names,
-    )
+    loaded = _load_model(args, device)
     wanted = "image" if images else "text"
     if loaded.modality != wanted:
         use = "an image model; use --image FILE" if wanted == "text" else "a text model; use --text"
@@ -522,6 +512,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_model(args: argparse.Namespace, device: str) -> LoadedModel:
+    """The model of ``--model`` (with ``--weights``, ``--labels``, ``--model-kwargs``)."""
+    weights = Path(args.weights) if args.weights else None
+    if weights is not None and not weights.is_file():
+        raise CLIError(f"--weights {weights}: no such file")
+    names = read_class_names(args.labels) if args.labels else None
+    return load(
+        args.model,
+        weights,
+        device,
+        model_kwargs=_parse_kwargs(args.model_kwargs),
+        class_names=names,
+    )
+
+
 def _run_dataset(args: argparse.Namespace, methods: list[str], device: str) -> int:
     """``explain --dataset``: every example, sharded and resumable (one process or torchrun)."""
     from captum_ext.evaluation import DEFAULT_SEED, ShardedOutputError, explain_dataset
@@ -530,17 +535,7 @@ def _run_dataset(args: argparse.Namespace, methods: list[str], device: str) -> i
     device = local_device(device)
     out = Path(args.out)
     check_out_dir(out, "merge")
-    weights = Path(args.weights) if args.weights else None
-    if weights is not None and not weights.is_file():
-        raise CLIError(f"--weights {weights}: no such file")
-    names = read_class_names(args.labels) if args.labels else None
-    loaded = load(
-        args.model,
-        weights,
-        device,
-        model_kwargs=_parse_kwargs(args.model_kwargs),
-        class_names=names,
-    )
+    loaded = _load_model(args, device)
     seed = DEFAULT_SEED if args.seed is None else args.seed
     data = open_dataset(args.dataset, loaded, args.n, seed)
     if args.target == ["label"]:

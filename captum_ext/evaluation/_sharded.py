@@ -26,14 +26,12 @@ equals, number for number, the one-process run.
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import hashlib
 import json
 import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +44,7 @@ from torch.utils.data import DistributedSampler
 from captum_ext._scores import model_output_to_tensor, progress
 from captum_ext.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
 from captum_ext.errors import CheckpointError
-from captum_ext.explainers._training import _torchrun_env, _World
+from captum_ext.explainers._training import _world
 from captum_ext.registry import METHODS, make_method
 
 from ._config import EvalConfig
@@ -190,40 +188,6 @@ class ShardedOutput:
     computed: list[int] = field(default_factory=list)
     reused: list[int] = field(default_factory=list)
     payloads: list[tuple[dict[str, Tensor], dict[str, Any]]] = field(default_factory=list)
-
-
-@contextlib.contextmanager
-def _joined(device: torch.device, distributed: bool | None) -> Iterator[_World]:
-    """The process group: the caller's, torchrun's (created here on first use), or none.
-
-    A group created here (NCCL on GPUs, gloo on CPU) is kept until the process exits, so
-    that several runs in one torchrun process (``explain`` then ``evaluate``) share it:
-    destroying and creating a group again within a process is fragile.
-    """
-    if distributed is False:
-        yield _World()
-        return
-    ready = dist.is_available() and dist.is_initialized()
-    if not ready and not _torchrun_env():
-        if distributed:
-            raise RuntimeError(
-                "distributed=True but torch.distributed is not initialised and no torchrun "
-                "variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) are set; launch with "
-                "torchrun or call torch.distributed.init_process_group first."
-            )
-        yield _World()
-        return
-    if not ready:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        atexit.register(_leave)
-    yield _World(dist.get_rank(), dist.get_world_size())
-
-
-def _leave() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def _resolve_device(device: str | torch.device) -> torch.device:
@@ -487,7 +451,7 @@ def explain_dataset(
             tensors[f"maps.{m}"] = torch.cat(maps).contiguous()
         return tensors, {"ids": names}
 
-    with _joined(dev, distributed) as world:
+    with _world(dev, distributed, keep=True) as world:
         return run_sharded(
             out,
             config,
@@ -641,7 +605,7 @@ def evaluate_dataset(
             tensors[f"groups/{method}/{metric}"] = torch.from_numpy(g).long() + examples.start
         return tensors, {"labels": col.labels, "notes": notes, "meta": meta}
 
-    with _joined(dev, distributed) as world:
+    with _world(dev, distributed, keep=True) as world:
         result = run_sharded(
             out,
             record,

@@ -24,6 +24,7 @@ device, runs its forward passes and returns its loss terms (``{"loss": total, "c
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import math
@@ -171,10 +172,12 @@ def _torchrun_env() -> bool:
 
 
 @contextlib.contextmanager
-def _world(device: torch.device, distributed: bool | None) -> Iterator[_World]:
+def _world(device: torch.device, distributed: bool | None, keep: bool = False) -> Iterator[_World]:
     """The process group of the run: joined (or created from torchrun's variables), or none.
 
-    A group created here is destroyed on exit; one the caller created is left as it is.
+    A group created here is destroyed on exit (with ``keep``: when the process exits, so that
+    several runs in one torchrun process share it; destroying and creating a group again
+    within a process is fragile); one the caller created is left as it is.
     """
     if distributed is False:
         yield _World()
@@ -194,7 +197,9 @@ def _world(device: torch.device, distributed: bool | None) -> Iterator[_World]:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        created = True
+        created = not keep
+        if keep:
+            atexit.register(_leave)
     try:
         size = dist.get_world_size()
         group = dist.new_group() if size > 1 else None
@@ -202,6 +207,11 @@ def _world(device: torch.device, distributed: bool | None) -> Iterator[_World]:
     finally:
         if created:
             dist.destroy_process_group()
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 class _AllReduceSum(torch.autograd.Function):
