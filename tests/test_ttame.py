@@ -882,3 +882,15 @@ def test_training_script_reproduces_the_pointing_game(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((tmp_path / "shapes-vit-ttame.json").read_text())
     assert record["pointing_game"]["score"] >= 0.8
+
+
+@pytest.mark.parametrize("which", ["ttame", "mhex"])
+def test_fit_on_a_device_other_than_the_models_is_refused_before_training(which):
+    from captum_ext.explainers import MHEX
+
+    batch = shapes(4, 1, **zoo.data_kwargs("shapes-vit"))
+    explainer = (TTAME if which == "ttame" else MHEX)(zoo.load("shapes-vit"))
+    hint = "model.to('meta')" if which == "ttame" else "mhex.to('meta')"
+    with pytest.raises(ValueError, match=r"\.fit\(device='meta'\) but the model is on cpu") as e:
+        explainer.fit((batch.images, batch.labels), epochs=1, device="meta")
+    assert hint in str(e.value) and "\n" not in str(e.value)

@@ -142,6 +142,34 @@ def frozen_parameters(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(True)
 
 
+def training_device(
+    model: nn.Module, device: torch.device | str | None, method: str, move_hint: str
+) -> torch.device:
+    """The device ``fit`` trains on: ``device`` (bare ``"cuda"``: the current GPU) or the model's.
+
+    Args:
+        model: The explained model (its first parameter's device is where it is).
+        device: What the caller asked for; ``None`` means the model's device.
+        method: The calling ``fit`` for the error (``"TTAME.fit"``).
+        move_hint: How to move it, for the error (``"move the model there first (model.to"``).
+
+    Raises:
+        ValueError: ``device`` is not where the model's parameters are.
+    """
+    param = next(model.parameters(), None)
+    here = param.device if param is not None else torch.device("cpu")
+    if device is None:
+        return here
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    if param is not None and here != dev:
+        raise ValueError(
+            f"{method}(device={str(dev)!r}) but the model is on {here}; {move_hint}({str(dev)!r}))."
+        )
+    return dev
+
+
 def _to_device(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)

@@ -57,7 +57,7 @@ from captum_ext.explainers._mhex_parts import (
     make_gate,
     make_head,
 )
-from captum_ext.explainers._training import Recipe, train
+from captum_ext.explainers._training import Recipe, train, training_device
 
 __all__ = ["MHEX", "MHEXNetwork", "mhex_step"]
 
@@ -1012,19 +1012,9 @@ class MHEX(Attribution, nn.Module):
         return history
 
     def _training_device(self, device: torch.device | str | None) -> torch.device:
-        param = next(self.network.model.parameters(), None)
-        here = param.device if param is not None else torch.device("cpu")
-        if device is None:
-            return here
-        dev = torch.device(device)
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-        if here != dev:
-            raise ValueError(
-                f"MHEX.fit(device={str(dev)!r}) but the model is on {here}; move it there first "
-                f"(mhex.to({str(dev)!r}))."
-            )
-        return dev
+        return training_device(
+            self.network.model, device, "MHEX.fit", "move it there first (mhex.to"
+        )
 
     def _validate(
         self, val_data: Any, batch_size: int, objective: Objective, device: torch.device, module

@@ -29,7 +29,13 @@ from captum_ext.checkpoint import (
     save_checkpoint,
 )
 from captum_ext.errors import CheckpointError, UnsupportedModelError
-from captum_ext.explainers._training import Recipe, batch_inputs, frozen_parameters, train
+from captum_ext.explainers._training import (
+    Recipe,
+    batch_inputs,
+    frozen_parameters,
+    train,
+    training_device,
+)
 from captum_ext.explainers.losses import ttame_loss
 
 __all__ = ["TTAME", "TTAMEMechanism"]
@@ -520,19 +526,9 @@ class TTAME(Attribution, nn.Module):
         )
 
     def _training_device(self, device: torch.device | str | None) -> torch.device:
-        param = next((p for p in self.adapter.model.parameters()), None)
-        here = param.device if param is not None else torch.device("cpu")
-        if device is None:
-            return here
-        dev = torch.device(device)
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-        if param is not None and here != dev:
-            raise ValueError(
-                f"TTAME.fit(device={str(dev)!r}) but the model is on {here}; move the model "
-                f"there first (model.to({str(dev)!r}))."
-            )
-        return dev
+        return training_device(
+            self.adapter.model, device, "TTAME.fit", "move the model there first (model.to"
+        )
 
     def _step(
         self,
