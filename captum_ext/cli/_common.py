@@ -339,6 +339,15 @@ DATASET_HELP = (
 )
 
 
+def add_num_examples(p: argparse.ArgumentParser, help: str) -> None:
+    """Adds ``--n`` / ``--num-examples`` (default 64).
+
+    After ``torchrun ... -m captum_ext.cli``, torchrun's own parser rejects ``--n`` as an
+    ambiguous prefix of its options, so the long spelling exists for that launch.
+    """
+    p.add_argument("--n", "--num-examples", dest="n", type=count(1), default=64, help=help)
+
+
 def add_chunk_size(p: argparse.ArgumentParser) -> None:
     """Adds ``--chunk-size`` (examples per shard of a ``--dataset`` run)."""
     p.add_argument(

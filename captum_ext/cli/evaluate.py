@@ -23,6 +23,7 @@ from captum_ext.cli._common import (
     HelpFormatter,
     add_chunk_size,
     add_device,
+    add_num_examples,
     add_quiet,
     check_methods,
     check_out_dir,
@@ -71,13 +72,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         metavar="NAME",
         help="methods, or all (default: the evaluation's own set)",
     )
-    p.add_argument(
-        "--n",
-        "--num-examples",
-        dest="n",
-        type=count(1),
-        default=64,
-        help="examples per model (default: %(default)s; under torchrun write --num-examples)",
+    add_num_examples(
+        p, "examples per model (default: %(default)s; under torchrun write --num-examples)"
     )
     p.add_argument(
         "--metrics",

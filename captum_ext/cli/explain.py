@@ -44,6 +44,7 @@ from captum_ext.cli._common import (
     HelpFormatter,
     add_chunk_size,
     add_device,
+    add_num_examples,
     add_quiet,
     check_methods,
     check_out_dir,
@@ -141,14 +142,7 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         help="class indices, names or unambiguous name prefixes, or (--dataset) label: "
         "the ImageFolder class / every present shapes class (default: the top class)",
     )
-    p.add_argument(
-        "--n",
-        "--num-examples",
-        dest="n",
-        type=count(1),
-        default=64,
-        help="--dataset shapes: number of images (default: %(default)s)",
-    )
+    add_num_examples(p, "--dataset shapes: number of images (default: %(default)s)")
     p.add_argument("--seed", type=int, help="--dataset shapes: data seed (default: held-out)")
     add_chunk_size(p)
     p.add_argument(
