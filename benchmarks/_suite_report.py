@@ -323,6 +323,13 @@ def _series(payload: dict[str, Any], name: str) -> list[dict[str, Any]]:
     return [c for c in payload["cells"] if c.get("series") == name and "cell_error" not in c]
 
 
+def _plot_both(axes: tuple[Any, Any], pts: list, first: str, fmt: str, **style: Any) -> None:
+    """Draws ``pts`` (``(x, method result)``) on both axes: ``first`` left, × forward right."""
+    xs = [p[0] for p in pts]
+    for ax, key in zip(axes, (first, "x_forward"), strict=True):
+        ax.plot(xs, [p[1][key] for p in pts], fmt, **style)
+
+
 def scaling_tables(payload: dict[str, Any]) -> list[str]:
     """Compact tables of the three curves (× forward), so the numbers are in the markdown too."""
     lines: list[str] = []
@@ -390,15 +397,7 @@ def plots(payload: dict[str, Any], out: Path, prefix: str) -> list[str]:
         )
         for m in methods:
             pts = [(c["batch"], c["methods"][m]) for c in cells if "seconds" in c["methods"][m]]
-            a1.plot(
-                [p[0] for p in pts],
-                [p[1]["seconds_per_example"] for p in pts],
-                "o-",
-                label=METHODS[m].label,
-            )
-            a2.plot(
-                [p[0] for p in pts], [p[1]["x_forward"] for p in pts], "o-", label=METHODS[m].label
-            )
+            _plot_both((a1, a2), pts, "seconds_per_example", "o-", label=METHODS[m].label)
         a2.axhline(1.0, color="k", ls="--", lw=0.8)
         for a in (a1, a2):
             a.set_xscale("log", base=2)
@@ -439,22 +438,8 @@ def plots(payload: dict[str, Any], out: Path, prefix: str) -> list[str]:
                     continue
                 color = f"C{i}"
                 lab = METHODS[m].label if b != "vit-s8" else f"{METHODS[m].label} [ViT-S/8]"
-                a1.plot(
-                    [p[0] for p in pts],
-                    [p[1]["seconds"] for p in pts],
-                    style + "-",
-                    color=color,
-                    label=lab,
-                    mfc="none" if b == "vit-s8" else color,
-                )
-                a2.plot(
-                    [p[0] for p in pts],
-                    [p[1]["x_forward"] for p in pts],
-                    style + "-",
-                    color=color,
-                    label=lab,
-                    mfc="none" if b == "vit-s8" else color,
-                )
+                mfc = "none" if b == "vit-s8" else color
+                _plot_both((a1, a2), pts, "seconds", style + "-", color=color, label=lab, mfc=mfc)
         a2.axhline(1.0, color="k", ls="--", lw=0.8)
         for a in (a1, a2):
             a.set_xscale("log")
@@ -485,8 +470,7 @@ def plots(payload: dict[str, Any], out: Path, prefix: str) -> list[str]:
         for (model, name), pts in curves.items():
             pts.sort(key=lambda p: p[0])
             lab = f"{MULTI[name]} [{model}]"
-            a1.plot([p[0] for p in pts], [p[1]["seconds"] for p in pts], "o-", label=lab)
-            a2.plot([p[0] for p in pts], [p[1]["x_forward"] for p in pts], "o-", label=lab)
+            _plot_both((a1, a2), pts, "seconds", "o-", label=lab)
         for a in (a1, a2):
             a.set_xscale("log", base=2)
             a.set_yscale("log")
