@@ -113,6 +113,17 @@ def _model(name: str) -> tuple[torch.nn.Module, str]:
     return timm.create_model(name, pretrained=False).eval(), f"timm:{name} (untrained)"
 
 
+def _setup(
+    args: argparse.Namespace,
+) -> tuple[torch.nn.Module, str, torch.Tensor, torch.Tensor, TokenAblation]:
+    """Model, its label, a seeded random batch of ``--batch`` images, targets and TAM."""
+    model, label = _model(args.model)
+    torch.manual_seed(0)
+    x = torch.rand(args.batch, 3, *model.patch_embed.img_size)
+    target = torch.arange(args.batch) % model.num_classes
+    return model, label, x, target, TokenAblation(model)
+
+
 def _worker(args: argparse.Namespace) -> None:
     """One variant in this process: times ``--calls`` calls, prints JSON (times, rows, max RSS)."""
     import json
@@ -120,12 +131,7 @@ def _worker(args: argparse.Namespace) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, _ = _model(args.model)
-    size = model.patch_embed.img_size
-    torch.manual_seed(0)
-    x = torch.rand(args.batch, 3, *size)
-    target = torch.arange(args.batch) % model.num_classes
-    tam = TokenAblation(model)
+    model, _, x, target, tam = _setup(args)
     with torch.no_grad():
         model(x)
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -241,12 +247,7 @@ def main() -> None:
     if args.sizing:
         return _sizing(args)
 
-    model, label = _model(args.model)
-    size = model.patch_embed.img_size
-    torch.manual_seed(0)
-    x = torch.rand(args.batch, 3, *size)
-    target = torch.arange(args.batch) % model.num_classes
-    tam = TokenAblation(model)
+    model, label, x, target, tam = _setup(args)
 
     ppe = args.ppe or None  # 0: TAM sizes its passes by its token budget alone
     got = tam.attribute(x, target=target, output="tokens", perturbations_per_eval=ppe)
