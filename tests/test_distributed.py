@@ -8,15 +8,13 @@ line, as a user's ``torchrun -m captum_ext.cli`` would.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torchrun_launch import run_two_ranks
 
 from captum_ext import zoo
 from captum_ext.cli import main
@@ -100,12 +98,6 @@ def test_every_chunk_goes_to_exactly_one_rank(world):
 # torchrun: 2 gloo ranks on CPU equal one process
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(folder: str, out: str) -> None:
     """Each rank: explain an ImageFolder tree, then evaluate the shapes benchmark."""
     assert main(_explain_args(Path(folder), Path(out) / "explain")) == 0
@@ -118,20 +110,7 @@ def _rows(path: Path) -> list[tuple]:
 
 
 def test_torchrun_two_ranks_equal_one_process(image_folder, tmp_path):
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        "GLOO_SOCKET_IFNAME": "lo",
-        "OMP_NUM_THREADS": "1",
-        "HF_HUB_OFFLINE": "1",
-    }
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-        __file__, str(image_folder), str(tmp_path / "ddp"),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_two_ranks(__file__, image_folder, tmp_path / "ddp", timeout=600)
     _worker(str(image_folder), str(tmp_path / "one"))
 
     # explain: the union of both ranks' shards is the one-process output, every example once

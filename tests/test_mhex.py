@@ -9,9 +9,6 @@ DDP under torchrun), and the shipped zoo entries on fresh two-object data.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from captum.attr import Attribution
 from torch import nn
+from torchrun_launch import run_two_ranks
 
 from captum_ext import MHEX, CheckpointError, UnsupportedModelError, zoo
 from captum_ext.adapters import adapter_for
@@ -444,12 +442,6 @@ def test_validation_reports_every_head(tmp_path):
     assert 0 <= entry["val_final"] <= 1
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     from safetensors.torch import load_file
 
@@ -458,19 +450,7 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp
         import mhex_ddp_worker as worker
     finally:
         sys.path.remove(str(TESTS))
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")]),
-        "GLOO_SOCKET_IFNAME": "lo",
-        "OMP_NUM_THREADS": "1",
-    }
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-        str(TESTS / "mhex_ddp_worker.py"), str(tmp_path),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_two_ranks(TESTS / "mhex_ddp_worker.py", tmp_path)
     worker.run(tmp_path, distributed=False)
     r0, r1 = (load_file(str(tmp_path / f"rank-{r}.safetensors")) for r in (0, 1))
     single = load_file(str(tmp_path / "single.safetensors"))

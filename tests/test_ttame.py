@@ -7,7 +7,6 @@ import copy
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from captum.attr import Attribution, NoiseTunnel
 from tiny_models import NUM_CLASSES, _timm, bert_classifier, hf_vit_classifier
+from torchrun_launch import run_two_ranks
 
 from captum_ext import TTAME, UnsupportedModelError, adapter_for, zoo
 from captum_ext.checkpoint import save_checkpoint
@@ -713,12 +713,6 @@ def test_tampered_checkpoints_are_refused(vit_ttame, tmp_path):
 # DDP under torchrun (gloo, CPU)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     from safetensors.torch import load_file
 
@@ -727,20 +721,7 @@ def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp
         import ttame_ddp_worker as worker
     finally:
         sys.path.remove(str(TESTS))
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(ROOT), str(TESTS), os.environ.get("PYTHONPATH", "")]),
-        "OMP_NUM_THREADS": "1",
-    }
-    if sys.platform.startswith("linux"):
-        env["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-        str(TESTS / "ttame_ddp_worker.py"), str(tmp_path),
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_two_ranks(TESTS / "ttame_ddp_worker.py", tmp_path)
     worker.run(tmp_path, distributed=False)
 
     r0, r1 = (load_file(str(tmp_path / f"rank-{r}.safetensors")) for r in (0, 1))
