@@ -16,7 +16,7 @@ import pytest
 import torch
 from torchrun_launch import run_two_ranks
 
-from captum_ext import zoo
+from captum_ext import distributed, zoo
 from captum_ext.cli import main
 from captum_ext.data import SHAPE_CLASSES, shapes
 from captum_ext.evaluation import (
@@ -92,6 +92,35 @@ def test_every_chunk_goes_to_exactly_one_rank(world):
         shares = [shard_chunks(n_chunks, r, world) for r in range(world)]
         flat = [c for share in shares for c in share]
         assert sorted(flat) == list(range(n_chunks)), (n_chunks, shares)  # no padding repeats
+
+
+# ---------------------------------------------------------------------------------------------
+# captum_ext.distributed: the process group and the device of a process
+
+
+def test_local_device_is_the_processs_own_gpu_under_torchrun(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert distributed.local_device("cuda") == torch.device("cuda")
+    assert distributed.local_device("cpu") == torch.device("cpu")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert distributed.local_device("cuda") == torch.device("cuda", 3)
+    assert distributed.local_device(torch.device("cuda")) == torch.device("cuda", 3)
+    assert distributed.local_device("cuda:1") == torch.device("cuda", 1)  # an explicit GPU stays
+    assert distributed.local_device("cpu") == torch.device("cpu")
+
+
+def test_world_alone_and_distributed_true_without_a_group(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    assert not distributed.torchrun_env()
+    for wanted in (None, False):
+        with distributed.world(torch.device("cpu"), wanted) as w:
+            assert (w.rank, w.size, w.main, w.sync_group) == (0, 1, True, None)
+    with (
+        pytest.raises(RuntimeError, match="distributed=True"),
+        distributed.world(torch.device("cpu"), True),
+    ):
+        pass
 
 
 # ---------------------------------------------------------------------------------------------

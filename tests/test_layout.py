@@ -15,7 +15,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "captum_ext"
 
 FLOORS: list[set[str]] = [
-    {"errors", "_scores"},
+    {"errors", "_scores", "distributed"},
     {"adapters", "checkpoint", "data", "metrics", "viz"},
     {"capture", "zoo"},
     {"attr", "explainers"},

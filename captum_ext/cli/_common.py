@@ -36,7 +36,6 @@ __all__ = [
     "count",
     "first_line",
     "is_main_process",
-    "local_device",
     "open_dataset",
     "resolve_device",
     "run_metrics",
@@ -362,14 +361,6 @@ def add_chunk_size(p: argparse.ArgumentParser) -> None:
 def is_main_process() -> bool:
     """Rank 0 of a torchrun launch, or a process started without torchrun."""
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def local_device(device: str) -> str:
-    """``cuda`` under torchrun is the process's own GPU, ``cuda:LOCAL_RANK`` (so that the
-    model is loaded there, not on GPU 0 by every process)."""
-    if device == "cuda" and "LOCAL_RANK" in os.environ:
-        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    return device
 
 
 def open_dataset(source: str, loaded: Any, n: int, seed: int) -> Any:

@@ -30,7 +30,6 @@ from captum_ext.cli._common import (
     count,
     first_line,
     is_main_process,
-    local_device,
     open_dataset,
     resolve_device,
     run_metrics,
@@ -138,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_dataset(args: argparse.Namespace, device: str) -> int:
     """``evaluate --dataset``: one model on a whole dataset, sharded, the table on rank 0."""
+    from captum_ext.distributed import local_device
     from captum_ext.evaluation import DEFAULT_SEED, ShardedOutputError, evaluate_dataset
     from captum_ext.evaluation._sharded import model_fingerprint
     from captum_ext.models import load
@@ -147,7 +147,7 @@ def _run_dataset(args: argparse.Namespace, device: str) -> int:
     if not args.model and len(args.models or []) != 1:
         raise CLIError("--dataset takes one model: --model SPEC or one --models NAME")
     spec = args.model or f"zoo:{args.models[0]}"
-    device = local_device(device)
+    device = str(local_device(device))
     weights = Path(args.weights) if args.weights else None
     if weights is not None and not weights.is_file():
         raise CLIError(f"--weights {weights}: no such file")

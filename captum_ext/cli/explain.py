@@ -51,7 +51,6 @@ from captum_ext.cli._common import (
     count,
     first_line,
     is_main_process,
-    local_device,
     open_dataset,
     resolve_device,
     staged_output,
@@ -523,10 +522,11 @@ def _load_model(args: argparse.Namespace, device: str) -> LoadedModel:
 
 def _run_dataset(args: argparse.Namespace, methods: list[str], device: str) -> int:
     """``explain --dataset``: every example, sharded and resumable (one process or torchrun)."""
+    from captum_ext.distributed import local_device
     from captum_ext.evaluation import DEFAULT_SEED, ShardedOutputError, explain_dataset
     from captum_ext.evaluation._sharded import model_fingerprint
 
-    device = local_device(device)
+    device = str(local_device(device))
     out = Path(args.out)
     check_out_dir(out, "merge")
     loaded = _load_model(args, device)

@@ -43,8 +43,9 @@ from torch.utils.data import DistributedSampler
 
 from captum_ext._scores import model_output_to_tensor, progress
 from captum_ext.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
+from captum_ext.distributed import World, local_device
+from captum_ext.distributed import world as process_world
 from captum_ext.errors import CheckpointError
-from captum_ext.explainers._training import _world
 from captum_ext.registry import METHODS, make_method
 
 from ._config import EvalConfig
@@ -190,15 +191,7 @@ class ShardedOutput:
     payloads: list[tuple[dict[str, Tensor], dict[str, Any]]] = field(default_factory=list)
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    """``cuda`` under torchrun is the process's own GPU (``LOCAL_RANK``)."""
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None and "LOCAL_RANK" in os.environ:
-        dev = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return dev
-
-
-def _broadcast(value: Any, world: Any) -> Any:
+def _broadcast(value: Any, world: World) -> Any:
     if world.size == 1:
         return value
     box = [value]
@@ -206,7 +199,7 @@ def _broadcast(value: Any, world: Any) -> Any:
     return box[0]
 
 
-def _gather(value: Any, world: Any) -> list[Any]:
+def _gather(value: Any, world: World) -> list[Any]:
     if world.size == 1:
         return [value]
     out: list[Any] = [None] * world.size
@@ -220,7 +213,7 @@ def run_sharded(
     n: int,
     chunk_size: int,
     compute: Callable[[int, range], tuple[dict[str, Tensor], dict[str, Any]]],
-    world: Any,
+    world: World,
     *,
     overwrite: bool = False,
     gather: bool = False,
@@ -235,7 +228,7 @@ def run_sharded(
         n: Number of examples.
         chunk_size: Examples per shard.
         compute: ``(tensors, record)`` of one chunk (``examples`` = its global indices).
-        world: The processes (:func:`_joined`): ``rank`` and ``size``.
+        world: The processes (:func:`captum_ext.distributed.world`): ``rank`` and ``size``.
         overwrite: Empty ``out`` first.
         gather: Also gather every shard's tensors and record on every process (in chunk
             order): :attr:`ShardedOutput.payloads`.
@@ -405,7 +398,7 @@ def explain_dataset(
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(METHODS)}")
-    dev = _resolve_device(device)
+    dev = local_device(device)
     model = model.to(dev).eval()
     explainers = {m: make_method(m, model) for m in methods}
     config = {
@@ -451,7 +444,7 @@ def explain_dataset(
             tensors[f"maps.{m}"] = torch.cat(maps).contiguous()
         return tensors, {"ids": names}
 
-    with _world(dev, distributed, keep=True) as world:
+    with process_world(dev, distributed, keep=True) as world:
         return run_sharded(
             out,
             config,
@@ -559,7 +552,7 @@ def evaluate_dataset(
     if methods is not None:
         settings["methods"] = methods
     cfg = (config or EvalConfig()).replace(**settings)
-    dev = _resolve_device(cfg.device)
+    dev = local_device(cfg.device)
     cfg = cfg.replace(device=dev)
     masks = getattr(dataset, "layout", None) == "shapes"
     subject = _subject(model_or_name, dataset, name, cfg)
@@ -605,7 +598,7 @@ def evaluate_dataset(
             tensors[f"groups/{method}/{metric}"] = torch.from_numpy(g).long() + examples.start
         return tensors, {"labels": col.labels, "notes": notes, "meta": meta}
 
-    with _world(dev, distributed, keep=True) as world:
+    with process_world(dev, distributed, keep=True) as world:
         result = run_sharded(
             out,
             record,

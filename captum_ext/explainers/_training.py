@@ -24,7 +24,6 @@ device, runs its forward passes and returns its loss terms (``{"loss": total, "c
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import dataclasses
 import math
@@ -43,6 +42,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDa
 
 from captum_ext._scores import progress
 from captum_ext.checkpoint import checkpoint_paths, load_checkpoint, save_checkpoint
+from captum_ext.distributed import World as _World
+from captum_ext.distributed import global_batch_norm as _global_batch_norm
+from captum_ext.distributed import world as _world
 from captum_ext.errors import CheckpointError
 
 __all__ = [
@@ -182,125 +184,6 @@ def _to_device(batch: Any, device: torch.device) -> Any:
 
 # ------------------------------------------------------------------------------------------
 # distributed
-
-
-@dataclass
-class _World:
-    rank: int = 0
-    size: int = 1
-    sync_group: Any = None  # process group of the BatchNorm statistics
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _torchrun_env() -> bool:
-    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
-
-
-@contextlib.contextmanager
-def _world(device: torch.device, distributed: bool | None, keep: bool = False) -> Iterator[_World]:
-    """The process group of the run: joined (or created from torchrun's variables), or none.
-
-    A group created here is destroyed on exit (with ``keep``: when the process exits, so that
-    several runs in one torchrun process share it; destroying and creating a group again
-    within a process is fragile); one the caller created is left as it is.
-    """
-    if distributed is False:
-        yield _World()
-        return
-    ready = dist.is_available() and dist.is_initialized()
-    if not ready and not _torchrun_env():
-        if distributed:
-            raise RuntimeError(
-                "distributed=True but torch.distributed is not initialised and no torchrun "
-                "variables (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) are set; launch with "
-                "torchrun or call torch.distributed.init_process_group first."
-            )
-        yield _World()
-        return
-    created = False
-    if not ready:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        created = not keep
-        if keep:
-            atexit.register(_leave)
-    try:
-        size = dist.get_world_size()
-        group = dist.new_group() if size > 1 else None
-        yield _World(dist.get_rank(), size, group)
-    finally:
-        if created:
-            dist.destroy_process_group()
-
-
-def _leave() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over the processes of ``group``; the gradient is summed likewise."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
-        ctx.group = group
-        y = x.clone()
-        dist.all_reduce(y, group=group)
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        grad = grad.clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-def _synced_batch_norm(bn: nn.modules.batchnorm._BatchNorm, group: Any, x: torch.Tensor):
-    """Batch norm over the batches of every process of ``group`` (training mode), with grads.
-
-    Same result as ``bn`` applied in one process to the concatenated batch, on any device and
-    backend (``nn.SyncBatchNorm`` needs GPUs). Two differentiable all-reduces: the sum (with
-    the count), then the sum of squared deviations.
-    """
-    if not bn.training:
-        return nn.modules.batchnorm._BatchNorm.forward(bn, x)
-    x = x.to(torch.promote_types(x.dtype, torch.float32))  # float32 at least, also under autocast
-    dims = [0, *range(2, x.dim())]
-    shape = [1, -1] + [1] * (x.dim() - 2)
-    count = torch.tensor([x.numel() / x.shape[1]], dtype=x.dtype, device=x.device)
-    total = _AllReduceSum.apply(torch.cat([x.sum(dims), count]), group)
-    n = total[-1]
-    mean = total[:-1] / n
-    sq = _AllReduceSum.apply((x - mean.view(shape)).pow(2).sum(dims), group)
-    var = sq / n
-    y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + bn.eps)
-    if bn.affine:
-        y = y * bn.weight.view(shape) + bn.bias.view(shape)
-    if bn.track_running_stats and bn.running_mean is not None:
-        with torch.no_grad():
-            bn.num_batches_tracked.add_(1)
-            m = bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-            bn.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-            unbiased = var.detach() * (n / (n - 1)).clamp(min=0)
-            bn.running_var.mul_(1 - m).add_(unbiased, alpha=m)
-    return y
-
-
-@contextlib.contextmanager
-def _global_batch_norm(module: nn.Module, group: Any) -> Iterator[None]:
-    """Every BatchNorm of ``module`` normalises with the statistics of the global batch."""
-    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    try:
-        for bn in bns:
-            bn.forward = lambda x, bn=bn: _synced_batch_norm(bn, group, x)
-        yield
-    finally:
-        for bn in bns:
-            vars(bn).pop("forward", None)
 
 
 def _average(terms: Mapping[str, torch.Tensor], world: _World) -> dict[str, float]:
