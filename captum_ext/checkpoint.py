@@ -57,6 +57,7 @@ __all__ = [
     "CheckpointPaths",
     "checkpoint_paths",
     "load_checkpoint",
+    "model_fingerprint",
     "save_checkpoint",
     "verify_checkpoint",
 ]
@@ -105,6 +106,50 @@ def checkpoint_paths(path: str | os.PathLike[str]) -> CheckpointPaths:
     return CheckpointPaths(
         base.with_name(base.name + ".safetensors"), base.with_name(base.name + ".json")
     )
+
+
+def model_fingerprint(model: torch.nn.Module, values: bool = True, *, exact: bool = False) -> str:
+    """sha256 (hex) of a model's state dict, by one of two recipes.
+
+    * ``exact=False`` (the explainer checkpoints' recipe): the class name, then for every
+      state-dict entry its name and shape and, with ``values``, its values on the CPU,
+      floating tensors as float32, so that neither the device nor a float32 model cast to
+      float64 and back changes it. ``values=False`` is the layout only (T-TAME's
+      ``backbone.fingerprint``, MHEX's ``backbone.layout_sha256``); ``values=True`` also
+      the weights (MHEX's ``backbone.weights_sha256``).
+    * ``exact=True`` (the sharded outputs' recipe, their ``model.state_sha256``): for every
+      entry its name, dtype and shape, then its bytes as stored, not cast; the class name is
+      not part of it, and a model in another dtype has another fingerprint.
+
+    Args:
+        model: The model.
+        values: Hash the values too, not only the names and shapes.
+        exact: Use the second recipe (needs ``values``).
+
+    Returns:
+        64 hexadecimal digits.
+
+    Raises:
+        ValueError: ``exact=True`` with ``values=False``.
+    """
+    state = model.state_dict()
+    if exact:
+        if not values:
+            raise ValueError("model_fingerprint(exact=True) hashes the values; pass values=True.")
+        h = hashlib.sha256()
+        for name, t in state.items():
+            t = t.detach().cpu().contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+    h = hashlib.sha256(type(model).__name__.encode())
+    for name, t in state.items():
+        h.update(f"\n{name}:{tuple(t.shape)}".encode())
+        if values:
+            v = t.detach().to("cpu")
+            v = v.float() if v.is_floating_point() else v
+            h.update(v.contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
 def save_checkpoint(

@@ -18,6 +18,7 @@ from captum_ext.checkpoint import (
     CheckpointError,
     checkpoint_paths,
     load_checkpoint,
+    model_fingerprint,
     save_checkpoint,
     verify_checkpoint,
 )
@@ -278,6 +279,64 @@ def test_checkpoint_error_is_a_picklable_value_error():
     again = pickle.loads(pickle.dumps(err))
     assert str(again) == str(err) == "/x/y.json: broken; fix it"
     assert (again.path, again.problem, again.remedy) == ("/x/y.json", "broken", "fix it")
+
+
+# --- model_fingerprint: the hashes the zoo's records and the sharded outputs hold ----------
+
+# model.state_sha256 of a sharded output (the recipe of evaluation._sharded.model_fingerprint
+# before it moved here), computed with that function
+EXACT = {
+    "shapes-cnn": "a505ad97145da16ebca5a53734204ed61886f27881d5f856d08eff513d09f0eb",
+    "shapes-vit": "e2351bb4957da150b28d108168dba5dcb78914792c03551019484f2131516096",
+    "text-bert": "38382b74cb249b4e01ec9657e0b79bbfe3c2aa7d007809a93517d49d114d6a78",
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXACT))
+def test_model_fingerprint_reproduces_the_hashes_of_the_zoo_records(name):
+    from captum_ext import zoo
+
+    if name not in zoo.available():
+        pytest.skip("zoo weights are not installed")
+    model = zoo.load(name)
+    layout, weights = model_fingerprint(model, values=False), model_fingerprint(model)
+    for kind in ("ttame", "mhex"):
+        if f"{name}-{kind}" not in zoo.available(kind="explainer"):
+            continue
+        backbone = zoo.info(f"{name}-{kind}")["backbone"]
+        if kind == "ttame":
+            assert backbone["fingerprint"] == layout
+        else:
+            assert backbone["layout_sha256"] == layout
+            assert backbone["weights_sha256"] == weights
+    assert model_fingerprint(model, exact=True) == EXACT[name]
+    # the explainers' own copies, while they have them
+    from captum_ext.explainers import mhex, ttame
+
+    if hasattr(ttame, "_fingerprint"):
+        assert ttame._fingerprint(model) == layout
+    if hasattr(mhex, "_fingerprint"):
+        assert mhex._fingerprint(model, values=False) == layout
+        assert mhex._fingerprint(model) == weights
+
+
+def test_model_fingerprint_recipes():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    layout, weights = model_fingerprint(model, values=False), model_fingerprint(model)
+    exact = model_fingerprint(model, exact=True)
+    assert len({layout, weights, exact}) == 3
+    assert all(len(h) == 64 and int(h, 16) >= 0 for h in (layout, weights, exact))
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    assert model_fingerprint(model, values=False) == layout  # names and shapes only
+    assert model_fingerprint(model) != weights
+    assert model_fingerprint(model, exact=True) != exact
+    weights, exact = model_fingerprint(model), model_fingerprint(model, exact=True)
+    model.double()  # float32 values survive a float64 copy; the stored bytes do not
+    assert model_fingerprint(model) == weights
+    assert model_fingerprint(model, exact=True) != exact
+    with pytest.raises(ValueError, match="values=True"):
+        model_fingerprint(model, values=False, exact=True)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

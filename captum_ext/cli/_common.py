@@ -36,6 +36,7 @@ __all__ = [
     "count",
     "first_line",
     "is_main_process",
+    "model_record",
     "open_dataset",
     "resolve_device",
     "run_metrics",
@@ -361,6 +362,18 @@ def add_chunk_size(p: argparse.ArgumentParser) -> None:
 def is_main_process() -> bool:
     """Rank 0 of a torchrun launch, or a process started without torchrun."""
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def model_record(spec: str, model: Any) -> dict[str, Any]:
+    """What a ``--dataset`` run records about its model: the spec, the class and the sha256
+    of its state as stored (:func:`captum_ext.checkpoint.model_fingerprint`, ``exact=True``)."""
+    from captum_ext.checkpoint import model_fingerprint
+
+    return {
+        "spec": spec,
+        "class": type(model).__name__,
+        "state_sha256": model_fingerprint(model, exact=True),
+    }
 
 
 def open_dataset(source: str, loaded: Any, n: int, seed: int) -> Any:

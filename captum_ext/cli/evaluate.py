@@ -30,6 +30,7 @@ from captum_ext.cli._common import (
     count,
     first_line,
     is_main_process,
+    model_record,
     open_dataset,
     resolve_device,
     run_metrics,
@@ -139,7 +140,6 @@ def _run_dataset(args: argparse.Namespace, device: str) -> int:
     """``evaluate --dataset``: one model on a whole dataset, sharded, the table on rank 0."""
     from captum_ext.distributed import local_device
     from captum_ext.evaluation import DEFAULT_SEED, ShardedOutputError, evaluate_dataset
-    from captum_ext.evaluation._sharded import model_fingerprint
     from captum_ext.models import load
 
     if args.model and args.models:
@@ -172,7 +172,7 @@ def _run_dataset(args: argparse.Namespace, device: str) -> int:
             methods,
             chunk_size=args.chunk_size,
             name=zoo_name or spec,
-            model_record={"spec": spec, **model_fingerprint(loaded.model)},
+            model_record=model_record(spec, loaded.model),
             overwrite=args.overwrite,
             show_progress=not args.quiet and main,
             **settings,

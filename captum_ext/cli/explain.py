@@ -51,6 +51,7 @@ from captum_ext.cli._common import (
     count,
     first_line,
     is_main_process,
+    model_record,
     open_dataset,
     resolve_device,
     staged_output,
@@ -524,7 +525,6 @@ def _run_dataset(args: argparse.Namespace, methods: list[str], device: str) -> i
     """``explain --dataset``: every example, sharded and resumable (one process or torchrun)."""
     from captum_ext.distributed import local_device
     from captum_ext.evaluation import DEFAULT_SEED, ShardedOutputError, explain_dataset
-    from captum_ext.evaluation._sharded import model_fingerprint
 
     device = str(local_device(device))
     out = Path(args.out)
@@ -549,7 +549,7 @@ def _run_dataset(args: argparse.Namespace, methods: list[str], device: str) -> i
             chunk_size=args.chunk_size,
             batch_size=args.batch_size,
             device=device,
-            model_record={"spec": loaded.spec, **model_fingerprint(loaded.model)},
+            model_record=model_record(loaded.spec, loaded.model),
             overwrite=args.overwrite,
             show_progress=not args.quiet and main,
         )

@@ -42,7 +42,12 @@ from torch import Tensor, nn
 from torch.utils.data import DistributedSampler
 
 from captum_ext._scores import model_output_to_tensor, progress
-from captum_ext.checkpoint import load_checkpoint, save_checkpoint, verify_checkpoint
+from captum_ext.checkpoint import (
+    load_checkpoint,
+    model_fingerprint,
+    save_checkpoint,
+    verify_checkpoint,
+)
 from captum_ext.distributed import World, local_device
 from captum_ext.distributed import world as process_world
 from captum_ext.errors import CheckpointError
@@ -83,14 +88,9 @@ def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def model_fingerprint(model: nn.Module) -> dict[str, Any]:
+def _model_record(model: nn.Module) -> dict[str, Any]:
     """The class and a sha256 of every parameter and buffer (names, dtypes, shapes, bytes)."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        t = t.detach().cpu().contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return {"class": type(model).__name__, "state_sha256": h.hexdigest()}
+    return {"class": type(model).__name__, "state_sha256": model_fingerprint(model, exact=True)}
 
 
 def shard_chunks(n_chunks: int, rank: int, world_size: int) -> list[int]:
@@ -403,7 +403,7 @@ def explain_dataset(
     explainers = {m: make_method(m, model) for m in methods}
     config = {
         "kind": "explain",
-        "model": model_record or model_fingerprint(model),
+        "model": model_record or _model_record(model),
         "methods": list(methods),
         "targets": targets if isinstance(targets, str) else [int(k) for k in targets],
         "scores": "sigmoid" if multi_label else "softmax",
@@ -559,7 +559,7 @@ def evaluate_dataset(
     model = subject.model
     record = {
         "kind": "evaluate",
-        "model": model_record or model_fingerprint(model),
+        "model": model_record or _model_record(model),
         "explainers": sorted(subject.explainers),
         "methods": cfg.method_names,
         "metrics": list(cfg.metrics) if cfg.metrics is not None else None,
