@@ -406,7 +406,7 @@ def _load_timm(arch: str, weights: Path | None, kwargs: dict[str, Any]) -> Loade
         raise ModelLoadError(f"unknown timm architecture {arch!r}{hint}")
     if weights is None:
         raise ModelLoadError(
-            f"timm:{arch} needs a weights file (captum-ext: --weights FILE): its pretrained "
+            f"timm:{arch} needs a weights file (weights=FILE): its pretrained "
             "weights would need a download, and captum_ext never downloads; pass a local "
             ".safetensors (or .pt/.pth/.bin) file"
         )
@@ -478,8 +478,7 @@ def _check_timm_img_size(arch: str, model: nn.Module) -> None:
     above = size(-(-h // ph) * ph, -(-w // pw) * pw)
     raise ModelLoadError(
         f"timm:{arch}: img_size {h}x{w} is not a multiple of the patch size {ph}x{pw}; "
-        f"build the model with img_size {below} or {above} (model_kwargs; captum-ext: "
-        "--model-kwargs)"
+        f"build the model with img_size {below} or {above} (model_kwargs)"
     )
 
 

@@ -286,8 +286,18 @@ def test_an_out_written_with_other_settings_is_refused_in_one_line(plain_folder,
     (other / "notes.txt").write_text("mine")
     capsys.readouterr()
     assert main([*args, "--method", "cdam", "--out", str(other)]) == 2
-    assert "holds no index.json" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "holds no index.json" in err
+    assert f"--out {other}:" in err and "--overwrite" in err  # the command's own options
     assert (other / "notes.txt").read_text() == "mine"
+
+    # the library names its arguments instead
+    data = ImageFiles(plain_folder, _transform(zoo.info(MODEL)))
+    with pytest.raises(ShardedOutputError) as refused:
+        explain_dataset(zoo.load(MODEL), ["cdam"], data, other)
+    message = str(refused.value)
+    assert message.startswith(f"out={other}:") and "overwrite=True" in message
+    assert "--" not in message
 
 
 def test_evaluate_refuses_an_out_of_another_evaluation(tmp_path, capsys):

@@ -8,6 +8,7 @@ API, which imports the methods) counts as the floor below ``evaluation``.
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -78,4 +79,52 @@ def test_hooks_are_registered_only_by_the_hook_engine():
         for call in ("register_forward_hook", "register_forward_pre_hook", ".register_hook("):
             if call in text:
                 offenders.append(f"{path.relative_to(PACKAGE)}: {call}")
+    assert not offenders, offenders
+
+
+def _cli_options() -> set[str]:
+    """Every ``--option`` of the ``captum-ext`` command and its subcommands."""
+    import argparse
+
+    from captum_ext.cli import build_parser
+
+    options: set[str] = set()
+    parsers = [build_parser()]
+    while parsers:
+        parser = parsers.pop()
+        for action in parser._actions:
+            options.update(o for o in action.option_strings if o.startswith("--"))
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
+    return options
+
+
+def _docstrings(tree: ast.AST) -> set[int]:
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+            body = node.body
+            if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+                found.add(id(body[0].value))
+    return found
+
+
+def test_library_messages_name_arguments_not_command_line_options():
+    """Outside ``captum_ext/cli`` strings name Python arguments (``overwrite=True``); the
+    command translates them to its options where it reports them."""
+    options = _cli_options()
+    token = re.compile(r"(?<![\w-])--[a-z][\w-]*")
+    offenders = []
+    for path in SOURCES:
+        if _room(path) == "cli":
+            continue
+        tree = ast.parse(path.read_text())
+        skip = _docstrings(tree)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                if id(node) in skip:
+                    continue
+                used = set(token.findall(node.value)) & options
+                if used:
+                    offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno}: {sorted(used)}")
     assert not offenders, offenders

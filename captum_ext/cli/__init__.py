@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Args:
         argv: Arguments without the program name (default: ``sys.argv[1:]``).
     """
-    from captum_ext.cli._common import CLIError, Terminated, first_line
+    from captum_ext.cli._common import CLIError, Terminated, as_flags, first_line
     from captum_ext.models import ModelLoadError
 
     parser = build_parser()
@@ -67,8 +67,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.run(args)
-    except (CLIError, ModelLoadError) as err:
+    except CLIError as err:
         print(f"{PROG} {args.command}: error: {first_line(err)}", file=sys.stderr)
+        return 2
+    except ModelLoadError as err:
+        print(f"{PROG} {args.command}: error: {as_flags(first_line(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{PROG} {args.command}: interrupted", file=sys.stderr)

@@ -31,6 +31,7 @@ __all__ = [
     "add_chunk_size",
     "add_device",
     "add_quiet",
+    "as_flags",
     "check_methods",
     "check_out_dir",
     "count",
@@ -56,6 +57,29 @@ def first_line(err: BaseException) -> str:
         if line.strip():
             return line.strip()
     return type(err).__name__
+
+
+_FLAGS = {
+    "overwrite=True": "--overwrite",
+    "weights=FILE": "--weights FILE",
+    "(model_kwargs)": "(--model-kwargs)",
+}
+"""Python arguments named in library messages, and the options that set them here."""
+
+
+def as_flags(line: str, out: Path | None = None) -> str:
+    """A library message with the Python arguments it names spelled as this command's options.
+
+    Args:
+        line: The message (one line).
+        out: The output folder the command passed as ``out=`` (``out=OUT`` becomes
+            ``--out OUT``).
+    """
+    if out is not None:
+        line = line.replace(f"out={out}", f"--out {out}")
+    for argument, flag in _FLAGS.items():
+        line = line.replace(argument, flag)
+    return line
 
 
 def count(low: int):

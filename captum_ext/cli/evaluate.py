@@ -25,6 +25,7 @@ from captum_ext.cli._common import (
     add_device,
     add_num_examples,
     add_quiet,
+    as_flags,
     check_methods,
     check_out_dir,
     count,
@@ -178,7 +179,7 @@ def _run_dataset(args: argparse.Namespace, device: str) -> int:
             **settings,
         )
     except (ShardedOutputError, ValueError) as err:
-        raise CLIError(first_line(err)) from err
+        raise CLIError(as_flags(first_line(err), out)) from err
     if not main:
         return 0
     md = result.to_markdown()

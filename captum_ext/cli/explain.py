@@ -46,6 +46,7 @@ from captum_ext.cli._common import (
     add_device,
     add_num_examples,
     add_quiet,
+    as_flags,
     check_methods,
     check_out_dir,
     count,
@@ -554,7 +555,7 @@ def _run_dataset(args: argparse.Namespace, methods: list[str], device: str) -> i
             show_progress=not args.quiet and main,
         )
     except (ShardedOutputError, ValueError) as err:
-        raise CLIError(first_line(err)) from err
+        raise CLIError(as_flags(first_line(err), out)) from err
     if main:
         print(
             f"explained {len(data)} examples with {', '.join(explainers)}: "

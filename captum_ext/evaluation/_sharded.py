@@ -128,7 +128,7 @@ def _prepare(out: Path, config: dict[str, Any], digest: str, overwrite: bool) ->
         ``None``, or the one-line reason the folder cannot be used.
     """
     if out.exists() and not out.is_dir():
-        return f"--out {out}: exists and is not a folder"
+        return f"out={out}: exists and is not a folder"
     index = out / INDEX
     if overwrite and out.is_dir():
         for item in out.iterdir():
@@ -141,19 +141,19 @@ def _prepare(out: Path, config: dict[str, Any], digest: str, overwrite: bool) ->
         try:
             old = json.loads(index.read_text())
         except (OSError, ValueError) as err:
-            return f"--out {out}: {INDEX} cannot be read ({err}); pass --overwrite to start again"
+            return f"out={out}: {INDEX} cannot be read ({err}); pass overwrite=True to start again"
         if not isinstance(old, dict) or old.get("format") != FORMAT:
-            return f"--out {out}: {INDEX} is not a captum-ext index; choose another folder"
+            return f"out={out}: {INDEX} is not a captum-ext index; choose another folder"
         if old.get("config_hash") != digest:
             diff = ", ".join(_differences(old.get("config") or {}, config)) or "config"
             return (
-                f"--out {out} was written with another configuration (differs in: {diff}); "
-                "use another folder, the same settings to resume, or --overwrite to start again"
+                f"out={out} was written with another configuration (differs in: {diff}); "
+                "use another folder, the same settings to resume, or overwrite=True to start again"
             )
     elif out.is_dir() and any(out.iterdir()):
         return (
-            f"--out {out}: the folder is not empty and holds no {INDEX} of an earlier run; "
-            "choose another folder, or pass --overwrite to replace its content"
+            f"out={out}: the folder is not empty and holds no {INDEX} of an earlier run; "
+            "choose another folder, or pass overwrite=True to replace its content"
         )
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -168,7 +168,7 @@ def _prepare(out: Path, config: dict[str, Any], digest: str, overwrite: bool) ->
         record["complete"] = False
         _write_json_atomic(index, record)
     except OSError as err:
-        return f"--out {out}: cannot write there ({err.strerror or err})"
+        return f"out={out}: cannot write there ({err.strerror or err})"
     return None
 
 
