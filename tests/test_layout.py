@@ -70,6 +70,61 @@ def test_imports_point_down(path):
     assert not up, f"{path.relative_to(PACKAGE)} ({room or 'API'}) imports from above: {up}"
 
 
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _absolute(path: Path, node: ast.ImportFrom) -> str:
+    """The module an ``import from`` names, relative imports resolved."""
+    if node.level == 0:
+        return node.module or ""
+    package = ["captum_ext", *path.relative_to(PACKAGE).parent.parts]
+    base = package[: len(package) - (node.level - 1)]
+    return ".".join([*base, *([node.module] if node.module else [])])
+
+
+def _private_imports(path: Path) -> list[str]:
+    """Private modules and names of other rooms that ``path`` imports (``room._x``, ``_name``).
+
+    A room is a top-level module or subpackage of ``captum_ext``; its own name counts as
+    public (``_scores`` is a room), the modules and names inside it that start with ``_`` do
+    not. Dunders (``__version__``) are public.
+    """
+    room = _room(path)
+    found = []
+
+    def check(module: str, names: list[str], line: int) -> None:
+        parts = module.split(".")
+        if parts[0] != "captum_ext":
+            return
+        other = parts[1] if len(parts) > 1 else ""
+        if other == room:
+            return
+        private = [p for p in parts[2:] if _private(p)]
+        if other == "":  # from captum_ext import x: x is a room (public) or a name of the API
+            private += [n for n in names if n not in SUBMODULES and _private(n)]
+        else:
+            private += [n for n in names if _private(n)]
+        if private:
+            found.append(f"{path.relative_to(PACKAGE)}:{line} imports {module}: {private}")
+
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            check(_absolute(path, node), [a.name for a in node.names], node.lineno)
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                check(alias.name, [], node.lineno)
+    return found
+
+
+@pytest.mark.parametrize("path", SOURCES, ids=[str(p.relative_to(PACKAGE)) for p in SOURCES])
+def test_no_private_imports_from_another_room(path):
+    """What one room uses of another is that room's public face, never its ``_private``
+    modules or names: move the thing down a floor or make it public in its home module."""
+    found = _private_imports(path)
+    assert not found, found
+
+
 def test_hooks_are_registered_only_by_the_hook_engine():
     offenders = []
     for path in SOURCES:
