@@ -444,6 +444,7 @@ def test_explain_zoo_model_reports_sigmoid_scores(tmp_path):
     assert len(pred["inputs"][0]["top"]) == 4
 
 
+@pytest.mark.e2e
 @needs_zoo
 def test_demo_small_writes_every_output(tmp_path, capsys):
     out = tmp_path / "demo"
@@ -651,6 +652,7 @@ def test_unwritable_out_is_refused_before_computing(
     assert not [p for p in tmp_path.rglob(".captum-ext-*")]
 
 
+@pytest.mark.e2e
 @needs_zoo
 def test_sigterm_during_demo_leaves_no_staging_folder(tmp_path):
     import signal

@@ -138,6 +138,7 @@ def _rows(path: Path) -> list[tuple]:
     return [(r["method"], r["metric"], r["n"], r["mean"], r["lo"], r["hi"]) for r in data["rows"]]
 
 
+@pytest.mark.e2e
 def test_torchrun_two_ranks_equal_one_process(image_folder, tmp_path):
     run_two_ranks(__file__, image_folder, tmp_path / "ddp", timeout=600)
     _worker(str(image_folder), str(tmp_path / "one"))

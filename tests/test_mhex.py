@@ -442,6 +442,7 @@ def test_validation_reports_every_head(tmp_path):
     assert 0 <= entry["val_final"] <= 1
 
 
+@pytest.mark.e2e
 def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     from safetensors.torch import load_file
 

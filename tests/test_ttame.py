@@ -713,6 +713,7 @@ def test_tampered_checkpoints_are_refused(vit_ttame, tmp_path):
 # DDP under torchrun (gloo, CPU)
 
 
+@pytest.mark.e2e
 def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     from safetensors.torch import load_file
 

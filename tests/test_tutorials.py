@@ -33,6 +33,7 @@ def _load(name: str):
     return module
 
 
+@pytest.mark.e2e
 def test_quickstart_writes_a_figure_whose_rows_differ_by_class(tmp_path, capsys):
     out = tmp_path / "qs.png"
     _load("quickstart").main(["--n", "1", "--out", str(out)])
@@ -43,6 +44,7 @@ def test_quickstart_writes_a_figure_whose_rows_differ_by_class(tmp_path, capsys)
     assert np.abs(top - bottom).mean() > 1.0  # the two classes' rows are not the same picture
 
 
+@pytest.mark.e2e
 def test_benchmark_your_method_scores_the_custom_map(tmp_path, capsys):
     out = tmp_path / "bym"
     _load("benchmark_your_method").main(["--n", "8", "--bootstrap", "20", "--out", str(out)])
@@ -139,6 +141,7 @@ EXPECTED = {  # what the executed notebook must show besides running its own fin
 }
 
 
+@pytest.mark.e2e
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_runs_and_passes_its_checks(name, python_kernel, tmp_path):
