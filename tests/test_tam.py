@@ -400,7 +400,7 @@ def test_clear_errors() -> None:
 # ----------------------------------------------------------------- pass sizing
 import math  # noqa: E402
 
-from captum_ext.attr import tam as tam_module  # noqa: E402
+from captum_ext.attr import _tam_sizing as sizing  # noqa: E402
 
 HUGE = 1 << 62
 
@@ -408,7 +408,7 @@ HUGE = 1 << 62
 @pytest.fixture
 def fresh_cache(monkeypatch: pytest.MonkeyPatch) -> dict:
     cache: dict = {}
-    monkeypatch.setattr(tam_module, "_CALIBRATED", cache)
+    monkeypatch.setattr(sizing, "_CALIBRATED", cache)
     return cache
 
 
@@ -507,24 +507,24 @@ def test_bad_pass_arguments_give_clear_errors() -> None:
 
 def test_calibration_key_and_device_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 1)
-    key = tam_module._calibration_key(cpu, torch.float32, 384, 197)
+    key = sizing.calibration_key(cpu, torch.float32, 384, 197)
     threads = torch.get_num_threads()
     assert key == ("cpu", None, threads, "torch.float32", 384, 197)
-    assert key != tam_module._calibration_key(cpu, torch.float64, 384, 197)
-    assert key != tam_module._calibration_key(cpu, torch.float32, 768, 197)
-    assert key != tam_module._calibration_key(cpu, torch.float32, 384, 50)
+    assert key != sizing.calibration_key(cpu, torch.float64, 384, 197)
+    assert key != sizing.calibration_key(cpu, torch.float32, 768, 197)
+    assert key != sizing.calibration_key(cpu, torch.float32, 384, 50)
     try:
         torch.set_num_threads(threads + 1)
-        assert key != tam_module._calibration_key(cpu, torch.float32, 384, 197)
+        assert key != sizing.calibration_key(cpu, torch.float32, 384, 197)
     finally:
         torch.set_num_threads(threads)
-    assert tam_module._calibration_key(cuda, torch.float16, 384, 197)[:3] == ("cuda", 1, 0)
+    assert sizing.calibration_key(cuda, torch.float16, 384, 197)[:3] == ("cuda", 1, 0)
     # accelerators: big passes without timing; CPU: calibrate unless cached
-    monkeypatch.setattr(tam_module, "_CALIBRATED", {key: 1234})
-    assert tam_module._auto_budget(cuda, key) == tam_module.ACCELERATOR_TOKENS
-    assert tam_module._auto_budget(torch.device("mps"), key) == tam_module.ACCELERATOR_TOKENS
-    assert tam_module._auto_budget(cpu, key) == 1234
-    assert tam_module._auto_budget(cpu, (*key[:-1], 50)) is None
+    monkeypatch.setattr(sizing, "_CALIBRATED", {key: 1234})
+    assert sizing.auto_budget(cuda, key) == sizing.ACCELERATOR_TOKENS
+    assert sizing.auto_budget(torch.device("mps"), key) == sizing.ACCELERATOR_TOKENS
+    assert sizing.auto_budget(cpu, key) == 1234
+    assert sizing.auto_budget(cpu, (*key[:-1], 50)) is None
     # memory caps: CPU fixed, CUDA half of the free memory (mocked), others fixed
     calls = []
 
@@ -533,24 +533,22 @@ def test_calibration_key_and_device_defaults(monkeypatch: pytest.MonkeyPatch) ->
         return 40 << 30, 80 << 30
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
-    assert tam_module._default_memory_cap(cuda) == 20 << 30 and calls == [cuda]
-    assert tam_module._default_memory_cap(cpu) == tam_module.CPU_MEMORY_BYTES
-    assert tam_module._default_memory_cap(torch.device("mps")) == (
-        tam_module.OTHER_DEVICE_MEMORY_BYTES
-    )
+    assert sizing.default_memory_cap(cuda) == 20 << 30 and calls == [cuda]
+    assert sizing.default_memory_cap(cpu) == sizing.CPU_MEMORY_BYTES
+    assert sizing.default_memory_cap(torch.device("mps")) == sizing.OTHER_DEVICE_MEMORY_BYTES
     # ViT-S/16 fp32 on such a GPU: passes >= 10x the rows of the loop over a batch of 8
-    row_bytes = functools.partial(tam_module._row_bytes, width=384, heads=6, itemsize=4)
-    sizer = tam_module._PassSizer(
+    row_bytes = functools.partial(sizing.row_bytes, width=384, heads=6, itemsize=4)
+    sizer = sizing.PassSizer(
         lambda n: row_bytes(n) + 3 * 224 * 224 * 4,
-        tam_module._default_memory_cap(cuda),
-        budget=tam_module.ACCELERATOR_TOKENS,
+        sizing.default_memory_cap(cuda),
+        budget=sizing.ACCELERATOR_TOKENS,
     )
     rows, capped = sizer.rows(196, sizer.budget)
-    assert rows >= 80 and rows == tam_module.ACCELERATOR_TOKENS // 196 and not capped
+    assert rows >= 80 and rows == sizing.ACCELERATOR_TOKENS // 196 and not capped
 
 
 def _sizer(candidates=(10, 20, 40, 80), per_pass=None, cap=HUGE, key=("k",)):
-    return tam_module._PassSizer(lambda n: 1, cap, per_pass, candidates=candidates, key=key)
+    return sizing.PassSizer(lambda n: 1, cap, per_pass, candidates=candidates, key=key)
 
 
 def test_calibration_choice(fresh_cache: dict) -> None:
@@ -597,12 +595,10 @@ def test_calibration_end_to_end_with_a_fake_clock(
     name = "timm_vit"  # width 32, L = 16 per single removal
     x, _ = _inputs(name, batch=4)
     tam = TokenAblation(_model(name))
-    monkeypatch.setattr(
-        tam_module, "CPU_CANDIDATE_ELEMENTS", tuple(32 * 16 * r for r in (1, 2, 4, 8))
-    )
+    monkeypatch.setattr(sizing, "CPU_CANDIDATE_ELEMENTS", tuple(32 * 16 * r for r in (1, 2, 4, 8)))
     seconds_per_row = {1: 3.0, 2: 2.0, 4: 1.0, 8: 1.5}
     now = [0.0]
-    monkeypatch.setattr(tam_module, "_clock", lambda: now[0])
+    monkeypatch.setattr(sizing, "_clock", lambda: now[0])
     seen = _count_rows(tam, monkeypatch)
     forward = tam.adapter.forward
 
@@ -615,7 +611,7 @@ def test_calibration_end_to_end_with_a_fake_clock(
     ladder = [1, 1, 2, 1, 2, 1, 4, 2, 4, 2, 8, 4, 8, 4]  # 44 rows; 8 costs more than 4: stop
     assert seen[1:] == [*ladder, 4, 4, 4, 4, 4]  # 64 rows: the ladder, then 4 per pass
     assert "19/19" in capsys.readouterr().err  # the bar's total follows the calibration
-    key = tam_module._calibration_key(torch.device("cpu"), torch.float64, 32, 17)
+    key = sizing.calibration_key(torch.device("cpu"), torch.float64, 32, 17)
     assert fresh_cache == {key: 64}  # 4 rows of 16 tokens
     seen.clear()
     again = tam.attribute(x, target=2, output="tokens")
