@@ -398,9 +398,12 @@ def test_clear_errors() -> None:
 
 
 # ----------------------------------------------------------------- pass sizing
+import dataclasses  # noqa: E402
 import math  # noqa: E402
 
 from captum_ext.attr import _tam_sizing as sizing  # noqa: E402
+from captum_ext.attr import tam as tam_module  # noqa: E402
+from captum_ext.attr.tam import PassSizing  # noqa: E402
 
 HUGE = 1 << 62
 
@@ -503,6 +506,64 @@ def test_bad_pass_arguments_give_clear_errors() -> None:
     for bad in (0, 2.0, False):
         with pytest.raises(ValueError, match="perturbations_per_eval must be None or a positive"):
             tam.attribute(x, perturbations_per_eval=bad)
+
+
+def test_pass_sizing_validates_each_argument() -> None:
+    assert PassSizing() == PassSizing(None, "auto", None)  # attribute's defaults
+    PassSizing(perturbations_per_eval=3, max_tokens_per_pass=1, max_memory_bytes=0.5)
+    bad = {
+        "perturbations_per_eval": (0, -2, 2.0, False, "4"),
+        "max_tokens_per_pass": (0, 1.5, True, "fast", None),
+        "max_memory_bytes": (0, -1.0, math.nan, math.inf, "1GB", True),
+    }
+    for name, values in bad.items():
+        for value in values:
+            with pytest.raises(ValueError, match=f"^TokenAblation: {name} must be") as err:
+                PassSizing(**{name: value})
+            assert "\n" not in str(err.value) and repr(value) in str(err.value)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        PassSizing().max_tokens_per_pass = 5  # type: ignore[misc]
+
+
+def test_pass_sizer_decisions() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    tokens = torch.zeros(3, 17, 32, dtype=torch.float64)  # B = 3, N = 17, D = 32
+    cost = sizing.RowCost(32, 2, 8, 100)
+    assert cost(16) == _expected_row_bytes(16, 32, 2, 8, 100)
+    # an explicit budget passes through, uncapped: budget // L rows
+    sizer = sizing.pass_sizer(PassSizing(max_tokens_per_pass=160), tokens, 2, 100)
+    assert sizer.budget == 160 and not sizer.calibrating and sizer.row_cost == cost
+    assert sizer.next_rows(16, left=48) == (10, False)
+    # the memory cap bounds the rows (and says so); one row at least
+    sizer = sizing.pass_sizer(
+        PassSizing(max_tokens_per_pass=HUGE, max_memory_bytes=4.5 * cost(16)), tokens, 2, 100
+    )
+    assert sizer.rows(16, sizer.budget) == (4, True)
+    assert sizing.PassSizer(cost, 1, budget=HUGE).rows(16, HUGE) == (1, True)
+    # Captum's cap: B * perturbations_per_eval rows
+    sizer = sizing.pass_sizer(PassSizing(2, HUGE, HUGE), tokens, 2, 100)
+    assert sizer.per_pass == 6 and sizer.rows(16, sizer.budget) == (6, True)
+    # heads unknown: estimated from the width, at least one
+    assert sizing.pass_sizer(PassSizing(), tokens, None, 100).row_cost.heads == 1
+    # "auto" on CPU calibrates over the ladder divided by the width, unless cached
+    sizer = sizing.pass_sizer(PassSizing(), tokens, 2, 100)
+    assert sizer.calibrating and sizer.candidates == sizing.cpu_ladder(32)
+    assert sizer.candidates[0] == (1 << 17) // 32 and list(sizer.candidates) == sorted(
+        sizer.candidates
+    )
+    assert sizer.memory_cap == sizing.CPU_MEMORY_BYTES
+    assert PassSizing(max_memory_bytes=123).memory_cap(cuda) == 123
+    assert PassSizing().rows_cap(4) is None and PassSizing(3).rows_cap(4) == 12
+    assert sizing.auto_budget(cpu, ("never", "seen")) is None
+
+
+def test_tam_formula_is_the_logit_drop() -> None:
+    clean = torch.tensor([[5.0, 1.0, 2.0], [0.0, 3.0, -1.0]])  # (K=2, R=3)
+    ablated = torch.tensor([[4.0, 9.0], [7.0, 0.5], [1.0, 2.5]])  # (R=3, C=2)
+    target = torch.tensor([[0, 1, 1], [1, 1, 0]])  # (K, R)
+    got = tam_module._tam_score(clean, ablated, target)
+    expected = torch.tensor([[5.0 - 4.0, 1.0 - 0.5, 2.0 - 2.5], [0.0 - 9.0, 3.0 - 0.5, -1.0 - 1.0]])
+    assert torch.equal(got, expected)
 
 
 def test_calibration_key_and_device_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
