@@ -69,7 +69,7 @@ from _models import shapes_vit
 from _timing import median_time, table
 
 from captum_ext import TokenAblation
-from captum_ext.attr import tam as tam_module
+from captum_ext.attr import _tam_sizing
 
 
 def loop_reference(model, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -152,7 +152,7 @@ def _worker(args: argparse.Namespace) -> None:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     torch.save(maps, args.save)
     sizes = sorted(set(rows[1:]))
-    calibrated = list(tam_module._CALIBRATED.values())  # the cached CPU budget, if any
+    calibrated = list(_tam_sizing._CALIBRATED.values())  # the cached CPU budget, if any
     info = dict(times=times, passes=len(rows) - 1, rows=sizes, rss0_kb=rss0, rss_kb=rss)
     print(json.dumps(dict(info, calibrated=calibrated)))
 

@@ -398,9 +398,12 @@ def test_clear_errors() -> None:
 
 
 # ----------------------------------------------------------------- pass sizing
+import dataclasses  # noqa: E402
 import math  # noqa: E402
 
+from captum_ext.attr import _tam_sizing as sizing  # noqa: E402
 from captum_ext.attr import tam as tam_module  # noqa: E402
+from captum_ext.attr.tam import PassSizing  # noqa: E402
 
 HUGE = 1 << 62
 
@@ -408,7 +411,7 @@ HUGE = 1 << 62
 @pytest.fixture
 def fresh_cache(monkeypatch: pytest.MonkeyPatch) -> dict:
     cache: dict = {}
-    monkeypatch.setattr(tam_module, "_CALIBRATED", cache)
+    monkeypatch.setattr(sizing, "_CALIBRATED", cache)
     return cache
 
 
@@ -505,26 +508,84 @@ def test_bad_pass_arguments_give_clear_errors() -> None:
             tam.attribute(x, perturbations_per_eval=bad)
 
 
+def test_pass_sizing_validates_each_argument() -> None:
+    assert PassSizing() == PassSizing(None, "auto", None)  # attribute's defaults
+    PassSizing(perturbations_per_eval=3, max_tokens_per_pass=1, max_memory_bytes=0.5)
+    bad = {
+        "perturbations_per_eval": (0, -2, 2.0, False, "4"),
+        "max_tokens_per_pass": (0, 1.5, True, "fast", None),
+        "max_memory_bytes": (0, -1.0, math.nan, math.inf, "1GB", True),
+    }
+    for name, values in bad.items():
+        for value in values:
+            with pytest.raises(ValueError, match=f"^TokenAblation: {name} must be") as err:
+                PassSizing(**{name: value})
+            assert "\n" not in str(err.value) and repr(value) in str(err.value)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        PassSizing().max_tokens_per_pass = 5  # type: ignore[misc]
+
+
+def test_pass_sizer_decisions() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    tokens = torch.zeros(3, 17, 32, dtype=torch.float64)  # B = 3, N = 17, D = 32
+    cost = sizing.RowCost(32, 2, 8, 100)
+    assert cost(16) == _expected_row_bytes(16, 32, 2, 8, 100)
+    # an explicit budget passes through, uncapped: budget // L rows
+    sizer = sizing.pass_sizer(PassSizing(max_tokens_per_pass=160), tokens, 2, 100)
+    assert sizer.budget == 160 and not sizer.calibrating and sizer.row_cost == cost
+    assert sizer.next_rows(16, left=48) == (10, False)
+    # the memory cap bounds the rows (and says so); one row at least
+    sizer = sizing.pass_sizer(
+        PassSizing(max_tokens_per_pass=HUGE, max_memory_bytes=4.5 * cost(16)), tokens, 2, 100
+    )
+    assert sizer.rows(16, sizer.budget) == (4, True)
+    assert sizing.PassSizer(cost, 1, budget=HUGE).rows(16, HUGE) == (1, True)
+    # Captum's cap: B * perturbations_per_eval rows
+    sizer = sizing.pass_sizer(PassSizing(2, HUGE, HUGE), tokens, 2, 100)
+    assert sizer.per_pass == 6 and sizer.rows(16, sizer.budget) == (6, True)
+    # heads unknown: estimated from the width, at least one
+    assert sizing.pass_sizer(PassSizing(), tokens, None, 100).row_cost.heads == 1
+    # "auto" on CPU calibrates over the ladder divided by the width, unless cached
+    sizer = sizing.pass_sizer(PassSizing(), tokens, 2, 100)
+    assert sizer.calibrating and sizer.candidates == sizing.cpu_ladder(32)
+    assert sizer.candidates[0] == (1 << 17) // 32 and list(sizer.candidates) == sorted(
+        sizer.candidates
+    )
+    assert sizer.memory_cap == sizing.CPU_MEMORY_BYTES
+    assert PassSizing(max_memory_bytes=123).memory_cap(cuda) == 123
+    assert PassSizing().rows_cap(4) is None and PassSizing(3).rows_cap(4) == 12
+    assert sizing.auto_budget(cpu, ("never", "seen")) is None
+
+
+def test_tam_formula_is_the_logit_drop() -> None:
+    clean = torch.tensor([[5.0, 1.0, 2.0], [0.0, 3.0, -1.0]])  # (K=2, R=3)
+    ablated = torch.tensor([[4.0, 9.0], [7.0, 0.5], [1.0, 2.5]])  # (R=3, C=2)
+    target = torch.tensor([[0, 1, 1], [1, 1, 0]])  # (K, R)
+    got = tam_module._tam_score(clean, ablated, target)
+    expected = torch.tensor([[5.0 - 4.0, 1.0 - 0.5, 2.0 - 2.5], [0.0 - 9.0, 3.0 - 0.5, -1.0 - 1.0]])
+    assert torch.equal(got, expected)
+
+
 def test_calibration_key_and_device_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 1)
-    key = tam_module._calibration_key(cpu, torch.float32, 384, 197)
+    key = sizing.calibration_key(cpu, torch.float32, 384, 197)
     threads = torch.get_num_threads()
     assert key == ("cpu", None, threads, "torch.float32", 384, 197)
-    assert key != tam_module._calibration_key(cpu, torch.float64, 384, 197)
-    assert key != tam_module._calibration_key(cpu, torch.float32, 768, 197)
-    assert key != tam_module._calibration_key(cpu, torch.float32, 384, 50)
+    assert key != sizing.calibration_key(cpu, torch.float64, 384, 197)
+    assert key != sizing.calibration_key(cpu, torch.float32, 768, 197)
+    assert key != sizing.calibration_key(cpu, torch.float32, 384, 50)
     try:
         torch.set_num_threads(threads + 1)
-        assert key != tam_module._calibration_key(cpu, torch.float32, 384, 197)
+        assert key != sizing.calibration_key(cpu, torch.float32, 384, 197)
     finally:
         torch.set_num_threads(threads)
-    assert tam_module._calibration_key(cuda, torch.float16, 384, 197)[:3] == ("cuda", 1, 0)
+    assert sizing.calibration_key(cuda, torch.float16, 384, 197)[:3] == ("cuda", 1, 0)
     # accelerators: big passes without timing; CPU: calibrate unless cached
-    monkeypatch.setattr(tam_module, "_CALIBRATED", {key: 1234})
-    assert tam_module._auto_budget(cuda, key) == tam_module.ACCELERATOR_TOKENS
-    assert tam_module._auto_budget(torch.device("mps"), key) == tam_module.ACCELERATOR_TOKENS
-    assert tam_module._auto_budget(cpu, key) == 1234
-    assert tam_module._auto_budget(cpu, (*key[:-1], 50)) is None
+    monkeypatch.setattr(sizing, "_CALIBRATED", {key: 1234})
+    assert sizing.auto_budget(cuda, key) == sizing.ACCELERATOR_TOKENS
+    assert sizing.auto_budget(torch.device("mps"), key) == sizing.ACCELERATOR_TOKENS
+    assert sizing.auto_budget(cpu, key) == 1234
+    assert sizing.auto_budget(cpu, (*key[:-1], 50)) is None
     # memory caps: CPU fixed, CUDA half of the free memory (mocked), others fixed
     calls = []
 
@@ -533,24 +594,22 @@ def test_calibration_key_and_device_defaults(monkeypatch: pytest.MonkeyPatch) ->
         return 40 << 30, 80 << 30
 
     monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
-    assert tam_module._default_memory_cap(cuda) == 20 << 30 and calls == [cuda]
-    assert tam_module._default_memory_cap(cpu) == tam_module.CPU_MEMORY_BYTES
-    assert tam_module._default_memory_cap(torch.device("mps")) == (
-        tam_module.OTHER_DEVICE_MEMORY_BYTES
-    )
+    assert sizing.default_memory_cap(cuda) == 20 << 30 and calls == [cuda]
+    assert sizing.default_memory_cap(cpu) == sizing.CPU_MEMORY_BYTES
+    assert sizing.default_memory_cap(torch.device("mps")) == sizing.OTHER_DEVICE_MEMORY_BYTES
     # ViT-S/16 fp32 on such a GPU: passes >= 10x the rows of the loop over a batch of 8
-    row_bytes = functools.partial(tam_module._row_bytes, width=384, heads=6, itemsize=4)
-    sizer = tam_module._PassSizer(
+    row_bytes = functools.partial(sizing.row_bytes, width=384, heads=6, itemsize=4)
+    sizer = sizing.PassSizer(
         lambda n: row_bytes(n) + 3 * 224 * 224 * 4,
-        tam_module._default_memory_cap(cuda),
-        budget=tam_module.ACCELERATOR_TOKENS,
+        sizing.default_memory_cap(cuda),
+        budget=sizing.ACCELERATOR_TOKENS,
     )
     rows, capped = sizer.rows(196, sizer.budget)
-    assert rows >= 80 and rows == tam_module.ACCELERATOR_TOKENS // 196 and not capped
+    assert rows >= 80 and rows == sizing.ACCELERATOR_TOKENS // 196 and not capped
 
 
 def _sizer(candidates=(10, 20, 40, 80), per_pass=None, cap=HUGE, key=("k",)):
-    return tam_module._PassSizer(lambda n: 1, cap, per_pass, candidates=candidates, key=key)
+    return sizing.PassSizer(lambda n: 1, cap, per_pass, candidates=candidates, key=key)
 
 
 def test_calibration_choice(fresh_cache: dict) -> None:
@@ -597,12 +656,10 @@ def test_calibration_end_to_end_with_a_fake_clock(
     name = "timm_vit"  # width 32, L = 16 per single removal
     x, _ = _inputs(name, batch=4)
     tam = TokenAblation(_model(name))
-    monkeypatch.setattr(
-        tam_module, "CPU_CANDIDATE_ELEMENTS", tuple(32 * 16 * r for r in (1, 2, 4, 8))
-    )
+    monkeypatch.setattr(sizing, "CPU_CANDIDATE_ELEMENTS", tuple(32 * 16 * r for r in (1, 2, 4, 8)))
     seconds_per_row = {1: 3.0, 2: 2.0, 4: 1.0, 8: 1.5}
     now = [0.0]
-    monkeypatch.setattr(tam_module, "_clock", lambda: now[0])
+    monkeypatch.setattr(sizing, "_clock", lambda: now[0])
     seen = _count_rows(tam, monkeypatch)
     forward = tam.adapter.forward
 
@@ -615,7 +672,7 @@ def test_calibration_end_to_end_with_a_fake_clock(
     ladder = [1, 1, 2, 1, 2, 1, 4, 2, 4, 2, 8, 4, 8, 4]  # 44 rows; 8 costs more than 4: stop
     assert seen[1:] == [*ladder, 4, 4, 4, 4, 4]  # 64 rows: the ladder, then 4 per pass
     assert "19/19" in capsys.readouterr().err  # the bar's total follows the calibration
-    key = tam_module._calibration_key(torch.device("cpu"), torch.float64, 32, 17)
+    key = sizing.calibration_key(torch.device("cpu"), torch.float64, 32, 17)
     assert fresh_cache == {key: 64}  # 4 rows of 16 tokens
     seen.clear()
     again = tam.attribute(x, target=2, output="tokens")

@@ -8,11 +8,9 @@ the other tokens keep their positions), f the raw target logit.
 from __future__ import annotations
 
 import contextlib
-import math
-import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from captum.attr import PerturbationAttribution
@@ -23,12 +21,18 @@ from captum_ext._scores import normalise_target, progress
 from captum_ext.adapters.base import Point, Readout, TransformerAdapter, as_tuple
 from captum_ext.attr._base import OutputKind, TokenMapMethod, check_targets
 from captum_ext.attr._precision import accumulation_dtype
+from captum_ext.attr._tam_sizing import ACCELERATOR_MEMORY_SHARE as ACCELERATOR_MEMORY_SHARE
+from captum_ext.attr._tam_sizing import ACCELERATOR_TOKENS as ACCELERATOR_TOKENS
+from captum_ext.attr._tam_sizing import CPU_CANDIDATE_ELEMENTS as CPU_CANDIDATE_ELEMENTS
+from captum_ext.attr._tam_sizing import CPU_MEMORY_BYTES as CPU_MEMORY_BYTES
+from captum_ext.attr._tam_sizing import OTHER_DEVICE_MEMORY_BYTES as OTHER_DEVICE_MEMORY_BYTES
+from captum_ext.attr._tam_sizing import Budget, PassSizer, PassSizing, pass_sizer
 from captum_ext.capture import Hook, hooks, model_state, replay
 
-__all__ = ["TAM", "TokenAblation"]
+__all__ = ["TAM", "PassSizing", "TokenAblation"]
 
 Window = int | tuple[int, int]
-Budget = int | Literal["auto"]
+RunRows = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 class TokenAblation(TokenMapMethod, PerturbationAttribution):
@@ -47,27 +51,26 @@ class TokenAblation(TokenMapMethod, PerturbationAttribution):
     Batching: the clean tokens are computed once per batch; each forward pass
     then runs a stack of shortened rows (any examples, any removals), the
     token-point hook replacing every row's tokens by the clean tokens it
-    keeps. How many rows a pass stacks is set by a token budget (rows x kept
-    sequence length, ``max_tokens_per_pass``), a cap on the estimated working
-    memory of the pass (``max_memory_bytes``) and, optionally, Captum's
-    ``perturbations_per_eval`` (at most ``B * perturbations_per_eval`` rows);
-    the smallest of the three wins, and a pass always holds at least one row.
-    ``max_tokens_per_pass="auto"`` (the default) picks the budget per device:
-    on CPU, where big stacks fall out of cache (ViT-S/16 at 224 px, 2
-    threads: 39 ms per row at 8 rows, 55 ms at 128), the first passes of the
+    keeps. How many rows a pass stacks is set by :class:`PassSizing`: a token
+    budget (rows x kept sequence length, ``max_tokens_per_pass``), a cap on
+    the estimated working memory of the pass (``max_memory_bytes``) and,
+    optionally, Captum's ``perturbations_per_eval`` (at most
+    ``B * perturbations_per_eval`` rows); the smallest of the three wins, and
+    a pass always holds at least one row. ``max_tokens_per_pass="auto"`` (the
+    default) picks the budget per device: on CPU the first passes of the
     first call time a ladder of pass sizes (their rows are real work, nothing
     is computed twice), the cheapest per token is kept for the rest and
     cached per (device, threads, dtype, width, sequence length) for the
-    process; on accelerators (CUDA, MPS), where launches dominate, the budget
-    is :data:`ACCELERATOR_TOKENS` without timing, bounded by the memory cap
-    (default: half the device's free memory). Images
-    feed each row its whole image; text feeds ``input_ids`` and the attention
-    mask (``additional_forward_args=(attention_mask,)``, and any other
+    process; on accelerators (CUDA, MPS) the budget is
+    :data:`ACCELERATOR_TOKENS` without timing, bounded by the memory cap
+    (default: half the device's free memory). Images feed each row its whole
+    image; text feeds ``input_ids`` and the attention mask
+    (``additional_forward_args=(attention_mask,)``, and any other
     ``(B, T, ...)`` extra tensor) with the removed positions cut out, so that
     the model's own masks and a wrapper's mean pooling see the shortened
     sequence. Every row is computed independently, so results equal the
-    one-token-per-forward loop for every ``perturbations_per_eval`` and every
-    batch size (up to floating-point summation order).
+    one-token-per-forward loop for every pass size and every batch size (up
+    to floating-point summation order).
 
     Removal versus masking: with a CLS (or CLS+DIST) readout, deleting token
     i equals masking key i in every attention layer — the token can no longer
@@ -86,10 +89,10 @@ class TokenAblation(TokenMapMethod, PerturbationAttribution):
     Differences from the authors' code (Brocki & Chung, arXiv:2312.02364):
     theirs forks the model and runs one forward per token at batch size 1;
     this one hooks the user's model unchanged, batches many removals per
-    forward (``perturbations_per_eval``, exact), supports any batch size,
-    text models (word pieces), grouped removal, and several targets from the
-    same forward passes (:meth:`attribute_targets`). Cost: the clean pass plus
-    ``B * N`` shortened rows of ``N - 1`` tokens, stacked into passes as above.
+    forward (exact), supports any batch size, text models (word pieces),
+    grouped removal, and several targets from the same forward passes
+    (:meth:`attribute_targets`). Cost: the clean pass plus ``B * N``
+    shortened rows of ``N - 1`` tokens, stacked into passes as above.
 
     Args:
         model: A timm ViT, HF ViT, HF BERT-family model, a module wrapping one,
@@ -142,10 +145,9 @@ class TokenAblation(TokenMapMethod, PerturbationAttribution):
             window: Remove ``window x window`` tiles of patches (an int, or
                 ``(kh, kw)``); text: runs of ``window`` positions.
             max_tokens_per_pass: Token budget of one forward pass: rows x kept
-                sequence length (a pass of single removals on ViT-S/16 holds
-                ``budget // 196`` rows). ``"auto"``: measured per device (see
-                the class docstring). A budget below one row's length runs
-                one row per pass. Maps do not depend on it.
+                sequence length (single removals on ViT-S/16: ``budget // 196``
+                rows). ``"auto"``: chosen per device (see the class docstring).
+                Below one row's length: one row per pass. Maps do not depend on it.
             max_memory_bytes: Cap on the estimated working memory of one pass
                 (activations of its rows, about ``itemsize * L * (12 D + 2 H L)``
                 bytes per row of L tokens, width D, H heads, plus its input
@@ -154,18 +156,17 @@ class TokenAblation(TokenMapMethod, PerturbationAttribution):
 
         Returns:
             Signed scores in the requested layout (a 1-tuple if ``inputs`` was one).
+
+        Raises:
+            ValueError: A bad argument (pass sizes: :class:`PassSizing`), or a
+                group that covers every token of an example.
+            RuntimeError: The tokens at the token point do not match the
+                input (not a plain ViT or BERT-family encoder).
         """
-        (maps,) = self.attribute_targets(
-            inputs,
-            [target],
-            additional_forward_args,
-            perturbations_per_eval,
-            show_progress,
-            output,
-            feature_mask,
-            window,
-            max_tokens_per_pass,
-            max_memory_bytes,
+        sizing = PassSizing(perturbations_per_eval, max_tokens_per_pass, max_memory_bytes)
+        grouping = _Grouping(feature_mask, window)
+        (maps,) = self._attribute(
+            inputs, [target], additional_forward_args, sizing, grouping, output, show_progress
         )
         return (maps,) if isinstance(inputs, tuple) else maps
 
@@ -196,138 +197,171 @@ class TokenAblation(TokenMapMethod, PerturbationAttribution):
 
         Returns:
             ``(K, ...)``: the map of each target stacked on a leading axis.
+
+        Raises:
+            ValueError, RuntimeError: As in :meth:`attribute`; ``targets`` not
+                a list of targets.
         """
-        x, _ = self._inputs(inputs, additional_forward_args)
-        targets = check_targets(targets, self._method)
-        maps = self._run(
-            x,
-            targets,
-            additional_forward_args,
-            perturbations_per_eval,
-            show_progress,
-            feature_mask,
-            window,
-            output,
-            max_tokens_per_pass,
-            max_memory_bytes,
+        sizing = PassSizing(perturbations_per_eval, max_tokens_per_pass, max_memory_bytes)
+        grouping = _Grouping(feature_mask, window)
+        return self._attribute(
+            inputs, targets, additional_forward_args, sizing, grouping, output, show_progress
         )
-        return torch.stack([self._format(m, x, output) for m in maps])
 
     # ---------------------------------------------------------------- internals
-    def _run(
+    def _attribute(
+        self,
+        inputs: torch.Tensor | tuple[torch.Tensor],
+        targets: Sequence[Any],
+        extra: Any,
+        sizing: PassSizing,
+        grouping: _Grouping,
+        output: OutputKind,
+        show_progress: bool,
+    ) -> torch.Tensor:
+        """Maps ``(K, ...)`` of K targets in the ``output`` layout."""
+        x, _ = self._inputs(inputs, extra)
+        targets = check_targets(targets, self._method)
+        self._check_output(x, output)
+        maps = self._scores(x, extra, targets, grouping, sizing, show_progress)
+        return torch.stack([self._format(m, x, output) for m in maps])
+
+    def _scores(
         self,
         x: torch.Tensor,
-        targets: list[Any],
         extra: Any,
-        perturbations_per_eval: int | None,
+        targets: list[Any],
+        grouping: _Grouping,
+        sizing: PassSizing,
         show_progress: bool,
-        feature_mask: torch.Tensor | None,
-        window: Window | None,
-        output: OutputKind,
-        max_tokens_per_pass: Budget = "auto",
-        max_memory_bytes: float | None = None,
     ) -> list[torch.Tensor]:
-        """Token scores ``(B, N)`` for each target."""
+        """Token scores ``(B, N)`` for each target; 0 for tokens never removed."""
         m = self._method
-        _check_pass_args(perturbations_per_eval, max_tokens_per_pass, max_memory_bytes, m)
-        self._check_output(x, output)
         removal = token_removal(self.adapter, x, extra)
-        groups = _group_ids(self.adapter, removal, x, feature_mask, window, m)
-        b, n = groups.shape
+        groups = grouping.ids(self.adapter, removal, x, m)
+        with model_state(self.adapter.model, grad=False):
+            clean = self._clean_pass(x, extra, groups.shape)
+            idx = torch.stack([normalise_target(t, clean.logits, m) for t in targets])  # (K, B)
+            clean_sel = clean.logits.gather(1, idx.T).T  # (K, B) f(x) of each target
+            plan = _plan(groups, m)
+            sizer = self._sizer(x, clean.tokens, sizing)
+            table = clean.logits.new_zeros(len(targets), groups.shape[0], plan.num_ranks)
+
+            def run_rows(rows: torch.Tensor, ranks: torch.Tensor, keep: torch.Tensor) -> None:
+                ablated = self._ablated_logits(clean, removal, rows, keep)
+                table[:, rows, ranks] = _tam_score(clean_sel[:, rows], ablated, idx[:, rows])
+
+            _in_passes(plan, sizer, run_rows, show_progress, m)
+        return list(plan.spread(table).unbind(0))
+
+    def _clean_pass(self, x: torch.Tensor, extra: Any, shape: torch.Size) -> _CleanPass:
+        """The forward pass on the unmodified batch, recording its tokens ``(B, N, D)``.
+
+        Raises:
+            RuntimeError: The tokens at the token point are not ``shape + (D,)``.
+        """
         point = self.adapter.token_point()
         record = Hook(point)
         embedding = self.adapter.pixel_embedding()
         embedded = [] if embedding is None else [Hook(Point(embedding, "output", None, "embed"))]
-        with model_state(self.adapter.model, grad=False):
-            with hooks([record, *embedded]):
-                clean = self.adapter.forward(x, extra)
-            tokens = record.tensor
-            if tokens is None or tokens.dim() < 3 or tuple(tokens.shape[:2]) != (b, n):
-                raise RuntimeError(
-                    f"{m}: expected tokens ({b}, {n}, D) at {point.name}; got "
-                    f"{None if tokens is None else tuple(tokens.shape)}. The model's token "
-                    "sequence does not match its input; TAM supports plain ViTs and BERT-family "
-                    "encoders."
-                )
-            if clean.dim() == 1:
-                clean = clean[:, None]
-            clean = clean.to(accumulation_dtype(clean))  # fp32 logit differences (autocast)
-            idx = torch.stack([normalise_target(t, clean, m) for t in targets])  # (K, B)
-            clean_sel = clean.gather(1, idx.T).T  # (K, B)
-            plan = _plan(groups, m)
-            sizer = self._sizer(
-                x, tokens, perturbations_per_eval, max_tokens_per_pass, max_memory_bytes
+        with hooks([record, *embedded]):
+            logits = self.adapter.forward(x, extra)
+        tokens = record.tensor
+        if tokens is None or tokens.dim() < 3 or tuple(tokens.shape[:2]) != tuple(shape):
+            raise RuntimeError(
+                f"{self._method}: expected tokens ({shape[0]}, {shape[1]}, D) at {point.name}; "
+                f"got {None if tokens is None else tuple(tokens.shape)}. The model's token "
+                "sequence does not match its input; TAM supports plain ViTs and BERT-family "
+                "encoders."
             )
-            table = clean.new_zeros(len(targets), b, plan.num_ranks)
+        if logits.dim() == 1:
+            logits = logits[:, None]
+        logits = logits.to(accumulation_dtype(logits))  # fp32 logit differences (autocast)
+        return _CleanPass(point, tokens, logits, embedding, embedded)
 
-            def run(rows: torch.Tensor, ranks: torch.Tensor, keep: torch.Tensor) -> None:
-                rows_in, rows_extra = removal.model_args(rows, keep)
-                swap = Hook(point, _keep_tokens(tokens, rows, keep, removal, m), record=False)
-                with hooks([swap]), _replaying(embedding, embedded, rows, b):
-                    out = self.adapter.forward(rows_in, rows_extra)
-                if out.dim() == 1:
-                    out = out[:, None]
-                ablated = out.gather(1, idx[:, rows].T)  # (R, K)
-                table[:, rows, ranks] = clean_sel[:, rows] - ablated.T
+    def _ablated_logits(
+        self, clean: _CleanPass, removal: TokenRemoval, rows: torch.Tensor, keep: torch.Tensor
+    ) -> torch.Tensor:
+        """Logits ``(R, C)`` of R shortened rows: example ``rows``, tokens ``keep`` ``(R, L)``."""
+        rows_in, rows_extra = removal.model_args(rows, keep)
+        swap = Hook(
+            clean.point,
+            _keep_tokens(clean.tokens, rows, keep, removal, self._method),
+            record=False,
+        )
+        batch = clean.tokens.shape[0]
+        with hooks([swap]), _replaying(clean.embedding, clean.embedded, rows, batch):
+            out = self.adapter.forward(rows_in, rows_extra)
+        return out[:, None] if out.dim() == 1 else out
 
-            left = plan.num_rows
-            with progress(total=sizer.passes(plan.buckets), show=show_progress, desc=m) as bar:
-                for length, rows, ranks, keep in plan.buckets:
-                    start = 0
-                    while start < len(rows):
-                        calibrating = sizer.calibrating
-                        size, timed = sizer.next_rows(length, left)
-                        stop = min(start + size, len(rows))
-                        began = _clock()
-                        run(rows[start:stop], ranks[start:stop], keep[start:stop])
-                        if timed:
-                            sizer.record(stop - start, length, _clock() - began)
-                        left -= stop - start
-                        start = stop
-                        bar.update(1)
-                        if calibrating:  # the pass size may have changed: re-estimate
-                            bar.total = bar.n + sizer.passes(plan.buckets, plan.num_rows - left)
-                            bar.refresh()
-        rank = plan.rank  # (B, N), -1 = never removed
-        gathered = table.gather(2, rank.clamp(min=0).expand(len(targets), b, n))
-        maps = torch.where(rank >= 0, gathered, torch.zeros_like(gathered))
-        return list(maps.unbind(0))
-
-    def _sizer(
-        self,
-        x: torch.Tensor,
-        tokens: torch.Tensor,
-        perturbations_per_eval: int | None,
-        max_tokens_per_pass: Budget,
-        max_memory_bytes: float | None,
-    ) -> _PassSizer:
-        """The pass sizing of one call: caps from the arguments, the budget per device."""
-        b, n, width = tokens.shape[0], tokens.shape[1], tokens.shape[-1]
+    def _sizer(self, x: torch.Tensor, tokens: torch.Tensor, sizing: PassSizing) -> PassSizer:
+        """The pass sizer of one call, for this model's heads and input rows."""
         try:
             heads = int(self.adapter.num_heads)
         except (NotImplementedError, AttributeError, TypeError):
-            heads = max(1, width // 64)
-        input_row = x[0].numel() * x.element_size()
-        itemsize = tokens.element_size()
-
-        def row_bytes(length: int) -> int:
-            return _row_bytes(length, width, heads, itemsize) + input_row
-
-        device = tokens.device
-        cap = _default_memory_cap(device) if max_memory_bytes is None else max_memory_bytes
-        per_pass = None if perturbations_per_eval is None else b * perturbations_per_eval
-        if max_tokens_per_pass != "auto":
-            return _PassSizer(row_bytes, cap, per_pass, budget=max_tokens_per_pass)
-        key = _calibration_key(device, tokens.dtype, width, n)
-        budget = _auto_budget(device, key)
-        if budget is not None:
-            return _PassSizer(row_bytes, cap, per_pass, budget=budget)
-        ladder = tuple(max(1, e // width) for e in CPU_CANDIDATE_ELEMENTS)
-        return _PassSizer(row_bytes, cap, per_pass, candidates=ladder, key=key)
+            heads = None
+        return pass_sizer(sizing, tokens, heads, x[0].numel() * x.element_size())
 
 
 TAM = TokenAblation
 """Alias of :class:`TokenAblation` under the paper's name."""
+
+
+def _tam_score(clean: torch.Tensor, ablated: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The TAM formula, ``TAM_i = f(x) - f(x without token i)``, f a raw target logit.
+
+    Args:
+        clean: ``(K, R)`` f(x): the clean logit of target k for the example of row r.
+        ablated: ``(R, C)`` logits of the R shortened rows (x without token i).
+        target: ``(K, R)`` class index of target k for the example of row r.
+
+    Returns:
+        ``(K, R)`` logit drops, in logit units: positive when the removed
+        token supported the class.
+    """
+    return clean - ablated.gather(1, target.T).T
+
+
+@dataclass(frozen=True, eq=False)
+class _CleanPass:
+    """What the shortened rows reuse from the clean forward pass.
+
+    Attributes:
+        point: The token point.
+        tokens: ``(B, N, D)`` the clean tokens there.
+        logits: ``(B, C)`` clean logits in the accumulation dtype.
+        embedding: The pixel-embedding module, or ``None``.
+        embedded: The hook that recorded its output (empty without one).
+    """
+
+    point: Point
+    tokens: torch.Tensor
+    logits: torch.Tensor
+    embedding: nn.Module | None
+    embedded: list[Hook]
+
+
+def _in_passes(plan: _Plan, sizer: PassSizer, run_rows: RunRows, show: bool, desc: str) -> None:
+    """Runs every row of ``plan`` through ``run_rows(rows, ranks, keep)``, pass by pass.
+
+    ``sizer`` picks the rows of each pass; a tqdm bar (``show``) counts the
+    passes, its total re-estimated after every pass of a calibration.
+    """
+    left = plan.num_rows
+    with progress(total=sizer.passes(plan.counts), show=show, desc=desc) as bar:
+        for length, rows, ranks, keep in plan.buckets:
+            start = 0
+            while start < len(rows):
+                calibrating = sizer.calibrating
+                with sizer.next_pass(length, left, len(rows) - start) as count:
+                    stop = start + count
+                    run_rows(rows[start:stop], ranks[start:stop], keep[start:stop])
+                left -= count
+                start = stop
+                bar.update(1)
+                if calibrating:  # the pass size may have changed: re-estimate
+                    bar.total = bar.n + sizer.passes(plan.counts, plan.num_rows - left)
+                    bar.refresh()
 
 
 # ------------------------------------------------------------------ token removal
@@ -465,6 +499,17 @@ class _Plan:
     def num_rows(self) -> int:
         return sum(len(rows) for _, rows, _, _ in self.buckets)
 
+    @property
+    def counts(self) -> list[tuple[int, int]]:
+        """``(kept length, rows)`` of each bucket."""
+        return [(length, len(rows)) for length, rows, _, _ in self.buckets]
+
+    def spread(self, table: torch.Tensor) -> torch.Tensor:
+        """Scores per group ``(K, B, num_ranks)`` to scores per token ``(K, B, N)``, 0 if kept."""
+        k, (b, n) = table.shape[0], self.rank.shape
+        gathered = table.gather(2, self.rank.clamp(min=0).expand(k, b, n))
+        return torch.where(self.rank >= 0, gathered, torch.zeros_like(gathered))
+
 
 def _plan(groups: torch.Tensor, method: str) -> _Plan:
     """One removal per (example, group), bucketed by kept length."""
@@ -504,240 +549,47 @@ def _plan(groups: torch.Tensor, method: str) -> _Plan:
     return _Plan(rank, num_ranks, out)
 
 
-# ------------------------------------------------------------------ pass sizing
-ACCELERATOR_TOKENS = 1 << 19
-"""Token budget of ``max_tokens_per_pass="auto"`` on accelerators (CUDA, MPS, ...).
+@dataclass(frozen=True, eq=False)
+class _Grouping:
+    """Which tokens are removed together: ``feature_mask`` or ``window`` (see ``attribute``)."""
 
-Launches dominate there, so passes are as big as the memory cap allows, up
-to this many tokens: 2674 rows of ViT-S/16's 196 tokens per pass, over 300x
-the rows of the one-token-per-forward loop at batch 8.
-"""
+    feature_mask: torch.Tensor | None = None
+    window: Window | None = None
 
-CPU_CANDIDATE_ELEMENTS = tuple(1 << k for k in range(17, 26))
-"""Pass sizes the CPU calibration times, in activation elements (tokens x width), ascending.
+    def ids(
+        self, adapter: TransformerAdapter, removal: TokenRemoval, x: torch.Tensor, method: str
+    ) -> torch.Tensor:
+        """Group id ``(B, N)`` of every token at the token point; -1 = never removed.
 
-Powers of two from 2**17 to 2**25; divided by the model's width they give the
-candidate token budgets: ViT-S/16 (width 384, 196 tokens per row) tries 1, 3,
-6, 13, 27, 55, 111, 222 and 445 rows per pass, stopping at the first that
-costs clearly more per token than the best so far.
-"""
-
-CPU_MEMORY_BYTES = 2 << 30
-"""Default cap on the estimated working memory of one pass on CPU (2 GiB)."""
-
-OTHER_DEVICE_MEMORY_BYTES = 4 << 30
-"""Default memory cap on accelerators whose free memory torch cannot report (4 GiB)."""
-
-ACCELERATOR_MEMORY_SHARE = 0.5
-"""Share of a CUDA device's free memory one pass may use by default."""
-
-_RISE = 1.1  # the CPU ladder stops at the first size costing 10% more per token than the best
-_SAMPLES = 2  # passes timed per candidate size and round; the fastest counts
-_CALIBRATED: dict[tuple, int] = {}  # calibration key -> token budget, for the process
-_clock = time.perf_counter
-
-
-def _row_bytes(length: int, width: int, heads: int, itemsize: int) -> int:
-    """Estimated working memory of one shortened row of ``length`` tokens in a forward pass.
-
-    A block holds about a dozen ``(L, D)`` activations at its peak (input,
-    norm, qkv, attention output, the MLP's 4D hidden layer and its
-    activation, residuals) and, without fused attention, two ``(H, L, L)``
-    score matrices.
-    """
-    return itemsize * length * (12 * width + 2 * heads * length)
-
-
-def _calibration_key(device: torch.device, dtype: torch.dtype, width: int, length: int) -> tuple:
-    """What a calibrated token budget depends on: device, CPU threads, dtype, width, length."""
-    threads = torch.get_num_threads() if device.type == "cpu" else 0
-    return (device.type, device.index, threads, str(dtype), width, length)
-
-
-def _auto_budget(device: torch.device, key: tuple) -> int | None:
-    """Token budget of ``"auto"``: a cached calibration, the accelerator default, or ``None``.
-
-    ``None`` means: calibrate (CPU, not yet measured for this key).
-    """
-    if device.type != "cpu":
-        return ACCELERATOR_TOKENS
-    return _CALIBRATED.get(key)
-
-
-def _default_memory_cap(device: torch.device) -> float:
-    """Memory cap of a pass when ``max_memory_bytes`` is not given."""
-    if device.type == "cpu":
-        return CPU_MEMORY_BYTES
-    if device.type == "cuda":
-        try:
-            free, _ = torch.cuda.mem_get_info(device)
-        except (RuntimeError, AssertionError, AttributeError):
-            return OTHER_DEVICE_MEMORY_BYTES
-        return ACCELERATOR_MEMORY_SHARE * free
-    return OTHER_DEVICE_MEMORY_BYTES
-
-
-@dataclass
-class _PassSizer:
-    """Rows of each forward pass: the caps, and on CPU the calibration of the token budget.
-
-    With ``budget`` given, every pass of kept length L holds
-    ``min(budget // L, memory_cap // row_bytes(L), per_pass)`` rows (at least
-    one). With ``candidates`` (ascending token budgets), the first passes
-    time them on real rows: the smallest twice, then each larger one against
-    the best so far, alternating (new, best, new, best) so that a change of
-    load on a shared machine hits both alike; each counts its faster pass.
-    The ladder stops at the first candidate costing ``_RISE`` times the best
-    per token, at its end, or when a cap or the remaining work keeps the next
-    candidate from being measured; the best candidate is then the budget for
-    the rest, cached under ``key`` when the ladder stopped on its own.
-    """
-
-    row_bytes: Callable[[int], int]
-    memory_cap: float
-    per_pass: int | None = None
-    budget: float | None = None
-    candidates: tuple[int, ...] = ()
-    key: tuple | None = None
-    best: int | None = None  # index of the best candidate so far
-    _trying: int = 0  # index of the candidate being measured
-    _queue: list[int] = field(default_factory=list)  # candidates of the passes left to time
-    _samples: dict[int, list[float]] = field(default_factory=dict)  # seconds per token
-
-    def __post_init__(self) -> None:
-        if self.calibrating:
-            self._queue = [0] * _SAMPLES
-
-    def rows(self, length: int, budget: float) -> tuple[int, bool]:
-        """Rows per pass of kept length ``length`` under ``budget``; and whether a cap bound."""
-        want = max(1, int(budget // length)) if math.isfinite(budget) else math.inf
-        limit = min(
-            math.inf if self.per_pass is None else self.per_pass,
-            max(1, int(self.memory_cap // self.row_bytes(length))),
-        )
-        if want <= limit:
-            return int(want), False
-        return int(limit), True
-
-    @property
-    def calibrating(self) -> bool:
-        return self.budget is None
-
-    def next_rows(self, length: int, left: int) -> tuple[int, bool]:
-        """Rows of the next pass (``left`` rows remain in all) and whether to time it."""
-        if self.calibrating:
-            capped = self.rows(length, self.candidates[self._trying])[1]
-            need = sum(self.rows(length, self.candidates[k])[0] for k in self._queue)
-            if capped or left < need:  # the candidate can't be measured as asked
-                self._finish(cache=False)
-            else:
-                return self.rows(length, self.candidates[self._queue[0]])[0], True
-        return self.rows(length, self.budget)[0], False
-
-    def record(self, rows: int, length: int, seconds: float) -> None:
-        """Adds the time of a calibration pass (the one :meth:`next_rows` asked for)."""
-        k = self._queue.pop(0)
-        self._samples.setdefault(k, []).append(seconds / (rows * length))
-        if self._queue:
-            return
-        new = self._trying
-        if self.best is None:
-            self.best = new
+        Raises:
+            ValueError: Both ``feature_mask`` and ``window``, or either is malformed.
+        """
+        feature_mask, window = self.feature_mask, self.window
+        removable = removal.removable
+        b, n = removable.shape
+        if adapter.modality == "image":
+            prefix = adapter.num_prefix_tokens
+            h, w = adapter.grid_size(x)
+            where = f"the {h}x{w} patch grid ({h * w} patch tokens)"
         else:
-            cost, best = min(self._samples[new]), min(self._samples[self.best])
-            if cost > _RISE * best:
-                self._finish(cache=True)
-                return
-            if cost < best:
-                self.best = new
-        self._samples = {}
-        self._trying += 1
-        if self._trying == len(self.candidates):
-            self._finish(cache=True)
-            return
-        self._queue = [self._trying, self.best] * _SAMPLES
-
-    def _finish(self, cache: bool) -> None:
-        if self.best is None:  # too little work to time: everything the caps allow per pass
-            self.budget = math.inf
-            return
-        self.budget = self.candidates[self.best]
-        if cache and self.key is not None:
-            _CALIBRATED[self.key] = self.budget
-
-    def passes(self, buckets: list, done: int = 0) -> int:
-        """Passes left for ``buckets`` after their first ``done`` rows, at the current sizes."""
-        budget = self.candidates[self._queue[0]] if self.calibrating else self.budget
-        total = 0
-        for length, rows, _, _ in buckets:
-            count = max(0, len(rows) - done)
-            done = max(0, done - len(rows))
-            total += -(-count // self.rows(length, budget)[0])
-        return total
-
-
-def _check_pass_args(
-    perturbations_per_eval: Any, max_tokens_per_pass: Any, max_memory_bytes: Any, method: str
-) -> None:
-    def positive_int(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
-
-    if perturbations_per_eval is not None and not positive_int(perturbations_per_eval):
-        raise ValueError(
-            f"{method}: perturbations_per_eval must be None or a positive int (removals of each "
-            f"example per forward pass); got {perturbations_per_eval!r}."
-        )
-    if max_tokens_per_pass != "auto" and not positive_int(max_tokens_per_pass):
-        raise ValueError(
-            f"{method}: max_tokens_per_pass must be 'auto' or a positive int (rows x tokens per "
-            f"forward pass); got {max_tokens_per_pass!r}."
-        )
-    if max_memory_bytes is not None and not (
-        isinstance(max_memory_bytes, int | float)
-        and not isinstance(max_memory_bytes, bool)
-        and math.isfinite(max_memory_bytes)
-        and max_memory_bytes > 0
-    ):
-        raise ValueError(
-            f"{method}: max_memory_bytes must be None or a positive number of bytes; got "
-            f"{max_memory_bytes!r}."
-        )
-
-
-def _group_ids(
-    adapter: TransformerAdapter,
-    removal: TokenRemoval,
-    x: torch.Tensor,
-    feature_mask: torch.Tensor | None,
-    window: Window | None,
-    method: str,
-) -> torch.Tensor:
-    """Group id ``(B, N)`` of every token at the token point; -1 = never removed."""
-    removable = removal.removable
-    b, n = removable.shape
-    if adapter.modality == "image":
-        prefix = adapter.num_prefix_tokens
-        h, w = adapter.grid_size(x)
-        where = f"the {h}x{w} patch grid ({h * w} patch tokens)"
-    else:
-        prefix, h, w = 0, 1, n
-        where = f"the {n} token positions"
-    p = n - prefix
-    if feature_mask is not None and window is not None:
-        raise ValueError(f"{method}: pass feature_mask or window, not both.")
-    if feature_mask is not None:
-        ids = _check_feature_mask(feature_mask, b, p, where, method).to(x.device)
-    elif window is not None:
-        kh, kw = _check_window(window, adapter.modality, h, w, method)
-        r = torch.arange(h, device=x.device)[:, None] // kh
-        c = torch.arange(w, device=x.device)[None, :] // kw
-        ids = (r * (-(-w // kw)) + c).reshape(1, p).expand(b, p)
-    else:
-        ids = torch.arange(p, device=x.device).expand(b, p)
-    groups = torch.full((b, n), -1, dtype=torch.long, device=x.device)
-    groups[:, prefix:] = ids
-    groups[~removable.to(x.device)] = -1
-    return groups
+            prefix, h, w = 0, 1, n
+            where = f"the {n} token positions"
+        p = n - prefix
+        if feature_mask is not None and window is not None:
+            raise ValueError(f"{method}: pass feature_mask or window, not both.")
+        if feature_mask is not None:
+            ids = _check_feature_mask(feature_mask, b, p, where, method).to(x.device)
+        elif window is not None:
+            kh, kw = _check_window(window, adapter.modality, h, w, method)
+            r = torch.arange(h, device=x.device)[:, None] // kh
+            c = torch.arange(w, device=x.device)[None, :] // kw
+            ids = (r * (-(-w // kw)) + c).reshape(1, p).expand(b, p)
+        else:
+            ids = torch.arange(p, device=x.device).expand(b, p)
+        groups = torch.full((b, n), -1, dtype=torch.long, device=x.device)
+        groups[:, prefix:] = ids
+        groups[~removable.to(x.device)] = -1
+        return groups
 
 
 def _check_window(window: Any, modality: str, h: int, w: int, method: str) -> tuple[int, int]:
