@@ -239,7 +239,7 @@ def main() -> None:
     if missing:
         sys.exit(f"zoo models not found: {missing}; available: {available or 'none'}")
     if not models:
-        sys.exit("no zoo models found; train them with benchmarks/train_zoo.py")
+        sys.exit("no zoo models found; train them with benchmarks/training/train_zoo.py")
 
     t0 = time.perf_counter()
     metrics = None if args.no_road else IMAGE_METRICS + TEXT_METRICS  # ROAD only when named

@@ -1,6 +1,6 @@
 """Train MHEX into the zoo's CNN, ViT and BERT and measure it; writes the ``*-mhex`` zoo entries.
 
-    python benchmarks/train_mhex.py [--only NAME ...] [--out captum_ext/zoo/weights]
+    python benchmarks/training/train_mhex.py [--only NAME ...] [--out captum_ext/zoo/weights]
 
 Every entry wraps a shipped zoo model (its ``backbone_model``) in :class:`captum_ext.MHEX` with
 the class's defaults (CNN: gates and heads after ``layer2``, ``layer3``, ``layer4``;
@@ -79,7 +79,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 from _timing import median_time
 
 from captum_ext import MHEX, zoo
@@ -100,7 +100,7 @@ HELDOUT_N = 2048
 EVAL_SEED = 515151
 """Fresh two-object images / sequences for localisation and discrimination."""
 EVAL_N = 512
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "captum_ext" / "zoo" / "weights"
+DEFAULT_OUT = Path(__file__).resolve().parents[2] / "captum_ext" / "zoo" / "weights"
 
 
 @dataclass(frozen=True)
@@ -437,7 +437,7 @@ def train_entry(entry: Entry, out: Path, progress: bool = True) -> dict[str, Any
         "train_time_s": round(train_s, 1),
         "total_time_s": round(time.perf_counter() - start, 1),
         "train_threads": torch.get_num_threads(),
-        "command": f"python benchmarks/train_mhex.py --only {entry.name}",
+        "command": f"python benchmarks/training/train_mhex.py --only {entry.name}",
         "versions": {
             "torch": torch.__version__,
             "timm": timm.__version__,

@@ -1,6 +1,6 @@
 """Train the model zoo (``captum_ext.zoo``) on the procedural benchmark data, on CPU.
 
-    python benchmarks/train_zoo.py [--only NAME ...] [--out captum_ext/zoo/weights]
+    python benchmarks/training/train_zoo.py [--only NAME ...] [--out captum_ext/zoo/weights]
 
 Every entry is seeded (``torch.manual_seed`` for initialisation and batch order, fixed data
 seeds for the training sets), trained with AdamW and a one-cycle cosine schedule on a fixed
@@ -95,7 +95,7 @@ __all__ = [
 HELDOUT_SEED = 424242
 """Seed of the held-out evaluation data (never a training seed; the tests use 987654)."""
 HELDOUT_N = 2048
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "captum_ext" / "zoo" / "weights"
+DEFAULT_OUT = Path(__file__).resolve().parents[2] / "captum_ext" / "zoo" / "weights"
 Batch = tuple[torch.Tensor, ...]
 
 
@@ -660,7 +660,7 @@ def train_entry(entry: Entry, out: Path, progress: bool = True) -> dict[str, Any
             },
             "train_time_s": round(seconds, 1),
             "train_threads": torch.get_num_threads(),
-            "command": f"python benchmarks/train_zoo.py --only {entry.name}",
+            "command": f"python benchmarks/training/train_zoo.py --only {entry.name}",
             "versions": {
                 "torch": torch.__version__,
                 "timm": timm.__version__,

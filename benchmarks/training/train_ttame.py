@@ -1,6 +1,6 @@
 """Train the T-TAME explainers of the model zoo on the procedural data, on CPU.
 
-    python benchmarks/train_ttame.py [--only NAME ...] [--out captum_ext/zoo/weights]
+    python benchmarks/training/train_ttame.py [--only NAME ...] [--out captum_ext/zoo/weights]
 
 Each entry fits :class:`captum_ext.TTAME` to a zoo model (``zoo.load(backbone)``, frozen) with
 the paper's ImageNet recipe unchanged (SGD with Nesterov momentum, weight decay 5e-4 on
@@ -212,7 +212,7 @@ def train_entry(entry: Entry, out: Path, eval_n: int, show_progress: bool) -> di
         "params": sum(p.numel() for p in explainer.mechanism.parameters()),
         "train_time_s": round(train_time, 1),
         "train_threads": torch.get_num_threads(),
-        "command": f"python benchmarks/train_ttame.py --only {entry.name}",
+        "command": f"python benchmarks/training/train_ttame.py --only {entry.name}",
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__.split("+")[0],
