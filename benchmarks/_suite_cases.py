@@ -73,9 +73,15 @@ METHODS: dict[str, MethodInfo] = {
     "tam_loop": MethodInfo(
         "token loop (one token removed per forward, whole batch)", "reference", ("vit",), True
     ),
+    "relevance_naive": MethodInfo(
+        "RelevancePropagation, streaming=False (every layer's attention gradient kept)",
+        "reference",
+        TRANSFORMERS,
+    ),
     "layer_gradcam": MethodInfo(
         "Captum LayerGradCam", "peer", ("vit", "cnn"), quality="Captum GradCAM (layer4)"
     ),
+    "layer_gxa": MethodInfo("Captum LayerGradientXActivation (last block's norm1)", "peer", ("vit",)),
     "ig": MethodInfo(
         f"Captum IntegratedGradients ({IG_STEPS} steps)",
         "peer",
@@ -317,6 +323,21 @@ def token_loop(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch
     return torch.stack(drops, dim=1)
 
 
+def _relevance_naive(case: Case) -> Callable[[], Any]:
+    """RP without streaming: all L attention gradients ``(B, H, N, N)`` are alive at once."""
+    from captum_ext import RelevancePropagation
+
+    m = case.model
+    if case.family == "bert":
+        layers, heads = m.config.num_hidden_layers, m.config.num_attention_heads
+    else:
+        layers, heads = len(m.blocks), m.blocks[0].attn.num_heads
+    n = case.tokens
+    case.info["attention_gradients_mib"] = layers * case.batch * heads * n * n * 4 / 2**20
+    rp = RelevancePropagation(m, streaming=False)
+    return lambda: rp.attribute(case.inputs, target=case.target, additional_forward_args=case.extra)
+
+
 def _tam_loop(case: Case) -> Callable[[], Any]:
     if not hasattr(case.model, "_pos_embed"):
         raise Skip("the reference loop is written for timm ViTs")
@@ -366,6 +387,15 @@ def _layer_gradcam(case: Case) -> Callable[[], Any]:
     model.blocks[-1].norm1 = _GridNorm(model.blocks[-1].norm1, prefix, grid)
     cam = LayerGradCam(model, model.blocks[-1].norm1.to_grid)
     return lambda: cam.attribute(case.inputs, target=case.target, relu_attributions=True)
+
+
+def _layer_gxa(case: Case) -> Callable[[], Any]:
+    """Captum's hooks computing CDAM's quantity (gradient x activation at the last block's input
+    norm), summed over the channels: a gradient peer with one gradient to one layer."""
+    from captum.attr import LayerGradientXActivation
+
+    lgxa = LayerGradientXActivation(case.model, case.model.blocks[-1].norm1)
+    return lambda: lgxa.attribute(case.inputs, target=case.target).sum(-1)
 
 
 def _gradcam(case: Case) -> Callable[[], Any]:
@@ -485,7 +515,9 @@ BUILDERS: dict[str, Callable[[Case], Callable[[], Any]]] = {
     "ttame": _trained("ttame"),
     "mhex": _trained("mhex"),
     "tam_loop": _tam_loop,
+    "relevance_naive": _relevance_naive,
     "layer_gradcam": _layer_gradcam,
+    "layer_gxa": _layer_gxa,
     "ig": _ig,
     "occlusion": _occlusion,
     "feature_ablation": _feature_ablation,

@@ -4,10 +4,13 @@ One command measures, on the zoo ViT / CNN / BERT and on untrained timm ViT-S/16
 at 224 px, every method of this package (CDAM, concept-CDAM, TAM, relevance propagation,
 rollout, the attention map, and T-TAME / MHEX where the zoo has a trained explainer; on the timm
 ViTs an untrained T-TAME, for time only) and the peers a user would pick instead (Captum
-``LayerGradCam`` with a token->grid reshape, ``IntegratedGradients`` with 50 steps, ``Occlusion``
-with patch windows, ``FeatureAblation`` with a patch mask, pytorch-grad-cam ``GradCAM``; on
-BERT: ``LayerIntegratedGradients`` on the embeddings and occlusion / ablation over tokens), plus
-the exact slow alternative of TAM (one token removed per forward). For each cell it records the
+``LayerGradCam`` with a token->grid reshape, ``LayerGradientXActivation`` on the last block's
+``norm1`` (CDAM's quantity through Captum's hooks), ``IntegratedGradients`` with 50 steps,
+``Occlusion`` with patch windows, ``FeatureAblation`` with a patch mask, pytorch-grad-cam
+``GradCAM``; on BERT: ``LayerIntegratedGradients`` on the embeddings and occlusion / ablation
+over tokens), plus two references: the exact slow alternative of TAM (one token removed per
+forward) and relevance propagation with ``streaming=False`` (every layer's attention gradient
+kept: its peak memory against the streaming default). For each cell it records the
 time per explained example as a ratio to one forward and to one forward+backward of the same
 model and batch, measured in the same child process, interleaved, medians; the peak memory of
 one call; and, for the zoo models, the quality metrics of ``benchmarks/results/report.json``
