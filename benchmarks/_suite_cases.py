@@ -3,7 +3,8 @@
 A *model key* names a model and its input: ``"shapes-vit"``, ``"shapes-cnn"``, ``"text-bert"``
 (zoo entries, their own benchmark data), ``"vit-s16"`` / ``"vit-b16"`` / ``"vit-s8"`` (untrained
 timm ViTs at 224 px), ``"vit-s16@320"`` (ViT-S/16 at another image size) and ``"tiny-vit@32"``
-(a 2-block width-64 timm ViT with 8 px patches, for quick token curves). A *method key* names
+(a 2-block width-64 timm ViT with 8 px patches, for quick token curves) and ``"resnet50"`` (an
+untrained torchvision ResNet-50 at 224 px: the CNN at ImageNet size). A *method key* names
 one explanation call: ``"cdam"``, ``"ig"``, ... (:data:`METHODS`), ``"cdam_targets@8"`` (eight
 targets at once) and so on.
 
@@ -81,7 +82,9 @@ METHODS: dict[str, MethodInfo] = {
     "layer_gradcam": MethodInfo(
         "Captum LayerGradCam", "peer", ("vit", "cnn"), quality="Captum GradCAM (layer4)"
     ),
-    "layer_gxa": MethodInfo("Captum LayerGradientXActivation (last block's norm1)", "peer", ("vit",)),
+    "layer_gxa": MethodInfo(
+        "Captum LayerGradientXActivation (last block's norm1)", "peer", ("vit",)
+    ),
     "ig": MethodInfo(
         f"Captum IntegratedGradients ({IG_STEPS} steps)",
         "peer",
@@ -104,6 +107,8 @@ TIMM = {
         {"patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 16},
     ),
 }
+TORCHVISION = {"resnet50": "resnet50"}
+"""Untrained torchvision CNNs at 224 px (model key -> ``torchvision.models`` builder)."""
 ZOO = ("shapes-vit", "shapes-cnn", "text-bert")
 
 
@@ -112,6 +117,8 @@ def model_family(key: str) -> str:
     base = key.split("@")[0]
     if base in TIMM:
         return "vit"
+    if base in TORCHVISION:
+        return "cnn"
     from captum_ext import zoo
 
     return str(zoo.info(base)["family"])
@@ -124,6 +131,8 @@ def model_label(key: str) -> str:
         arch, _ = TIMM[base]
         px = size or ("32" if base == "tiny-vit" else "224")
         return f"untrained timm {arch if base != 'tiny-vit' else 'tiny ViT (2 blocks, D=64, patch 8)'} at {px} px"
+    if base in TORCHVISION:
+        return f"untrained torchvision {TORCHVISION[base]} at 224 px"
     return f"zoo {base}"
 
 
@@ -202,6 +211,13 @@ def build_case(key: str, batch: int, device: str) -> Case:
             patch,
             tokens,
         )
+    if base in TORCHVISION:
+        import torchvision
+
+        model = getattr(torchvision.models, TORCHVISION[base])(weights=None).eval().to(device)
+        x = torch.rand(batch, 3, 224, 224, device=device)
+        n = int(model.fc.out_features)
+        return Case(key, "cnn", model, x, None, _targets(batch, n, device), n, 16)
     from captum_ext import zoo
 
     info = zoo.info(base)
@@ -286,7 +302,7 @@ def _trained(kind: str) -> Callable[[Case], Callable[[], Any]]:
         entry = f"{case.key}-{kind}"
         if entry in zoo.available(kind="explainer"):
             explainer = zoo.load(entry, device=case.inputs.device)
-        elif kind == "ttame" and case.key.split("@")[0] in TIMM:
+        elif kind == "ttame" and case.key.split("@")[0] in (*TIMM, *TORCHVISION):
             from captum_ext import TTAME
 
             size = tuple(case.inputs.shape[-2:])

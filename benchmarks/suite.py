@@ -1,22 +1,22 @@
 """Performance suite: every method of captum_ext and its peers, as ratios to a forward pass.
 
-One command measures, on the zoo ViT / CNN / BERT and on untrained timm ViT-S/16 and ViT-B/16
-at 224 px, every method of this package (CDAM, concept-CDAM, TAM, relevance propagation,
-rollout, the attention map, and T-TAME / MHEX where the zoo has a trained explainer; on the timm
-ViTs an untrained T-TAME, for time only) and the peers a user would pick instead (Captum
-``LayerGradCam`` with a token->grid reshape, ``LayerGradientXActivation`` on the last block's
-``norm1`` (CDAM's quantity through Captum's hooks), ``IntegratedGradients`` with 50 steps,
-``Occlusion`` with patch windows, ``FeatureAblation`` with a patch mask, pytorch-grad-cam
-``GradCAM``; on BERT: ``LayerIntegratedGradients`` on the embeddings and occlusion / ablation
-over tokens), plus two references: the exact slow alternative of TAM (one token removed per
-forward) and relevance propagation with ``streaming=False`` (every layer's attention gradient
-kept: its peak memory against the streaming default). For each cell it records the
-time per explained example as a ratio to one forward and to one forward+backward of the same
-model and batch, measured in the same child process, interleaved, medians; the peak memory of
-one call; and, for the zoo models, the quality metrics of ``benchmarks/results/report.json``
-(pointing game, deletion / insertion AUC; text: comprehensiveness, token AUPRC). Then scaling
-curves (batch size, number of tokens, number of targets explained at once) and the DESIGN.md §8
-targets, met or missed.
+One command measures, on the zoo ViT / CNN / BERT, on untrained timm ViT-S/16 and ViT-B/16
+and on an untrained torchvision ResNet-50 (the three at 224 px), every method of this package
+(CDAM, concept-CDAM, TAM, relevance propagation, rollout, the attention map, and T-TAME / MHEX
+where the zoo has a trained explainer; on the 224 px models an untrained T-TAME, for time
+only) and the peers a user would pick instead (Captum ``LayerGradCam`` with a token->grid
+reshape, ``LayerGradientXActivation`` on the last block's ``norm1`` (CDAM's quantity through
+Captum's hooks), ``IntegratedGradients`` with 50 steps, ``Occlusion`` with patch windows,
+``FeatureAblation`` with a patch mask, pytorch-grad-cam ``GradCAM``; on BERT:
+``LayerIntegratedGradients`` on the embeddings and occlusion / ablation over tokens), plus two
+references: the exact slow alternative of TAM (one token removed per forward) and relevance
+propagation with ``streaming=False`` (every layer's attention gradient kept: its peak memory
+against the streaming default). For each cell it records the time per explained example as a
+ratio to one forward and to one forward+backward of the same model and batch, measured in the
+same child process, interleaved, medians; the peak memory of one call; and, for the zoo
+models, the quality metrics of ``benchmarks/results/report.json`` (pointing game, deletion /
+insertion AUC; text: comprehensiveness, token AUPRC). Then scaling curves (batch size, number
+of tokens, number of targets explained at once) and the DESIGN.md §8 targets, met or missed.
 
     python benchmarks/suite.py [--device cpu|cuda] [--quick] [--out benchmarks/results]
         [--threads N] [--isolate cell|model] [--no-scaling]
@@ -25,8 +25,8 @@ Writes ``suite.json`` (every number), ``suite.md`` (tables, targets, machine) an
 ``suite_batch.png``, ``suite_tokens.png``, ``suite_targets.png``; ``--quick`` (zoo models only,
 batch 2, one timed call, a tiny ViT for the token curve) writes ``suite_quick.*`` instead and
 takes well under a minute on an idle machine. Batch sizes per cell: zoo models 16; ViT-S/16 8
-(TAM, the token loop, Occlusion, FeatureAblation, IG: 1); ViT-B/16 2 (slow ones 1). The
-slow cells are called once, and that call is both the memory and the time measurement.
+(TAM, the token loop, Occlusion, FeatureAblation, IG: 1); ViT-B/16 and ResNet-50 2 (slow ones
+1). The slow cells are called once, and that call is both the memory and the time measurement.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def _applicable(model: str, method: str) -> str | None:
     return None
 
 
-MAIN_MODELS = (*ZOO, "vit-s16", "vit-b16")
+MAIN_MODELS = (*ZOO, "vit-s16", "vit-b16", "resnet50")
 
 
 def main_plan(
@@ -91,6 +91,7 @@ def main_plan(
         sizes = {m: (16, 5, 16, 3, 16) for m in ZOO}
         sizes["vit-s16"] = (8, 3, 1, 1, 1)
         sizes["vit-b16"] = (2, 3, 1, 1, 1)
+        sizes["resnet50"] = (2, 3, 1, 1, 1)
     if models:
         sizes = {m: v for m, v in sizes.items() if m in models}
     cells: list[Cell] = []
