@@ -6,7 +6,8 @@ timm ViTs at 224 px), ``"vit-s16@320"`` (ViT-S/16 at another image size) and ``"
 (a 2-block width-64 timm ViT with 8 px patches, for quick token curves) and ``"resnet50"`` (an
 untrained torchvision ResNet-50 at 224 px: the CNN at ImageNet size). A *method key* names
 one explanation call: ``"cdam"``, ``"ig"``, ... (:data:`METHODS`), ``"cdam_targets@8"`` (eight
-targets at once) and so on.
+targets at once), ``"tam_sizing@loop"`` (TAM with one of the pass sizings of :data:`SIZING`)
+and so on.
 
 :func:`build_case` builds the model and a batch; :func:`build_call` returns a closure that
 explains the batch once, or raises :class:`Skip` with the reason a method does not apply.
@@ -264,6 +265,8 @@ def build_call(method: str, case: Case) -> Callable[[], Any]:
         return getattr(case, name)
     if name.endswith("_targets") or name.endswith("_calls"):
         return _multi_target_call(name, int(arg), case)
+    if name == "tam_sizing":
+        return _tam_sizing(arg, case)
     info = METHODS.get(name)
     if info is None:
         raise ValueError(f"unknown method key {method!r}; known: {list(METHODS)}")
@@ -577,3 +580,54 @@ def _multi_target_call(name: str, k: int, case: Case) -> Callable[[], Any]:
     return lambda: [
         attr.attribute(case.inputs, target=t, additional_forward_args=extra) for t in targets
     ]
+
+
+# ------------------------------------------------------------------------- TAM pass sizing
+_HUGE = 1 << 62
+SIZING: dict[str, tuple[str, dict[str, Any]]] = {
+    "before": (
+        "B × 16 rows per pass, no memory cap (the plan before the token budget)",
+        {"perturbations_per_eval": 16, "max_tokens_per_pass": _HUGE, "max_memory_bytes": _HUGE},
+    ),
+    "after": ("token budget per device (the default; on CPU the first call calibrates)", {}),
+    "loop": (
+        "B rows per pass (one removal of every example per forward)",
+        {"perturbations_per_eval": 1, "max_tokens_per_pass": _HUGE, "max_memory_bytes": _HUGE},
+    ),
+    "stacked": (
+        "all B × N rows in one pass",
+        {"max_tokens_per_pass": _HUGE, "max_memory_bytes": _HUGE},
+    ),
+}
+"""Pass sizings of TAM's sizing sweep (``tam_sizing@NAME``): label and ``attribute`` kwargs."""
+
+
+def _tam_sizing(variant: str, case: Case) -> Callable[[], Any]:
+    """TAM with the pass sizing ``variant``; ``case.info["passes"]`` gets the last call's
+    ablated passes and their rows (the clean forward not counted)."""
+    import captum_ext
+
+    if variant not in SIZING:
+        raise ValueError(f"unknown pass sizing {variant!r}; known: {list(SIZING)}")
+    kwargs = SIZING[variant][1]
+    tam = captum_ext.TokenAblation(case.model)
+    rows: list[int] = []
+    forward = tam.adapter.forward
+
+    def counting(inputs: torch.Tensor, extra: Any = None) -> torch.Tensor:
+        rows.append(int(inputs.shape[0]))
+        return forward(inputs, extra)
+
+    tam.adapter.forward = counting
+    passes: dict[str, Any] = {}
+    case.info["passes"] = passes  # the result keeps this dict; each call refills it
+
+    def call() -> torch.Tensor:
+        rows.clear()
+        out = tam.attribute(
+            case.inputs, target=case.target, additional_forward_args=case.extra, **kwargs
+        )
+        passes.update(ablated_passes=len(rows) - 1, rows_per_pass=sorted(set(rows[1:])))
+        return out
+
+    return call

@@ -163,6 +163,7 @@ def run_cell(cell: Cell, device: str, threads: int = 0) -> dict[str, Any]:
             else:
                 seconds = _clock(calls[name], device)
             firsts[name] = seconds
+            res["first_call_s"] = seconds
         except Exception as e:
             res["error"] = f"{type(e).__name__}: {e}"
             res["traceback"] = traceback.format_exc(limit=3)

@@ -19,7 +19,7 @@ insertion AUC; text: comprehensiveness, token AUPRC). Then scaling curves (batch
 of tokens, number of targets explained at once) and the DESIGN.md §8 targets, met or missed.
 
     python benchmarks/suite.py [--device cpu|cuda] [--quick] [--out benchmarks/results]
-        [--threads N] [--isolate cell|model] [--no-scaling]
+        [--threads N] [--isolate cell|model] [--no-scaling] [--tam-sizing]
 
 Writes ``suite.json`` (every number), ``suite.md`` (tables, targets, machine) and
 ``suite_batch.png``, ``suite_tokens.png``, ``suite_targets.png``; ``--quick`` (zoo models only,
@@ -27,6 +27,10 @@ batch 2, one timed call, a tiny ViT for the token curve) writes ``suite_quick.*`
 takes well under a minute on an idle machine. Batch sizes per cell: zoo models 16; ViT-S/16 8
 (TAM, the token loop, Occlusion, FeatureAblation, IG: 1); ViT-B/16 and ResNet-50 2 (slow ones
 1). The slow cells are called once, and that call is both the memory and the time measurement.
+``--tam-sizing`` adds TAM's pass-sizing sweep: the default token budget against fixed sizings
+(``B x 16`` rows per pass, one removal per example per pass, everything in one pass), each in
+its own process, on the zoo ViT (batch 16) and ViT-S/16 (batch 2): time of the first
+(calibrating) and later calls, rows per pass, peak memory.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import torch
-from _suite_cases import METHODS, MULTI, ZOO, model_family
+from _suite_cases import METHODS, MULTI, SIZING, ZOO, model_family
 from _suite_measure import Cell, measure
 from _suite_report import write_outputs
 from tqdm.auto import tqdm
@@ -150,10 +154,27 @@ def scaling_plan(quick: bool) -> list[Cell]:
     return cells
 
 
+def sizing_plan(quick: bool) -> list[Cell]:
+    """Cells of the TAM pass-sizing sweep (``--tam-sizing``): one sizing per cell, so that each
+    gets its own process (its peak memory, and the default's calibration from scratch)."""
+    if quick:
+        runs = [("shapes-vit", 2, 1, False)]
+    else:
+        runs = [("shapes-vit", 16, 5, False), ("vit-s16", 2, 2, True)]
+    return [
+        Cell(model, [f"tam_sizing@{v}"], batch, repeats, "sizing", slow=slow)
+        for model, batch, repeats, slow in runs
+        for v in SIZING
+    ]
+
+
 def _group_by_model(cells: list[Cell]) -> list[Cell]:
     """One cell per (model, batch, repeats, slow) holding all their methods (``--isolate model``)."""
     out: dict[tuple[Any, ...], Cell] = {}
     for c in cells:
+        if c.series == "sizing":  # each pass sizing keeps its own process
+            out[(id(c),)] = c
+            continue
         key = (c.model, c.batch, c.repeats, c.slow, c.series, c.memory)
         if key in out:
             out[key].methods.extend(c.methods)
@@ -258,7 +279,12 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         help="a fresh process per (model, method) cell (default) or per model (--quick)",
     )
     p.add_argument("--no-scaling", action="store_true", help="skip the scaling curves")
-    p.add_argument("--no-main", action="store_true", help="only the scaling curves")
+    p.add_argument("--no-main", action="store_true", help="no main table")
+    p.add_argument(
+        "--tam-sizing",
+        action="store_true",
+        help="also TAM's pass-sizing sweep (default token budget vs fixed sizings)",
+    )
     p.add_argument(
         "--models",
         nargs="*",
@@ -294,6 +320,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         cells, skipped = [], {}
     if not args.no_scaling:
         cells += scaling_plan(args.quick)
+    if args.tam_sizing:
+        cells += sizing_plan(args.quick)
     if isolate == "model":
         cells = _group_by_model(cells)
     results = []
@@ -317,7 +345,8 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         "quick": args.quick,
         "machine": machine,
         "methods": {k: {"label": v.label, "group": v.group} for k, v in METHODS.items()}
-        | {k: {"label": v, "group": "targets"} for k, v in MULTI.items()},
+        | {k: {"label": v, "group": "targets"} for k, v in MULTI.items()}
+        | {f"tam_sizing@{k}": {"label": v[0], "group": "sizing"} for k, v in SIZING.items()},
         "skipped": skipped,
         "main_models": sorted({c.model for c in cells if c.series == "main"} | set(skipped)),
         "omitted_models": [
