@@ -230,9 +230,16 @@ def markdown(payload: dict[str, Any], report: Path, plots: list[str]) -> str:
             ),
             "",
         ]
+    timing = m.get("timing")  # absent in runs before the Timer harness
     lines += [
-        "Time: median over the timed calls of one explanation call of the whole batch, divided "
-        "by the batch (s / example); × fwd and × fwd+bwd divide by a forward (no grad) and a "
+        (
+            f"Time: {timing}; the median over the rounds of one explanation call of the whole "
+            "batch, divided by the batch (s / example)"
+            if timing
+            else "Time: median over the timed calls of one explanation call of the whole batch, "
+            "divided by the batch (s / example)"
+        )
+        + "; × fwd and × fwd+bwd divide by a forward (no grad) and a "
         "forward+backward (logit of the target, backward to every parameter) of the same model "
         "and batch, measured in the same process, interleaved with the method. Peak memory: "
         + (

@@ -175,12 +175,19 @@ def _group_by_model(cells: list[Cell]) -> list[Cell]:
         if c.series == "sizing":  # each pass sizing keeps its own process
             out[(id(c),)] = c
             continue
-        key = (c.model, c.batch, c.repeats, c.slow, c.series, c.memory)
+        key = (c.model, c.batch, c.repeats, c.slow, c.series, c.memory, c.min_run_time)
         if key in out:
             out[key].methods.extend(c.methods)
         else:
             out[key] = Cell(
-                c.model, list(c.methods), c.batch, c.repeats, c.series, c.memory, c.slow
+                c.model,
+                list(c.methods),
+                c.batch,
+                c.repeats,
+                c.series,
+                c.memory,
+                c.slow,
+                min_run_time=c.min_run_time,
             )
     return list(out.values())
 
@@ -279,6 +286,13 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         help="a fresh process per (model, method) cell (default) or per model (--quick)",
     )
     p.add_argument("--no-scaling", action="store_true", help="skip the scaling curves")
+    p.add_argument(
+        "--min-run-time",
+        type=float,
+        default=None,
+        help="seconds of calls per round for each fast call (Timer.blocked_autorange; "
+        "default 0.2, --quick 0.02)",
+    )
     p.add_argument("--no-main", action="store_true", help="no main table")
     p.add_argument(
         "--tam-sizing",
@@ -322,6 +336,9 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         cells += scaling_plan(args.quick)
     if args.tam_sizing:
         cells += sizing_plan(args.quick)
+    min_run_time = args.min_run_time or (0.02 if args.quick else 0.2)
+    for c in cells:
+        c.min_run_time = min_run_time
     if isolate == "model":
         cells = _group_by_model(cells)
     results = []
@@ -339,6 +356,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     machine["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     machine["wall_seconds"] = time.perf_counter() - t0
     machine["isolation"] = "process" if args.device.startswith("cuda") else isolate
+    machine["timing"] = (
+        "each round times every call of a cell in turn, by torch.utils.benchmark.Timer."
+        f"blocked_autorange (warm-up, then {min_run_time:g} s of calls; median per call), "
+        "slow methods by one call per round (a single-round slow cell: its first call)"
+    )
     command = "python benchmarks/suite.py " + " ".join(sys.argv[1:] if argv is None else argv)
     payload = {
         "command": command.strip(),

@@ -65,7 +65,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -80,7 +79,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
-from _timing import median_time
+from _suite_measure import interleaved
 
 from captum_ext import MHEX, zoo
 from captum_ext.adapters import adapter_for
@@ -279,21 +278,12 @@ def text_metrics(mhex: MHEX, data_kwargs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _interleaved(fns: dict[str, Any], rounds: int = 15) -> dict[str, float]:
-    """Median seconds of each call, the calls interleaved over ``rounds`` after a warm-up."""
-    for fn in fns.values():
-        median_time(fn, repeats=1, warmup=2)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            times[k].append(median_time(fn, repeats=1, warmup=0))
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def _cost(mhex: MHEX, x: torch.Tensor, extra: tuple, rounds: int = 15) -> dict[str, Any]:
     """Seconds of ``attribute`` vs a plain forward of the model and of the gated network.
 
-    One thread (the shared machine's other jobs disturb multi-threaded timings most).
+    One thread (the shared machine's other jobs disturb multi-threaded timings most); the
+    suite's harness (``_suite_measure.interleaved``): the three calls in turn, ``rounds``
+    rounds of ``Timer.blocked_autorange``, medians.
     """
     model = mhex.network.model
 
@@ -311,8 +301,10 @@ def _cost(mhex: MHEX, x: torch.Tensor, extra: tuple, rounds: int = 15) -> dict[s
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        med = _interleaved(
-            {"forward_s": plain, "gated_forward_s": gated, "attribute_s": explain}, rounds
+        med, _ = interleaved(
+            {"forward_s": plain, "gated_forward_s": gated, "attribute_s": explain},
+            rounds,
+            min_run_time=0.05,
         )
     finally:
         torch.set_num_threads(threads)
