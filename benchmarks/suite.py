@@ -13,24 +13,30 @@ references: the exact slow alternative of TAM (one token removed per forward) an
 propagation with ``streaming=False`` (every layer's attention gradient kept: its peak memory
 against the streaming default). For each cell it records the time per explained example as a
 ratio to one forward and to one forward+backward of the same model and batch, measured in the
-same child process, interleaved, medians; the peak memory of one call; and, for the zoo
-models, the quality metrics of ``benchmarks/results/report.json`` (pointing game, deletion /
-insertion AUC; text: comprehensiveness, token AUPRC). Then scaling curves (batch size, number
-of tokens, number of targets explained at once) and the DESIGN.md §8 targets, met or missed.
+same child process, interleaved, medians (``_suite_measure``: ``torch.utils.benchmark.Timer``
+for repeated calls, one call per round for slow ones); the peak memory of one call; and, for
+the zoo models, the quality metrics of ``benchmarks/results/report.json`` (pointing game,
+deletion / insertion AUC; text: comprehensiveness, token AUPRC). Then scaling curves (batch
+size, number of tokens, number of targets explained at once) and the DESIGN.md §8 targets,
+met or missed.
 
     python benchmarks/suite.py [--device cpu|cuda] [--quick] [--out benchmarks/results]
-        [--threads N] [--isolate cell|model] [--no-scaling] [--tam-sizing]
+        [--threads N] [--isolate cell|model] [--models M ...] [--no-main] [--no-scaling]
+        [--tam-sizing] [--min-run-time S] [--from-json FILE]
 
 Writes ``suite.json`` (every number), ``suite.md`` (tables, targets, machine) and
 ``suite_batch.png``, ``suite_tokens.png``, ``suite_targets.png``; ``--quick`` (zoo models only,
-batch 2, one timed call, a tiny ViT for the token curve) writes ``suite_quick.*`` instead and
-takes well under a minute on an idle machine. Batch sizes per cell: zoo models 16; ViT-S/16 8
-(TAM, the token loop, Occlusion, FeatureAblation, IG: 1); ViT-B/16 and ResNet-50 2 (slow ones
-1). The slow cells are called once, and that call is both the memory and the time measurement.
-``--tam-sizing`` adds TAM's pass-sizing sweep: the default token budget against fixed sizings
-(``B x 16`` rows per pass, one removal per example per pass, everything in one pass), each in
-its own process, on the zoo ViT (batch 16) and ViT-S/16 (batch 2): time of the first
-(calibrating) and later calls, rows per pass, peak memory.
+batch 2, one timed round, a tiny ViT for the token curve) writes ``suite_quick.*`` instead and
+is a smoke run of well under a minute. Batch sizes per cell: zoo models 16; ViT-S/16 8 (TAM,
+the token loop, Occlusion, FeatureAblation, IG: 1); ViT-B/16 and ResNet-50 2 (slow ones 1).
+The slow cells of the 224 px models are called once, and that call is both the memory and the
+time measurement. ``--tam-sizing`` adds TAM's pass-sizing sweep: the default token budget
+against fixed sizings (``B x 16`` rows per pass, one removal per example per pass, everything
+in one pass), each in its own process, on the zoo ViT (batch 16) and ViT-S/16 (batch 2): time
+of the first (calibrating) and later calls, rows per pass, peak memory. ``--from-json``
+re-renders the markdown and plots of an earlier run without measuring.
+
+The committed run and what it says: ``benchmarks/results/suite.md`` and ``docs/performance.md``.
 """
 
 from __future__ import annotations
