@@ -2,7 +2,8 @@
 
 No timed assertions: the checks are that every (model, method) cell of the main table is there
 (measured, or skipped with a reason), that the ratios are the seconds divided by the same
-cell's forward and forward+backward, and that the markdown lists every DESIGN.md §8 target.
+cell's forward and forward+backward, that the markdown lists every DESIGN.md §8 target, and
+that ``--tam-sizing`` measures every pass sizing in a cell of its own.
 """
 
 from __future__ import annotations
@@ -109,6 +110,9 @@ def test_every_model_method_cell_is_measured_or_skipped_with_a_reason(quick):
         ("shapes-cnn", "mhex"),
         ("text-bert", "cdam"),
         ("text-bert", "tam"),
+        ("shapes-vit", "relevance_naive"),
+        ("text-bert", "relevance_naive"),
+        ("shapes-vit", "layer_gxa"),
     ] + [(m, p) for m in cases.ZOO for p in ("ig", "occlusion", "feature_ablation")]:
         assert "seconds" in rows[model][method], (model, method)
     assert measured >= 30
