@@ -3,9 +3,11 @@
 A *model key* names a model and its input: ``"shapes-vit"``, ``"shapes-cnn"``, ``"text-bert"``
 (zoo entries, their own benchmark data), ``"vit-s16"`` / ``"vit-b16"`` / ``"vit-s8"`` (untrained
 timm ViTs at 224 px), ``"vit-s16@320"`` (ViT-S/16 at another image size) and ``"tiny-vit@32"``
-(a 2-block width-64 timm ViT with 8 px patches, for quick token curves). A *method key* names
+(a 2-block width-64 timm ViT with 8 px patches, for quick token curves) and ``"resnet50"`` (an
+untrained torchvision ResNet-50 at 224 px: the CNN at ImageNet size). A *method key* names
 one explanation call: ``"cdam"``, ``"ig"``, ... (:data:`METHODS`), ``"cdam_targets@8"`` (eight
-targets at once) and so on.
+targets at once), ``"tam_sizing@loop"`` (TAM with one of the pass sizings of :data:`SIZING`)
+and so on.
 
 :func:`build_case` builds the model and a batch; :func:`build_call` returns a closure that
 explains the batch once, or raises :class:`Skip` with the reason a method does not apply.
@@ -73,8 +75,16 @@ METHODS: dict[str, MethodInfo] = {
     "tam_loop": MethodInfo(
         "token loop (one token removed per forward, whole batch)", "reference", ("vit",), True
     ),
+    "relevance_naive": MethodInfo(
+        "RelevancePropagation, streaming=False (every layer's attention gradient kept)",
+        "reference",
+        TRANSFORMERS,
+    ),
     "layer_gradcam": MethodInfo(
         "Captum LayerGradCam", "peer", ("vit", "cnn"), quality="Captum GradCAM (layer4)"
+    ),
+    "layer_gxa": MethodInfo(
+        "Captum LayerGradientXActivation (last block's norm1)", "peer", ("vit",)
     ),
     "ig": MethodInfo(
         f"Captum IntegratedGradients ({IG_STEPS} steps)",
@@ -98,6 +108,8 @@ TIMM = {
         {"patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2, "num_classes": 16},
     ),
 }
+TORCHVISION = {"resnet50": "resnet50"}
+"""Untrained torchvision CNNs at 224 px (model key -> ``torchvision.models`` builder)."""
 ZOO = ("shapes-vit", "shapes-cnn", "text-bert")
 
 
@@ -106,6 +118,8 @@ def model_family(key: str) -> str:
     base = key.split("@")[0]
     if base in TIMM:
         return "vit"
+    if base in TORCHVISION:
+        return "cnn"
     from captum_ext import zoo
 
     return str(zoo.info(base)["family"])
@@ -118,6 +132,8 @@ def model_label(key: str) -> str:
         arch, _ = TIMM[base]
         px = size or ("32" if base == "tiny-vit" else "224")
         return f"untrained timm {arch if base != 'tiny-vit' else 'tiny ViT (2 blocks, D=64, patch 8)'} at {px} px"
+    if base in TORCHVISION:
+        return f"untrained torchvision {TORCHVISION[base]} at 224 px"
     return f"zoo {base}"
 
 
@@ -196,6 +212,13 @@ def build_case(key: str, batch: int, device: str) -> Case:
             patch,
             tokens,
         )
+    if base in TORCHVISION:
+        import torchvision
+
+        model = getattr(torchvision.models, TORCHVISION[base])(weights=None).eval().to(device)
+        x = torch.rand(batch, 3, 224, 224, device=device)
+        n = int(model.fc.out_features)
+        return Case(key, "cnn", model, x, None, _targets(batch, n, device), n, 16)
     from captum_ext import zoo
 
     info = zoo.info(base)
@@ -242,6 +265,8 @@ def build_call(method: str, case: Case) -> Callable[[], Any]:
         return getattr(case, name)
     if name.endswith("_targets") or name.endswith("_calls"):
         return _multi_target_call(name, int(arg), case)
+    if name == "tam_sizing":
+        return _tam_sizing(arg, case)
     info = METHODS.get(name)
     if info is None:
         raise ValueError(f"unknown method key {method!r}; known: {list(METHODS)}")
@@ -280,7 +305,7 @@ def _trained(kind: str) -> Callable[[Case], Callable[[], Any]]:
         entry = f"{case.key}-{kind}"
         if entry in zoo.available(kind="explainer"):
             explainer = zoo.load(entry, device=case.inputs.device)
-        elif kind == "ttame" and case.key.split("@")[0] in TIMM:
+        elif kind == "ttame" and case.key.split("@")[0] in (*TIMM, *TORCHVISION):
             from captum_ext import TTAME
 
             size = tuple(case.inputs.shape[-2:])
@@ -315,6 +340,21 @@ def token_loop(model: nn.Module, x: torch.Tensor, target: torch.Tensor) -> torch
             for i in range(p, tokens.shape[1])
         ]
     return torch.stack(drops, dim=1)
+
+
+def _relevance_naive(case: Case) -> Callable[[], Any]:
+    """RP without streaming: all L attention gradients ``(B, H, N, N)`` are alive at once."""
+    from captum_ext import RelevancePropagation
+
+    m = case.model
+    if case.family == "bert":
+        layers, heads = m.config.num_hidden_layers, m.config.num_attention_heads
+    else:
+        layers, heads = len(m.blocks), m.blocks[0].attn.num_heads
+    n = case.tokens
+    case.info["attention_gradients_mib"] = layers * case.batch * heads * n * n * 4 / 2**20
+    rp = RelevancePropagation(m, streaming=False)
+    return lambda: rp.attribute(case.inputs, target=case.target, additional_forward_args=case.extra)
 
 
 def _tam_loop(case: Case) -> Callable[[], Any]:
@@ -366,6 +406,15 @@ def _layer_gradcam(case: Case) -> Callable[[], Any]:
     model.blocks[-1].norm1 = _GridNorm(model.blocks[-1].norm1, prefix, grid)
     cam = LayerGradCam(model, model.blocks[-1].norm1.to_grid)
     return lambda: cam.attribute(case.inputs, target=case.target, relu_attributions=True)
+
+
+def _layer_gxa(case: Case) -> Callable[[], Any]:
+    """Captum's hooks computing CDAM's quantity (gradient x activation at the last block's input
+    norm), summed over the channels: a gradient peer with one gradient to one layer."""
+    from captum.attr import LayerGradientXActivation
+
+    lgxa = LayerGradientXActivation(case.model, case.model.blocks[-1].norm1)
+    return lambda: lgxa.attribute(case.inputs, target=case.target).sum(-1)
 
 
 def _gradcam(case: Case) -> Callable[[], Any]:
@@ -485,7 +534,9 @@ BUILDERS: dict[str, Callable[[Case], Callable[[], Any]]] = {
     "ttame": _trained("ttame"),
     "mhex": _trained("mhex"),
     "tam_loop": _tam_loop,
+    "relevance_naive": _relevance_naive,
     "layer_gradcam": _layer_gradcam,
+    "layer_gxa": _layer_gxa,
     "ig": _ig,
     "occlusion": _occlusion,
     "feature_ablation": _feature_ablation,
@@ -529,3 +580,54 @@ def _multi_target_call(name: str, k: int, case: Case) -> Callable[[], Any]:
     return lambda: [
         attr.attribute(case.inputs, target=t, additional_forward_args=extra) for t in targets
     ]
+
+
+# ------------------------------------------------------------------------- TAM pass sizing
+_HUGE = 1 << 62
+SIZING: dict[str, tuple[str, dict[str, Any]]] = {
+    "before": (
+        "B × 16 rows per pass, no memory cap (the plan before the token budget)",
+        {"perturbations_per_eval": 16, "max_tokens_per_pass": _HUGE, "max_memory_bytes": _HUGE},
+    ),
+    "after": ("token budget per device (the default; on CPU the first call calibrates)", {}),
+    "loop": (
+        "B rows per pass (one removal of every example per forward)",
+        {"perturbations_per_eval": 1, "max_tokens_per_pass": _HUGE, "max_memory_bytes": _HUGE},
+    ),
+    "stacked": (
+        "all B × N rows in one pass",
+        {"max_tokens_per_pass": _HUGE, "max_memory_bytes": _HUGE},
+    ),
+}
+"""Pass sizings of TAM's sizing sweep (``tam_sizing@NAME``): label and ``attribute`` kwargs."""
+
+
+def _tam_sizing(variant: str, case: Case) -> Callable[[], Any]:
+    """TAM with the pass sizing ``variant``; ``case.info["passes"]`` gets the last call's
+    ablated passes and their rows (the clean forward not counted)."""
+    import captum_ext
+
+    if variant not in SIZING:
+        raise ValueError(f"unknown pass sizing {variant!r}; known: {list(SIZING)}")
+    kwargs = SIZING[variant][1]
+    tam = captum_ext.TokenAblation(case.model)
+    rows: list[int] = []
+    forward = tam.adapter.forward
+
+    def counting(inputs: torch.Tensor, extra: Any = None) -> torch.Tensor:
+        rows.append(int(inputs.shape[0]))
+        return forward(inputs, extra)
+
+    tam.adapter.forward = counting
+    passes: dict[str, Any] = {}
+    case.info["passes"] = passes  # the result keeps this dict; each call refills it
+
+    def call() -> torch.Tensor:
+        rows.clear()
+        out = tam.attribute(
+            case.inputs, target=case.target, additional_forward_args=case.extra, **kwargs
+        )
+        passes.update(ablated_passes=len(rows) - 1, rows_per_pass=sorted(set(rows[1:])))
+        return out
+
+    return call

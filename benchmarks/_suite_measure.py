@@ -8,10 +8,15 @@ the high-water mark of the child's resident set (Linux ``VmHWM``, reset through
 cells run in the suite's own process and the peak is ``torch.cuda.max_memory_allocated`` after
 ``reset_peak_memory_stats``, minus what was allocated before the call.
 
-Timing: each method's first call is the memory measurement (and the warm-up); then the forward,
-the forward+backward and every method of the cell are called in turn, ``repeats`` rounds, and
-each gets the median of its rounds, so all ratios come from the same minutes of the same
-machine. A slow cell with ``repeats=1`` times the first call itself (no warm-up: it runs once).
+Timing (:func:`interleaved`, also used by ``training/train_mhex.py``): each method's first call
+is the memory measurement; then the forward, the forward+backward and every method of the cell
+are timed in turn, ``repeats`` rounds, and each gets the median of its rounds, so all ratios
+come from the same minutes of the same machine. Within a round a call is timed by
+``torch.utils.benchmark.Timer.blocked_autorange`` (a warm-up, then blocks of calls until
+``min_run_time`` seconds; the median seconds per call); the methods of a slow cell, which run
+for seconds to minutes, are timed by one synchronised call per round instead (the Timer's
+warm-up would double them), and a slow cell with ``repeats=1`` times the first call itself
+(no warm-up: it runs once).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from typing import Any
 
 import torch
 from _suite_cases import Skip, build_call, build_case
+from torch.utils.benchmark import Timer
 
 
 @dataclass
@@ -42,10 +48,13 @@ class Cell:
         model: Model key.
         methods: Method keys (the baselines are always measured too).
         batch: Batch size.
-        repeats: Timed rounds (median); 1 for slow cells.
+        repeats: Timed rounds (the result is the median of the rounds).
         series: ``"main"`` or a scaling curve (``"batch"``, ``"tokens"``, ``"targets"``).
         memory: Measure the peak memory of each method's first call.
-        slow: With ``repeats=1``, time the first (memory) call instead of calling again.
+        slow: Its methods run for seconds or more: one call per round, and with
+            ``repeats=1`` the first (memory) call is the time.
+        min_run_time: Seconds of calls per round for each fast call
+            (``Timer.blocked_autorange``).
     """
 
     model: str
@@ -56,6 +65,7 @@ class Cell:
     memory: bool = True
     slow: bool = False
     result: dict[str, Any] = field(default_factory=dict)
+    min_run_time: float = 0.2
 
 
 def _sync(device: str) -> None:
@@ -64,11 +74,42 @@ def _sync(device: str) -> None:
 
 
 def _clock(fn: Callable[[], Any], device: str) -> float:
+    """Seconds of one call of ``fn`` (a call that runs once: the memory call, a slow call)."""
     _sync(device)
     t0 = time.perf_counter()
     fn()
     _sync(device)
     return time.perf_counter() - t0
+
+
+def interleaved(
+    fns: dict[str, Callable[[], Any]],
+    rounds: int,
+    min_run_time: float = 0.2,
+    single: frozenset[str] | set[str] = frozenset(),
+    device: str = "cpu",
+) -> tuple[dict[str, float], dict[str, int]]:
+    """Median seconds per call of every function and how many calls were timed.
+
+    Every round times each function in turn: those in ``single`` by one call, the others by
+    ``Timer.blocked_autorange(min_run_time)`` (its own warm-up first; the round's value is its
+    median seconds per call). The result is the median over the rounds, so functions measured
+    together share the machine's state. Timer runs at the current torch thread count.
+    """
+    per_round: dict[str, list[float]] = {n: [] for n in fns}
+    calls = dict.fromkeys(fns, 0)
+    threads = torch.get_num_threads()
+    for _ in range(max(1, rounds)):
+        for name, fn in fns.items():
+            if name in single:
+                per_round[name].append(_clock(fn, device))
+                calls[name] += 1
+                continue
+            timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+            m = timer.blocked_autorange(min_run_time=min_run_time)
+            per_round[name].append(m.median)
+            calls[name] += m.number_per_run * len(m.raw_times)
+    return {n: statistics.median(v) for n, v in per_round.items()}, calls
 
 
 # --------------------------------------------------------------------------- memory (CPU)
@@ -163,23 +204,23 @@ def run_cell(cell: Cell, device: str, threads: int = 0) -> dict[str, Any]:
             else:
                 seconds = _clock(calls[name], device)
             firsts[name] = seconds
+            res["first_call_s"] = seconds
         except Exception as e:
             res["error"] = f"{type(e).__name__}: {e}"
             res["traceback"] = traceback.format_exc(limit=3)
             del calls[name]
-    for name in baselines:  # warm the baselines (their own cell measures their memory)
-        if name not in cell.methods:
-            _clock(baselines[name], device)
     timed = {**baselines, **{n: f for n, f in calls.items() if n not in baselines}}
-    rounds: dict[str, list[float]] = {n: [] for n in timed}
-    slow_once = cell.slow and cell.repeats == 1
-    for _ in range(max(1, cell.repeats)):
-        for name, fn in timed.items():
-            if slow_once and name in firsts and name not in baselines:
-                rounds[name].append(firsts[name])
-            else:
-                rounds[name].append(_clock(fn, device))
-    med = {n: statistics.median(v) for n, v in rounds.items()}
+    slow = {n for n in timed if cell.slow and n not in baselines}
+    once = {n: firsts[n] for n in slow if n in firsts and cell.repeats == 1}
+    med, counts = interleaved(
+        {n: f for n, f in timed.items() if n not in once},
+        cell.repeats,
+        cell.min_run_time,
+        single=slow,
+        device=device,
+    )
+    med |= once
+    counts |= dict.fromkeys(once, 1)
     out["forward_s"] = med["forward"]
     out["forward_backward_s"] = med["forward_backward"]
     for name, res in out["methods"].items():
@@ -190,8 +231,9 @@ def run_cell(cell: Cell, device: str, threads: int = 0) -> dict[str, Any]:
         res["seconds_per_example"] = sec / case.batch
         res["x_forward"] = sec / med["forward"]
         res["x_forward_backward"] = sec / med["forward_backward"]
-        res["timed_calls"] = len(rounds[name])
-        res["warmup"] = 0 if (slow_once and name not in baselines) else 1
+        res["timed_calls"] = counts[name]
+        res["rounds"] = 1 if name in once else max(1, cell.repeats)
+        res["warmup"] = 0 if name in once else 1
     out["cell_seconds"] = time.perf_counter() - t_start
     return out
 

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from _suite_cases import METHODS, MULTI, model_label
+from _suite_cases import METHODS, MULTI, SIZING, model_label
 
 IMAGE_QUALITY = (
     ("pointing_game", "pointing ↑"),
@@ -230,9 +230,16 @@ def markdown(payload: dict[str, Any], report: Path, plots: list[str]) -> str:
             ),
             "",
         ]
+    timing = m.get("timing")  # absent in runs before the Timer harness
     lines += [
-        "Time: median over the timed calls of one explanation call of the whole batch, divided "
-        "by the batch (s / example); × fwd and × fwd+bwd divide by a forward (no grad) and a "
+        (
+            f"Time: {timing}; the median over the rounds of one explanation call of the whole "
+            "batch, divided by the batch (s / example)"
+            if timing
+            else "Time: median over the timed calls of one explanation call of the whole batch, "
+            "divided by the batch (s / example)"
+        )
+        + "; × fwd and × fwd+bwd divide by a forward (no grad) and a "
         "forward+backward (logit of the target, backward to every parameter) of the same model "
         "and batch, measured in the same process, interleaved with the method. Peak memory: "
         + (
@@ -316,6 +323,7 @@ def markdown(payload: dict[str, Any], report: Path, plots: list[str]) -> str:
         lines += scaling_tables(payload)
         for p in plots:
             lines.append(f"![{p}]({p})\n")
+    lines += sizing_tables(payload)
     return "\n".join(lines) + "\n"
 
 
@@ -355,6 +363,57 @@ def scaling_tables(payload: dict[str, Any]) -> list[str]:
                     f"{_fmt(r['seconds'], 4)} | {_fmt(r['x_forward'])} | "
                     f"{_fmt(r['x_forward_backward'])} |"
                 )
+        lines.append("")
+    return lines
+
+
+def sizing_tables(payload: dict[str, Any]) -> list[str]:
+    """The TAM pass-sizing sweep (``--tam-sizing``): one row per sizing, each from its own cell."""
+    groups: dict[tuple[str, int], dict[str, dict[str, Any]]] = {}
+    for c in _series(payload, "sizing"):
+        for m, r in c["methods"].items():
+            if "seconds" in r:
+                row = dict(r, forward_s=c["forward_s"], tokens=c["tokens"])
+                groups.setdefault((c["model"], c["batch"]), {})[m.partition("@")[2]] = row
+    if not groups:
+        return []
+    lines = [
+        "## TAM pass sizing\n",
+        "Each pass sizing in its own process (its own forward, peak memory and, for the "
+        "default, a calibration from scratch): "
+        + "; ".join(f"`{k}`: {label}" for k, (label, _) in SIZING.items())
+        + ". First call: the call that also measured memory (the default's calibrates on "
+        "CPU); later calls: the timed calls after it. Rows per pass: the ablated passes of the "
+        "last call (the clean forward not counted).\n",
+        "| model | batch | tokens | sizing | rows per pass | ablated passes | first call s | "
+        "later calls s | × fwd | peak MiB |",
+        "|---|---:|---:|---|---|---:|---:|---:|---:|---:|",
+    ]
+    notes = []
+    for (model, batch), rows in groups.items():
+        for v, r in rows.items():
+            passes = r.get("passes") or {}
+            lines.append(
+                f"| {model} | {batch} | {r['tokens']} | {v} | "
+                f"{','.join(map(str, passes.get('rows_per_pass', [])))} | "
+                f"{passes.get('ablated_passes', '—')} | {_fmt(r.get('first_call_s'), 4)} | "
+                f"{_fmt(r['seconds'], 4)} | {_fmt(r['x_forward'])} | {_fmt(r.get('peak_mib'), 1)} |"
+            )
+        fixed = [rows[v] for v in ("loop", "stacked") if v in rows]
+        if "after" in rows and fixed:
+            after = rows["after"]
+            best = min(r["x_forward"] for r in fixed)
+            best_first = min(r["first_call_s"] / r["forward_s"] for r in fixed)
+            first = after["first_call_s"] / after["forward_s"]
+            notes.append(
+                f"{model}, batch {batch}: default ÷ best of loop and stacked, each in its own "
+                f"forwards: {_fmt(after['x_forward'] / best)} later calls, "
+                f"{_fmt(first / best_first)} first calls (target: ≤ 1, never slower than the "
+                "better fixed sizing)."
+            )
+    lines.append("")
+    lines += [f"- {n}" for n in notes]
+    if notes:
         lines.append("")
     return lines
 

@@ -11,15 +11,11 @@ and prints the markdown.
     HF_HUB_OFFLINE=1 python benchmarks/report.py [--n 256] [--models shapes-vit ...]
         [--methods cdam tam ...] [--out benchmarks/results] [--seeds 2] [--threads 1]
 
-Run time of the default command (n = 256, two extra seeds with n = 64, 1000 bootstrap
-resamples, RISE with 16 steps, sanity check on 16 images) on the development machine (CPU, one
-thread, two cores shared with other jobs) was about 5 minutes before T-TAME rows, AD/IC and
-ROAD joined the table (301 s on 2026-11-30). ROAD (noisy linear imputation, ~22 ms per map
-and order) now dominates: the committed report was made with ``--n 64`` (2026-12-01, about
-4.5 minutes: 38–45 s per image model, text-bert 0.4 s, then the extra seeds and the sanity
-check); ``--no-road`` skips ROAD. The header of
-``report.md`` and ``run`` in ``report.json`` record each run's times. ``--threads 1`` is the
-default because on a busy two-core machine one thread is several times faster than two.
+ROAD (noisy linear imputation of every map and order) dominates the run time; ``--no-road``
+skips it, and the committed report was made with ``--n 64``. The header of ``report.md`` and
+``run`` in ``report.json`` record each run's times (earlier run times:
+``benchmarks/results/README.md``). ``--threads 1`` is the default because on a busy two-core
+machine one thread is several times faster than two.
 """
 
 from __future__ import annotations
@@ -239,7 +235,7 @@ def main() -> None:
     if missing:
         sys.exit(f"zoo models not found: {missing}; available: {available or 'none'}")
     if not models:
-        sys.exit("no zoo models found; train them with benchmarks/train_zoo.py")
+        sys.exit("no zoo models found; train them with benchmarks/training/train_zoo.py")
 
     t0 = time.perf_counter()
     metrics = None if args.no_road else IMAGE_METRICS + TEXT_METRICS  # ROAD only when named

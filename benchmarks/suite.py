@@ -1,29 +1,42 @@
 """Performance suite: every method of captum_ext and its peers, as ratios to a forward pass.
 
-One command measures, on the zoo ViT / CNN / BERT and on untrained timm ViT-S/16 and ViT-B/16
-at 224 px, every method of this package (CDAM, concept-CDAM, TAM, relevance propagation,
-rollout, the attention map, and T-TAME / MHEX where the zoo has a trained explainer; on the timm
-ViTs an untrained T-TAME, for time only) and the peers a user would pick instead (Captum
-``LayerGradCam`` with a token->grid reshape, ``IntegratedGradients`` with 50 steps, ``Occlusion``
-with patch windows, ``FeatureAblation`` with a patch mask, pytorch-grad-cam ``GradCAM``; on
-BERT: ``LayerIntegratedGradients`` on the embeddings and occlusion / ablation over tokens), plus
-the exact slow alternative of TAM (one token removed per forward). For each cell it records the
-time per explained example as a ratio to one forward and to one forward+backward of the same
-model and batch, measured in the same child process, interleaved, medians; the peak memory of
-one call; and, for the zoo models, the quality metrics of ``benchmarks/results/report.json``
-(pointing game, deletion / insertion AUC; text: comprehensiveness, token AUPRC). Then scaling
-curves (batch size, number of tokens, number of targets explained at once) and the DESIGN.md §8
-targets, met or missed.
+One command measures, on the zoo ViT / CNN / BERT, on untrained timm ViT-S/16 and ViT-B/16
+and on an untrained torchvision ResNet-50 (the three at 224 px), every method of this package
+(CDAM, concept-CDAM, TAM, relevance propagation, rollout, the attention map, and T-TAME / MHEX
+where the zoo has a trained explainer; on the 224 px models an untrained T-TAME, for time
+only) and the peers a user would pick instead (Captum ``LayerGradCam`` with a token->grid
+reshape, ``LayerGradientXActivation`` on the last block's ``norm1`` (CDAM's quantity through
+Captum's hooks), ``IntegratedGradients`` with 50 steps, ``Occlusion`` with patch windows,
+``FeatureAblation`` with a patch mask, pytorch-grad-cam ``GradCAM``; on BERT:
+``LayerIntegratedGradients`` on the embeddings and occlusion / ablation over tokens), plus two
+references: the exact slow alternative of TAM (one token removed per forward) and relevance
+propagation with ``streaming=False`` (every layer's attention gradient kept: its peak memory
+against the streaming default). For each cell it records the time per explained example as a
+ratio to one forward and to one forward+backward of the same model and batch, measured in the
+same child process, interleaved, medians (``_suite_measure``: ``torch.utils.benchmark.Timer``
+for repeated calls, one call per round for slow ones); the peak memory of one call; and, for
+the zoo models, the quality metrics of ``benchmarks/results/report.json`` (pointing game,
+deletion / insertion AUC; text: comprehensiveness, token AUPRC). Then scaling curves (batch
+size, number of tokens, number of targets explained at once) and the DESIGN.md §8 targets,
+met or missed.
 
     python benchmarks/suite.py [--device cpu|cuda] [--quick] [--out benchmarks/results]
-        [--threads N] [--isolate cell|model] [--no-scaling]
+        [--threads N] [--isolate cell|model] [--models M ...] [--no-main] [--no-scaling]
+        [--tam-sizing] [--min-run-time S] [--from-json FILE]
 
 Writes ``suite.json`` (every number), ``suite.md`` (tables, targets, machine) and
 ``suite_batch.png``, ``suite_tokens.png``, ``suite_targets.png``; ``--quick`` (zoo models only,
-batch 2, one timed call, a tiny ViT for the token curve) writes ``suite_quick.*`` instead and
-takes well under a minute on an idle machine. Batch sizes per cell: zoo models 16; ViT-S/16 8
-(TAM, the token loop, Occlusion, FeatureAblation, IG: 1); ViT-B/16 2 (slow ones 1). The
-slow cells are called once, and that call is both the memory and the time measurement.
+batch 2, one timed round, a tiny ViT for the token curve) writes ``suite_quick.*`` instead and
+is a smoke run of well under a minute. Batch sizes per cell: zoo models 16; ViT-S/16 8 (TAM,
+the token loop, Occlusion, FeatureAblation, IG: 1); ViT-B/16 and ResNet-50 2 (slow ones 1).
+The slow cells of the 224 px models are called once, and that call is both the memory and the
+time measurement. ``--tam-sizing`` adds TAM's pass-sizing sweep: the default token budget
+against fixed sizings (``B x 16`` rows per pass, one removal per example per pass, everything
+in one pass), each in its own process, on the zoo ViT (batch 16) and ViT-S/16 (batch 2): time
+of the first (calibrating) and later calls, rows per pass, peak memory. ``--from-json``
+re-renders the markdown and plots of an earlier run without measuring.
+
+The committed run and what it says: ``benchmarks/results/suite.md`` and ``docs/performance.md``.
 """
 
 from __future__ import annotations
@@ -44,7 +57,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 sys.path.insert(0, str(Path(__file__).parent))
 
 import torch
-from _suite_cases import METHODS, MULTI, ZOO, model_family
+from _suite_cases import METHODS, MULTI, SIZING, ZOO, model_family
 from _suite_measure import Cell, measure
 from _suite_report import write_outputs
 from tqdm.auto import tqdm
@@ -74,7 +87,7 @@ def _applicable(model: str, method: str) -> str | None:
     return None
 
 
-MAIN_MODELS = (*ZOO, "vit-s16", "vit-b16")
+MAIN_MODELS = (*ZOO, "vit-s16", "vit-b16", "resnet50")
 
 
 def main_plan(
@@ -88,6 +101,7 @@ def main_plan(
         sizes = {m: (16, 5, 16, 3, 16) for m in ZOO}
         sizes["vit-s16"] = (8, 3, 1, 1, 1)
         sizes["vit-b16"] = (2, 3, 1, 1, 1)
+        sizes["resnet50"] = (2, 3, 1, 1, 1)
     if models:
         sizes = {m: v for m, v in sizes.items() if m in models}
     cells: list[Cell] = []
@@ -146,16 +160,40 @@ def scaling_plan(quick: bool) -> list[Cell]:
     return cells
 
 
+def sizing_plan(quick: bool) -> list[Cell]:
+    """Cells of the TAM pass-sizing sweep (``--tam-sizing``): one sizing per cell, so that each
+    gets its own process (its peak memory, and the default's calibration from scratch)."""
+    if quick:
+        runs = [("shapes-vit", 2, 1, False)]
+    else:
+        runs = [("shapes-vit", 16, 5, False), ("vit-s16", 2, 2, True)]
+    return [
+        Cell(model, [f"tam_sizing@{v}"], batch, repeats, "sizing", slow=slow)
+        for model, batch, repeats, slow in runs
+        for v in SIZING
+    ]
+
+
 def _group_by_model(cells: list[Cell]) -> list[Cell]:
     """One cell per (model, batch, repeats, slow) holding all their methods (``--isolate model``)."""
     out: dict[tuple[Any, ...], Cell] = {}
     for c in cells:
-        key = (c.model, c.batch, c.repeats, c.slow, c.series, c.memory)
+        if c.series == "sizing":  # each pass sizing keeps its own process
+            out[(id(c),)] = c
+            continue
+        key = (c.model, c.batch, c.repeats, c.slow, c.series, c.memory, c.min_run_time)
         if key in out:
             out[key].methods.extend(c.methods)
         else:
             out[key] = Cell(
-                c.model, list(c.methods), c.batch, c.repeats, c.series, c.memory, c.slow
+                c.model,
+                list(c.methods),
+                c.batch,
+                c.repeats,
+                c.series,
+                c.memory,
+                c.slow,
+                min_run_time=c.min_run_time,
             )
     return list(out.values())
 
@@ -254,7 +292,19 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         help="a fresh process per (model, method) cell (default) or per model (--quick)",
     )
     p.add_argument("--no-scaling", action="store_true", help="skip the scaling curves")
-    p.add_argument("--no-main", action="store_true", help="only the scaling curves")
+    p.add_argument(
+        "--min-run-time",
+        type=float,
+        default=None,
+        help="seconds of calls per round for each fast call (Timer.blocked_autorange; "
+        "default 0.2, --quick 0.02)",
+    )
+    p.add_argument("--no-main", action="store_true", help="no main table")
+    p.add_argument(
+        "--tam-sizing",
+        action="store_true",
+        help="also TAM's pass-sizing sweep (default token budget vs fixed sizings)",
+    )
     p.add_argument(
         "--models",
         nargs="*",
@@ -290,6 +340,11 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
         cells, skipped = [], {}
     if not args.no_scaling:
         cells += scaling_plan(args.quick)
+    if args.tam_sizing:
+        cells += sizing_plan(args.quick)
+    min_run_time = args.min_run_time or (0.02 if args.quick else 0.2)
+    for c in cells:
+        c.min_run_time = min_run_time
     if isolate == "model":
         cells = _group_by_model(cells)
     results = []
@@ -307,13 +362,19 @@ def run(argv: list[str] | None = None) -> dict[str, Any]:
     machine["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     machine["wall_seconds"] = time.perf_counter() - t0
     machine["isolation"] = "process" if args.device.startswith("cuda") else isolate
+    machine["timing"] = (
+        "each round times every call of a cell in turn, by torch.utils.benchmark.Timer."
+        f"blocked_autorange (warm-up, then {min_run_time:g} s of calls; median per call), "
+        "slow methods by one call per round (a single-round slow cell: its first call)"
+    )
     command = "python benchmarks/suite.py " + " ".join(sys.argv[1:] if argv is None else argv)
     payload = {
         "command": command.strip(),
         "quick": args.quick,
         "machine": machine,
         "methods": {k: {"label": v.label, "group": v.group} for k, v in METHODS.items()}
-        | {k: {"label": v, "group": "targets"} for k, v in MULTI.items()},
+        | {k: {"label": v, "group": "targets"} for k, v in MULTI.items()}
+        | {f"tam_sizing@{k}": {"label": v[0], "group": "sizing"} for k, v in SIZING.items()},
         "skipped": skipped,
         "main_models": sorted({c.model for c in cells if c.series == "main"} | set(skipped)),
         "omitted_models": [

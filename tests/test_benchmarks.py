@@ -2,7 +2,8 @@
 
 No timed assertions: the checks are that every (model, method) cell of the main table is there
 (measured, or skipped with a reason), that the ratios are the seconds divided by the same
-cell's forward and forward+backward, and that the markdown lists every DESIGN.md §8 target.
+cell's forward and forward+backward, that the markdown lists every DESIGN.md §8 target, and
+that ``--tam-sizing`` measures every pass sizing in a cell of its own.
 """
 
 from __future__ import annotations
@@ -109,6 +110,9 @@ def test_every_model_method_cell_is_measured_or_skipped_with_a_reason(quick):
         ("shapes-cnn", "mhex"),
         ("text-bert", "cdam"),
         ("text-bert", "tam"),
+        ("shapes-vit", "relevance_naive"),
+        ("text-bert", "relevance_naive"),
+        ("shapes-vit", "layer_gxa"),
     ] + [(m, p) for m in cases.ZOO for p in ("ig", "occlusion", "feature_ablation")]:
         assert "seconds" in rows[model][method], (model, method)
     assert measured >= 30
@@ -167,3 +171,28 @@ def test_targets_are_met_or_missed_by_their_bound():
     assert got[("TAM ≥ 10× faster than IG-50", "a")]["met"] is False
     loop = got[("TAM never slower than the exact loop (one token per forward)", "a")]
     assert loop["measured"] == pytest.approx(0.5) and loop["met"] is False
+
+
+def test_tam_sizing_sweep_measures_each_sizing_in_its_own_cell(tmp_path):
+    argv = ["--quick", "--no-main", "--no-scaling", "--tam-sizing", "--threads", "1"]
+    payload = _import("suite").run([*argv, "--out", str(tmp_path)])
+    cases = _import("_suite_cases")
+    cells = payload["cells"]
+    assert {c["series"] for c in cells} == {"sizing"} and not [
+        c for c in cells if "cell_error" in c
+    ]
+    assert sorted(m for c in cells for m in c["methods"]) == sorted(
+        f"tam_sizing@{v}" for v in cases.SIZING
+    )
+    passes = {}
+    for c in cells:
+        ((method, r),) = c["methods"].items()  # one sizing per cell: its own process
+        assert "error" not in r and r["seconds"] > 0 and r["first_call_s"] > 0
+        assert r["peak_mib"] >= 0
+        assert math.isclose(r["x_forward"], r["seconds"] / c["forward_s"])
+        passes[method.partition("@")[2]] = r["passes"]
+    b, n = cells[0]["batch"], cells[0]["tokens"] - 1  # patch tokens (shapes-vit: one CLS)
+    assert passes["loop"] == {"ablated_passes": n, "rows_per_pass": [b]}
+    assert passes["stacked"] == {"ablated_passes": 1, "rows_per_pass": [b * n]}
+    md = (tmp_path / "suite_quick.md").read_text()
+    assert "## TAM pass sizing" in md and "default ÷ best of loop and stacked" in md

@@ -39,7 +39,7 @@ def _zoo_has(*names: str) -> bool:
 needs_zoo = pytest.mark.skipif(
     not _zoo_has("shapes-vit", "shapes-vit-free", "text-bert"),
     reason="zoo weights (captum_ext/zoo/weights/*.safetensors) are not present; "
-    "train them with python benchmarks/train_zoo.py",
+    "train them with python benchmarks/training/train_zoo.py",
 )
 
 

@@ -648,11 +648,11 @@ def test_zoo_mhex_explains_sequences_with_counter_evidence():
 
 
 def _train_script():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "benchmarks" / "training"))
     try:
         import train_mhex
     finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+        sys.path.remove(str(ROOT / "benchmarks" / "training"))
     return train_mhex
 
 

@@ -803,7 +803,9 @@ def test_zoo_lists_explainers_apart_from_models():
 @pytest.mark.parametrize("name", ["shapes-vit-ttame", "shapes-cnn-ttame"])
 def test_zoo_explainer_loads_ready_and_points_at_the_objects(name):
     if name not in _explainer_entries():
-        pytest.skip(f"{name} is not in the zoo yet; train it with benchmarks/train_ttame.py")
+        pytest.skip(
+            f"{name} is not in the zoo yet; train it with benchmarks/training/train_ttame.py"
+        )
     info = zoo.info(name)
     assert info["kind"] == "explainer" and info["method"] == "ttame"
     assert info["pointing_game"]["score"] >= 0.8
@@ -834,7 +836,7 @@ def test_zoo_explainer_loads_ready_and_points_at_the_objects(name):
 def test_zoo_explainer_entry_refuses_a_damaged_copy(tmp_path):
     if "shapes-vit-ttame" not in _explainer_entries():
         pytest.skip(
-            "shapes-vit-ttame is not in the zoo yet; train it with benchmarks/train_ttame.py"
+            "shapes-vit-ttame is not in the zoo yet; train it with benchmarks/training/train_ttame.py"
         )
     import shutil
 
@@ -853,7 +855,7 @@ def test_zoo_explainer_entry_refuses_a_damaged_copy(tmp_path):
 
 @pytest.mark.slow
 def test_training_script_reproduces_the_pointing_game(tmp_path):
-    script = ROOT / "benchmarks" / "train_ttame.py"
+    script = ROOT / "benchmarks" / "training" / "train_ttame.py"
     proc = subprocess.run(
         [sys.executable, str(script), "--only", "shapes-vit-ttame", "--out", str(tmp_path)],
         capture_output=True,

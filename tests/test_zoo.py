@@ -35,11 +35,11 @@ def _model(name: str) -> torch.nn.Module:
 
 
 def _train_script():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "benchmarks" / "training"))
     try:
         import train_zoo
     finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+        sys.path.remove(str(ROOT / "benchmarks" / "training"))
     return train_zoo
 
 

@@ -1,6 +1,6 @@
 """Train the model zoo (``captum_ext.zoo``) on the procedural benchmark data, on CPU.
 
-    python benchmarks/train_zoo.py [--only NAME ...] [--out captum_ext/zoo/weights]
+    python benchmarks/training/train_zoo.py [--only NAME ...] [--out captum_ext/zoo/weights]
 
 Every entry is seeded (``torch.manual_seed`` for initialisation and batch order, fixed data
 seeds for the training sets), trained with AdamW and a one-cycle cosine schedule on a fixed
@@ -14,40 +14,13 @@ shapes), which :func:`captum_ext.zoo.load` verifies on every read.
 Image accuracy is *set accuracy*: the predicted set ``{k : sigmoid(logit_k) > 0.5}`` equals the
 label set exactly. Text accuracy is plain accuracy of the argmax.
 
-Measured on the development machine (2 CPU cores shared with other jobs, torch 2.14.1, timm
-1.0.31, transformers 5.23) with ``python benchmarks/train_zoo.py --jobs 2`` (two entries at a
-time, one thread each): 4.7 min wall time for the five entries other than shapes-vit-plain,
-8.9 min summed over entries (about what ``--jobs 1`` takes, since these small models gain
-little from a second thread); shapes-vit-plain (added 2026-11-30, ``--only
-shapes-vit-plain``) takes 5.3 min more, so about 8 min for the whole zoo with ``--jobs 2``.
+``--jobs N`` trains N entries at a time (one thread each). Two kinds of ViT are shipped, a conv
+stem (shapes-vit, -free, -linear) and a plain patchifying one on data whose objects leave every
+cell a rim of background (shapes-vit-plain), because a patchifying ViT on the standard data
+misses squares that fill their cell exactly.
 
-=================  ==================  =======  ======  =========  ========  =======
-entry              architecture        params   steps   held-out   time (s)  file
-=================  ==================  =======  ======  =========  ========  =======
-shapes-vit         conv-stem ViT, 4    231,668  800     0.9961     154       0.93 MB
-shapes-vit-free    conv-stem ViT, 6    331,636  1000    0.9854     237       1.34 MB
-shapes-vit-linear  shapes-vit + probe  231,668  +500    0.9956     13        0.93 MB
-shapes-vit-plain   patchify ViT, 4     345,924  3000    1.0000     315       1.39 MB
-shapes-cnn         ResNet-10 (s1)      309,596  500     0.9844     110       1.25 MB
-text-bert          BERT 2x64           77,378   400     1.0000     19        0.31 MB
-=================  ==================  =======  ======  =========  ========  =======
-
-Held-out: 2048 fresh examples with seed 424242. The linear probe's time excludes its backbone
-(shapes-vit's weights, read from the output folder; trained first if missing).
-
-Why two kinds of ViT. With a patchifying embedding (``patch_size=8`` on the aligned layout,
-each token seeing exactly its cell) a square of extent 8 fills its cell completely, and its
-token is then a flat patch of colour, which on a smooth background only a comparison with
-neighbouring tokens can tell from background. A plain 4-block ViT (embed 64, ``mlp_ratio=8``,
-patch embedding initialised by :func:`whiten_patch_embed`, 3000 steps of batch 128) learned
-every other object and missed most of those squares: 0.942 held-out set accuracy, every error
-a missed full-cell square. Without the whitening init it stays on the initial loss plateau
-(0.663, constant prediction) for well over a thousand steps. Two ways out, both shipped:
-a conv stem (shapes-vit, -free, -linear) sees a few pixels around each cell and reaches 0.99
-in 800 steps on the standard data; the plain ViT (shapes-vit-plain) reaches 1.000 on data
-whose objects are at most 7 pixels (``max_extent=7``), so every cell keeps a rim of
-background. Token ground truth is exact for both; the pair shows how much the methods depend
-on the token embedding (the CDAM paper's observation that localisation is model-dependent).
+Measured accuracies, parameter counts, file sizes and run times, and the measurements behind
+the two kinds of ViT: ``benchmarks/results/training.md`` (each entry's record holds its own).
 """
 
 from __future__ import annotations
@@ -95,7 +68,7 @@ __all__ = [
 HELDOUT_SEED = 424242
 """Seed of the held-out evaluation data (never a training seed; the tests use 987654)."""
 HELDOUT_N = 2048
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "captum_ext" / "zoo" / "weights"
+DEFAULT_OUT = Path(__file__).resolve().parents[2] / "captum_ext" / "zoo" / "weights"
 Batch = tuple[torch.Tensor, ...]
 
 
@@ -458,7 +431,7 @@ def whiten_patch_embed(model: nn.Module, init: dict[str, Any], data_kwargs: dict
     the low-variance (object) directions are not drowned by the background colour. Selected by
     ``Entry.init = {"name": "patch-whitening", "eps": 1e-3, "n_images": 4096, "data_seed": 7}``;
     no shipped entry uses it (they have conv stems), but a plain patchifying ViT does not leave
-    its initial loss plateau without it (see the module docstring).
+    its initial loss plateau without it (``benchmarks/results/training.md``).
 
     Args:
         model: A timm ``VisionTransformer`` with a ``Conv2d`` patch projection.
@@ -660,7 +633,7 @@ def train_entry(entry: Entry, out: Path, progress: bool = True) -> dict[str, Any
             },
             "train_time_s": round(seconds, 1),
             "train_threads": torch.get_num_threads(),
-            "command": f"python benchmarks/train_zoo.py --only {entry.name}",
+            "command": f"python benchmarks/training/train_zoo.py --only {entry.name}",
             "versions": {
                 "torch": torch.__version__,
                 "timm": timm.__version__,

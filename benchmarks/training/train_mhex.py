@@ -1,6 +1,6 @@
 """Train MHEX into the zoo's CNN, ViT and BERT and measure it; writes the ``*-mhex`` zoo entries.
 
-    python benchmarks/train_mhex.py [--only NAME ...] [--out captum_ext/zoo/weights]
+    python benchmarks/training/train_mhex.py [--only NAME ...] [--out captum_ext/zoo/weights]
 
 Every entry wraps a shipped zoo model (its ``backbone_model``) in :class:`captum_ext.MHEX` with
 the class's defaults (CNN: gates and heads after ``layer2``, ``layer3``, ``layer4``;
@@ -22,42 +22,22 @@ used in training:
 * text: token AUPRC of the label's map against the planted rationale, and D between the
   rationale and the counter word of sequences that have one (512 sequences, seed 515151);
 * cost of ``attribute`` against a plain forward of the model and of the gated network
-  (batch 64, median of 7 after a warm-up, in one run);
+  (batch 64, one thread, the three calls interleaved over 15 rounds of the suite's
+  ``Timer``-based harness, medians);
 * the heads' collaboration: :meth:`captum_ext.MHEX.gradient_similarity` on 256 held-out
   examples.
 
 The paper's SAD and EAD metrics have no published definition available to us and are not
 computed.
 
-Measured on the development machine (2 CPU cores shared with other jobs, torch 2.14.1,
-timm 1.0.31, transformers 5.24) with ``python benchmarks/train_mhex.py`` (each entry's numbers
-are in its JSON record, ``captum_ext/zoo/weights/<name>.json``):
-
-===============  ====================  ================  ========  =====  ==================  ======  =====  ======
-entry            stages                accuracy (plain)  pointing  D      AD100/50/15 %       cost    train  file
-===============  ====================  ================  ========  =====  ==================  ======  =====  ======
-shapes-cnn-mhex  layer2, layer3, l4    0.9839 (0.9844)   0.940     0.918  29.8 / 29.8 / 28.8  1.11x   24 s   97 kB
-shapes-vit-mhex  embeddings, block 0   0.9966 (0.9961)   0.878     0.949  12.5 / 12.5 / 12.5  1.16x   9 s    7 kB
-text-bert-mhex   embeddings, block 0   1.0000 (1.0000)   AUPRC .903  0.963  --                  1.27x   4 s    5 kB
-===============  ====================  ================  ========  =====  ==================  ======  =====  ======
-
-Pointing game on the cells; in pixels 0.55 (CNN) and 0.41 (ViT). Text D: the label's map on
-the rationale against the other class's map on the counter word. Per stage (pointing / D):
-CNN layer2 0.71 / 0.61, layer3 0.85 / 0.79, layer4 0.91 / 0.96; ViT embeddings 0.95 / 0.96,
-block 0 0.72 / 0.83; BERT token AUPRC embeddings 1.00, block 0 0.22. Fused by the arithmetic
-mean instead: CNN 0.94 / 0.81, ViT 0.89 / 0.92. BERT with a smoothing window of 3: AUPRC 0.62.
-Heads' gradient cosine (collaboration; rows layer..., final): CNN layer4 vs final 0.90,
-layer2 vs layer3 0.52, layer2 vs final 0.04; ViT embeddings vs block 0 0.97, both against the
-final classifier -0.46 / -0.32; BERT likewise -0.51 / -0.72.
-
-Train times were measured with the machine nearly idle; under the load of other jobs the same
-runs took 100 s (CNN), 150 s (ViT) and 25-170 s (BERT). Cost: ``attribute`` over a plain
-forward of the model (batch 64, one thread, interleaved medians); over the gated network's own
-forward 1.07x, 1.10x and 1.22x. ``--cost-at-scale`` (random weights, batch 8, one thread):
-ResNet-50 1.03x, ViT-S/16 1.02x, BERT-base size 0.99x.
+``--cost-at-scale`` measures only the cost, of untrained MHEX on random-weight ResNet-50,
+ViT-S/16 and a BERT-base-sized model (batch 8, one thread).
 
 Recipe: ``MHEX.fit`` defaults (4 epochs of 8192 examples, batch 128, SGD Nesterov one-cycle,
-peak lr 0.05, model frozen) except lr 0.01 for the ViT (at 0.05 its pointing game was 0.80).
+peak lr 0.05, model frozen) except lr 0.01 for the ViT.
+
+Measured results (accuracy, localisation, AD, cost, train time, per stage, collaboration):
+``benchmarks/results/training.md``; each entry's record holds its own.
 """
 
 from __future__ import annotations
@@ -65,7 +45,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -79,8 +58,8 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _timing import median_time
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
+from _suite_measure import interleaved
 
 from captum_ext import MHEX, zoo
 from captum_ext.adapters import adapter_for
@@ -100,7 +79,7 @@ HELDOUT_N = 2048
 EVAL_SEED = 515151
 """Fresh two-object images / sequences for localisation and discrimination."""
 EVAL_N = 512
-DEFAULT_OUT = Path(__file__).resolve().parents[1] / "captum_ext" / "zoo" / "weights"
+DEFAULT_OUT = Path(__file__).resolve().parents[2] / "captum_ext" / "zoo" / "weights"
 
 
 @dataclass(frozen=True)
@@ -279,21 +258,12 @@ def text_metrics(mhex: MHEX, data_kwargs: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _interleaved(fns: dict[str, Any], rounds: int = 15) -> dict[str, float]:
-    """Median seconds of each call, the calls interleaved over ``rounds`` after a warm-up."""
-    for fn in fns.values():
-        median_time(fn, repeats=1, warmup=2)
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            times[k].append(median_time(fn, repeats=1, warmup=0))
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
 def _cost(mhex: MHEX, x: torch.Tensor, extra: tuple, rounds: int = 15) -> dict[str, Any]:
     """Seconds of ``attribute`` vs a plain forward of the model and of the gated network.
 
-    One thread (the shared machine's other jobs disturb multi-threaded timings most).
+    One thread (the shared machine's other jobs disturb multi-threaded timings most); the
+    suite's harness (``_suite_measure.interleaved``): the three calls in turn, ``rounds``
+    rounds of ``Timer.blocked_autorange``, medians.
     """
     model = mhex.network.model
 
@@ -311,8 +281,10 @@ def _cost(mhex: MHEX, x: torch.Tensor, extra: tuple, rounds: int = 15) -> dict[s
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        med = _interleaved(
-            {"forward_s": plain, "gated_forward_s": gated, "attribute_s": explain}, rounds
+        med, _ = interleaved(
+            {"forward_s": plain, "gated_forward_s": gated, "attribute_s": explain},
+            rounds,
+            min_run_time=0.05,
         )
     finally:
         torch.set_num_threads(threads)
@@ -437,7 +409,7 @@ def train_entry(entry: Entry, out: Path, progress: bool = True) -> dict[str, Any
         "train_time_s": round(train_s, 1),
         "total_time_s": round(time.perf_counter() - start, 1),
         "train_threads": torch.get_num_threads(),
-        "command": f"python benchmarks/train_mhex.py --only {entry.name}",
+        "command": f"python benchmarks/training/train_mhex.py --only {entry.name}",
         "versions": {
             "torch": torch.__version__,
             "timm": timm.__version__,

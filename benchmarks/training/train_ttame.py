@@ -1,6 +1,6 @@
 """Train the T-TAME explainers of the model zoo on the procedural data, on CPU.
 
-    python benchmarks/train_ttame.py [--only NAME ...] [--out captum_ext/zoo/weights]
+    python benchmarks/training/train_ttame.py [--only NAME ...] [--out captum_ext/zoo/weights]
 
 Each entry fits :class:`captum_ext.TTAME` to a zoo model (``zoo.load(backbone)``, frozen) with
 the paper's ImageNet recipe unchanged (SGD with Nesterov momentum, weight decay 5e-4 on
@@ -8,7 +8,8 @@ weights, one-cycle schedule peaking at lr 1e-3, batch 32, 8 epochs; loss 1.5 CE 
 0.01 variation), on 4096 unlabelled images of the backbone's own data settings
 (``zoo.data_kwargs(backbone)``, data seed 31, which no zoo model was trained on), seeded
 (``torch.manual_seed(seed)`` before building the mechanism, ``fit(seed=seed)`` for the data
-order; seed 0 for the CNN, 2 for the ViT, see below). It is then measured on fresh two-object
+order; seed 0 for the CNN, 2 for the ViT, selected as ``benchmarks/results/training.md``
+records). It is then measured on fresh two-object
 images (seed 616161, never used in training or selection) and written with
 :meth:`TTAME.save` as ``<name>.safetensors`` + ``<name>.json`` (the mechanism, its config, the
 backbone's fingerprint, and a record of data, seed, recipe, per-epoch history, time and the
@@ -26,41 +27,12 @@ for every (image, present class) pair, each class explained separately:
   exactly on the object's cell scores only ``pixel_ceiling_cell_map`` here (the maximum of the
   upsampled map sits at the cell centre, which thin shapes such as the plus do not cover).
 
-Measured on the development machine (2 CPU cores shared with other jobs, one thread per
-entry; torch 2.14.1, timm 1.0.31) with ``python benchmarks/train_ttame.py --only NAME``
-(shapes-cnn-ttame ran beside another training job, shapes-vit-ttame alone); pointing game on
-512 fresh two-object images (1024 targets):
+AD/IC with the T-TAME preset (:func:`captum_ext.metrics.average_drop_ttame`) go into the
+records too. The ViT entry's ``vit_features`` and seed were chosen on separate selection data
+(256 two-object images of seed 515151) among a few seeds, the CNN entry is the first run.
 
-================  ==========  ======  ========  =========  ===========  ======  =======  =======
-entry             backbone    params  time (s)  PG (grid)  PG (pixels)  chance  ceiling  file
-================  ==========  ======  ========  =========  ===========  ======  =======  =======
-shapes-vit-ttame  shapes-vit  13,636  64        0.936      0.649        0.063   0.694    61 kB
-shapes-cnn-ttame  shapes-cnn  23,076  233       0.923      0.476        0.063   0.694    99 kB
-================  ==========  ======  ========  =========  ===========  ======  =======  =======
-
-(ceiling: ``pixel_ceiling_cell_map``, the pixel score of a map that is exactly the object's
-cell.) The records also hold AD/IC with the T-TAME preset
-(:func:`captum_ext.metrics.average_drop_ttame`, softmax of the top-1 class, 100/50/15 % kept):
-ViT AD 2.9/2.9/10.7 %, IC 94/93/80 %; CNN AD 0.1/4.5/13.2 %, IC 98/90/73 %.
-
-How the ViT entry was chosen (on selection data: 256 two-object images of seed 515151,
-disjoint from the measurement above). The ViT result depends on the mechanism's random
-initialisation much more than the CNN's. Grid pointing game with the recipe above, by
-``torch.manual_seed`` before building the mechanism (data order seed 0):
-
-==============================  ======  ======  ======  ======
-``vit_features``                seed 0  seed 1  seed 2  other
-==============================  ======  ======  ======  ======
-``"plain"`` (patch tokens)      0.758   0.855   0.940   0.920
-``"cls"`` (x CLS, the default)  --      0.820   0.816   0.844
-==============================  ======  ======  ======  ======
-
-("other": the mechanism built after ``torch.manual_seed(0); zoo.load(...)``.) The authors'
-CLS-multiplied variant is stable around 0.82; plain patch tokens score higher on average but
-spread from 0.76 to 0.94. The entry is the best of these, ``"plain"`` with seed 2 (used for
-initialisation and data order), and scores 0.936 on the fresh data. The CNN entry is the first
-run (seed 0), unselected. A higher learning rate (3e-3) diverged for the CNN and did not help
-the ViT (0.850 with ``"cls"``).
+Measured scores, run times and the selection: ``benchmarks/results/training.md`` (each
+entry's record holds its own).
 """
 
 from __future__ import annotations
@@ -212,7 +184,7 @@ def train_entry(entry: Entry, out: Path, eval_n: int, show_progress: bool) -> di
         "params": sum(p.numel() for p in explainer.mechanism.parameters()),
         "train_time_s": round(train_time, 1),
         "train_threads": torch.get_num_threads(),
-        "command": f"python benchmarks/train_ttame.py --only {entry.name}",
+        "command": f"python benchmarks/training/train_ttame.py --only {entry.name}",
         "versions": {
             "python": platform.python_version(),
             "torch": torch.__version__.split("+")[0],
