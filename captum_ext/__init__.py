@@ -1,12 +1,15 @@
-"""captum_ext: class-discriminative explanations of vision and text transformers for Captum.
+"""captum_ext: class-discriminative explanations for Captum, of transformers and CNNs.
 
 Methods (Captum ``Attribution`` subclasses): :class:`CDAM` and :class:`ConceptCDAM`,
 :class:`TokenAblation` (TAM), :class:`RelevancePropagation`, :class:`AttentionRollout` and
-:class:`AttentionMap`, and the trainable :class:`TTAME` and :class:`MHEX`, on timm ViTs, HuggingFace ViT and
-BERT-family models through :func:`adapter_for`. Rooms, bottom to top: ``errors``/``_scores`` (floor 1), ``adapters``,
-``checkpoint``, ``data``, ``metrics``, ``viz``; ``capture`` (hooks) and ``zoo``; ``attr`` and
-``explainers`` (trainable explainers: :class:`TTAME`, :class:`MHEX`); ``registry``; ``evaluation`` and
-``models``; ``cli``. Nothing imports from a room above it.
+:class:`AttentionMap` on timm ViTs, HuggingFace ViT and BERT-family models, and the trainable
+:class:`TTAME` and :class:`MHEX`, which also explain CNNs (ResNet, VGG, EfficientNet, ...);
+:func:`adapter_for` recognises the model family.
+
+Rooms, bottom to top: ``errors``/``_scores`` (floor 1), ``adapters``, ``checkpoint``, ``data``,
+``metrics``, ``viz``; ``capture`` (hooks) and ``zoo``; ``attr`` and ``explainers`` (trainable
+explainers); ``registry``; ``evaluation`` and ``models``; ``cli``. Nothing imports from a room
+above it.
 """
 
 from captum_ext.adapters import ModelAdapter, TransformerAdapter, adapter_for

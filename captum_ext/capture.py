@@ -272,8 +272,8 @@ def _eager(modules: list[nn.Module]) -> contextlib.AbstractContextManager[None]:
 
     A compiled top-level model is unwrapped to its ``_orig_mod`` by the adapter lookup; this
     covers compiled parts inside a user's wrapper (an ``OptimizedModule`` holds its eager
-    module as the child ``_orig_mod``). Switching the compiler's stance costs about 0.5 ms,
-    so it happens only when such a part exists.
+    module as the child ``_orig_mod``). The compiler's stance is switched only when such a
+    part exists.
     """
     if not any("_orig_mod" in m._modules for m in modules) or torch.compiler.is_compiling():
         return contextlib.nullcontext()

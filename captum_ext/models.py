@@ -58,6 +58,7 @@ __all__ = [
 ]
 
 SPEC_HELP = "timm:ARCH (with a weights file), hf:DIR or zoo:NAME"
+"""The spec forms, as help texts and error messages name them."""
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 _HF_IMAGE_TYPES = ("vit", "deit")
 _HF_TEXT_TYPES = ("bert", "roberta", "distilbert", "xlm-roberta", "camembert")

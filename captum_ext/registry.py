@@ -58,6 +58,7 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("attention_map", "Attention map", AttentionMap, False, True, "baseline"),
     )
 }
+"""The registered methods by name (the names ``make_method`` and ``--method`` take)."""
 
 
 def available_methods() -> list[str]:

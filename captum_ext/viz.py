@@ -67,7 +67,9 @@ OVERLAY_ALPHA = 0.5
 """Opacity of a map drawn over its (greyscale) image, as Captum's ``blended_heat_map``."""
 
 OVERLAY_INCHES = 5
-OVERLAY_DPI = 80  # overlays from save_overlay are OVERLAY_INCHES * OVERLAY_DPI = 400 px square
+"""Side of an overlay figure (:func:`overlay_figure`) in inches."""
+OVERLAY_DPI = 80
+"""Resolution of :func:`save_overlay`: ``OVERLAY_INCHES * OVERLAY_DPI`` = 400 pixels square."""
 
 Interpolation = Literal["nearest", "bilinear"]
 

@@ -121,8 +121,8 @@ plt.show()
 # against the column's class (the model has learned that a plus in that cell argues
 # against "circle"). Captum's colour bar reads -1..1 because it divides each map by its
 # largest absolute value. On this model CDAM tells the classes apart well but localises
-# less sharply than TAM or relevance propagation (tutorial 4 and the README's benchmark
-# table compare them). The exact masks let us measure the first part: the **class
+# less sharply than TAM or relevance propagation (tutorial 4 and the benchmark table of
+# `docs/benchmark.md` compare them). The exact masks let us measure the first part: the **class
 # discrimination score D** (`captum_ext.metrics.discrimination_score`) takes the maps of
 # both classes and asks how much of each map's positive mass lies on its own object
 # rather than on the other one: 1 = every map on its own object, 0.5 = no discrimination

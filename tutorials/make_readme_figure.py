@@ -2,8 +2,9 @@
 
 The figure is the demo's ``explanations.png`` for the main zoo model (``shapes-vit``):
 held-out benchmark images (seed ``captum_ext.cli.demo.DEMO_SEED``, half of them with two
-objects), one row per present class, columns input, that class's ground-truth mask and every
-registered method. Runs offline on CPU in seconds (the zoo weights ship with the package):
+objects), one row per present class, columns input, that class's ground-truth mask, every
+registered method and the trained explainers the zoo ships for the model (T-TAME, MHEX). Runs
+offline on CPU in seconds (the zoo weights ship with the package):
 
     python tutorials/make_readme_figure.py [--out docs/demo.png] [--n 4] [--dpi 90]
 

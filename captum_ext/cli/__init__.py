@@ -37,9 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(
         prog=PROG,
-        description="Class-discriminative explanations of transformers for Captum: "
-        "CDAM, TAM, relevance propagation, attention rollout, attention map.",
-        epilog="run `captum-ext COMMAND --help` for the options and examples of each command",
+        description="Class-discriminative explanations for Captum, on vision and text "
+        "transformers (timm and HuggingFace ViTs, BERT-family classifiers) and CNNs (ResNet, "
+        "VGG, EfficientNet): CDAM, TAM (token ablation), relevance propagation, attention "
+        "rollout, the attention map, and the trainable T-TAME and MHEX (the only two that "
+        "explain CNNs).",
+        epilog="run `captum-ext COMMAND --help` for the options and examples of each command; "
+        "`captum-ext demo` runs every method on the shipped trained models",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)

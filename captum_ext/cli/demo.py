@@ -61,10 +61,10 @@ examples:
   captum-ext demo --device cuda
 
 writes explanations.png (shapes-vit: rows = image x present class, columns = input,
-ground-truth mask, every method over the image, T-TAME where the zoo ships one fitted to
-the model; green = for the row's class, red = against, white = 0, a colour bar per
-method), the same for shapes-vit-plain, shapes-vit-free and shapes-cnn (T-TAME, Captum
-GradCAM and IntegratedGradients; explanations-NAME.png), text.html and text.png
+ground-truth mask, every method over the image, T-TAME and MHEX where the zoo ships them
+fitted to the model; green = for the row's class, red = against, white = 0, a colour bar
+per method), the same for shapes-vit-plain, shapes-vit-free and shapes-cnn (T-TAME, MHEX,
+Captum GradCAM and IntegratedGradients; explanations-NAME.png), text.html and text.png
 (text-bert), metrics.md and metrics.json (captum_ext.evaluation).
 """
 
@@ -148,7 +148,7 @@ def image_grid(name: str, n: int, device: str = "cpu", show_progress: bool = Fal
     present class) pairs, labelled with the class and its score (sigmoid for multi-label
     models, else softmax); columns the input, the class's ground-truth mask and every
     registered method that supports the model and every trained explainer the zoo ships for
-    it (T-TAME, :func:`captum_ext.evaluation.zoo_explainers`; maps in ``[0, 1]``), each
+    it (T-TAME, MHEX: :func:`captum_ext.evaluation.zoo_explainers`; maps in ``[0, 1]``), each
     explaining the row's class, drawn over the image in :mod:`captum_ext.viz`'s colours
     (green = for the class, red = against, white = 0; a colour bar per column). A CNN, which
     no transformer method supports, also gets Captum's ``LayerGradCam`` (last stage) and

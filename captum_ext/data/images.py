@@ -21,13 +21,8 @@ it again (background corners, noise seed, objects) is kept in ``ShapesBatch.para
 :func:`render_without` can remove one object and leave every other pixel bit-identical.
 
 Sampling and rasterisation are vectorised over a chunk of images (integer coordinate grids and
-inequalities, no per-pixel loops). Speed on one core of the development machine (2 cores shared
-with other jobs, load ~5), measured with ``python -c "import time, torch;
-torch.set_num_threads(1); from captum_ext.data import shapes; t = time.perf_counter();
-shapes(4096, 0, layout='aligned'); print(4096 / (time.perf_counter() - t))"``: about 5,000
-32 x 32 images per second for either layout (3,700 to 5,500 over repeated runs).
-``ShapesDataset`` renders single items at about 800 per second and whole batches through
-``DataLoader`` (via ``__getitems__``) at about 2,000 per second.
+inequalities, no per-pixel loops); ``ShapesDataset`` renders whole batches for ``DataLoader``
+through ``__getitems__``.
 """
 
 from __future__ import annotations

@@ -38,6 +38,7 @@ POSITIVE_WORDS: tuple[str, ...] = (
     "delightful",
     "fantastic",
 )
+"""Words of positive polarity (rationale words of label 1, counter words of label 0)."""
 NEGATIVE_WORDS: tuple[str, ...] = (
     "bad",
     "awful",
@@ -48,6 +49,7 @@ NEGATIVE_WORDS: tuple[str, ...] = (
     "boring",
     "mediocre",
 )
+"""Words of negative polarity (rationale words of label 0, counter words of label 1)."""
 FILLER_WORDS: tuple[str, ...] = (
     "the", "a", "an", "this", "that", "it", "movie", "film", "plot", "story",
     "actor", "actress", "scene", "script", "cast", "director", "music", "ending", "camera",

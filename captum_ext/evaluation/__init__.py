@@ -10,7 +10,8 @@ class-agnostic baselines and any custom maps) on a held-out set of the procedura
   Average Drop / Increase in Confidence at 100/50/15 % kept (T-TAME preset), ROAD MoRF / LeRF
   (T-TAME preset; only when asked: :data:`OPTIONAL_METRICS`) and the Pearson correlation with
   TAM's map (the CDAM paper's comparison). Trained explainers the zoo ships for the model
-  (:data:`TRAINED`: ``NAME-ttame``) are evaluated next to the methods, through the same loop;
+  (:data:`TRAINED`: ``NAME-ttame``, ``NAME-mhex``) are evaluated next to the methods, through
+  the same loop;
 * text (``text_rationales``): ERASER comprehensiveness and sufficiency (AOPC) and token AUPRC
   against the planted rationale, for the target ``label``.
 

@@ -48,8 +48,9 @@ class EvalConfig:
             :data:`TEXT_METRICS`); ``None`` = all that apply but the slow ones
             (:data:`~captum_ext.evaluation.OPTIONAL_METRICS`: ROAD), which run only when named.
         explainers: Trained explainer kinds (:data:`~captum_ext.evaluation.TRAINED`, e.g.
-            ``"ttame"``) evaluated next to the methods where the zoo ships one fitted to the
-            evaluated zoo model (``NAME-ttame``); ``None`` = every kind, ``()`` = none.
+            ``"ttame"``, ``"mhex"``) evaluated next to the methods where the zoo ships one fitted to
+            the evaluated zoo model (``NAME-ttame``, ``NAME-mhex``); ``None`` = every kind,
+            ``()`` = none.
         n: Number of held-out images / sequences generated for a zoo model.
         seed: Seed of the held-out data (never used in training) and of the random baseline.
         device: Device of the model and data.

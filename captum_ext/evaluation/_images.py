@@ -89,8 +89,8 @@ class ImageSet:
         return run
 
     def trained_map(self, name: str, explainer: Any) -> Callable[[], RawMap]:
-        """The maps of a trained explainer (T-TAME): its own pixel maps, plus its grid maps
-        when they lie on the model's grid (a CNN's T-TAME map is finer: pooled to it)."""
+        """The maps of a trained explainer (T-TAME, MHEX): its own pixel maps, plus its grid
+        maps when they lie on the model's grid (a CNN's map is finer: pooled to it)."""
         pixels = self.extra_map(name, lambda x, t: explainer.attribute(x, target=t, output="input"))
 
         def run() -> RawMap:

@@ -249,7 +249,7 @@ IMAGE_METRICS: tuple[str, ...] = tuple(m.name for m in IMAGE_TABLE)
 
 OPTIONAL_METRICS: tuple[str, ...] = tuple(m.name for m in IMAGE_TABLE if not m.default)
 """Metrics computed only when named in ``EvalConfig.metrics`` (ROAD: one sparse solve per
-removal step and map, minutes per model on a CPU)."""
+removal step and map, too slow for every run)."""
 
 TEXT_METRICS: tuple[str, ...] = tuple(m.name for m in TEXT_TABLE)
 """Metrics computed for text models, in table order."""

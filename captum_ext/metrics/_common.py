@@ -61,6 +61,7 @@ class MetricInfo:
 
 
 METRICS: dict[str, MetricInfo] = {}
+"""Every metric's :class:`MetricInfo` by name, filled by :func:`register_metric`."""
 
 
 def register_metric(

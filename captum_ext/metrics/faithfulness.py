@@ -461,6 +461,7 @@ def increase_in_confidence(
 
 
 TTAME_KEEP: tuple[float, ...] = (1.0, 0.5, 0.15)
+"""Fractions of the map kept at the three T-TAME operating points (100, 50 and 15 %)."""
 
 
 @register_metric(

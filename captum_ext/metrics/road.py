@@ -27,6 +27,7 @@ __all__ = ["ROAD_TTAME_PERCENTAGES", "noisy_linear_imputation", "road"]
 
 #: Removal percentages used by the T-TAME evaluation (Ntrougkas et al. 2024).
 ROAD_TTAME_PERCENTAGES: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9)
+"""Removal fractions of the T-TAME ROAD preset (10 % to 90 % of the pixels)."""
 
 # (dy, dx) -> weight; direct neighbours 1/6, diagonal neighbours 1/12 (sum = 1), as in ROAD.
 _NEIGHBOURS: tuple[tuple[int, int, float], ...] = (

@@ -33,6 +33,7 @@ from ._common import (
 __all__ = ["ERASER_FRACTIONS", "comprehensiveness", "sufficiency", "token_auprc"]
 
 ERASER_FRACTIONS: tuple[float, ...] = (0.01, 0.05, 0.1, 0.2, 0.5)
+"""ERASER's AOPC bins: 1, 5, 10, 20 and 50 % of the valid tokens."""
 
 
 def _token_scores(

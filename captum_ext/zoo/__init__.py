@@ -1,9 +1,9 @@
 """Small models trained on the procedural benchmark data, shipped as package data.
 
-No pretrained network can be downloaded on the machines this project runs on, so the package
-ships its own: each entry is a ``weights/<name>.safetensors`` file plus a ``weights/<name>.json``
-record of the architecture, the data it was trained for, the training recipe, the measured
-held-out accuracy and the command that reproduces it (``benchmarks/train_zoo.py``).
+The package ships its own trained models, so that examples, tutorials and tests run offline:
+each entry is a ``weights/<name>.safetensors`` file plus a ``weights/<name>.json`` record of
+the architecture, the data it was trained for, the training recipe, the held-out accuracy and
+the command that reproduces it (``benchmarks/train_zoo.py``).
 
 Entries (``benchmarks/train_zoo.py`` documents recipes, accuracies and run times):
 
