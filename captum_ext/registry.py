@@ -58,7 +58,7 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("attention_map", "Attention map", AttentionMap, False, True, "baseline"),
     )
 }
-"""The registered methods by name (the names ``make_method`` and ``--method`` take)."""
+"""The registered methods by name (the names ``make_method`` takes; the command offers the same)."""
 
 
 def available_methods() -> list[str]:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from tiny_models import IMAGE_MODELS, build, make_inputs
 
 from captum_ext import AttentionMap, adapter_for
-from captum_ext.attr._base import _upsample_nearest
+from captum_ext.attr.base import upsample_nearest
 from captum_ext.capture import _all_modules
 
 
@@ -17,7 +17,7 @@ from captum_ext.capture import _all_modules
 def test_cell_expansion_equals_nearest_interpolation(grid, factors):
     g = torch.randn(2, 3, *grid, dtype=torch.float64)
     size = (grid[0] * factors[0], grid[1] * factors[1])
-    got = _upsample_nearest(g, *factors)
+    got = upsample_nearest(g, *factors)
     assert got.shape == (2, 3, *size)
     assert torch.equal(got, F.interpolate(g, size=size, mode="nearest"))
 

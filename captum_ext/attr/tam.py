@@ -19,7 +19,7 @@ from torch import nn
 
 from captum_ext._scores import normalise_target, progress
 from captum_ext.adapters.base import Point, Readout, TransformerAdapter, as_tuple
-from captum_ext.attr._base import OutputKind, TokenMapMethod, check_targets
+from captum_ext.attr.base import OutputKind, TokenMapMethod, check_targets
 from captum_ext.attr._precision import accumulation_dtype
 from captum_ext.attr._tam_sizing import ACCELERATOR_MEMORY_SHARE as ACCELERATOR_MEMORY_SHARE
 from captum_ext.attr._tam_sizing import ACCELERATOR_TOKENS as ACCELERATOR_TOKENS
@@ -191,9 +191,10 @@ class TokenAblation(TokenMapMethod, PerturbationAttribution):
         Args:
             inputs: As in :meth:`attribute`.
             targets: K Captum targets (each an int, a list or a tensor ``(B,)``).
-            additional_forward_args, perturbations_per_eval, show_progress,
-                output, feature_mask, window, max_tokens_per_pass,
-                max_memory_bytes: As in :meth:`attribute`.
+            additional_forward_args: As in :meth:`attribute`; so are
+                ``perturbations_per_eval``, ``show_progress``, ``output``,
+                ``feature_mask``, ``window``, ``max_tokens_per_pass`` and
+                ``max_memory_bytes``.
 
         Returns:
             ``(K, ...)``: the map of each target stacked on a leading axis.

@@ -41,7 +41,7 @@ from captum_ext.adapters.base import (
     adapter_for,
     unwrap_model,
 )
-from captum_ext.attr._base import check_targets, format_token_map
+from captum_ext.attr.base import check_targets, format_token_map
 from captum_ext.capture import Hook, hooks, model_state, probe_readout
 from captum_ext.checkpoint import (
     CheckpointPaths,

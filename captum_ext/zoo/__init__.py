@@ -3,9 +3,9 @@
 The package ships its own trained models, so that examples, tutorials and tests run offline:
 each entry is a ``weights/<name>.safetensors`` file plus a ``weights/<name>.json`` record of
 the architecture, the data it was trained for, the training recipe, the held-out accuracy and
-the command that reproduces it (``benchmarks/train_zoo.py``).
+the command that reproduces it (``benchmarks/training/train_zoo.py``).
 
-Entries (``benchmarks/train_zoo.py`` documents recipes, accuracies and run times):
+Entries (``benchmarks/training/train_zoo.py`` documents recipes, accuracies and run times):
 
 * ``"shapes-vit"``: a 4-block timm ``VisionTransformer`` (patch 8, width 64) with a
   convolutional stem (arch ``zoo_vit_convstem``) on the aligned layout of
@@ -21,7 +21,7 @@ Entries (``benchmarks/train_zoo.py`` documents recipes, accuracies and run times
 * ``"text-bert"``: a 2-layer, width-64 HuggingFace ``BertForSequenceClassification`` on
   :func:`captum_ext.data.text_rationales` (binary).
 
-Trained explainers (``available(kind="explainer")``; ``benchmarks/train_ttame.py`` documents
+Trained explainers (``available(kind="explainer")``; ``benchmarks/training/train_ttame.py`` documents
 recipes, pointing-game scores and run times): ``load`` returns the explainer, its model loaded
 from the zoo entry its record names (``backbone_model``):
 
@@ -29,7 +29,7 @@ from the zoo entry its record names (``backbone_model``):
 * ``"shapes-cnn-ttame"``: :class:`~captum_ext.TTAME` fitted to ``"shapes-cnn"``.
 * ``"shapes-cnn-mhex"``, ``"shapes-vit-mhex"``, ``"text-bert-mhex"``: :class:`~captum_ext.MHEX`
   trained into ``"shapes-cnn"``, ``"shapes-vit"`` and ``"text-bert"``
-  (``benchmarks/train_mhex.py``).
+  (``benchmarks/training/train_mhex.py``).
 
 Every read verifies the entry (:mod:`captum_ext.checkpoint`): the sha256 and size of the
 weights file, the JSON record against the copy stored inside the weights file (class names,
@@ -182,14 +182,14 @@ def check_name(name: str, directory: Directory = None, kind: Kind = "model") -> 
     shown = shown or f"none (no weights in {folder})"
     raise ValueError(
         f"unknown zoo model {name!r}; available: {shown}. "
-        "Train missing entries with 'python benchmarks/train_zoo.py --only NAME'."
+        "Train missing entries with 'python benchmarks/training/train_zoo.py --only NAME'."
     )
 
 
 def _remedy(name: str) -> str:
     return (
         "reinstall captum_ext to restore the shipped files, or retrain the entry with "
-        f"'python benchmarks/train_zoo.py --only {name}'"
+        f"'python benchmarks/training/train_zoo.py --only {name}'"
     )
 
 

@@ -1,5 +1,8 @@
 """What every token-map method shares: the class shell, inputs in, token maps out.
 
+Public for authors of new methods and for the trainable explainers, which format their maps
+with the same functions.
+
 :class:`TokenMapMethod` is the first base of every method in
 :mod:`captum_ext.attr`: it looks up the transformer adapter (detecting the
 readout when the structure does not tell), validates inputs, formats
@@ -26,9 +29,11 @@ __all__ = [
     "check_targets",
     "format_token_map",
     "transformer_adapter",
+    "upsample_nearest",
 ]
 
 OutputKind = Literal["input", "like_input", "grid", "tokens"]
+"""Layouts a map can be returned in (the ``output`` argument of every method)."""
 _OUTPUTS = ("input", "like_input", "grid", "tokens")
 
 
@@ -207,7 +212,7 @@ def format_token_map(
     if output == "grid":
         return grid
     ph, pw = adapter.patch_size
-    up = _upsample_nearest(grid, ph, pw)
+    up = upsample_nearest(grid, ph, pw)
     up = up[..., : inputs.shape[-2], : inputs.shape[-1]]
     if output == "like_input":
         if up.shape[1] != 1:
@@ -219,7 +224,7 @@ def format_token_map(
     return up
 
 
-def _upsample_nearest(grid: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
+def upsample_nearest(grid: torch.Tensor, ph: int, pw: int) -> torch.Tensor:
     """Nearest upsampling of ``grid (..., h, w)`` by integer factors: each cell a patch.
 
     Cell expansion (a view expanded and copied once) instead of
