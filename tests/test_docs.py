@@ -21,7 +21,6 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 
 
-
 @pytest.fixture(scope="module")
 def html(tmp_path_factory) -> Path:
     pytest.importorskip("sphinx", reason="Sphinx is not installed (pip install -e '.[docs]')")

@@ -4,7 +4,7 @@ from captum_ext.attr.attention_map import AttentionMap
 from captum_ext.attr.cdam import CDAM, ConceptCDAM
 from captum_ext.attr.relevance import RelevancePropagation
 from captum_ext.attr.rollout import AttentionRollout
-from captum_ext.attr.tam import TAM, TokenAblation
+from captum_ext.attr.tam import TAM, PassSizing, TokenAblation
 
 __all__ = [
     "CDAM",
@@ -12,6 +12,7 @@ __all__ = [
     "AttentionMap",
     "AttentionRollout",
     "ConceptCDAM",
+    "PassSizing",
     "RelevancePropagation",
     "TokenAblation",
 ]

@@ -10,8 +10,8 @@ from torch import nn
 
 from captum_ext.adapters.base import Readout, TransformerAdapter
 from captum_ext.attr._attention import capture_attention, readout_row
-from captum_ext.attr.base import TokenMapMethod
 from captum_ext.attr._precision import accumulation_dtype, full_precision
+from captum_ext.attr.base import TokenMapMethod
 
 __all__ = ["AttentionMap"]
 

@@ -17,8 +17,8 @@ from torch import nn
 
 from captum_ext._scores import normalise_target, select_target
 from captum_ext.adapters.base import Readout, TransformerAdapter
-from captum_ext.attr.base import OutputKind, TokenMapMethod, check_targets
 from captum_ext.attr._precision import accumulation_dtype
+from captum_ext.attr.base import OutputKind, TokenMapMethod, check_targets
 from captum_ext.capture import Hook, as_leaf, hooks, model_state
 
 __all__ = ["CDAM", "ConceptCDAM"]

@@ -12,8 +12,8 @@ from torch import nn
 from captum_ext._scores import normalise_target, select_target
 from captum_ext.adapters.base import Readout, TransformerAdapter
 from captum_ext.attr._attention import readout_row, require_attention, resolve_start_layer
-from captum_ext.attr.base import TokenMapMethod
 from captum_ext.attr._precision import accumulation_dtype, full_precision
+from captum_ext.attr.base import TokenMapMethod
 from captum_ext.capture import Hook, as_leaf, grad_hooks, hooks, model_state
 
 __all__ = ["RelevancePropagation", "relevance_increment"]

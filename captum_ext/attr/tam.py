@@ -19,7 +19,6 @@ from torch import nn
 
 from captum_ext._scores import normalise_target, progress
 from captum_ext.adapters.base import Point, Readout, TransformerAdapter, as_tuple
-from captum_ext.attr.base import OutputKind, TokenMapMethod, check_targets
 from captum_ext.attr._precision import accumulation_dtype
 from captum_ext.attr._tam_sizing import ACCELERATOR_MEMORY_SHARE as ACCELERATOR_MEMORY_SHARE
 from captum_ext.attr._tam_sizing import ACCELERATOR_TOKENS as ACCELERATOR_TOKENS
@@ -27,6 +26,7 @@ from captum_ext.attr._tam_sizing import CPU_CANDIDATE_ELEMENTS as CPU_CANDIDATE_
 from captum_ext.attr._tam_sizing import CPU_MEMORY_BYTES as CPU_MEMORY_BYTES
 from captum_ext.attr._tam_sizing import OTHER_DEVICE_MEMORY_BYTES as OTHER_DEVICE_MEMORY_BYTES
 from captum_ext.attr._tam_sizing import Budget, PassSizer, PassSizing, pass_sizer
+from captum_ext.attr.base import OutputKind, TokenMapMethod, check_targets
 from captum_ext.capture import Hook, hooks, model_state, replay
 
 __all__ = ["TAM", "PassSizing", "TokenAblation"]
