@@ -18,16 +18,13 @@ gives the logits.
 from __future__ import annotations
 
 import functools
-import hashlib
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from captum.attr import Attribution, LayerAttribution
-from captum.log import log_usage
+from captum.attr import LayerAttribution
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -39,16 +36,10 @@ from captum_ext.adapters.base import (
     Readout,
     TransformerAdapter,
     adapter_for,
-    unwrap_model,
 )
-from captum_ext.attr.base import check_targets, format_token_map
+from captum_ext.attr.base import format_token_map
 from captum_ext.capture import Hook, hooks, model_state, probe_readout
-from captum_ext.checkpoint import (
-    CheckpointPaths,
-    checkpoint_paths,
-    load_checkpoint,
-    save_checkpoint,
-)
+from captum_ext.checkpoint import model_fingerprint
 from captum_ext.errors import CheckpointError
 from captum_ext.explainers._mhex_parts import (
     GateKind,
@@ -57,7 +48,13 @@ from captum_ext.explainers._mhex_parts import (
     make_gate,
     make_head,
 )
-from captum_ext.explainers._training import Recipe, train, training_device
+from captum_ext.explainers._training import requires_grad, schedule
+from captum_ext.explainers.base import (
+    TrainableExplainer,
+    TrainingRecipe,
+    backbone_model,
+    check_backbone_layout,
+)
 
 __all__ = ["MHEX", "MHEXNetwork", "mhex_step"]
 
@@ -68,7 +65,6 @@ _OUTPUTS = ("input", "like_input", "grid", "tokens")
 _METHOD = "MHEX"
 EMBEDDINGS = "embeddings"
 """Transformer layer name of the token sequence entering the first block."""
-_FORMAT = 1
 _FLOOR = 1e-3
 """Floor of the normalised stage maps in the geometric fusion (a zero would veto a location)."""
 
@@ -321,22 +317,6 @@ def _stages(adapter: ModelAdapter, layers: Sequence[str | int]) -> list[Stage]:
     return stages
 
 
-def _fingerprint(model: nn.Module, values: bool = True) -> str:
-    """sha256 of the model's state-dict names and shapes and, with ``values``, its values.
-
-    Values are hashed as float32 (floating tensors) on the CPU, so the fingerprint does not
-    depend on the device, nor on a float32 model having been cast to float64 and back.
-    """
-    h = hashlib.sha256(type(model).__name__.encode())
-    for name, t in model.state_dict().items():
-        h.update(f"\n{name}:{tuple(t.shape)}".encode())
-        if values:
-            v = t.detach().to("cpu")
-            v = v.float() if v.is_floating_point() else v
-            h.update(v.contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 # ------------------------------------------------------------------------------------------
 # training
 
@@ -405,7 +385,7 @@ def mhex_step(
 # the explainer
 
 
-class MHEX(Attribution, nn.Module):
+class MHEX(TrainableExplainer):
     """Multi-head explainer (Sun & Liò): gates and linear heads built into the model.
 
     This is the project's reconstruction (the paper's full text and code are not available to
@@ -515,6 +495,14 @@ class MHEX(Attribution, nn.Module):
         backbone_trained: Whether :meth:`fit` trained the model's own weights.
     """
 
+    _method: ClassVar[str] = _METHOD
+    _record_method: ClassVar[str] = "mhex"
+    _label: ClassVar[str] = "MHEX"
+    _outputs: ClassVar[tuple[str, ...]] = _OUTPUTS
+    _move_hint: ClassVar[str] = "move it there first (mhex.to"
+    default_recipe: ClassVar[TrainingRecipe] = TrainingRecipe(epochs=4, batch_size=128, lr=0.05)
+    """The recipe measured on the package's benchmark: 4 epochs, batch 128, peak lr 0.05."""
+
     def __init__(
         self,
         model: nn.Module,
@@ -532,7 +520,7 @@ class MHEX(Attribution, nn.Module):
         fusion: Literal["geometric", "mean"] = "geometric",
         readout: Readout | None = None,
     ) -> None:
-        nn.Module.__init__(self)
+        super().__init__()
         if isinstance(model, MHEXNetwork):
             raise ValueError("MHEX: pass the plain model, not an MHEXNetwork (already wrapped).")
         adapter = adapter_for(model, readout=readout, method=_METHOD)
@@ -623,10 +611,6 @@ class MHEX(Attribution, nn.Module):
         return [str(s.layer) for s in self.stages] + ["final"]
 
     @property
-    def multiplies_by_inputs(self) -> bool:
-        return False
-
-    @property
     def forward_func(self) -> nn.Module:
         """The gated network (Captum's ``forward_func``)."""
         return self.network
@@ -640,49 +624,6 @@ class MHEX(Attribution, nn.Module):
         return [head.equivalent() for head in self.network.heads]
 
     # ------------------------------------------------------------------ explaining
-    @log_usage()
-    def attribute(
-        self,
-        inputs: torch.Tensor | tuple[torch.Tensor],
-        target: Any = None,
-        additional_forward_args: Any = None,
-        output: OutputKind = "input",
-    ) -> torch.Tensor | tuple[torch.Tensor]:
-        """The MHEX saliency of one class per example, from one forward pass.
-
-        Args:
-            inputs: Images ``(B, C, H, W)`` or ``input_ids (B, T)`` (or a 1-tuple).
-            target: Captum target: an int, a list of B ints, a tensor ``(B,)`` or ``(B, 1)``,
-                or ``None`` for the class the gated network predicts.
-            additional_forward_args: Extra positional model arguments, e.g.
-                ``(attention_mask,)`` for text.
-            output: ``"input"``: images ``(B, 1, H, W)``, text ``(B, T)``; ``"like_input"``:
-                images ``(B, C, H, W)``; ``"grid"``: images ``(B, 1, h, w)`` (a ViT's patch
-                grid; a CNN's finest stage); ``"tokens"``: ViT ``(B, P)`` patch tokens in
-                row-major order, text ``(B, T)``.
-
-        Returns:
-            The saliency in the requested layout (a 1-tuple if ``inputs`` was one), in
-            ``[0, 1]`` (``[-1, 1]`` with ``nonneg=False``).
-        """
-        return self._attribute(inputs, None, target, additional_forward_args, output)
-
-    def attribute_targets(
-        self,
-        inputs: torch.Tensor | tuple[torch.Tensor],
-        targets: Sequence[Any],
-        additional_forward_args: Any = None,
-        output: OutputKind = "input",
-    ) -> torch.Tensor:
-        """The saliency of K targets from one forward pass, stacked: ``(K, ...)``.
-
-        Args:
-            inputs, additional_forward_args, output: As in :meth:`attribute`.
-            targets: K Captum targets (each an int, a list or a tensor ``(B,)``).
-        """
-        targets = check_targets(targets, _METHOD)
-        return self._attribute(inputs, targets, None, additional_forward_args, output)
-
     def stage_cams(
         self, inputs: torch.Tensor, additional_forward_args: Any = None
     ) -> list[torch.Tensor]:
@@ -692,45 +633,25 @@ class MHEX(Attribution, nn.Module):
             Per stage ``W_eq F' + b_eq``: ``(B, K, h, w)`` for feature maps, ``(B, K, N)`` for
             tokens (prefix tokens included). Pooled as the head pools, they equal its logits.
         """
-        x, _ = self._inputs(inputs, additional_forward_args)
+        x, _ = self._checked(inputs, additional_forward_args, "input")
         p = self._forward(x, additional_forward_args)
         with torch.no_grad():
             return self._cams(p)
 
-    def _attribute(self, inputs, targets, target, extra, output) -> Any:
-        x, was_tuple = self._inputs(inputs, extra)
-        self._check_output(output)
+    def _explain(
+        self, x: torch.Tensor, targets: list[Any], extra: Any, output: str
+    ) -> list[torch.Tensor]:
         p = self._forward(x, extra)
-        tlist = targets if targets is not None else [target]
-        maps = []
         with torch.no_grad():
             valid = self._valid_tokens(x, extra, p)
-            for t in tlist:
-                idx = normalise_target(t, p.logits, _METHOD)
-                maps.append(self._saliency(self._target_cams(p, idx), valid, x, output))
-        if targets is not None:
-            return torch.stack(maps)
-        return (maps[0],) if was_tuple else maps[0]
-
-    def _inputs(self, inputs: Any, extra: Any) -> tuple[torch.Tensor, bool]:
-        if isinstance(inputs, tuple):
-            if len(inputs) != 1:
-                raise ValueError(
-                    f"{_METHOD}: expected one input tensor (images or input_ids); got a tuple "
-                    f"of {len(inputs)}. Pass extra model arguments through "
-                    "additional_forward_args."
+            return [
+                self._saliency(
+                    self._target_cams(p, normalise_target(t, p.logits, _METHOD)), valid, x, output
                 )
-            x, was_tuple = inputs[0], True
-        else:
-            x, was_tuple = inputs, False
-        self.adapter.check_inputs(x, _METHOD, extra)
-        return x, was_tuple
+                for t in targets
+            ]
 
-    def _check_output(self, output: Any) -> None:
-        if output not in _OUTPUTS:
-            raise ValueError(f"{_METHOD}: output must be one of {_OUTPUTS}; got {output!r}.")
-        if output == "grid" and self.adapter.modality == "text":
-            raise ValueError(f"{_METHOD}: output='grid' is for images; text maps are (B, T).")
+    def _check_output(self, output: str) -> None:
         if output == "tokens" and not isinstance(self.adapter, TransformerAdapter):
             raise ValueError(
                 f"{_METHOD}: output='tokens' is for transformers; a CNN has no tokens. Use "
@@ -872,37 +793,21 @@ class MHEX(Attribution, nn.Module):
     def fit(
         self,
         data: Any,
-        epochs: int = 4,
-        batch_size: int = 128,
-        lr: float = 0.05,
+        recipe: TrainingRecipe | None = None,
         *,
+        val_data: Any = None,
         objective: Objective = "ce",
         head_weights: Sequence[float] | float | None = None,
         train_backbone: bool = False,
-        momentum: float = 0.9,
-        nesterov: bool = True,
-        weight_decay: float = 5e-4,
-        pct_start: float = 0.3,
-        cycle_momentum: bool = True,
-        seed: int = 0,
-        val_data: Any = None,
-        device: torch.device | str | None = None,
-        amp: bool | None = None,
-        show_progress: bool = True,
-        checkpoint_dir: str | os.PathLike[str] | None = None,
-        resume: bool = False,
-        keep_checkpoints: int | None = None,
-        num_workers: int = 0,
-        distributed: bool | None = None,
     ) -> list[dict[str, Any]]:
         """Trains the gates and heads (and, with ``train_backbone``, the model) on labels.
 
-        Loss ``L(final) + sum_l lambda_l L(head_l)`` (:func:`mhex_step`), with the package's
-        one training loop (:func:`captum_ext.explainers._training.train`): SGD with Nesterov
-        momentum, weight decay on weights only, a one-cycle schedule peaking at ``lr``,
-        progress bar, epoch checkpoints and ``resume``, ``torchrun``/DDP (``batch_size`` is
-        the global batch), autocast on CUDA. The model's ``requires_grad`` flags and
-        train/eval modes are restored afterwards, also when training raises.
+        Loss ``L(final) + sum_l lambda_l L(head_l)`` (:func:`mhex_step`), trained with the
+        package's one training loop (:class:`~captum_ext.explainers.TrainingRecipe`: SGD with
+        Nesterov momentum, one-cycle schedule, progress bar, epoch checkpoints and resume,
+        ``torchrun``/DDP with ``batch_size`` the global batch, autocast on CUDA). The model's
+        ``requires_grad`` flags and train/eval modes are restored afterwards, also when
+        training raises.
 
         By default the model's own weights stay as they are and it stays in eval mode: with
         the gates in the backbone (``gated_backbone``) the gates still learn from
@@ -913,26 +818,15 @@ class MHEX(Attribution, nn.Module):
             data: ``Dataset``, ``DataLoader`` or tuple of tensors yielding
                 ``(inputs, *extra_args, labels)``: images and labels, or ``input_ids``,
                 ``attention_mask`` and labels.
-            epochs, batch_size, lr: The recipe (measured on the benchmark, see
-                ``benchmarks/train_mhex.py``).
-            objective: ``"ce"`` (softmax cross-entropy; class indices ``(B,)``) or ``"bce"``
-                (sigmoid binary cross-entropy per class; multi-hot labels ``(B, K)``, the
-                multi-label shapes benchmark).
-            head_weights: ``lambda_l`` per head (or one value for all); default 1.
-            train_backbone: Train the model's parameters too (model in train mode).
-            momentum, nesterov, weight_decay, pct_start, cycle_momentum, seed: SGD, schedule
-                and data order (see :class:`~captum_ext.explainers._training.Recipe`).
+            recipe: The training options; unset ``epochs``, ``batch_size`` and ``lr`` come
+                from :attr:`default_recipe` (4, 128, 0.05).
             val_data: ``(inputs, *extra_args, labels)`` tensors (or a ``Dataset``) scored after
                 every epoch: ``val_final`` and ``val_<layer>`` accuracies (set accuracy for
                 ``"bce"``, argmax accuracy for ``"ce"``).
-            device: Where training runs; default the model's device (the model must be there).
-            amp: ``torch.autocast`` mixed precision; ``None`` = on for CUDA.
-            show_progress: tqdm bar with the running loss.
-            checkpoint_dir: Save ``epoch-NNN`` checkpoints there after every epoch.
-            resume: Continue from the latest checkpoint in ``checkpoint_dir``.
-            keep_checkpoints: Keep only this many newest epoch checkpoints.
-            num_workers: ``DataLoader`` workers for a ``Dataset``.
-            distributed: ``None`` = DDP when under torchrun / an initialised process group.
+            objective: ``"ce"`` (softmax cross-entropy; class indices ``(B,)``) or ``"bce"``
+                (sigmoid binary cross-entropy per class; multi-hot labels ``(B, K)``).
+            head_weights: ``lambda_l`` per head (or one value for all); default 1.
+            train_backbone: Train the model's parameters too (model in train mode).
 
         Returns:
             One dict per epoch: ``epoch``, ``loss``, ``final``, ``head0``, ... (epoch means,
@@ -944,85 +838,50 @@ class MHEX(Attribution, nn.Module):
         lam = self._lambdas(head_weights)
         if isinstance(data, tuple) and all(isinstance(t, torch.Tensor) for t in data):
             data = TensorDataset(*data)
-        recipe = Recipe(
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            momentum=momentum,
-            nesterov=nesterov,
-            weight_decay=weight_decay,
-            pct_start=pct_start,
-            cycle_momentum=cycle_momentum,
-            seed=seed,
-        )
-        dev = self._training_device(device)
+        recipe = self._recipe(recipe)
+        loss = {"objective": objective, "head_weights": lam}
         identity = {
             "method": "mhex",
-            "format": _FORMAT,
+            "format": self._format,
             "config": self._config,
             "backbone": self._backbone_identity(),
-            "loss": {"objective": objective, "head_weights": lam},
+            "loss": loss,
             "train_backbone": bool(train_backbone),
         }
         step = functools.partial(mhex_step, objective=objective, head_weights=lam)
         validate = None
         if val_data is not None:
-            validate = functools.partial(self._validate, val_data, batch_size, objective, dev)
+            validate = functools.partial(self._validate, val_data, recipe.batch_size, objective)
         net = self.network
-        modules = list(net.modules())
-        modes = [m.training for m in modules]
-        params = list(net.model.parameters())
-        flags = [p.requires_grad for p in params]
+        modes = [(m, m.training) for m in net.modules()]
+        own = [*net.gates.parameters(), *net.heads.parameters()]
+        backbone = list(net.model.parameters())
         try:
-            for p in params:
-                p.requires_grad_(train_backbone)
-            for p in [*net.gates.parameters(), *net.heads.parameters()]:
-                p.requires_grad_(True)
-            net.backbone_trainable = train_backbone
-            history = train(
-                net,
-                step,
-                data,
-                recipe,
-                device=dev,
-                identity=identity,
-                amp=amp,
-                validate=validate,
-                show_progress=show_progress,
-                desc="MHEX",
-                checkpoint_dir=checkpoint_dir,
-                resume=resume,
-                keep_checkpoints=keep_checkpoints,
-                num_workers=num_workers,
-                distributed=distributed,
-            )
+            with requires_grad(on=own + (backbone if train_backbone else []),
+                               off=[] if train_backbone else backbone):  # fmt: skip
+                net.backbone_trainable = train_backbone
+                history = self._train(net, step, data, recipe, identity, validate)
         finally:
             net.backbone_trainable = True
-            for p, f in zip(params, flags, strict=True):
-                p.requires_grad_(f)
-            for m, mode in zip(modules, modes, strict=True):
+            for m, mode in modes:
                 m.training = mode
         self.backbone_trained = self.backbone_trained or bool(train_backbone)
         self.training_record = {
-            "recipe": recipe.as_dict(),
-            "loss": identity["loss"],
+            "recipe": schedule(recipe),
+            "loss": loss,
             "train_backbone": bool(train_backbone),
             "history": history,
         }
         return history
 
-    def _training_device(self, device: torch.device | str | None) -> torch.device:
-        return training_device(
-            self.network.model, device, "MHEX.fit", "move it there first (mhex.to"
-        )
-
     def _validate(
-        self, val_data: Any, batch_size: int, objective: Objective, device: torch.device, module
+        self, val_data: Any, batch_size: int, objective: Objective, module: nn.Module
     ) -> dict[str, float]:
         """Accuracy of the final classifier and of every head on ``val_data``."""
         if isinstance(val_data, tuple) and all(isinstance(t, torch.Tensor) for t in val_data):
             val_data = TensorDataset(*val_data)
         loader = DataLoader(val_data, batch_size=batch_size)
+        device = next(module.parameters()).device
         hits = torch.zeros(len(self.stages) + 1, dtype=torch.float64, device=device)
         n = 0
         with torch.no_grad():
@@ -1104,61 +963,40 @@ class MHEX(Attribution, nn.Module):
             "family": self.adapter.family,
             "params": sum(p.numel() for p in model.parameters()),
             "widths": [s.channels for s in self.stages],
-            "layout_sha256": _fingerprint(model, values=False),
+            "layout_sha256": model_fingerprint(model, values=False),
         }
 
-    def record(self) -> dict[str, Any]:
-        """The JSON record a checkpoint carries: method, config, backbone, training.
+    def _config_record(self) -> dict[str, Any]:
+        return dict(self._config)
 
-        ``backbone.weights_sha256`` fingerprints the model's weights (values) as they are now;
-        ``backbone.weights_stored`` says whether the checkpoint holds them (after
-        ``fit(train_backbone=True)``).
-        """
+    def _backbone_record(self) -> dict[str, Any]:
+        """:meth:`_backbone_identity` with ``weights_sha256``, the fingerprint of the model's
+        weights as they are now, and ``weights_stored``: whether the checkpoint holds them
+        (after ``fit(train_backbone=True)``)."""
         return {
-            "method": "mhex",
-            "format": _FORMAT,
-            "config": dict(self._config),
-            "backbone": {
-                **self._backbone_identity(),
-                "weights_stored": self.backbone_trained,
-                "weights_sha256": _fingerprint(self.network.model),
-            },
-            "training": self.training_record,
+            **self._backbone_identity(),
+            "weights_stored": self.backbone_trained,
+            "weights_sha256": model_fingerprint(self.network.model),
         }
 
-    def save(
-        self, path: str | os.PathLike[str], extra: Mapping[str, Any] | None = None
-    ) -> CheckpointPaths:
-        """Writes ``<path>.safetensors`` + ``<path>.json`` (:mod:`captum_ext.checkpoint`).
+    def _extra_record(self) -> dict[str, Any]:
+        return {"training": self.training_record}
 
-        Stored: the gates' and heads' tensors, and the model's own weights when :meth:`fit`
-        trained them (else only their sha256 fingerprint, so that :meth:`load` refuses other
-        weights); the record (:meth:`record`): configuration, the backbone's class, family,
-        parameter count, stage widths and fingerprints, and how it was trained.
-
-        Args:
-            path: Base path (``<path>.safetensors`` + ``<path>.json``).
-            extra: More top-level record entries (JSON), e.g. a zoo entry's metadata.
-
-        Returns:
-            The paths written.
-        """
-        record = self.record()
-        clash = set(extra or {}) & {*record, "weights"}
-        if clash:
-            raise ValueError(f"extra must not set {sorted(clash)}; MHEX writes those.")
+    def _checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """The gates' and heads' tensors, and the model's own weights when :meth:`fit`
+        trained them (else only their fingerprint is recorded, so that :meth:`load` refuses
+        other weights)."""
         keep = ("gates.", "heads.") + (("model.",) if self.backbone_trained else ())
-        state = {
+        return {
             k: v.detach().clone()
             for k, v in self.network.state_dict().items()
             if k.startswith(keep)
         }
-        return save_checkpoint(path, state, {**record, **(extra or {})})
 
     @classmethod
     def load(
         cls,
-        path: str | os.PathLike[str],
+        path: Any,
         model: nn.Module,
         *,
         layers: Sequence[str | int] | None = None,
@@ -1175,22 +1013,17 @@ class MHEX(Attribution, nn.Module):
             num_classes: If given, must equal the checkpoint's class count.
 
         Returns:
-            The explainer, in eval mode, on the model's device and dtype.
+            The fitted explainer, in eval mode, on the model's device and dtype.
 
         Raises:
             CheckpointError: The files are missing, damaged or edited; or the checkpoint is
                 not an MHEX one, or was made for another model class, parameter count or
                 layout, other weights, other layers, stage widths or class count.
         """
-        where = checkpoint_paths(path).record
-        tensors, record = load_checkpoint(path)
-        if record.get("method") != "mhex" or record.get("format") != _FORMAT:
-            raise CheckpointError(
-                where,
-                f"not an MHEX checkpoint of format {_FORMAT} (method={record.get('method')!r}, "
-                f"format={record.get('format')!r})",
-                "load it with the class that wrote it",
-            )
+        return super().load(path, model, layers=layers, num_classes=num_classes)
+
+    @classmethod
+    def _restore(cls, where, tensors, record, model, *, layers=None, num_classes=None) -> MHEX:
         cfg, bb = dict(record["config"]), record["backbone"]
         remedy = "load it with the model, layers and classes it was made for, or fit a new MHEX"
         if layers is not None and list(layers) != cfg["layers"]:
@@ -1201,7 +1034,7 @@ class MHEX(Attribution, nn.Module):
             raise CheckpointError(
                 where, f"made for {cfg['num_classes']} classes, not {num_classes}", remedy
             )
-        inner = unwrap_model(model)
+        inner = backbone_model(model)
         params = sum(p.numel() for p in inner.parameters())
         if bb["class"] != type(inner).__name__ or bb["params"] != params:
             raise CheckpointError(
@@ -1210,17 +1043,26 @@ class MHEX(Attribution, nn.Module):
                 f"{type(inner).__name__} with {params:,}",
                 remedy,
             )
-        if bb["layout_sha256"] != _fingerprint(inner, values=False):
-            raise CheckpointError(
-                where, f"made for a {bb['class']} with other parameter names or shapes", remedy
-            )
+        check_backbone_layout(where, bb, "layout_sha256", inner, remedy)
         own = _num_classes(inner)
         if own is not None and own != cfg["num_classes"]:
             raise CheckpointError(
                 where, f"made for {cfg['num_classes']} classes; the model has {own}", remedy
             )
+        mhex = cls._from_config(where, model, cfg, remedy)
+        widths = [s.channels for s in mhex.stages]
+        if widths != bb["widths"]:
+            raise CheckpointError(
+                where, f"made for stage widths {bb['widths']}; the model's are {widths}", remedy
+            )
+        mhex._load_weights(where, tensors, bb, remedy)
+        mhex.training_record = record.get("training")
+        return mhex
+
+    @classmethod
+    def _from_config(cls, where: Any, model: nn.Module, cfg: dict[str, Any], remedy: str) -> MHEX:
         try:
-            mhex = cls(
+            return cls(
                 model,
                 cfg["layers"],
                 cfg["num_classes"],
@@ -1237,12 +1079,13 @@ class MHEX(Attribution, nn.Module):
             )
         except (ValueError, TypeError) as err:
             raise CheckpointError(where, f"does not fit the model ({err})", remedy) from err
-        widths = [s.channels for s in mhex.stages]
-        if widths != bb["widths"]:
-            raise CheckpointError(
-                where, f"made for stage widths {bb['widths']}; the model's are {widths}", remedy
-            )
-        net = mhex.network
+
+    def _load_weights(
+        self, where: Any, tensors: dict[str, torch.Tensor], bb: dict[str, Any], remedy: str
+    ) -> None:
+        """The model's stored weights (if any, checked against the fingerprint), then the
+        gates' and heads' tensors."""
+        net = self.network
         ref = next(net.model.parameters())
         own_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
         if bb["weights_stored"]:
@@ -1252,10 +1095,10 @@ class MHEX(Attribution, nn.Module):
                 raise CheckpointError(
                     where, f"its model weights do not fit the model ({err})", remedy
                 ) from err
-            mhex.backbone_trained = True
+            self.backbone_trained = True
         elif own_state:
             raise CheckpointError(where, "holds model weights it does not declare", remedy)
-        if _fingerprint(net.model) != bb["weights_sha256"]:
+        if model_fingerprint(net.model) != bb["weights_sha256"]:
             raise CheckpointError(
                 where,
                 "made for other weights of this model (the fingerprint of its weights differs)",
@@ -1280,8 +1123,6 @@ class MHEX(Attribution, nn.Module):
         )
         if extra:
             raise CheckpointError(where, f"holds unknown tensors {sorted(extra)[:3]}", remedy)
-        mhex.training_record = record.get("training")
-        return mhex.eval()
 
 
 def _sub(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
