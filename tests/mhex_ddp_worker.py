@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
-from captum_ext import MHEX
+from captum_ext import MHEX, TrainingRecipe
 from captum_ext.zoo._build import zoo_resnet_s1
 
-RECIPE = dict(epochs=2, batch_size=8, lr=0.05, seed=3, train_backbone=True, objective="bce")
+RECIPE = dict(epochs=2, batch_size=8, lr=0.05, seed=3)
+OPTIONS = dict(train_backbone=True, objective="bce")
 
 
 def build() -> tuple[MHEX, torch.Tensor, torch.Tensor]:
@@ -38,8 +39,8 @@ def run(out: Path, distributed: bool | None = None) -> None:
 
     torch.set_num_threads(1)
     explainer, images, labels = build()
-    history = explainer.fit((images, labels), **RECIPE, show_progress=False,
-                            distributed=distributed)  # fmt: skip
+    recipe = TrainingRecipe(**RECIPE, show_progress=False, distributed=distributed)
+    history = explainer.fit((images, labels), recipe, **OPTIONS)
     rank = int(os.environ.get("RANK", "0"))
     tag = "single" if distributed is False else f"rank-{rank}"
     state = {k: v.contiguous() for k, v in explainer.network.state_dict().items()}

@@ -20,7 +20,7 @@ from captum.attr import Attribution
 from torch import nn
 from torchrun_launch import run_two_ranks
 
-from captum_ext import MHEX, CheckpointError, UnsupportedModelError, zoo
+from captum_ext import MHEX, CheckpointError, TrainingRecipe, UnsupportedModelError, zoo
 from captum_ext.adapters import adapter_for
 from captum_ext.data import shapes, text_rationales
 from captum_ext.explainers import MHEXNetwork, TrainableExplainer, mhex_step
@@ -43,14 +43,15 @@ IDS = [c.name for c in CASES]
 
 
 def _build(case: tiny_models.Case, seed: int = 0, **kw) -> MHEX:
-    """MHEX around the case's float64 model, gates and heads randomised (not the init)."""
+    """MHEX around the case's float64 model, gates and heads randomised (not the init), declared
+    fitted (``mark_fitted``) so that it explains as it is."""
     model = tiny_models.build(case, torch.float64, seed)
     mhex = MHEX(model, **kw)
     g = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():
         for p in [*mhex.network.gates.parameters(), *mhex.network.heads.parameters()]:
             p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.5)
-    return mhex
+    return mhex.mark_fitted()
 
 
 def _inputs(case: tiny_models.Case, batch: int = 3):
@@ -316,7 +317,7 @@ def test_refusals_speak_the_users_language():
         MHEX(model, window=2)
     with pytest.raises(ValueError, match="head_channels"):
         MHEX(model, head_channels=[4, 4])
-    mhex = MHEX(model)
+    mhex = MHEX(model).mark_fitted()
     with pytest.raises(ValueError, match="objective"):
         mhex.fit((torch.zeros(2, 3, 32, 32).double(), torch.zeros(2).long()), objective="mse")
     with pytest.raises(ValueError, match="objective='bce'"):
@@ -352,7 +353,7 @@ def test_no_hook_left_and_model_restored_after_fit_attribute_and_failures(case):
 
     mhex.attribute(x, target=1, additional_forward_args=extra)
     unchanged()
-    mhex.fit((x, *extra, labels), epochs=1, batch_size=2, show_progress=False)
+    mhex.fit((x, *extra, labels), TrainingRecipe(epochs=1, batch_size=2, show_progress=False))
     unchanged()
     for k, v in model.state_dict().items():  # frozen backbone: bit-identical, BN stats too
         assert torch.equal(v, before[k]), k
@@ -368,7 +369,7 @@ def test_no_hook_left_and_model_restored_after_fit_attribute_and_failures(case):
 
     mhex.network.heads[0].register_forward_pre_hook(fail)  # raises inside the training step
     with pytest.raises(RuntimeError, match="boom"):
-        mhex.fit((x, *extra, labels), epochs=1, batch_size=2, show_progress=False)
+        mhex.fit((x, *extra, labels), TrainingRecipe(epochs=1, batch_size=2, show_progress=False))
     unchanged()
     mhex.network.gates[0].register_forward_pre_hook(fail)  # raises inside the model's forward
     with pytest.raises(RuntimeError, match="boom"):
@@ -381,8 +382,8 @@ def test_train_backbone_trains_the_model_and_restores_its_flags():
     model = mhex.network.model
     before = {k: v.clone() for k, v in model.state_dict().items()}
     x, _ = _inputs(CNN_CASE, batch=4)
-    mhex.fit((x, torch.tensor([0, 1, 2, 1])), epochs=1, batch_size=2, train_backbone=True,
-             show_progress=False)  # fmt: skip
+    mhex.fit((x, torch.tensor([0, 1, 2, 1])), TrainingRecipe(epochs=1, batch_size=2,
+             show_progress=False), train_backbone=True)  # fmt: skip
     assert not torch.equal(model.conv1[0].weight, before["conv1.0.weight"])
     assert all(p.requires_grad for p in model.parameters())
     assert not any(m.training for m in model.modules())
@@ -414,15 +415,17 @@ def test_loss_is_final_plus_weighted_heads():
 def test_resume_continues_the_run_exactly(tmp_path):
     x, _ = _inputs(CNN_CASE, batch=8)
     y = torch.arange(8) % 5
-    recipe = dict(epochs=2, batch_size=4, lr=0.05, show_progress=False, train_backbone=True)
+    recipe = dict(epochs=2, batch_size=4, lr=0.05, show_progress=False)
     full = _build(CNN_CASE)
-    h_full = full.fit((x, y), checkpoint_dir=tmp_path / "a", **recipe)
+    h_full = full.fit((x, y), TrainingRecipe(checkpoint_dir=tmp_path / "a", **recipe),
+                      train_backbone=True)  # fmt: skip
     part = _build(CNN_CASE)
-    part.fit((x, y), checkpoint_dir=tmp_path / "b", **recipe)
+    part.fit((x, y), TrainingRecipe(checkpoint_dir=tmp_path / "b", **recipe), train_backbone=True)
     for suffix in ("json", "safetensors"):
         (tmp_path / "b" / f"epoch-002.{suffix}").unlink()
     again = _build(CNN_CASE)
-    h_again = again.fit((x, y), checkpoint_dir=tmp_path / "b", resume=True, **recipe)
+    h_again = again.fit((x, y), TrainingRecipe(checkpoint_dir=tmp_path / "b", resume=True,
+                        **recipe), train_backbone=True)  # fmt: skip
     assert [h["epoch"] for h in h_again] == [1, 2]
     assert h_again[-1]["loss"] == pytest.approx(h_full[-1]["loss"], rel=1e-9)
     for (k, a), (_, b) in zip(
@@ -435,8 +438,8 @@ def test_validation_reports_every_head(tmp_path):
     mhex = _build(tiny_models.TEXT_MODELS[0])
     x, (mask,) = _inputs(tiny_models.TEXT_MODELS[0], batch=6)
     y = torch.arange(6) % 2
-    history = mhex.fit((x, mask, y), epochs=1, batch_size=3, val_data=(x, mask, y),
-                       show_progress=False)  # fmt: skip
+    history = mhex.fit((x, mask, y), TrainingRecipe(epochs=1, batch_size=3, show_progress=False),
+                       val_data=(x, mask, y))  # fmt: skip
     entry = history[0]
     assert {"loss", "final", "head0", "head1", "val_embeddings", "val_0", "val_final"} <= set(entry)
     assert 0 <= entry["val_final"] <= 1
@@ -505,8 +508,8 @@ def test_save_load_round_trip(case, train_backbone, tmp_path, monkeypatch):
 
     mhex = _build(case, head_channels=3 if case is CNN_CASE else None)
     x, extra = _inputs(case, batch=4)
-    mhex.fit((x, *extra, torch.tensor([0, 1, 1, 0])), epochs=1, batch_size=2,
-             train_backbone=train_backbone, show_progress=False)  # fmt: skip
+    mhex.fit((x, *extra, torch.tensor([0, 1, 1, 0])), TrainingRecipe(epochs=1, batch_size=2,
+             show_progress=False), train_backbone=train_backbone)  # fmt: skip
     paths = mhex.save(tmp_path / "m", extra={"note": "test"})
     record = json.loads(paths.record.read_text())
     assert record["backbone"]["weights_stored"] is train_backbone
@@ -561,8 +564,8 @@ def test_load_refuses_other_backbones_layers_classes_and_weights(tmp_path):
         MHEX.load(tmp_path / "m", model)
     from captum_ext import TTAME
 
-    with pytest.raises(CheckpointError, match="not an MHEX"):
-        ttame = TTAME(model, input_size=32)
+    with pytest.raises(CheckpointError, match="not a MHEX checkpoint of format 1"):
+        ttame = TTAME(model, input_size=32).mark_fitted()
         ttame.save(tmp_path / "t")
         MHEX.load(tmp_path / "t", model)
 
@@ -586,8 +589,8 @@ def test_a_short_run_on_the_benchmark_data_improves_every_head():
         return [held.labels.gather(1, h.argmax(1, keepdim=True)).mean().item() for h in heads]
 
     before = hits()
-    mhex.fit((train.images, train.labels), epochs=2, batch_size=64, lr=0.05, objective="bce",
-             show_progress=False)  # fmt: skip
+    mhex.fit((train.images, train.labels), TrainingRecipe(epochs=2, batch_size=64, lr=0.05,
+             show_progress=False), objective="bce")  # fmt: skip
     after = hits()
     assert all(a > b + 0.1 for a, b in zip(after, before, strict=True)), (before, after)
 
@@ -670,8 +673,8 @@ def test_full_run_of_the_shipped_recipe_keeps_the_accuracy_and_reaches_the_targe
     dk = zoo.data_kwargs(entry.backbone)
     torch.manual_seed(entry.train_seed)
     mhex = MHEX(zoo.load(entry.backbone), **entry.mhex)
-    mhex.fit(script.training_set(entry, dk), objective=entry.objective, show_progress=False,
-             **entry.fit)  # fmt: skip
+    mhex.fit(script.training_set(entry, dk), TrainingRecipe(show_progress=False, **entry.fit),
+             objective=entry.objective)  # fmt: skip
     plain = zoo.load(entry.backbone)
     with torch.no_grad():
         acc = script.heldout_accuracy(mhex.network.eval(), False, dk)
@@ -702,6 +705,6 @@ def test_cuda_parity_and_fit_with_autocast(case):
     assert got.is_cuda
     torch.testing.assert_close(got.cpu(), want, rtol=1e-6, atol=1e-8)
     history = gpu.fit((x.cuda(), *[e.cuda() for e in extra], torch.tensor([0, 1, 1, 0]).cuda()),
-                      epochs=1, batch_size=2, show_progress=False)  # fmt: skip
+                      TrainingRecipe(epochs=1, batch_size=2, show_progress=False))  # fmt: skip
     assert history[0]["steps"] == 2 and torch.isfinite(torch.tensor(history[0]["loss"]))
     assert _hooks(gpu.network.model) == 0

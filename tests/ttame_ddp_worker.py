@@ -15,7 +15,7 @@ from pathlib import Path
 import tiny_models
 import torch
 
-from captum_ext import TTAME
+from captum_ext import TTAME, TrainingRecipe
 
 RECIPE = dict(epochs=2, batch_size=8, lr=0.05, seed=3)
 
@@ -37,10 +37,12 @@ def run(out: Path, distributed: bool | None = None) -> None:
     explainer, images = build()
     history = explainer.fit(
         images,
-        **RECIPE,
-        show_progress=False,
-        distributed=distributed,
-        checkpoint_dir=out / "ckpt" if distributed is None else None,
+        TrainingRecipe(
+            **RECIPE,
+            show_progress=False,
+            distributed=distributed,
+            checkpoint_dir=out / "ckpt" if distributed is None else None,
+        ),
     )
     rank = int(os.environ.get("RANK", "0"))  # fit destroyed the process group it created
     tag = "single" if distributed is False else f"rank-{rank}"

@@ -20,6 +20,7 @@ method, format, configuration and the wrapped model's identity.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -315,12 +316,24 @@ class TrainableExplainer(Attribution, nn.Module):
         device = training_device(
             self.adapter.model, recipe.device, f"{self._method}.fit", self._move_hint
         )
+        if validate is not None:  # validation may explain (T-TAME's AD/IC) before fit returns
+            validate = functools.partial(self._validate_while_training, validate)
         history = train(
             module, step, data, recipe, device=device, identity=identity, validate=validate,
             desc=self._label,
         )  # fmt: skip
         self._fitted = True
         return history
+
+    def _validate_while_training(
+        self, validate: Callable[[nn.Module], Mapping[str, float]], module: nn.Module
+    ) -> Mapping[str, float]:
+        """``validate(module)`` with the explainer counting as fitted (it explains mid-fit)."""
+        fitted, self._fitted = self._fitted, True
+        try:
+            return validate(module)
+        finally:
+            self._fitted = fitted
 
     _label: ClassVar[str] = ""  # the progress bar's label
     _move_hint: ClassVar[str] = "move the model there first (model.to"
