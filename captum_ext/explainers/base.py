@@ -5,14 +5,14 @@ of its own (T-TAME's attention mechanism over features of three layers; MHEX's a
 and deep-supervision heads), fits that module on unlabelled or labelled data, and afterwards
 explains a batch with one forward pass. The classes are ``torch.nn.Module`` subclasses (and
 Captum ``Attribution`` subclasses) constructed as ``Explainer(model, layers=None,
-num_classes=None)`` (DESIGN §1b); the wrapped model is not one of their submodules, so
+num_classes=None)``; the wrapped model is not one of their submodules, so
 ``state_dict()``, ``.to()`` and DDP see only the explainer's own module.
 
 * T-TAME (Ntrougkas et al., IEEE Access 2024; :mod:`captum_ext.explainers.ttame`): ``fit``
   trains on the model's own top-1 prediction (no labels needed) with the loss 1.5 CE + 2 area
-  + 0.01 TV, SGD Nesterov and a one-cycle schedule (DESIGN §4.5); ``attribute`` returns the
+  + 0.01 TV, SGD Nesterov and a one-cycle schedule; ``attribute`` returns the
   min-max normalised class map.
-* MHEX (Sun & Liò; the project's documented reconstruction, DESIGN §4.6), to come: ``fit``
+* MHEX (Sun & Liò; a reconstruction; :mod:`captum_ext.explainers.mhex`): ``fit``
   trains the gates and heads with CE(final) + Σ λ_l CE(head_l) on labels; ``attribute``
   integrates the per-stage equivalent-matrix CAMs.
 

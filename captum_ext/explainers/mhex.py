@@ -1,9 +1,4 @@
-"""MHEX: multi-head explainer (Sun & Liò) — this project's reconstruction.
-
-The paper's full text and code are not available to us; what follows is built from what is
-known of the method (attention gates, deep supervision, equivalent matrices; DESIGN §4.6) and
-every choice that the known description leaves open is this project's, documented where it is
-made (class :class:`MHEX`).
+"""MHEX: multi-head explainer (Sun & Liò), reconstructed from the published description.
 
 MHEX is built into the model: at chosen stages (ResNet stages, ViT blocks, BERT layers) an
 attention gate ``F' = F * sigmoid(g(F))`` re-weights the features, and a linear
@@ -12,7 +7,8 @@ deep-supervision head classifies ``F'``. Both are trained with the model (``fit`
 collapses to one matrix ``W_eq = W_fc W_conv`` ``(K, C)`` and its class activation map
 ``W_eq[c] F'`` at every location or token is exactly what the head pools into its logit. The
 saliency of a class integrates these maps over the stages, from the same forward pass that
-gives the logits.
+gives the logits. The network, gates, heads and training step are in ``_mhex_network.py``,
+the saliency and fusion in ``_mhex_saliency.py``.
 """
 
 from __future__ import annotations
@@ -104,24 +100,20 @@ def _fingerprint(model: nn.Module, values: bool = True) -> str:
 class MHEX(Attribution, nn.Module):
     """Multi-head explainer (Sun & Liò): gates and linear heads built into the model.
 
-    This is the project's reconstruction (the paper's full text and code are not available to
-    us; DESIGN §4.6); every choice below that the known description leaves open is ours, and
-    the defaults were chosen by measurement on the benchmark (``benchmarks/train_mhex.py``
-    has the numbers). At every chosen stage ``l`` the network gets
+    At every chosen stage ``l`` the network gets
 
     * an **attention gate** ``F'_l = F_l * sigmoid(g_l(F_l))``: ``g_l`` is a 1x1 convolution
-      on feature maps ``(B, C, h, w)``, a linear layer on tokens ``(B, N, D)``; by default one
+      on feature maps ``(B, C, h, w)``, a linear layer on tokens ``(B, N, D)``; one
       coefficient per location or token (``gate="spatial"``, broadcast over the channels), or
       one per channel too (``gate="elementwise"``). Its weights start at zero and its bias at
-      ``gate_bias`` (3: every gate starts at 0.95), so wrapping a trained model starts from
-      nearly the same function;
+      ``gate_bias`` (default 3: every gate starts at ``sigmoid(3)``, 0.95);
     * a **deep-supervision head** without nonlinearity after the gate: feature maps: 1x1
       convolution (to ``head_channels`` channels, default ``C``) -> global average pooling ->
-      linear; tokens: one linear layer on every token, pooled.
+      linear; tokens: one linear layer on every token, pooled (``pooling``).
 
-    By default the gated features replace the stage's output and continue through the network
-    (``gated_backbone=True``); with ``gated_backbone=False`` the gates only feed the heads and
-    the model computes exactly what it computed before.
+    With ``gated_backbone=True`` the gated features replace the stage's output and continue
+    through the network; with ``gated_backbone=False`` the gates only feed the heads and the
+    model computes exactly what it computes without MHEX.
 
     **Equivalent matrix.** A head is affine in ``F'``: it collapses to
     ``W_eq = W_fc W_conv`` ``(K, C)`` and ``b_eq = W_fc b_conv + b_fc`` (token heads: the
@@ -131,51 +123,37 @@ class MHEX(Attribution, nn.Module):
     equals the head's logit exactly. :meth:`stage_cams` returns these maps and
     :meth:`equivalent_matrices` the matrices.
 
-    **Token heads and transformer stages** (where we depart from the issue's first sketch,
-    for measured reasons). The issue proposed pooling token heads as the model pools; for a
-    CLS-readout model that head reads only the CLS row, so its map at the other tokens is
-    never trained (and at the embeddings the CLS row does not depend on the input at all).
-    The default is therefore ``pooling="mean"``: the mean of the non-prefix tokens (attended
-    ones for text), which is the model's own pooling for mean-readout models;
-    ``pooling="model"`` keeps the readout. The default transformer stages are the token
-    sequence entering the first block (``"embeddings"``) and block 0: in the zoo ViT and BERT
-    the maps of deeper blocks point away from the evidence (all tokens carry the class after
-    a few attention layers; the ViT's last block scored a pointing game of 0.01), while the
-    embeddings stage scored 0.94 (ViT) and a token AUPRC of 1.0 (BERT).
-
     **Saliency** (:meth:`attribute`) for class ``c``, from the forward pass that gives the
-    logits: each stage's ``CAM_l[c]`` is rectified (``nonneg=True``, the non-negativity
-    constraint), divided by its maximum per example (all-zero maps stay zero), and the stages
-    are fused by a weighted geometric mean (``fusion="geometric"``, weights
-    ``stage_weights``, default equal; maps floored at 1e-3 so that one stage does not veto a
-    location outright, then shifted back so that 0 stays 0). A location must be supported by
-    every stage: on the zoo CNN this kept the deep stage's class discrimination (D 0.92)
-    where the arithmetic mean (``fusion="mean"``, the only choice with ``nonneg=False``, which
-    keeps the sign) let the less class-specific shallow stages pull it to 0.79. CNN maps are
-    bilinearly upsampled to the finest stage's grid before fusing (``output="grid"``) and the
-    result bilinearly to the input (``output="input"``). Transformers: the patch tokens (prefix
-    removed) or word-piece tokens (special tokens and padding set to 0 and left out of the
-    normalisation) of every stage, fused, then smoothed along the token axis by a box window
-    of ``window`` tokens (text: a moving average over the valid tokens; images: a ``window x
-    window`` mean over the patch grid). The default ``window=1`` does not smooth: on the
-    benchmark's one-word rationales a window of 3 lowered the token AUPRC (0.74 to 0.55).
-    Values lie in ``[0, 1]`` (``[-1, 1]`` with ``nonneg=False``).
+    logits: each stage's ``CAM_l[c]`` is rectified (``nonneg=True``), divided by its maximum
+    per example (all-zero maps stay zero), and the stages are fused by a weighted geometric
+    mean (``fusion="geometric"``, weights ``stage_weights``, default equal; maps floored at
+    1e-3, then shifted back so that 0 stays 0) or a weighted arithmetic mean
+    (``fusion="mean"``, the only choice with ``nonneg=False``, which keeps the sign). CNN maps
+    are bilinearly upsampled to the finest stage's grid before fusing (``output="grid"``) and
+    the result bilinearly to the input (``output="input"``). Transformers: the patch tokens
+    (prefix removed) or word-piece tokens (special tokens and padding set to 0 and left out of
+    the normalisation) of every stage, fused, then smoothed along the token axis by a box
+    window of ``window`` tokens (text: a moving average over the valid tokens; images: a
+    ``window x window`` mean over the patch grid; ``window=1``: no smoothing). Values lie in
+    ``[0, 1]`` (``[-1, 1]`` with ``nonneg=False``).
 
     **Training** (:meth:`fit`): ``L(final) + sum_l lambda_l L(head_l)`` on labels, ``L``
     softmax cross-entropy (``objective="ce"``, class indices) or sigmoid binary cross-entropy
-    per class (``"bce"``, multi-hot labels: the multi-label shapes benchmark), ``lambda_l = 1``
-    by default, with the package's one training loop. By default the model's own weights are
-    frozen and it stays in eval mode: the gates, which sit in the model's path, still learn
-    from ``L(final)``, and the model keeps its accuracy (fine-tuning everything cost the zoo
-    ViT up to a point of accuracy and much of its localisation); ``train_backbone=True``
-    trains everything together, e.g. a model trained with MHEX from the start.
+    per class (``"bce"``, multi-hot labels), ``lambda_l = 1`` by default, with the package's
+    one training loop. By default the model's own weights are frozen and it stays in eval
+    mode (the gates, which sit in the model's path, still learn from ``L(final)``);
+    ``train_backbone=True`` trains everything together.
 
     **Collaboration analysis** (:meth:`gradient_similarity`): the cosine similarity of the
-    gradients each head's loss sends into the shared backbone parameters, our reading of the
-    paper's gradient-based analysis.
+    gradients each head's loss sends into the shared backbone parameters.
 
-    **Metrics.** Average Drop is :func:`captum_ext.metrics.average_drop`. The paper's SAD and
-    EAD have no published definition available to us, so this package ships neither.
+    **Differences from the authors' description.** The paper's full text and code are not
+    available to this project, so this class is a reconstruction: the gate initialisation,
+    the token heads' pooling, the default stages, the normalisation, fusion and smoothing of
+    the saliency, and the reading of the gradient-based collaboration analysis are this
+    package's choices (listed with their measurements in the MHEX guide, :doc:`/mhex`). The
+    paper's SAD and EAD metrics have no published definition available to this project and
+    are not provided; Average Drop is :func:`captum_ext.metrics.average_drop`.
 
     Args:
         model: A residual CNN (timm/torchvision ResNet), a timm or HF ViT, or an HF
@@ -527,8 +505,8 @@ class MHEX(Attribution, nn.Module):
             data: ``Dataset``, ``DataLoader`` or tuple of tensors yielding
                 ``(inputs, *extra_args, labels)``: images and labels, or ``input_ids``,
                 ``attention_mask`` and labels.
-            epochs, batch_size, lr: The recipe (measured on the benchmark, see
-                ``benchmarks/train_mhex.py``).
+            epochs, batch_size, lr: Epochs, global batch size and the one-cycle schedule's
+                peak learning rate.
             objective: ``"ce"`` (softmax cross-entropy; class indices ``(B,)``) or ``"bce"``
                 (sigmoid binary cross-entropy per class; multi-hot labels ``(B, K)``, the
                 multi-label shapes benchmark).
