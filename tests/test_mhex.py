@@ -24,7 +24,8 @@ from captum_ext import MHEX, CheckpointError, TrainingRecipe, UnsupportedModelEr
 from captum_ext.adapters import adapter_for
 from captum_ext.data import shapes, text_rationales
 from captum_ext.explainers import MHEXNetwork, TrainableExplainer, mhex_step
-from captum_ext.explainers._mhex_parts import MapHead, TokenHead
+from captum_ext.explainers._mhex_network import MapHead, TokenHead
+from captum_ext.explainers._mhex_saliency import fuse, fusion_weights
 from captum_ext.zoo._build import zoo_resnet_s1
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,14 +202,13 @@ def test_gates_start_near_one_so_a_trained_model_keeps_its_function():
 def test_geometric_fusion_of_zero_maps_is_exactly_zero_not_slightly_negative(stages):
     # exp(sum_k log(FLOOR) / K) rounds one ulp below FLOOR for these K (float32): the fused map
     # used to come out at -1.2e-10 where every stage is 0, outside the documented [0, 1].
-    mhex = _build(CASES[0])
-    mhex.stages = [object()] * stages
-    mhex.stage_weights = None
+    weights = fusion_weights(None, stages)
     zero = torch.zeros(2, 1, 4, 4)
     one = torch.ones(2, 1, 4, 4)
-    fused = mhex._fuse([zero] * stages, (1, 2, 3))
+    fused = fuse([zero] * stages, (1, 2, 3), weights, nonneg=True, fusion="geometric")
     assert (fused == 0).all()
-    mixed = mhex._fuse([one] + [torch.rand(2, 1, 4, 4)] * (stages - 1), (1, 2, 3))
+    maps = [one] + [torch.rand(2, 1, 4, 4)] * (stages - 1)
+    mixed = fuse(maps, (1, 2, 3), weights, nonneg=True, fusion="geometric")
     assert mixed.min() >= 0 and mixed.max() <= 1
 
 
