@@ -223,17 +223,7 @@ def token_saliency(
         p = adapter.num_prefix_tokens
         grid = box_smooth_2d(total[:, p:].reshape(b, 1, h, gw), window)
         total = torch.cat([total[:, :p], grid.reshape(b, h * gw)], dim=1)
-    if adapter.modality == "image" and output in ("input", "like_input"):
-        # format_token_map's nearest upsampling, by expanding each cell (several times
-        # faster than interpolate on CPU, which mattered for the cost target)
-        grid = format_token_map(total, adapter, x, "grid", _METHOD)
-        (h, gw), (ph, pw) = grid.shape[-2:], adapter.patch_size
-        up = grid[:, :, :, None, :, None].expand(b, 1, h, ph, gw, pw)
-        up = up.reshape(b, 1, h * ph, gw * pw)[..., : x.shape[-2], : x.shape[-1]]
-        if output == "like_input":
-            return up.expand(-1, x.shape[1], -1, -1).contiguous()
-        return up.contiguous()
-    return format_token_map(total, adapter, x, output, _METHOD)
+    return format_token_map(total, adapter, x, output, _METHOD).contiguous()
 
 
 def box_smooth_1d(scores: torch.Tensor, valid: torch.Tensor, window: int) -> torch.Tensor:
