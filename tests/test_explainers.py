@@ -381,16 +381,8 @@ def test_model_left_as_it_was_after_attribute_fit_and_failures(case, tiny):
     _assert_same_state(model, before)
 
 
-_MHEX_CHECKPOINTING = pytest.mark.xfail(
-    strict=True,
-    reason="library bug: MHEX's training step runs the model with timm's gradient checkpointing "
-    "on (ResNet: checkpoint_seq calls the blocks of layer2 directly, so the stage hook never "
-    "fires; ViT: the recomputation runs without the gate hooks)",
-)
 TIMM_PAIRS = [
-    pytest.param(
-        e, c, id=f"{e.name}-{c.name}", marks=_MHEX_CHECKPOINTING if e.name == "mhex" else ()
-    )
+    pytest.param(e, c, id=f"{e.name}-{c.name}")
     for e, c in EXPLAINER_MODELS
     if hasattr(tiny_models.build(c, torch.float32), "set_grad_checkpointing")
 ]
@@ -435,17 +427,7 @@ def _no_time(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in h.items() if k != "time_s"} for h in history]
 
 
-_DROPOUT_RESUME = pytest.mark.xfail(
-    strict=True,
-    reason="library bug: epoch checkpoints do not hold the RNG state, so after resume the "
-    "dropout of a backbone that trains (BERT, train_backbone=True) draws other masks",
-)
-RESUME_PAIRS = [
-    pytest.param(
-        e, c, id=f"{e.name}-{c.name}", marks=_DROPOUT_RESUME if c.modality == "text" else ()
-    )
-    for e, c in EXPLAINER_MODELS
-]
+RESUME_PAIRS = [pytest.param(e, c, id=f"{e.name}-{c.name}") for e, c in EXPLAINER_MODELS]
 
 
 @pytest.mark.parametrize(("case", "tiny"), RESUME_PAIRS)

@@ -310,6 +310,7 @@ def _save(
     keep: int | None,
 ) -> None:
     tensors = {f"module.{k}": v for k, v in module.state_dict().items()}
+    tensors.update(_rng_states(next(iter(tensors.values()), torch.empty(0)).device))
     opt = optimizer.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
     for idx, state in opt["state"].items():
@@ -346,8 +347,12 @@ def _resume(
     scheduler: Any,
     scaler: torch.amp.GradScaler,
     device: torch.device,
+    single_process: bool,
 ) -> tuple[int, list[dict[str, Any]]]:
-    """Loads the latest epoch checkpoint of ``directory``; ``(epochs done, history)``."""
+    """Loads the latest epoch checkpoint of ``directory``; ``(epochs done, history)``.
+
+    One process also gets the random generators' states back (several processes keep their
+    own: the checkpoint holds rank 0's only)."""
     epochs = _epochs(directory)
     if not epochs:
         return 0, []
@@ -373,7 +378,25 @@ def _resume(
     scheduler.load_state_dict(record["scheduler"])
     if record["scaler"]:
         scaler.load_state_dict(record["scaler"])
+    if single_process:
+        _restore_rng(tensors, device)
     return int(record["epoch"]), list(record["history"])
+
+
+def _rng_states(device: torch.device) -> dict[str, torch.Tensor]:
+    """The random generators' states (CPU, and the CUDA device trained on): dropout and other
+    random layers draw the same after ``resume`` as they would have without interruption."""
+    states = {"rng.cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["rng.cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def _restore_rng(tensors: Mapping[str, torch.Tensor], device: torch.device) -> None:
+    if "rng.cpu" in tensors:
+        torch.set_rng_state(tensors["rng.cpu"].cpu())
+    if "rng.cuda" in tensors and device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"].cpu(), device)
 
 
 # ------------------------------------------------------------------------------------------
@@ -437,7 +460,7 @@ def train(
         start, history = 0, []
         if recipe.resume and directory is not None:
             start, history = _resume(
-                directory, expect, module, optimizer, scheduler, scaler, device
+                directory, expect, module, optimizer, scheduler, scaler, device, world.size == 1
             )
         wrapped: nn.Module = module
         if world.size > 1:

@@ -28,7 +28,7 @@ from captum_ext.adapters.base import (
     TransformerAdapter,
     adapter_for,
 )
-from captum_ext.capture import model_state, probe_readout
+from captum_ext.capture import model_state, no_checkpointing, probe_readout
 from captum_ext.checkpoint import model_fingerprint
 from captum_ext.errors import CheckpointError
 from captum_ext.explainers._mhex_network import (
@@ -390,8 +390,9 @@ class MHEX(TrainableExplainer):
         package's one training loop (:class:`~captum_ext.explainers.TrainingRecipe`: SGD with
         Nesterov momentum, one-cycle schedule, progress bar, epoch checkpoints and resume,
         ``torchrun``/DDP with ``batch_size`` the global batch, autocast on CUDA). The model's
-        ``requires_grad`` flags and train/eval modes are restored afterwards, also when
-        training raises.
+        ``requires_grad`` flags, train/eval modes and gradient-checkpointing flags (off while
+        training: checkpointed blocks would run around the gates) are restored afterwards,
+        also when training raises.
 
         By default the model's own weights stay as they are and it stays in eval mode: with
         the gates in the backbone (``gated_backbone``) the gates still learn from
@@ -441,8 +442,13 @@ class MHEX(TrainableExplainer):
         own = [*net.gates.parameters(), *net.heads.parameters()]
         backbone = list(net.model.parameters())
         try:
-            with requires_grad(on=own + (backbone if train_backbone else []),
-                               off=[] if train_backbone else backbone):  # fmt: skip
+            with (
+                no_checkpointing(net.model),
+                requires_grad(
+                    on=own + (backbone if train_backbone else []),
+                    off=[] if train_backbone else backbone,
+                ),
+            ):
                 net.backbone_trainable = train_backbone
                 history = self._train(net, step, data, recipe, identity, validate)
         finally:
