@@ -14,6 +14,7 @@ the saliency and fusion in ``_mhex_saliency.py``.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
@@ -24,6 +25,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from captum_ext import zoo
 from captum_ext._scores import normalise_target
 from captum_ext.adapters.base import (
+    ModelAdapter,
     Readout,
     TransformerAdapter,
     adapter_for,
@@ -193,50 +195,10 @@ class MHEX(TrainableExplainer):
         adapter = adapter_for(model, readout=readout, method=_METHOD)
         if isinstance(adapter, TransformerAdapter) and not adapter.readout_known:
             adapter.settle_readout(probe_readout(adapter))
-        if gate not in ("spatial", "elementwise"):
-            raise ValueError(f"MHEX: gate must be 'spatial' or 'elementwise'; got {gate!r}.")
-        if pooling not in ("model", "mean"):
-            raise ValueError(f"MHEX: pooling must be 'model' or 'mean'; got {pooling!r}.")
-        if layers is None:
-            transformer = isinstance(adapter, TransformerAdapter)
-            layers = [EMBEDDINGS, 0] if transformer else adapter.default_feature_layers()
-        layers = list(layers)
-        if not layers:
-            raise ValueError("MHEX: layers is empty; pass at least one stage.")
-        if num_classes is None:
-            num_classes = _num_classes(adapter.model)
-            if num_classes is None:
-                raise ValueError(
-                    f"MHEX: cannot read the number of classes of {type(adapter.model).__name__}; "
-                    "pass num_classes=K."
-                )
-        stages = _stages(adapter, layers)
-        if isinstance(head_channels, int):
-            head_channels = [head_channels] * len(stages)
-        if head_channels is not None and len(head_channels) != len(stages):
-            raise ValueError(
-                f"MHEX: head_channels has {len(head_channels)} entries for {len(stages)} layers."
-            )
-        if stage_weights is not None:
-            stage_weights = [float(w) for w in stage_weights]
-            if (
-                len(stage_weights) != len(stages)
-                or min(stage_weights) < 0
-                or not any(stage_weights)
-            ):
-                raise ValueError(
-                    f"MHEX: stage_weights needs {len(stages)} non-negative values, not all 0; "
-                    f"got {stage_weights}."
-                )
-        if fusion not in ("geometric", "mean"):
-            raise ValueError(f"MHEX: fusion must be 'geometric' or 'mean'; got {fusion!r}.")
-        if fusion == "geometric" and not nonneg:
-            raise ValueError(
-                "MHEX: fusion='geometric' needs non-negative maps; with nonneg=False use "
-                "fusion='mean'."
-            )
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
-            raise ValueError(f"MHEX: window must be an odd positive int; got {window!r}.")
+        _check_choices(gate, pooling, fusion, nonneg, window)
+        stages, num_classes = _stages_and_classes(adapter, layers, num_classes)
+        head_channels = _head_channels(head_channels, len(stages))
+        stage_weights = _stage_weights(stage_weights, len(stages))
         self.adapter = adapter
         self.stages = tuple(stages)
         self.num_classes = int(num_classes)
@@ -713,6 +675,69 @@ class MHEX(TrainableExplainer):
         )
         if extra:
             raise CheckpointError(where, f"holds unknown tensors {sorted(extra)[:3]}", remedy)
+
+
+def _check_choices(gate: Any, pooling: Any, fusion: Any, nonneg: bool, window: Any) -> None:
+    """Refuses an unknown gate, pooling or fusion, geometric fusion of signed maps, and a
+    window that is not an odd positive int."""
+    if gate not in ("spatial", "elementwise"):
+        raise ValueError(f"MHEX: gate must be 'spatial' or 'elementwise'; got {gate!r}.")
+    if pooling not in ("model", "mean"):
+        raise ValueError(f"MHEX: pooling must be 'model' or 'mean'; got {pooling!r}.")
+    if fusion not in ("geometric", "mean"):
+        raise ValueError(f"MHEX: fusion must be 'geometric' or 'mean'; got {fusion!r}.")
+    if fusion == "geometric" and not nonneg:
+        raise ValueError(
+            "MHEX: fusion='geometric' needs non-negative maps; with nonneg=False use fusion='mean'."
+        )
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
+        raise ValueError(f"MHEX: window must be an odd positive int; got {window!r}.")
+
+
+def _stages_and_classes(
+    adapter: ModelAdapter, layers: Sequence[str | int] | None, num_classes: int | None
+) -> tuple[list[Stage], int]:
+    """The stages of ``layers`` (default: the family's) and the class count (default: read
+    from the model)."""
+    if layers is None:
+        transformer = isinstance(adapter, TransformerAdapter)
+        layers = [EMBEDDINGS, 0] if transformer else adapter.default_feature_layers()
+    layers = list(layers)
+    if not layers:
+        raise ValueError("MHEX: layers is empty; pass at least one stage.")
+    if num_classes is None:
+        num_classes = _num_classes(adapter.model)
+        if num_classes is None:
+            raise ValueError(
+                f"MHEX: cannot read the number of classes of {type(adapter.model).__name__}; "
+                "pass num_classes=K."
+            )
+    return _stages(adapter, layers), num_classes
+
+
+def _head_channels(
+    head_channels: int | Sequence[int | None] | None, n: int
+) -> list[int | None] | None:
+    if isinstance(head_channels, int):
+        return [head_channels] * n
+    if head_channels is not None and len(head_channels) != n:
+        raise ValueError(f"MHEX: head_channels has {len(head_channels)} entries for {n} layers.")
+    return None if head_channels is None else list(head_channels)
+
+
+def _stage_weights(stage_weights: Sequence[float] | None, n: int) -> list[float] | None:
+    if stage_weights is None:
+        return None
+    weights = [float(w) for w in stage_weights]
+    if (
+        len(weights) != n
+        or not all(math.isfinite(w) and w >= 0 for w in weights)
+        or not any(weights)
+    ):
+        raise ValueError(
+            f"MHEX: stage_weights needs {n} finite non-negative values, not all 0; got {weights}."
+        )
+    return weights
 
 
 def _sub(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
