@@ -79,8 +79,9 @@ def noisy_linear_imputation(
     """
     from scipy.sparse.linalg import spsolve
 
-    rem_np = _removed_pixels(image, removed)
+    rem = _checked_removal(image, removed)
     c, h, w = image.shape
+    rem_np = rem.detach().cpu().numpy().astype(bool).reshape(-1)
     idx = np.flatnonzero(rem_np)
     n = idx.size
     if n == 0:
@@ -99,15 +100,15 @@ def noisy_linear_imputation(
     return out.reshape(c, h, w)
 
 
-def _removed_pixels(image: Tensor, removed: Tensor) -> np.ndarray:
-    """``removed`` as a flat ``(H * W,)`` bool array, checked against ``image (C, H, W)``."""
+def _checked_removal(image: Tensor, removed: Tensor) -> Tensor:
+    """``removed`` as a tensor, its shape checked against ``image (C, H, W)``."""
     if image.dim() != 3:
         raise ValueError(f"image must have shape (C, H, W), got {tuple(image.shape)}")
     _, h, w = image.shape
     rem = torch.as_tensor(removed)
     if tuple(rem.shape) != (h, w):
         raise ValueError(f"removed: expected shape {(h, w)}, got {tuple(rem.shape)}")
-    return rem.detach().cpu().numpy().astype(bool).reshape(-1)
+    return rem
 
 
 def _imputation_system(img: np.ndarray, rem_np: np.ndarray, idx: np.ndarray, h: int, w: int):
@@ -201,8 +202,12 @@ def road(
     clean, tgt = default_target(model, inputs, target, batch_size)
     a = resolve_map(attributions, inputs, tgt, attribute_kwargs, batch_size=b, spatial=(h, w))
     ranks = ranks_of(a.reshape(b, -1), descending=(order == "morf"))
+    # The imputation is a scipy sparse solve on the host: copy images and ranks there once;
+    # the model runs and the scores stay on the inputs' device.
+    host_inputs, host_ranks = inputs.detach().cpu(), ranks.cpu()
     gen = torch.Generator().manual_seed(seed)
-    return _road_scores(model, inputs, ranks, clean.argmax(dim=1), tgt, gen, cfg)
+    pred = clean.argmax(dim=1)
+    return _road_scores(model, inputs, host_inputs, host_ranks, pred, tgt, gen, cfg)
 
 
 @dataclass(frozen=True)
@@ -238,18 +243,20 @@ def _road_settings(
 def _road_scores(
     model: Callable[..., Any],
     inputs: Tensor,
-    ranks: Tensor,
+    host_inputs: Tensor,
+    host_ranks: Tensor,
     pred: Tensor,
     tgt: Tensor,
     gen: torch.Generator,
     cfg: _RoadSettings,
 ) -> Tensor:
-    """``(B, len(percentages))`` scores of the imputed images, one row per example."""
+    """``(B, len(percentages))`` scores of the imputed images, one row per example.
+
+    ``host_inputs`` and ``host_ranks`` are host copies of the inputs and their pixel ranks;
+    the model runs on ``inputs.device``.
+    """
     b, _, h, w = inputs.shape
     pcts = cfg.percentages
-    # The imputation is a scipy sparse solve on the host: copy images and ranks there once;
-    # the model runs and the scores stay on the inputs' device.
-    host_inputs, host_ranks = inputs.detach().cpu(), ranks.cpu()
     rows = []
     for i in progress(range(b), cfg.show_progress, desc=f"ROAD {cfg.order}"):
         imgs = []
