@@ -315,7 +315,7 @@ def test_refusals_speak_the_users_language():
     with pytest.raises(ValueError, match="head_channels"):
         MHEX(model, head_channels=[4, 4])
     for bad in ([1.0, float("nan"), 1.0], [1.0, float("inf"), 1.0], [1.0, -1.0, 1.0], [0, 0, 0]):
-        with pytest.raises(ValueError, match="^MHEX: stage_weights needs 3 finite"):
+        with pytest.raises(ValueError, match=r"^MHEX: stage_weights needs 3 finite"):
             MHEX(model, stage_weights=bad)
     for option, bad in (("gate", "channel"), ("pooling", "max"), ("fusion", "median")):
         with pytest.raises(ValueError, match=f"^MHEX: {option} must be"):
