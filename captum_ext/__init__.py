@@ -25,10 +25,11 @@ from captum_ext.attr import (
 from captum_ext.errors import (
     CheckpointError,
     MissingAttentionError,
+    NotFittedError,
     ReentrantCallError,
     UnsupportedModelError,
 )
-from captum_ext.explainers import MHEX, TTAME
+from captum_ext.explainers import MHEX, TTAME, TrainingRecipe
 
 __version__ = "0.1.0"
 
@@ -43,9 +44,11 @@ __all__ = [
     "ConceptCDAM",
     "MissingAttentionError",
     "ModelAdapter",
+    "NotFittedError",
     "ReentrantCallError",
     "RelevancePropagation",
     "TokenAblation",
+    "TrainingRecipe",
     "TransformerAdapter",
     "UnsupportedModelError",
     "__version__",

@@ -79,55 +79,66 @@ def target_indices(
     Raises:
         ValueError: Unsupported form, wrong shape or length, or out of range.
     """
-    supported = (
-        "Supported: None (predicted class), an int, a list of B ints or an integer tensor of "
-        "shape (B,) or (B, 1)."
-    )
     values: list[int] | None = None  # Python targets are checked without a device sync
     if isinstance(target, int) and not isinstance(target, bool):
         values = [target]
         idx = torch.full((batch_size,), target, dtype=torch.long, device=device)
     elif isinstance(target, torch.Tensor):
-        if target.is_meta:
-            raise ValueError(f"{method}: target is a meta tensor without values. {supported}")
-        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-            raise ValueError(
-                f"{method}: target must hold integer class indices; got {target.dtype}."
-            )
-        t = target.detach()
-        if t.dim() == 0 or (t.numel() == 1 and t.dim() == 1 and batch_size != 1):
-            idx = t.reshape(()).long().expand(batch_size).clone()
-        elif t.dim() == 1 or (t.dim() == 2 and t.shape[1] == 1):
-            idx = t.reshape(-1).long()
-        else:
-            raise ValueError(
-                f"{method}: target has shape {tuple(t.shape)}; for a batch of {batch_size} "
-                f"expected ({batch_size},) or ({batch_size}, 1). {supported}"
-            )
+        idx = _tensor_target(target, batch_size, method)
     elif isinstance(target, list | tuple) and all(
         isinstance(t, int) and not isinstance(t, bool) for t in target
     ):
         values = list(target)
         idx = torch.tensor(values, dtype=torch.long, device=device)
     else:
-        raise ValueError(f"{method}: unsupported target {target!r}. {supported}")
+        raise ValueError(f"{method}: unsupported target {target!r}. {_SUPPORTED_TARGETS}")
     if idx.numel() != batch_size:
         raise ValueError(
             f"{method}: got {idx.numel()} targets for a batch of {batch_size} (expected shape "
             f"({batch_size},)); pass one int for all examples or one per example."
         )
     if num_classes is not None:
-        if values is not None:
-            bad_value = next((v for v in values if not 0 <= v < num_classes), None)
-        else:
-            bad = (idx < 0) | (idx >= num_classes)
-            bad_value = idx[bad][0].item() if bad.any() else None
-        if bad_value is not None:
-            raise ValueError(
-                f"{method}: target {bad_value} is out of range for a model with "
-                f"{num_classes} outputs (valid: 0..{num_classes - 1})."
-            )
+        _check_target_range(idx, values, num_classes, method)
     return idx.to(device) if device is not None else idx
+
+
+_SUPPORTED_TARGETS = (
+    "Supported: None (predicted class), an int, a list of B ints or an integer tensor of "
+    "shape (B,) or (B, 1)."
+)
+
+
+def _tensor_target(target: torch.Tensor, batch_size: int, method: str) -> torch.Tensor:
+    """A tensor ``target`` (scalar, ``(B,)`` or ``(B, 1)`` integers) as a long ``(B,)``."""
+    if target.is_meta:
+        raise ValueError(f"{method}: target is a meta tensor without values. {_SUPPORTED_TARGETS}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise ValueError(f"{method}: target must hold integer class indices; got {target.dtype}.")
+    t = target.detach()
+    if t.dim() == 0 or (t.numel() == 1 and t.dim() == 1 and batch_size != 1):
+        return t.reshape(()).long().expand(batch_size).clone()
+    if t.dim() == 1 or (t.dim() == 2 and t.shape[1] == 1):
+        return t.reshape(-1).long()
+    raise ValueError(
+        f"{method}: target has shape {tuple(t.shape)}; for a batch of {batch_size} "
+        f"expected ({batch_size},) or ({batch_size}, 1). {_SUPPORTED_TARGETS}"
+    )
+
+
+def _check_target_range(
+    idx: torch.Tensor, values: list[int] | None, num_classes: int, method: str
+) -> None:
+    """Refuses a class index outside ``0 .. num_classes - 1`` (``values``: no device sync)."""
+    if values is not None:
+        bad_value = next((v for v in values if not 0 <= v < num_classes), None)
+    else:
+        bad = (idx < 0) | (idx >= num_classes)
+        bad_value = idx[bad][0].item() if bad.any() else None
+    if bad_value is not None:
+        raise ValueError(
+            f"{method}: target {bad_value} is out of range for a model with "
+            f"{num_classes} outputs (valid: 0..{num_classes - 1})."
+        )
 
 
 def normalise_target(target: Any, scores: torch.Tensor, method: str) -> torch.Tensor:

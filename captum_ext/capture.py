@@ -40,6 +40,7 @@ __all__ = [
     "hooks",
     "layer_shapes",
     "model_state",
+    "no_checkpointing",
     "probe_readout",
     "replay",
 ]
@@ -284,6 +285,30 @@ def _eager(modules: list[nn.Module]) -> contextlib.AbstractContextManager[None]:
 def _modes_restored(model: nn.Module, grad: bool) -> Iterator[None]:
     modules = _all_modules(model)
     modes = [m.training for m in modules]
+    try:
+        with _checkpointing_off(modules):
+            if any(modes):  # eval() walks every module; skip it when nothing is training
+                model.eval()
+            with torch.set_grad_enabled(grad), _eager(modules):
+                yield
+    finally:
+        for m, mode in zip(modules, modes):
+            if m.training != mode:  # Module.__setattr__ is slow; touch only what changed
+                m.training = mode
+
+
+def no_checkpointing(model: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """Switches off timm's ``grad_checkpointing`` and HF's ``gradient_checkpointing`` flags
+    inside, on every submodule that has them on; restores each in ``finally``.
+
+    Checkpointed blocks are called around their hooks (timm's ``checkpoint_seq``) and
+    recomputed without them, so a method that hooks the model runs it without.
+    """
+    return _checkpointing_off(_all_modules(model))
+
+
+@contextlib.contextmanager
+def _checkpointing_off(modules: list[nn.Module]) -> Iterator[None]:
     flags = []
     try:
         for m in modules:
@@ -292,16 +317,10 @@ def _modes_restored(model: nn.Module, grad: bool) -> Iterator[None]:
                 if attrs.get(name) is True:
                     flags.append((m, name))
                     setattr(m, name, False)
-        if any(modes):  # eval() walks every module; skip it when nothing is training
-            model.eval()
-        with torch.set_grad_enabled(grad), _eager(modules):
-            yield
+        yield
     finally:
         for m, name in flags:
             setattr(m, name, True)
-        for m, mode in zip(modules, modes):
-            if m.training != mode:  # Module.__setattr__ is slow; touch only what changed
-                m.training = mode
 
 
 def _all_modules(model: nn.Module) -> list[nn.Module]:

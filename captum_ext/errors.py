@@ -5,6 +5,7 @@ from __future__ import annotations
 __all__ = [
     "CheckpointError",
     "MissingAttentionError",
+    "NotFittedError",
     "ReentrantCallError",
     "UnsupportedModelError",
 ]
@@ -16,6 +17,14 @@ class UnsupportedModelError(TypeError):
 
 class MissingAttentionError(RuntimeError):
     """Attention probabilities were needed but the model did not materialise them."""
+
+
+class NotFittedError(ValueError):
+    """A trainable explainer was asked to explain (or save) before ``fit`` or ``load``.
+
+    A ``ValueError`` (as scikit-learn's ``NotFittedError`` is), so ``except ValueError`` code
+    keeps working.
+    """
 
 
 class ReentrantCallError(RuntimeError):

@@ -335,15 +335,20 @@ def load(
         loaded = _load_zoo(value, weights, device)
     loaded.spec = spec
     if class_names is not None:
-        names = [str(n) for n in class_names]
-        if len(names) != len(loaded.class_names):
-            raise ModelLoadError(
-                f"{spec}: {len(names)} class names given, but the model has "
-                f"{len(loaded.class_names)} outputs"
-            )
-        loaded.class_names = names
+        _rename_classes(loaded, class_names)
     loaded.model.to(device).eval()
     return loaded
+
+
+def _rename_classes(loaded: LoadedModel, class_names: Sequence[str]) -> None:
+    """Replaces ``loaded.class_names`` with ``class_names`` (one per output)."""
+    names = [str(n) for n in class_names]
+    if len(names) != len(loaded.class_names):
+        raise ModelLoadError(
+            f"{loaded.spec}: {len(names)} class names given, but the model has "
+            f"{len(loaded.class_names)} outputs"
+        )
+    loaded.class_names = names
 
 
 def read_class_names(path: str | Path) -> list[str]:
@@ -411,20 +416,7 @@ def _load_timm(arch: str, weights: Path | None, kwargs: dict[str, Any]) -> Loade
             "weights would need a download, and captum_ext never downloads; pass a local "
             ".safetensors (or .pt/.pth/.bin) file"
         )
-    state = load_weights_file(weights)
-    # timm drops the classifier when the model's num_classes differs from the pretrained
-    # config's (1000 for ImageNet archs): tell it how many classes the file's head has.
-    classifier = getattr(timm.models.get_pretrained_cfg(arch), "classifier", None) or "head"
-    classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-    overlay: dict[str, Any] = {}
-    head = state.get(f"{classifiers[0]}.weight")
-    if head is not None:
-        kwargs = {"num_classes": head.shape[0], **kwargs}
-        overlay["num_classes"] = head.shape[0]
-    if weights.suffix.lower() == ".safetensors":
-        overlay["file"] = str(weights)
-    else:  # already loaded with weights_only=True; hand timm the tensors
-        overlay["state_dict"] = state
+    kwargs, overlay = _timm_overlay(arch, weights, kwargs)
     try:
         model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except (RuntimeError, TypeError, ValueError, KeyError, AssertionError) as err:
@@ -459,6 +451,29 @@ def _load_timm(arch: str, weights: Path | None, kwargs: dict[str, Any]) -> Loade
         std=tuple(config["std"]),
         input_size=(int(config["input_size"][1]), int(config["input_size"][2])),
     )
+
+
+def _timm_overlay(
+    arch: str, weights: Path, kwargs: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(kwargs, pretrained_cfg_overlay)`` that make timm build ``arch`` with ``weights``."""
+    import timm
+
+    state = load_weights_file(weights)
+    # timm drops the classifier when the model's num_classes differs from the pretrained
+    # config's (1000 for ImageNet archs): tell it how many classes the file's head has.
+    classifier = getattr(timm.models.get_pretrained_cfg(arch), "classifier", None) or "head"
+    classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+    overlay: dict[str, Any] = {}
+    head = state.get(f"{classifiers[0]}.weight")
+    if head is not None:
+        kwargs = {"num_classes": head.shape[0], **kwargs}
+        overlay["num_classes"] = head.shape[0]
+    if weights.suffix.lower() == ".safetensors":
+        overlay["file"] = str(weights)
+    else:  # already loaded with weights_only=True; hand timm the tensors
+        overlay["state_dict"] = state
+    return kwargs, overlay
 
 
 def _check_timm_img_size(arch: str, model: nn.Module) -> None:
@@ -516,23 +531,7 @@ def _load_hf(folder: Path, weights: Path | None) -> LoadedModel:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
     except Exception as err:  # a malformed or unknown config.json
         raise ModelLoadError(f"{spec}: cannot read config.json ({_first_line(err)})") from err
-    archs = list(config.architectures or [])
-    if any(a.endswith("ForImageClassification") for a in archs) or (
-        not archs and config.model_type in _HF_IMAGE_TYPES
-    ):
-        modality: Literal["image", "text"] = "image"
-        from transformers import AutoModelForImageClassification as auto
-    elif any(a.endswith("ForSequenceClassification") for a in archs) or (
-        not archs and config.model_type in _HF_TEXT_TYPES
-    ):
-        modality = "text"
-        from transformers import AutoModelForSequenceClassification as auto
-    else:
-        raise ModelLoadError(
-            f"{spec}: holds {', '.join(archs) or config.model_type}; captum_ext needs an image "
-            "classifier (e.g. ViTForImageClassification) or a text classifier "
-            "(e.g. BertForSequenceClassification)"
-        )
+    modality, auto = _hf_auto_class(spec, config)
     try:
         with _quiet_transformers():
             model = auto.from_pretrained(folder, local_files_only=True, weights_only=True)
@@ -565,6 +564,28 @@ def _load_hf(folder: Path, weights: Path | None) -> LoadedModel:
     else:
         _hf_tokenizer(loaded, folder, config)
     return loaded
+
+
+def _hf_auto_class(spec: str, config: Any) -> tuple[Literal["image", "text"], Any]:
+    """The modality of an hf folder's ``config`` and the ``AutoModelFor...`` class to load it."""
+    archs = list(config.architectures or [])
+    if any(a.endswith("ForImageClassification") for a in archs) or (
+        not archs and config.model_type in _HF_IMAGE_TYPES
+    ):
+        from transformers import AutoModelForImageClassification
+
+        return "image", AutoModelForImageClassification
+    if any(a.endswith("ForSequenceClassification") for a in archs) or (
+        not archs and config.model_type in _HF_TEXT_TYPES
+    ):
+        from transformers import AutoModelForSequenceClassification
+
+        return "text", AutoModelForSequenceClassification
+    raise ModelLoadError(
+        f"{spec}: holds {', '.join(archs) or config.model_type}; captum_ext needs an image "
+        "classifier (e.g. ViTForImageClassification) or a text classifier "
+        "(e.g. BertForSequenceClassification)"
+    )
 
 
 @contextlib.contextmanager

@@ -2,7 +2,9 @@
 
 ``make_method("cdam", model)`` builds the Captum attribution object;
 :data:`METHODS` holds what callers need to know about each method (whether its
-maps are signed, whether they depend on the target, the paper).
+maps are signed, whether they depend on the target, the paper), :data:`TRAINED`
+the same for the trainable explainers, which are used once fitted (the zoo
+ships them fitted to its models, under the model's name plus ``zoo_suffix``).
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ from captum_ext.attr import (
     RelevancePropagation,
     TokenAblation,
 )
+from captum_ext.explainers import MHEX, TTAME
 
-__all__ = ["METHODS", "MethodSpec", "available_methods", "make_method"]
+__all__ = ["METHODS", "TRAINED", "MethodSpec", "available_methods", "make_method"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,10 @@ class MethodSpec:
             diverging colormap centred at 0).
         class_agnostic: The map does not depend on the target.
         paper: Short citation.
+        trained: A trainable explainer: ``build`` gives an unfitted one, to ``fit`` or
+            ``load`` before it explains.
+        zoo_suffix: For trained explainers, the zoo entry fitted to zoo model ``NAME`` is
+            ``NAME + zoo_suffix``.
     """
 
     name: str
@@ -44,6 +51,8 @@ class MethodSpec:
     signed: bool
     class_agnostic: bool
     paper: str
+    trained: bool = False
+    zoo_suffix: str = ""
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -59,6 +68,17 @@ METHODS: dict[str, MethodSpec] = {
     )
 }
 """The registered methods by name (the names ``make_method`` takes; the command offers the same)."""
+
+TRAINED: dict[str, MethodSpec] = {
+    s.name: s
+    for s in (
+        MethodSpec("ttame", "T-TAME", TTAME, False, False, "Ntrougkas et al. 2024", True, "-ttame"),
+        MethodSpec("mhex", "MHEX", MHEX, False, False, "Sun & Liò (reconstruction)", True, "-mhex"),
+    )
+}
+"""The trainable explainers by name. MHEX explains its gated network (the model with trained
+gates and heads); the faithfulness metrics run the plain model, so its deletion/insertion/AD/
+IC/ROAD scores rate its maps against the plain model."""
 
 
 def available_methods() -> list[str]:

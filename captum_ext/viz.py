@@ -323,47 +323,92 @@ def figure_grid(
     Returns:
         The ``matplotlib.figure.Figure``.
     """
-    import matplotlib.pyplot as plt
-
     if scale not in ("cell", "column"):
         raise ValueError(f'scale must be "cell" or "column"; got {scale!r}')
-    signed = dict(signed or {})
-    agnostic = set(class_agnostic)
+    drawn = _grid_maps(images, maps, interpolation)
+    grid = _Grid(
+        images, drawn, masks, row_labels, dict(signed or {}), set(class_agnostic), overlay, scale
+    )
+    fig = _grid_figure(grid, cell)
+    _grid_caption(fig, grid, cell, title, note)
+    return fig
+
+
+@dataclass(frozen=True)
+class _Grid:
+    """What :func:`figure_grid` draws: the images, the upsampled maps and how to draw them."""
+
+    images: torch.Tensor
+    drawn: dict[str, np.ndarray]
+    masks: torch.Tensor | None
+    row_labels: Sequence[str] | None
+    signed: dict[str, bool]
+    agnostic: set[str]
+    overlay: bool
+    scale: str
+
+    @property
+    def columns(self) -> list[str]:
+        """Column names: input, mask (when given), then the methods."""
+        return ["input"] + (["mask"] if self.masks is not None else []) + list(self.drawn)
+
+
+def _grid_maps(
+    images: torch.Tensor, maps: Mapping[str, torch.Tensor], interpolation: Interpolation
+) -> dict[str, np.ndarray]:
+    """Every method's maps upsampled to the image size, ``(R, H, W)`` per method."""
     size = tuple(images.shape[-2:])
     rows = images.shape[0]
-    drawn = {
+    return {
         name: np.stack([_upsample(maps[name][r], size, interpolation) for r in range(rows)])
         for name in maps
     }
-    cols = ["input"] + (["mask"] if masks is not None else []) + list(maps)
+
+
+def _grid_figure(grid: _Grid, cell: float):
+    """The figure of :func:`figure_grid` with every column drawn, before its caption."""
+    import matplotlib.pyplot as plt
+
+    rows, cols = grid.images.shape[0], grid.columns
     fig, axes = plt.subplots(
         rows, len(cols), figsize=(cell * len(cols), cell * rows + 0.6), squeeze=False
     )
     for c, name in enumerate(cols):
-        is_signed = signed.get(name, True)
-        column_lim = _limit(drawn[name], is_signed) if name in drawn else 1.0
-        for r in range(rows):
-            ax = axes[r, c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if r == 0:
-                heading = f"{name}\n(class-agnostic)" if name in agnostic else name
-                ax.set_title(heading, fontsize=8)
-            if name == "input":
-                ax.imshow(image_to_hwc(images, r))
-                if row_labels is not None:
-                    ax.set_ylabel(row_labels[r], fontsize=7)
-            elif name == "mask":
-                ax.imshow(masks[r].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
-            else:
-                m = drawn[name][r]
-                lim = column_lim if scale == "column" else _limit(m, is_signed)
-                _draw_map(ax, m, image_to_hwc(images, r) if overlay else None, is_signed, lim)
-        if name in drawn:
-            cax = axes[-1, c].inset_axes((0.08, -0.16, 0.84, 0.07))
-            _colourbar(fig, cax, is_signed, column_lim if scale == "column" else None)
-    kinds = {signed.get(name, True) for name in maps}
-    caption = colour_note(kinds.pop() if len(kinds) == 1 else None, scale)
+        _grid_column(fig, axes[:, c], name, grid)
+    return fig
+
+
+def _grid_column(fig: Any, axes: Any, name: str, grid: _Grid) -> None:
+    """One column of :func:`figure_grid` (``axes`` top to bottom), with its colour bar."""
+    images, drawn = grid.images, grid.drawn
+    is_signed = grid.signed.get(name, True)
+    column_lim = _limit(drawn[name], is_signed) if name in drawn else 1.0
+    for r, ax in enumerate(axes):
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if r == 0:
+            heading = f"{name}\n(class-agnostic)" if name in grid.agnostic else name
+            ax.set_title(heading, fontsize=8)
+        if name == "input":
+            ax.imshow(image_to_hwc(images, r))
+            if grid.row_labels is not None:
+                ax.set_ylabel(grid.row_labels[r], fontsize=7)
+        elif name == "mask":
+            ax.imshow(grid.masks[r].cpu().numpy(), cmap="gray", vmin=0, vmax=1)
+        else:
+            m = drawn[name][r]
+            lim = column_lim if grid.scale == "column" else _limit(m, is_signed)
+            _draw_map(ax, m, image_to_hwc(images, r) if grid.overlay else None, is_signed, lim)
+    if name in drawn:
+        cax = axes[-1].inset_axes((0.08, -0.16, 0.84, 0.07))
+        _colourbar(fig, cax, is_signed, column_lim if grid.scale == "column" else None)
+
+
+def _grid_caption(fig: Any, grid: _Grid, cell: float, title: str | None, note: str | None):
+    """Caption, title and layout of :func:`figure_grid`."""
+    rows = grid.images.shape[0]
+    kinds = {grid.signed.get(name, True) for name in grid.drawn}
+    caption = colour_note(kinds.pop() if len(kinds) == 1 else None, grid.scale)
     if note:
         caption += f"; {note}"
     fig.text(0.5, 0.005, caption, ha="center", va="bottom", fontsize=7, color="0.3")
@@ -372,7 +417,6 @@ def figure_grid(
     bottom = 0.3 / (cell * rows + 0.6)
     top = 1 - (0.3 / (cell * rows + 0.6) if title else 0.0)
     fig.tight_layout(rect=(0, bottom, 1, top))
-    return fig
 
 
 def overlay_figure(
@@ -495,33 +539,8 @@ def text_figure(
     from matplotlib.figure import Figure
 
     label_w = max((len(r.label) for r in rows), default=0) + 2
-    lines: list[tuple[str, list[tuple[float, str, tuple, bool]]]] = []
-    for row in rows:
-        s = row.scores.detach().double().cpu().numpy()
-        lim = _limit(_scale_values(s, list(row.tokens), exclude_special), row.signed)
-        marked = list(row.marked) if row.marked is not None else [False] * len(row.tokens)
-        x, cells, label = 0.0, [], row.label
-        for tok, v, m in zip(row.tokens, s, marked):
-            width = len(tok) + 1.5
-            if x + width > _WRAP and cells:
-                lines.append((label, cells))
-                x, cells, label = 0.0, [], ""
-            cells.append((x, tok, _text_colour(float(v), lim, row.signed), m))
-            x += width
-        lines.append((label, cells))
-    kinds = {row.signed for row in rows}
-    caption = colour_note(kinds.pop() if len(kinds) == 1 else None, "row")
-    if exclude_special:
-        caption += "; [CLS], [SEP] and padding do not set the scale"
-    if note:
-        caption += f"; {note}"
-    legend: list[tuple[str, tuple | None]] = []
-    if any(row.signed for row in rows):
-        legend += [("signed:", None), ("−max", SIGNED_CMAP(0.0)), ("0", SIGNED_CMAP(0.5))]
-        legend += [("+max", SIGNED_CMAP(1.0))]
-    if not all(row.signed for row in rows):
-        legend += [("never negative:", None), ("0", POSITIVE_CMAP(0.0))]
-        legend += [("max", POSITIVE_CMAP(1.0))]
+    lines = _text_lines(rows, exclude_special)
+    caption = _text_caption(rows, exclude_special, note)
     width_chars = max(
         label_w + max((c[-1][0] + len(c[-1][1]) + 1.5 for _, c in lines if c), default=10),
         len(title or "") * 1.1,  # bold proportional text, a little wider than monospace
@@ -537,31 +556,78 @@ def text_figure(
     if title:
         ax.text(0, 0, title, fontsize=9, fontweight="bold", va="center")
         y0 = 1
-
-    def box(x: float, y: float, tok: str, colour: tuple, outlined: bool) -> None:
-        luminance = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
-        ax.text(
-            x,
-            y,
-            tok,
-            fontsize=9,
-            va="center",
-            family="monospace",
-            color="white" if luminance < 0.45 else "black",
-            bbox=dict(
-                boxstyle="round,pad=0.2",
-                fc=colour,
-                ec="black" if outlined else "none",
-                lw=1.2 if outlined else 0,
-            ),
-        )
-
     for i, (label, cells) in enumerate(lines):
         y = y0 + i
         ax.text(0, y, label, fontsize=8, va="center", family="monospace")
         for x, tok, colour, m in cells:
-            box(label_w + x, y, tok, colour, m)
+            _token_box(ax, label_w + x, y, tok, colour, m)
     y = y0 + len(lines)
+    _text_legend(ax, rows, y, label_w)
+    ax.text(0, y + 1, caption, fontsize=7, va="center", color="0.3")
+    return fig
+
+
+def _text_lines(
+    rows: Sequence[TextRow], exclude_special: bool
+) -> list[tuple[str, list[tuple[float, str, tuple, bool]]]]:
+    """Rows wrapped into lines of ``(label, [(x, token, colour, outlined), ...])``."""
+    lines: list[tuple[str, list[tuple[float, str, tuple, bool]]]] = []
+    for row in rows:
+        s = row.scores.detach().double().cpu().numpy()
+        lim = _limit(_scale_values(s, list(row.tokens), exclude_special), row.signed)
+        marked = list(row.marked) if row.marked is not None else [False] * len(row.tokens)
+        x, cells, label = 0.0, [], row.label
+        for tok, v, m in zip(row.tokens, s, marked):
+            width = len(tok) + 1.5
+            if x + width > _WRAP and cells:
+                lines.append((label, cells))
+                x, cells, label = 0.0, [], ""
+            cells.append((x, tok, _text_colour(float(v), lim, row.signed), m))
+            x += width
+        lines.append((label, cells))
+    return lines
+
+
+def _text_caption(rows: Sequence[TextRow], exclude_special: bool, note: str | None) -> str:
+    """The caption of :func:`text_figure`: the colour convention, then ``note``."""
+    kinds = {row.signed for row in rows}
+    caption = colour_note(kinds.pop() if len(kinds) == 1 else None, "row")
+    if exclude_special:
+        caption += "; [CLS], [SEP] and padding do not set the scale"
+    if note:
+        caption += f"; {note}"
+    return caption
+
+
+def _token_box(ax: Any, x: float, y: float, tok: str, colour: tuple, outlined: bool) -> None:
+    """``tok`` in a rounded box of ``colour`` (outlined in black when ``outlined``)."""
+    luminance = 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2]
+    ax.text(
+        x,
+        y,
+        tok,
+        fontsize=9,
+        va="center",
+        family="monospace",
+        color="white" if luminance < 0.45 else "black",
+        bbox=dict(
+            boxstyle="round,pad=0.2",
+            fc=colour,
+            ec="black" if outlined else "none",
+            lw=1.2 if outlined else 0,
+        ),
+    )
+
+
+def _text_legend(ax: Any, rows: Sequence[TextRow], y: float, label_w: int) -> None:
+    """The legend line of :func:`text_figure` at height ``y``: the colours of its scales."""
+    legend: list[tuple[str, tuple | None]] = []
+    if any(row.signed for row in rows):
+        legend += [("signed:", None), ("−max", SIGNED_CMAP(0.0)), ("0", SIGNED_CMAP(0.5))]
+        legend += [("+max", SIGNED_CMAP(1.0))]
+    if not all(row.signed for row in rows):
+        legend += [("never negative:", None), ("0", POSITIVE_CMAP(0.0))]
+        legend += [("max", POSITIVE_CMAP(1.0))]
     ax.text(0, y, "colours", fontsize=8, va="center", family="monospace", color="0.3")
     x = float(label_w)
     for text, colour in legend:
@@ -569,8 +635,6 @@ def text_figure(
             ax.text(x, y, text, fontsize=8, va="center", family="monospace", color="0.3")
             x += len(text) + 1
         else:
-            box(x, y, text, colour, False)
+            _token_box(ax, x, y, text, colour, False)
             x += len(text) + 2
         x += 0.5
-    ax.text(0, y + 1, caption, fontsize=7, va="center", color="0.3")
-    return fig

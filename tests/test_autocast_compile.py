@@ -97,7 +97,9 @@ def test_relevance_increment_is_float32_for_half_precision_inputs():
 def test_explainers_under_cpu_autocast_give_float32_maps(case):
     model = build(case, dtype=torch.float32)
     x, extra = make_inputs(case, batch=2, dtype=torch.float32)
-    explainers = [MHEX(model)] + ([TTAME(model, input_size=32)] if case.modality == "image" else [])
+    explainers = [MHEX(model).mark_fitted()]  # explains with its initial gates and heads
+    if case.modality == "image":
+        explainers.append(TTAME(model, input_size=32).mark_fitted())
     for explainer in explainers:
         ref = explainer.attribute(x, target=1, additional_forward_args=extra)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -170,9 +172,9 @@ def test_explainers_take_compiled_models(case):
     x, extra = make_inputs(case, batch=2, dtype=torch.float64)
     backend = _Counting()
     compiled = torch.compile(model, backend=backend)
-    makers = [lambda m: MHEX(m)]
+    makers = [lambda m: MHEX(m).mark_fitted()]  # explains with its initial gates and heads
     if case.modality == "image":
-        makers.append(lambda m: TTAME(m, input_size=32))
+        makers.append(lambda m: TTAME(m, input_size=32).mark_fitted())
     for make in makers:
         torch.manual_seed(3)
         ref = make(model).attribute(x, target=1, additional_forward_args=extra)

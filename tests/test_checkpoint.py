@@ -310,14 +310,6 @@ def test_model_fingerprint_reproduces_the_hashes_of_the_zoo_records(name):
             assert backbone["layout_sha256"] == layout
             assert backbone["weights_sha256"] == weights
     assert model_fingerprint(model, exact=True) == EXACT[name]
-    # the explainers' own copies, while they have them
-    from captum_ext.explainers import mhex, ttame
-
-    if hasattr(ttame, "_fingerprint"):
-        assert ttame._fingerprint(model) == layout
-    if hasattr(mhex, "_fingerprint"):
-        assert mhex._fingerprint(model, values=False) == layout
-        assert mhex._fingerprint(model) == weights
 
 
 def test_model_fingerprint_recipes():

@@ -97,9 +97,10 @@ def test_several_targets_stay_on_the_device(device, method):
 
 # ------------------------------------------------------------------ explainers
 def _explainers(case) -> dict[str, Callable[[nn.Module], nn.Module]]:
-    out = {"mhex": lambda m: MHEX(m)}
+    """Explainers declared fitted (``mark_fitted``): they explain with their initial modules."""
+    out = {"mhex": lambda m: MHEX(m).mark_fitted()}
     if case.modality == "image":
-        out["ttame"] = lambda m: TTAME(m, input_size=32)
+        out["ttame"] = lambda m: TTAME(m, input_size=32).mark_fitted()
     return out
 
 

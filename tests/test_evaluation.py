@@ -372,7 +372,9 @@ def test_zoo_trained_explainer_is_a_method_row():
     kw = dict(n=4, metrics=["pointing_game", "ad100"], bootstrap=0)
     res = evaluate("shapes-cnn", **kw)
     trained = {
-        n for n in TRAINED if f"shapes-cnn{TRAINED[n].suffix}" in zoo.available(kind="explainer")
+        n
+        for n in TRAINED
+        if f"shapes-cnn{TRAINED[n].zoo_suffix}" in zoo.available(kind="explainer")
     }
     assert {r["method"] for r in res.rows} == {"ttame", *trained, *BASELINES}
     assert res.get("shapes-cnn", "ttame", "pointing_game")["label"] == "T-TAME"

@@ -56,3 +56,24 @@ def test_mixed_training_flags_come_back():
     x, _ = make_inputs(case)
     AttentionMap(model).attribute(x)
     assert [m.training for m in model.modules()] == before
+
+
+def test_mhex_token_maps_are_placed_as_every_other_method_places_them():
+    # patch 41: nearest interpolation does not repeat each cell 41 times, so a plain cell
+    # expansion would shift maps by a pixel; MHEX formats through format_token_map's fallback
+    import timm
+    from captum.attr import LayerAttribution
+
+    from captum_ext import MHEX
+
+    torch.manual_seed(0)
+    model = timm.models.vision_transformer.VisionTransformer(
+        img_size=82, patch_size=41, depth=1, embed_dim=16, num_heads=2, num_classes=3
+    ).eval()
+    mhex = MHEX(model).mark_fitted()
+    x = torch.rand(2, 3, 82, 82)
+    grid = mhex.attribute(x, target=1, output="grid")
+    expected = LayerAttribution.interpolate(grid, (82, 82), interpolate_mode="nearest")
+    cells = grid[..., :, None, :, None].expand(2, 1, 2, 41, 2, 41).reshape(2, 1, 82, 82)
+    assert not torch.equal(expected, cells)
+    assert torch.equal(mhex.attribute(x, target=1), expected)

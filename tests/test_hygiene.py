@@ -2,7 +2,9 @@
 
 After success, after a bad target and after a module that raises, no hook is
 left on any module, and training flags, fused-attention flags, attention
-implementations and gradient-checkpointing flags are exactly as before.
+implementations and gradient-checkpointing flags are exactly as before
+(:func:`method_table.model_state`). The trained explainers get the same checks, after fitting
+too, in ``test_explainers.py``.
 """
 
 from __future__ import annotations
@@ -10,27 +12,11 @@ from __future__ import annotations
 import pytest
 import torch
 from method_table import METHODS
+from method_table import model_state as _state
 from tiny_models import ALL_MODELS, build, make_inputs
 
 CASES = [(m, c) for m in METHODS for c in ALL_MODELS]
 IDS = [f"{m.name}-{c.name}" for m, c in CASES]
-
-
-def _state(model: torch.nn.Module) -> dict:
-    mods = list(model.modules())
-    return {
-        "training": [m.training for m in mods],
-        "fused": [getattr(m, "fused_attn", None) for m in mods],
-        "impl": [getattr(getattr(m, "config", None), "_attn_implementation", None) for m in mods],
-        "ckpt": [
-            (getattr(m, "grad_checkpointing", None), getattr(m, "gradient_checkpointing", None))
-            for m in mods
-        ],
-        "hooks": sum(
-            len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in mods
-        ),
-        "requires_grad": [p.requires_grad for p in model.parameters()],
-    }
 
 
 def _prepare(case):

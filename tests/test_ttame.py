@@ -1,5 +1,9 @@
 """T-TAME: features per family, the mechanism and loss against literal references, training,
-the frozen backbone, save/load checks, hooks, DDP under torchrun, CUDA, the zoo entries."""
+the frozen backbone, checkpoints of other models refused, CUDA, the zoo entries.
+
+What T-TAME shares with MHEX (model state after explaining, fitting and failing; resume and
+``keep_checkpoints``; save/load round trip; damaged checkpoints; DDP under torchrun) is tested
+once for both in ``test_explainers.py``."""
 
 from __future__ import annotations
 
@@ -16,9 +20,8 @@ import torch
 import torch.nn.functional as F
 from captum.attr import Attribution, NoiseTunnel
 from tiny_models import NUM_CLASSES, _timm, bert_classifier, hf_vit_classifier
-from torchrun_launch import run_two_ranks
 
-from captum_ext import TTAME, UnsupportedModelError, adapter_for, zoo
+from captum_ext import TTAME, TrainingRecipe, UnsupportedModelError, adapter_for, zoo
 from captum_ext.checkpoint import save_checkpoint
 from captum_ext.data import ShapesDataset, shapes
 from captum_ext.errors import CheckpointError
@@ -43,6 +46,11 @@ def _one_thread():
 def _vit(depth: int = 3, dtype=torch.float64, **kw) -> torch.nn.Module:
     torch.manual_seed(0)
     return _timm(depth=depth, **kw).to(dtype).eval()
+
+
+def fitted(explainer: TTAME) -> TTAME:
+    """``explainer`` declared fitted: the tests that explain with its random initialisation."""
+    return explainer.mark_fitted()
 
 
 def _images(n: int = 4, size=(32, 32), dtype=torch.float64, seed: int = 1) -> torch.Tensor:
@@ -215,7 +223,7 @@ def test_torchvision_cnn_presets(arch, size, shapes_):
 
     torch.manual_seed(0)
     model = getattr(torchvision.models, arch)(num_classes=7).eval()
-    t = TTAME(model, input_size=size)
+    t = fitted(TTAME(model, input_size=size))
     expected = {"vgg16": ["features.16", "features.23", "features.30"]}
     assert t.layers == expected.get(arch, ["layer2", "layer3", "layer4"])
     assert t.feature_shapes == shapes_
@@ -255,7 +263,7 @@ def test_same_parameters_but_other_feature_shapes_are_refused(tmp_path):
 
     torch.manual_seed(0)
     stride1 = build.zoo_resnet_s1(num_classes=4).eval()
-    TTAME(stride1).save(tmp_path / "t")
+    fitted(TTAME(stride1)).save(tmp_path / "t")
     strided = ResNet(BasicBlock, (1, 1, 1, 1), channels=(16, 32, 64, 128), stem_type="deep",
                      stem_width=8, num_classes=4).eval()  # fmt: skip
     assert strided.state_dict().keys() == stride1.state_dict().keys()
@@ -385,7 +393,7 @@ def test_ttame_loss_weights_the_terms():
 def vit_ttame():
     model = _vit(depth=3)
     torch.manual_seed(2)
-    t = TTAME(model, input_size=32)
+    t = fitted(TTAME(model, input_size=32))
     for bn in t.mechanism.bns:  # non-trivial eval statistics
         bn.running_mean.uniform_(-0.5, 0.5)
         bn.running_var.uniform_(0.5, 2)
@@ -461,46 +469,13 @@ def test_captum_contract_and_module_surface(vit_ttame):
 
 def test_mechanism_follows_the_features_dtype_and_the_model_is_not_moved(vit_ttame):
     model = _vit(depth=3, dtype=torch.float32)
-    t = TTAME(model, input_size=32)
+    t = fitted(TTAME(model, input_size=32))
     assert next(t.mechanism.parameters()).dtype == torch.float32
     t.double()
     assert next(model.parameters()).dtype == torch.float32  # .to()/.double() touch the mechanism
     maps = t.attribute(_images(2, dtype=torch.float32))
     assert maps.dtype == torch.float32
     assert next(t.mechanism.parameters()).dtype == torch.float32
-
-
-# ---------------------------------------------------------------------------------------------
-# hooks and model state
-
-
-def test_no_hook_left_and_state_restored_after_attribute_fit_and_exceptions():
-    model = _vit(depth=3)
-    model.train()  # every call must switch to eval and back
-    t = TTAME(model, input_size=32)
-    before = _model_state(model)
-    x = _images(4)
-    t.attribute(x, target=1)
-    t.fit(x, epochs=1, batch_size=4, show_progress=False)
-    _assert_same_state(model, before)
-    with pytest.raises(ValueError, match="out of range"):
-        t.attribute(x, target=99)
-    _assert_same_state(model, before)
-
-    def boom(*args, **kwargs):
-        raise RuntimeError("boom from the model")
-
-    last = model.blocks[-1]
-    last.forward = boom
-    try:
-        with pytest.raises(RuntimeError, match="boom"):
-            t.attribute(x)
-        with pytest.raises(RuntimeError, match="boom"):
-            t.fit(x, epochs=1, batch_size=4, show_progress=False)
-    finally:
-        del last.forward
-    _assert_same_state(model, before)
-    assert not any("forward" in vars(m) for m in t.mechanism.modules())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -514,7 +489,7 @@ def test_fit_masks_the_input_with_the_upsampled_map_of_the_top1_class():
     seen: list[torch.Tensor] = []
     handle = model.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach().clone()))
     try:
-        t.fit(_images(6), epochs=1, batch_size=6, show_progress=False)
+        t.fit(_images(6), TrainingRecipe(epochs=1, batch_size=6, show_progress=False))
     finally:
         handle.remove()
     assert len(seen) == 2  # clean pass, masked pass
@@ -539,11 +514,12 @@ def test_backbone_bit_identical_after_fit_and_train_mode_option(shapes_vit, tmp_
     before = _model_state(model)
     t = TTAME(model)
     data = ShapesDataset(64, 5, **zoo.data_kwargs("shapes-vit"))
-    history = t.fit(data, epochs=1, batch_size=32, show_progress=False)
+    history = t.fit(data, TrainingRecipe(epochs=1, batch_size=32, show_progress=False))
     assert history[0]["steps"] == 2
     _assert_same_state(model, before)
 
-    t.fit(data, epochs=1, batch_size=32, show_progress=False, backbone_train_mode=True)
+    t.fit(data, TrainingRecipe(epochs=1, batch_size=32, show_progress=False),
+          backbone_train_mode=True)  # fmt: skip
     after = model.state_dict()
     moved = [k for k, v in before["tensors"].items() if not torch.equal(after[k], v)]
     assert moved and all("running_" in k or "num_batches" in k for k in moved)
@@ -554,7 +530,7 @@ def test_a_few_steps_on_the_zoo_vit_lower_the_loss(shapes_vit):
     torch.manual_seed(0)
     t = TTAME(shapes_vit)
     data = ShapesDataset(192, 5, **zoo.data_kwargs("shapes-vit"))
-    history = t.fit(data, epochs=3, batch_size=32, lr=0.05, show_progress=False)
+    history = t.fit(data, TrainingRecipe(epochs=3, batch_size=32, lr=0.05, show_progress=False))
     assert [h["epoch"] for h in history] == [1, 2, 3]
     assert history[-1]["loss"] < history[0]["loss"] - 0.2
     for h in history:
@@ -568,10 +544,8 @@ def test_validation_reports_average_drop_and_increase_in_confidence(shapes_vit):
     kw = zoo.data_kwargs("shapes-vit")
     history = t.fit(
         ShapesDataset(32, 5, **kw),
-        epochs=1,
-        batch_size=16,
+        TrainingRecipe(epochs=1, batch_size=16, show_progress=False),
         val_data=shapes(16, 6, **kw).images,
-        show_progress=False,
     )
     for key in ("val_AD100", "val_IC100", "val_AD50", "val_IC50", "val_AD15", "val_IC15"):
         assert 0 <= history[0][key] <= 100, key
@@ -580,94 +554,22 @@ def test_validation_reports_average_drop_and_increase_in_confidence(shapes_vit):
 def test_loss_maps_batch_option_and_bad_values():
     model = _vit(depth=3)
     t = TTAME(model, input_size=32)
-    h = t.fit(_images(8), epochs=1, batch_size=4, loss_maps="batch", show_progress=False)
+    h = t.fit(_images(8), TrainingRecipe(epochs=1, batch_size=4, show_progress=False),
+              loss_maps="batch")  # fmt: skip
     assert math.isfinite(h[0]["loss"])
     with pytest.raises(ValueError, match="loss_maps"):
         t.fit(_images(8), loss_maps="all")
     with pytest.raises(ValueError, match="batch_size"):
-        t.fit(_images(8), batch_size=0)
-
-
-class _FailingAfter(torch.utils.data.Dataset):
-    """Images; raises on the first item fetched after ``limit`` items."""
-
-    def __init__(self, images: torch.Tensor, limit: int) -> None:
-        self.images, self.limit, self.count = images, limit, 0
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        self.count += 1
-        if self.count > self.limit:
-            raise RuntimeError("interrupted")
-        return self.images[i]
-
-
-def test_checkpoints_every_epoch_and_resume_gives_the_uninterrupted_result(tmp_path):
-    x = _images(8)
-    kwargs = dict(epochs=3, batch_size=4, lr=0.05, show_progress=False)
-
-    def fresh() -> TTAME:
-        torch.manual_seed(5)
-        return TTAME(_vit(depth=3), input_size=32)
-
-    full = fresh()
-    h_full = full.fit(x, checkpoint_dir=tmp_path / "a", **kwargs)
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [
-        f"epoch-00{i}.{ext}" for i in (1, 2, 3) for ext in ("json", "safetensors")
-    ]
-
-    part = fresh()
-    with pytest.raises(RuntimeError, match="interrupted"):
-        part.fit(_FailingAfter(x, 8 + 4), checkpoint_dir=tmp_path / "b", **kwargs)  # epoch 2
-    assert (tmp_path / "b" / "epoch-001.json").is_file()
-    assert not (tmp_path / "b" / "epoch-002.json").exists()
-
-    resumed = fresh()
-    h_res = resumed.fit(x, checkpoint_dir=tmp_path / "b", resume=True, **kwargs)
-    for k, v in full.mechanism.state_dict().items():
-        assert torch.equal(resumed.mechanism.state_dict()[k], v), k
-    strip = [{k: v for k, v in h.items() if k != "time_s"} for h in (*h_full, *h_res)]
-    assert strip[:3] == strip[3:]
-
-    done = fresh().fit(x, checkpoint_dir=tmp_path / "b", resume=True, **kwargs)
-    assert [h["epoch"] for h in done] == [1, 2, 3]  # nothing left to train
-    with pytest.raises(CheckpointError, match="recipe"):
-        fresh().fit(x, checkpoint_dir=tmp_path / "b", resume=True, **{**kwargs, "lr": 0.01})
-    kept = fresh()
-    kept.fit(x, checkpoint_dir=tmp_path / "c", keep_checkpoints=1, **kwargs)
-    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [
-        "epoch-003.json",
-        "epoch-003.safetensors",
-    ]
+        t.fit(_images(8), TrainingRecipe(batch_size=0))
 
 
 # ---------------------------------------------------------------------------------------------
 # save / load
 
 
-def test_save_load_round_trip_gives_identical_maps(vit_ttame, tmp_path):
-    paths = vit_ttame.save(tmp_path / "t", extra={"note": "test"})
-    record = json.loads(paths.record.read_text())
-    assert record["method"] == "ttame" and record["note"] == "test"
-    assert record["config"]["layers"] == [0, 1, 2]
-    loaded = TTAME.load(tmp_path / "t", vit_ttame.adapter.model)
-    assert not loaded.mechanism.training
-    x = _images(3, seed=9)
-    for target in (None, 3):
-        torch.testing.assert_close(
-            loaded.attribute(x, target=target),
-            vit_ttame.attribute(x, target=target),
-            rtol=0,
-            atol=0,
-        )
-    with pytest.raises(ValueError, match="must not set"):
-        vit_ttame.save(tmp_path / "u", extra={"config": {}})
-
-
 def test_mismatched_checkpoints_are_refused(vit_ttame, tmp_path):
-    vit_ttame.save(tmp_path / "t")
+    paths = vit_ttame.save(tmp_path / "t")
+    assert json.loads(paths.record.read_text())["config"]["layers"] == [0, 1, 2]
     torch.manual_seed(0)
     with pytest.raises(CheckpointError, match="made for a VisionTransformer, not a ViTForImage"):
         TTAME.load(tmp_path / "t", hf_vit_classifier())
@@ -675,7 +577,7 @@ def test_mismatched_checkpoints_are_refused(vit_ttame, tmp_path):
         TTAME.load(tmp_path / "t", _vit(depth=3, embed_dim=48))
     with pytest.raises(CheckpointError, match="fingerprint"):
         TTAME.load(tmp_path / "t", _vit(depth=3, num_classes=3))
-    with pytest.raises(CheckpointError, match="not a T-TAME checkpoint"):
+    with pytest.raises(CheckpointError, match="not a TTAME checkpoint of format 1"):
         TTAME.load(zoo._build.WEIGHTS_DIR / "shapes-vit", vit_ttame.adapter.model)
 
     tensors = {k: v.clone() for k, v in vit_ttame.mechanism.state_dict().items()}
@@ -694,53 +596,6 @@ def test_mismatched_checkpoints_are_refused(vit_ttame, tmp_path):
             TTAME.load(tmp_path / "e", model)
 
 
-def test_tampered_checkpoints_are_refused(vit_ttame, tmp_path):
-    paths = vit_ttame.save(tmp_path / "t")
-    data = bytearray(paths.weights.read_bytes())
-    data[-5] ^= 0xFF
-    paths.weights.write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match="sha256"):
-        TTAME.load(tmp_path / "t", vit_ttame.adapter.model)
-    paths = vit_ttame.save(tmp_path / "t")
-    record = json.loads(paths.record.read_text())
-    record["config"]["num_classes"] = 4
-    paths.record.write_text(json.dumps(record))
-    with pytest.raises(CheckpointError, match="differs from the copy"):
-        TTAME.load(tmp_path / "t", vit_ttame.adapter.model)
-
-
-# ---------------------------------------------------------------------------------------------
-# DDP under torchrun (gloo, CPU)
-
-
-@pytest.mark.e2e
-def test_torchrun_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    from safetensors.torch import load_file
-
-    sys.path.insert(0, str(TESTS))
-    try:
-        import ttame_ddp_worker as worker
-    finally:
-        sys.path.remove(str(TESTS))
-    run_two_ranks(TESTS / "ttame_ddp_worker.py", tmp_path)
-    worker.run(tmp_path, distributed=False)
-
-    r0, r1 = (load_file(str(tmp_path / f"rank-{r}.safetensors")) for r in (0, 1))
-    single = load_file(str(tmp_path / "single.safetensors"))
-    assert r0.keys() == single.keys()
-    for k in r0:
-        assert torch.equal(r0[k], r1[k]), f"ranks differ at {k}"
-        torch.testing.assert_close(r0[k], single[k], rtol=1e-9, atol=1e-12)
-    h_ddp = json.loads((tmp_path / "rank-0.json").read_text())["history"]
-    h_one = json.loads((tmp_path / "single.json").read_text())["history"]
-    assert [h["steps"] for h in h_ddp] == [h["steps"] for h in h_one] == [3, 3]
-    for a, b in zip(h_ddp, h_one, strict=True):
-        for key in ("loss", "ce", "area", "tv", "lr"):
-            assert a[key] == pytest.approx(b[key], rel=1e-9), key
-    saved = sorted(p.name for p in (tmp_path / "ckpt").iterdir())
-    assert saved == [f"epoch-00{i}.{e}" for i in (1, 2) for e in ("json", "safetensors")]
-
-
 # ---------------------------------------------------------------------------------------------
 # CUDA
 
@@ -753,7 +608,7 @@ def test_cuda_fit_with_autocast_and_attribute_parity(shapes_vit):
     t = TTAME(model)
     assert next(t.mechanism.parameters()).is_cuda
     data = ShapesDataset(256, 5, **zoo.data_kwargs("shapes-vit"))
-    history = t.fit(data, epochs=2, batch_size=32, lr=0.05, show_progress=False)
+    history = t.fit(data, TrainingRecipe(epochs=2, batch_size=32, lr=0.05, show_progress=False))
     assert all(math.isfinite(h["loss"]) for h in history)
     assert history[-1]["loss"] < history[0]["loss"]
     for k, v in model.state_dict().items():
@@ -764,14 +619,14 @@ def test_cuda_fit_with_autocast_and_attribute_parity(shapes_vit):
     cpu_model = copy.deepcopy(model).cpu()
     cpu = copy.deepcopy(t.mechanism).cpu()
     t_cpu = TTAME(cpu_model)
-    t_cpu.mechanism.load_state_dict(cpu.state_dict())
+    t_cpu.load_state_dict({f"mechanism.{k}": v for k, v in cpu.state_dict().items()})
     torch.testing.assert_close(on_gpu.cpu(), t_cpu.attribute(x), rtol=1e-3, atol=1e-3)
 
 
 @CUDA
 def test_attribute_follows_the_input_device(vit_ttame):
     model = copy.deepcopy(vit_ttame.adapter.model).cuda()
-    t = TTAME(model, input_size=32)
+    t = fitted(TTAME(model, input_size=32))
     t.mechanism.cpu()
     maps = t.attribute(_images(2).cuda())
     assert maps.is_cuda and next(t.mechanism.parameters()).is_cuda
@@ -876,5 +731,5 @@ def test_fit_on_a_device_other_than_the_models_is_refused_before_training(which)
     explainer = (TTAME if which == "ttame" else MHEX)(zoo.load("shapes-vit"))
     hint = "model.to('meta')" if which == "ttame" else "mhex.to('meta')"
     with pytest.raises(ValueError, match=r"\.fit\(device='meta'\) but the model is on cpu") as e:
-        explainer.fit((batch.images, batch.labels), epochs=1, device="meta")
+        explainer.fit((batch.images, batch.labels), TrainingRecipe(epochs=1, device="meta"))
     assert hint in str(e.value) and "\n" not in str(e.value)

@@ -37,7 +37,7 @@ import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
 
-from captum_ext import MHEX, TTAME, zoo
+from captum_ext import MHEX, TTAME, TrainingRecipe, zoo
 from captum_ext.data import SHAPE_CLASSES, ShapesDataset, shapes
 from captum_ext.metrics import discrimination_score, pointing_game
 from captum_ext.viz import figure_grid
@@ -55,15 +55,16 @@ kwargs = zoo.data_kwargs("shapes-vit")
 #
 # `TTAME(model)` finds the feature layers itself (for a timm ViT, the tokens entering the
 # last three blocks, reshaped to the patch grid). `fit` takes a `Dataset`, a `DataLoader`
-# or a tensor of images; labels, if any, are ignored. The model stays frozen and in eval
-# mode and comes out bit-identical.
+# or a tensor of images; labels, if any, are ignored. The training options (epochs, batch
+# size, learning rate, device, checkpoints, ...) are one `TrainingRecipe`; what is left
+# unset is the paper's recipe. The model stays frozen and in eval mode and comes out
+# bit-identical.
 
 # %%
 ttame = TTAME(model)
 start = time.perf_counter()
-history_ttame = ttame.fit(
-    ShapesDataset(N_TTAME, seed=3, **kwargs), epochs=EPOCHS_TTAME, show_progress=False
-)
+recipe = TrainingRecipe(epochs=EPOCHS_TTAME, show_progress=False)
+history_ttame = ttame.fit(ShapesDataset(N_TTAME, seed=3, **kwargs), recipe)
 print(f"T-TAME: {time.perf_counter() - start:.0f} s")
 for h in history_ttame:
     print(f"epoch {h['epoch']}: loss {h['loss']:.3f} (CE {h['ce']:.3f}, area {h['area']:.3f})")
@@ -80,13 +81,8 @@ for h in history_ttame:
 train = shapes(N_MHEX, seed=1, **kwargs)
 mhex = MHEX(model)
 start = time.perf_counter()
-history_mhex = mhex.fit(
-    (train.images, train.labels),
-    objective="bce",
-    epochs=EPOCHS_MHEX,
-    lr=0.01,
-    show_progress=False,
-)
+recipe = TrainingRecipe(epochs=EPOCHS_MHEX, lr=0.01, show_progress=False)
+history_mhex = mhex.fit((train.images, train.labels), recipe, objective="bce")
 print(f"MHEX: {time.perf_counter() - start:.0f} s")
 for h in history_mhex:
     print(f"epoch {h['epoch']}: loss {h['loss']:.3f} (final {h['final']:.3f})")

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/
 from _suite_measure import interleaved
 
-from captum_ext import MHEX, zoo
+from captum_ext import MHEX, TrainingRecipe, zoo
 from captum_ext.adapters import adapter_for
 from captum_ext.data import shapes, text_rationales
 from captum_ext.metrics import (
@@ -92,7 +92,7 @@ class Entry:
         objective: ``"bce"`` (multi-label images) or ``"ce"`` (text).
         train_seed: Seed of the training set (used by no other entry or test).
         n_train: Size of the training set.
-        fit: Keyword arguments of :meth:`MHEX.fit` (the recipe).
+        fit: Fields of the :class:`~captum_ext.TrainingRecipe` passed to :meth:`MHEX.fit`.
         mhex: Keyword arguments of :class:`MHEX` beyond the defaults.
     """
 
@@ -387,7 +387,7 @@ def train_entry(entry: Entry, out: Path, progress: bool = True) -> dict[str, Any
     mhex = MHEX(zoo.load(entry.backbone), **entry.mhex)
     data = training_set(entry, data_kwargs)
     t0 = time.perf_counter()
-    mhex.fit(data, objective=entry.objective, show_progress=progress, **entry.fit)
+    mhex.fit(data, TrainingRecipe(show_progress=progress, **entry.fit), objective=entry.objective)
     train_s = time.perf_counter() - t0
     measured = evaluate(mhex, entry)
     import timm

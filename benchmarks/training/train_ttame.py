@@ -7,7 +7,7 @@ the paper's ImageNet recipe unchanged (SGD with Nesterov momentum, weight decay 
 weights, one-cycle schedule peaking at lr 1e-3, batch 32, 8 epochs; loss 1.5 CE + 2 area +
 0.01 variation), on 4096 unlabelled images of the backbone's own data settings
 (``zoo.data_kwargs(backbone)``, data seed 31, which no zoo model was trained on), seeded
-(``torch.manual_seed(seed)`` before building the mechanism, ``fit(seed=seed)`` for the data
+(``torch.manual_seed(seed)`` before building the mechanism, ``TrainingRecipe(seed=seed)`` for the data
 order; seed 0 for the CNN, 2 for the ViT, selected as ``benchmarks/results/training.md``
 records). It is then measured on fresh two-object
 images (seed 616161, never used in training or selection) and written with
@@ -52,7 +52,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 import torch.nn.functional as F
 
-from captum_ext import TTAME, zoo
+from captum_ext import TTAME, TrainingRecipe, zoo
 from captum_ext.data import ShapesDataset, shapes
 from captum_ext.metrics import average_drop_ttame, pointing_game
 from captum_ext.zoo._build import WEIGHTS_DIR
@@ -138,14 +138,14 @@ def train_entry(entry: Entry, out: Path, eval_n: int, show_progress: bool) -> di
     explainer = TTAME(backbone, vit_features=entry.vit_features)
     data = ShapesDataset(entry.n_train, DATA_SEED, **kwargs)
     start = time.perf_counter()
-    history = explainer.fit(
-        data,
+    recipe = TrainingRecipe(
         epochs=entry.epochs,
         batch_size=entry.batch_size,
         lr=entry.lr,
         seed=entry.seed,
         show_progress=show_progress,
     )
+    history = explainer.fit(data, recipe)
     train_time = time.perf_counter() - start
     explainer.eval()
     measured = measure(explainer, kwargs, eval_n, EVAL_SEED)

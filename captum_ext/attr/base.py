@@ -26,9 +26,11 @@ from captum_ext.capture import probe_readout
 __all__ = [
     "OutputKind",
     "TokenMapMethod",
+    "check_output",
     "check_targets",
     "format_token_map",
     "transformer_adapter",
+    "unpack_inputs",
     "upsample_nearest",
 ]
 
@@ -135,16 +137,7 @@ class TokenMapMethod:
         self, inputs: Any, additional_forward_args: Any = None
     ) -> tuple[torch.Tensor, bool]:
         """Unpacks a tensor or a 1-tuple (Captum's metrics pass tuples) and validates it."""
-        if isinstance(inputs, tuple):
-            if len(inputs) != 1:
-                raise ValueError(
-                    f"{self._method}: expected one input tensor (images or input_ids); got a "
-                    f"tuple of {len(inputs)}. Pass extra model arguments through "
-                    "additional_forward_args."
-                )
-            x, was_tuple = inputs[0], True
-        else:
-            x, was_tuple = inputs, False
+        x, was_tuple = unpack_inputs(inputs, self._method)
         self.adapter.check_inputs(x, self._method, additional_forward_args)
         return x, was_tuple
 
@@ -160,10 +153,36 @@ class TokenMapMethod:
 
     def _check_output(self, x: torch.Tensor, output: Any) -> None:
         """Fails early on a bad ``output`` argument, before any forward pass."""
-        if output not in _OUTPUTS:
-            raise ValueError(f"{self._method}: output must be one of {_OUTPUTS}; got {output!r}.")
-        if output == "grid" and self.adapter.modality == "text":
-            raise ValueError(f"{self._method}: output='grid' is for images; text maps are (B, T).")
+        check_output(output, _OUTPUTS, self.adapter.modality, self._method)
+
+
+def unpack_inputs(inputs: Any, method: str) -> tuple[torch.Tensor, bool]:
+    """The input tensor of ``inputs`` and whether it came as a 1-tuple (as Captum's metrics pass).
+
+    Raises:
+        ValueError: A tuple of more than one tensor (extra model arguments belong in
+            ``additional_forward_args``).
+    """
+    if not isinstance(inputs, tuple):
+        return inputs, False
+    if len(inputs) != 1:
+        raise ValueError(
+            f"{method}: expected one input tensor (images or input_ids); got a tuple of "
+            f"{len(inputs)}. Pass extra model arguments through additional_forward_args."
+        )
+    return inputs[0], True
+
+
+def check_output(output: Any, allowed: tuple[str, ...], modality: str, method: str) -> None:
+    """Refuses an ``output`` layout not in ``allowed``, and ``"grid"`` for text models.
+
+    Raises:
+        ValueError: Naming the layout and the ones ``method`` supports.
+    """
+    if output not in allowed:
+        raise ValueError(f"{method}: output must be one of {allowed}; got {output!r}.")
+    if output == "grid" and modality == "text":
+        raise ValueError(f"{method}: output='grid' is for images; text maps are (B, T).")
 
 
 def format_token_map(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -175,69 +176,111 @@ def image_grid(name: str, n: int, device: str = "cpu", show_progress: bool = Fal
         fig.savefig("explanations.png", dpi=110)
     """
     from captum_ext.data import shapes
-    from captum_ext.errors import UnsupportedModelError
-    from captum_ext.evaluation import zoo_explainers
     from captum_ext.models import load
-    from captum_ext.registry import METHODS, make_method
     from captum_ext.viz import figure_grid
-    from captum_ext.zoo import data_kwargs, info
+    from captum_ext.zoo import data_kwargs
 
     loaded = load(f"zoo:{name}", device=device)
-    model, names = loaded.model, loaded.class_names
     batch = shapes(4 * n + 16, DEMO_SEED, **data_kwargs(name))
-    idx = pick_images(batch.labels, n)
-    rows = [(i, k) for i in idx for k in batch.labels[i].nonzero().flatten().tolist()]
-    img_idx = torch.tensor([i for i, _ in rows], dtype=torch.long)
-    cls_idx = torch.tensor([k for _, k in rows], dtype=torch.long)
+    idx, rows, img_idx, cls_idx = _grid_rows(batch.labels, n)
     x = batch.images[img_idx].to(device)
     masks = batch.masks[img_idx, cls_idx].float()
     probs = loaded.probabilities(loaded.logits(x)).cpu()
-    maps: dict[str, torch.Tensor] = {}
-    signed: dict[str, bool] = {}
-    agnostic: list[str] = []
-    skipped: list[str] = []
+    cols = _grid_columns(loaded.model, name, x, cls_idx, device, show_progress)
+    fig = figure_grid(
+        x.cpu(),
+        cols.maps,
+        _row_labels(loaded, rows, probs),
+        masks=masks,
+        signed=cols.signed,
+        class_agnostic=cols.agnostic,
+        overlay=True,
+        title=f"{name}: held-out images (seed {DEMO_SEED}), one row per present class "
+        "and its score",
+    )
+    return fig, _grid_summary(name, idx, rows, loaded.class_names, cols)
+
+
+def _grid_rows(
+    labels: torch.Tensor, n: int
+) -> tuple[list[int], list[tuple[int, int]], torch.Tensor, torch.Tensor]:
+    """The picked images, their (image, present class) rows and the rows' index tensors."""
+    idx = pick_images(labels, n)
+    rows = [(i, k) for i in idx for k in labels[i].nonzero().flatten().tolist()]
+    img_idx = torch.tensor([i for i, _ in rows], dtype=torch.long)
+    cls_idx = torch.tensor([k for _, k in rows], dtype=torch.long)
+    return idx, rows, img_idx, cls_idx
+
+
+@dataclass
+class _GridColumns:
+    """The map columns of :func:`image_grid` and the methods left out."""
+
+    maps: dict[str, torch.Tensor] = field(default_factory=dict)
+    signed: dict[str, bool] = field(default_factory=dict)
+    agnostic: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def _grid_columns(
+    model: Any,
+    name: str,
+    x: torch.Tensor,
+    cls_idx: torch.Tensor,
+    device: str,
+    show_progress: bool,
+) -> _GridColumns:
+    """Maps of every registered method, zoo explainer and (CNN) Captum peer for ``cls_idx``."""
+    from captum_ext.errors import UnsupportedModelError
+    from captum_ext.evaluation import zoo_explainers
+    from captum_ext.registry import METHODS, make_method
+    from captum_ext.zoo import info
+
+    cols = _GridColumns()
     for method in progress(list(METHODS), show_progress, f"{name}: methods", leave=False):
         spec = METHODS[method]
         try:
             explainer = make_method(method, model)
         except UnsupportedModelError:
-            skipped.append(spec.label)
+            cols.skipped.append(spec.label)
             continue
-        maps[spec.label] = explainer.attribute(x, target=cls_idx.to(device)).detach().cpu()
-        signed[spec.label] = spec.signed
+        cols.maps[spec.label] = explainer.attribute(x, target=cls_idx.to(device)).detach().cpu()
+        cols.signed[spec.label] = spec.signed
         if spec.class_agnostic:
-            agnostic.append(spec.label)
+            cols.agnostic.append(spec.label)
     for spec, explainer in zoo_explainers(name, device=device).values():
-        maps[spec.label] = explainer.attribute(x, target=cls_idx.to(device)).detach().cpu()
-        signed[spec.label] = spec.signed
+        cols.maps[spec.label] = explainer.attribute(x, target=cls_idx.to(device)).detach().cpu()
+        cols.signed[spec.label] = spec.signed
     if info(name).get("family") == "cnn":
         for label, (fn, is_signed) in _captum_cnn_peers(model).items():
-            maps[label] = fn(x, cls_idx.to(device)).cpu()
-            signed[label] = is_signed
-    score = "sigmoid" if loaded.multi_label else "softmax"
-    labels = [
-        f"#{i} {names[k]}\n({score} {float(probs[r, k]):.2f})" for r, (i, k) in enumerate(rows)
-    ]
-    fig = figure_grid(
-        x.cpu(),
-        maps,
-        labels,
-        masks=masks,
-        signed=signed,
-        class_agnostic=agnostic,
-        overlay=True,
-        title=f"{name}: held-out images (seed {DEMO_SEED}), one row per present class "
-        "and its score",
-    )
-    summary = {
+            cols.maps[label] = fn(x, cls_idx.to(device)).cpu()
+            cols.signed[label] = is_signed
+    return cols
+
+
+def _grid_summary(
+    name: str,
+    idx: list[int],
+    rows: list[tuple[int, int]],
+    names: list[str],
+    cols: _GridColumns,
+) -> dict[str, Any]:
+    """The summary of :func:`image_grid` (see there)."""
+    return {
         "model": name,
         "seed": DEMO_SEED,
         "images": idx,
         "rows": [{"image": i, "class": names[k]} for i, k in rows],
-        "methods": list(maps),
-        "skipped": skipped,
+        "methods": list(cols.maps),
+        "skipped": cols.skipped,
     }
-    return fig, summary
+
+
+def _row_labels(loaded: Any, rows: list[tuple[int, int]], probs: torch.Tensor) -> list[str]:
+    """``"#image class\n(score p)"`` for each (image, class) row."""
+    names = loaded.class_names
+    score = "sigmoid" if loaded.multi_label else "softmax"
+    return [f"#{i} {names[k]}\n({score} {float(probs[r, k]):.2f})" for r, (i, k) in enumerate(rows)]
 
 
 def text_outputs(n: int, device: str, show_progress: bool = False):
@@ -257,18 +300,17 @@ def text_outputs(n: int, device: str, show_progress: bool = False):
     """
     from captum_ext.data import text_rationales
     from captum_ext.models import load
-    from captum_ext.registry import METHODS, make_method
-    from captum_ext.viz import html_text, text_record
+    from captum_ext.registry import make_method
+    from captum_ext.viz import html_text
     from captum_ext.zoo import data_kwargs
 
     loaded = load(f"zoo:{TEXT_MODEL}", device=device)
-    model, names = loaded.model, loaded.class_names
     batch = text_rationales(n, DEMO_SEED, **data_kwargs(TEXT_MODEL))
     ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)
     probs = loaded.probabilities(loaded.logits(ids, mask)).cpu()
     scores = {}
     for m in progress(TEXT_METHODS, show_progress, f"{TEXT_MODEL}: methods", leave=False):
-        explainer = make_method(m, model)
+        explainer = make_method(m, loaded.model)
         scores[m] = (
             explainer.attribute(
                 ids, target=batch.labels.to(device), additional_forward_args=(mask,)
@@ -276,6 +318,23 @@ def text_outputs(n: int, device: str, show_progress: bool = False):
             .detach()
             .cpu()
         )
+    records, rows = _text_rows(n, batch, scores, probs, loaded.class_names)
+    fig = text_figure(
+        rows,
+        title=f"{TEXT_MODEL}: held-out texts (seed {DEMO_SEED}), explained for the true class",
+        note="outlined: planted rationale",
+    )
+    summary = {"model": TEXT_MODEL, "seed": DEMO_SEED, "texts": n, "methods": list(TEXT_METHODS)}
+    return html_text(records), fig, summary
+
+
+def _text_rows(
+    n: int, batch: Any, scores: dict[str, torch.Tensor], probs: torch.Tensor, names: list[str]
+) -> tuple[list[Any], list[TextRow]]:
+    """Captum ``visualize_text`` records and :class:`TextRow` s, per text and method."""
+    from captum_ext.registry import METHODS
+    from captum_ext.viz import text_record
+
     records, rows = [], []
     for i in range(n):
         tokens = [batch.vocab[t] for t in batch.input_ids[i].tolist()]
@@ -303,13 +362,7 @@ def text_outputs(n: int, device: str, show_progress: bool = False):
                     batch.rationale[i][keep].tolist(),
                 )
             )
-    fig = text_figure(
-        rows,
-        title=f"{TEXT_MODEL}: held-out texts (seed {DEMO_SEED}), explained for the true class",
-        note="outlined: planted rationale",
-    )
-    summary = {"model": TEXT_MODEL, "seed": DEMO_SEED, "texts": n, "methods": list(TEXT_METHODS)}
-    return html_text(records), fig, summary
+    return records, rows
 
 
 def run(args: argparse.Namespace) -> int:

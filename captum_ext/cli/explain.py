@@ -396,6 +396,21 @@ def _explain_texts(
     return [items[i] for i in range(len(texts))]
 
 
+def _entry(item: _Item, class_names: list[str], files: list[str]) -> dict[str, Any]:
+    """The ``prediction.json`` entry of one input: its top classes, targets and files."""
+    return {
+        "name": item.name,
+        "input": item.source,
+        **({"tokens": item.tokens} if item.tokens is not None else {}),
+        "top": item.top,
+        "targets": [
+            {"class": k, "label": class_names[k], "score": float(item.probs[k])}
+            for k in item.targets
+        ],
+        "files": files,
+    }
+
+
 def _write(
     out: Path, loaded: LoadedModel, items: list[_Item], methods: list[str], device: str
 ) -> list[Path]:
@@ -432,19 +447,7 @@ def _write(
                     text_record(attr, item.tokens, pred["score"], pred["label"], "n/a", attr_class)
                 )
                 rows.append(TextRow(f"{item.name} {label}", item.tokens, attr, spec.signed))
-        entries.append(
-            {
-                "name": item.name,
-                "input": item.source,
-                **({"tokens": item.tokens} if item.tokens is not None else {}),
-                "top": item.top,
-                "targets": [
-                    {"class": k, "label": loaded.class_names[k], "score": float(item.probs[k])}
-                    for k in item.targets
-                ],
-                "files": files,
-            }
-        )
+        entries.append(_entry(item, loaded.class_names, files))
     if records:
         (out / "text.html").write_text(html_text(records))
         fig = text_figure(rows, title=f"{loaded.spec}")

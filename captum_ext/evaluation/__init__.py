@@ -35,7 +35,7 @@ What the room holds, one concern per module:
   :data:`captum_ext.metrics.METRICS` function, its direction and how it reads a map;
 * ``_images`` / ``_text`` — a model's held-out set as the metrics read it, and how its maps are
   produced (methods, baselines, custom maps);
-* ``_trained`` — :data:`TRAINED`, the trained explainer kinds by zoo suffix, and
+* ``_trained`` — :data:`TRAINED` (from :mod:`captum_ext.registry`), the trained explainer kinds, and
   :func:`zoo_explainers`, which loads those fitted to a zoo model;
 * ``_maps`` — chunked attribution calls, grid <-> pixels, the model's grid
   (:func:`~captum_ext.evaluation._maps.model_grid`);
@@ -64,7 +64,7 @@ from ._sharded import (
     load_maps,
 )
 from ._table import IMAGE_METRICS, OPTIONAL_METRICS, TEXT_METRICS
-from ._trained import TRAINED, TrainedSpec, zoo_explainers
+from ._trained import TRAINED, zoo_explainers
 
 __all__ = [
     "BASELINES",
@@ -80,7 +80,6 @@ __all__ = [
     "ShapesSource",
     "ShardedOutput",
     "ShardedOutputError",
-    "TrainedSpec",
     "bootstrap_ci",
     "centre_gaussian_map",
     "evaluate",

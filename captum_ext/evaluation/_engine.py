@@ -12,14 +12,14 @@ from torch import Tensor, nn
 from captum_ext._scores import progress
 from captum_ext.data import ShapesBatch, TextBatch, shapes, text_rationales
 from captum_ext.errors import UnsupportedModelError
-from captum_ext.registry import METHODS, make_method
+from captum_ext.registry import METHODS, MethodSpec, make_method
 
 from ._baselines import BASELINE_LABELS
 from ._config import EvalConfig
 from ._images import ImageSet
 from ._result import Collector, EvalResult
 from ._text import TextSet
-from ._trained import TrainedSpec, zoo_explainers
+from ._trained import zoo_explainers
 
 __all__ = ["evaluate"]
 
@@ -34,7 +34,7 @@ class _Subject:
     label: str
     score: str
     meta: dict[str, Any]
-    explainers: dict[str, tuple[TrainedSpec, Any]] = field(default_factory=dict)
+    explainers: dict[str, tuple[MethodSpec, Any]] = field(default_factory=dict)
 
 
 def _zoo() -> Any:
@@ -122,7 +122,7 @@ def _score(
     label: str,
     config: EvalConfig,
     notes: list[str],
-    explainers: dict[str, tuple[TrainedSpec, Any]],
+    explainers: dict[str, tuple[MethodSpec, Any]],
 ) -> tuple[Collector, dict[str, Any]]:
     """Every map of the set (methods, trained explainers, baselines, custom maps) through the
     metric table."""

@@ -55,7 +55,7 @@ from captum_ext.registry import METHODS, make_method
 
 from ._config import EvalConfig
 from ._datasets import ChunkBatch, load_items
-from ._engine import _score, _subject
+from ._engine import _score, _Subject, _subject
 from ._images import ImageSet, images_part
 from ._result import Collector, EvalResult
 from ._table import IMAGE_TABLE
@@ -207,6 +207,24 @@ def _gather(value: Any, world: World) -> list[Any]:
     return out
 
 
+@dataclass(frozen=True)
+class _RunOptions:
+    """How :func:`run_sharded` treats the output folder and reports progress.
+
+    Attributes:
+        overwrite: Empty ``out`` first.
+        gather: Also gather every shard's tensors and record on every process (in chunk
+            order): :attr:`ShardedOutput.payloads`.
+        show_progress: A tqdm bar on rank 0.
+        desc: The bar's title.
+    """
+
+    overwrite: bool = False
+    gather: bool = False
+    show_progress: bool = False
+    desc: str = "shards"
+
+
 def run_sharded(
     out: str | Path,
     config: dict[str, Any],
@@ -215,10 +233,7 @@ def run_sharded(
     compute: Callable[[int, range], tuple[dict[str, Tensor], dict[str, Any]]],
     world: World,
     *,
-    overwrite: bool = False,
-    gather: bool = False,
-    show_progress: bool = False,
-    desc: str = "shards",
+    options: _RunOptions = _RunOptions(),
 ) -> ShardedOutput:
     """Runs ``compute(chunk, examples)`` for every chunk not yet complete in ``out``.
 
@@ -229,11 +244,7 @@ def run_sharded(
         chunk_size: Examples per shard.
         compute: ``(tensors, record)`` of one chunk (``examples`` = its global indices).
         world: The processes (:func:`captum_ext.distributed.world`): ``rank`` and ``size``.
-        overwrite: Empty ``out`` first.
-        gather: Also gather every shard's tensors and record on every process (in chunk
-            order): :attr:`ShardedOutput.payloads`.
-        show_progress: A tqdm bar on rank 0.
-        desc: The bar's title.
+        options: Overwriting, gathering and the progress bar (:class:`_RunOptions`).
 
     Raises:
         ShardedOutputError: ``out`` was written with another configuration, is a non-empty
@@ -241,61 +252,21 @@ def run_sharded(
     """
     out = Path(out)
     digest = config_hash(config)
-    problem = _prepare(out, config, digest, overwrite) if world.rank == 0 else None
-    problem = _broadcast(problem, world)
-    if problem:
-        raise ShardedOutputError(problem)
+    _claim(out, config, digest, options.overwrite, world)
     bounds = _chunk_bounds(n, chunk_size)
     mine = shard_chunks(len(bounds), world.rank, world.size)
     done: list[dict[str, Any]] = []
     payloads: dict[int, tuple[dict[str, Tensor], dict[str, Any]]] = {}
-    bar = progress(mine, show_progress and world.rank == 0, desc, unit="shard", leave=False)
-    for c in bar:
-        start, stop = bounds[c]
-        base = out / f"shard-{c:05d}"
-        expect = {"config_hash": digest, "chunk": c, "start": start, "stop": stop}
-        tensors: dict[str, Tensor] | None = None
-        try:
-            if gather:
-                tensors, record = load_checkpoint(base, expect=expect)
-            else:
-                record = verify_checkpoint(base, expect=expect)
-            reused = True
-        except CheckpointError:  # missing, partial or stale: compute it (again)
-            tensors, extra = compute(c, range(start, stop))
-            record = {"format": FORMAT, **expect, **extra}
-            paths = save_checkpoint(base, tensors, record)
-            record = json.loads(paths.record.read_text())  # with the file's size and sha256
-            reused = False
-        done.append(
-            {
-                "chunk": c,
-                "start": start,
-                "stop": stop,
-                "file": f"{base.name}.safetensors",
-                "record": f"{base.name}.json",
-                "sha256": record["weights"]["sha256"],
-                "bytes": record["weights"]["bytes"],
-                "rank": world.rank,
-                "reused": reused,
-            }
-        )
-        if gather:
-            payloads[c] = (tensors or {}, {k: v for k, v in record.items() if k != "weights"})
+    show = options.show_progress and world.rank == 0
+    for c in progress(mine, show, options.desc, unit="shard", leave=False):
+        shard, payload = _run_chunk(out, c, bounds[c], digest, compute, options.gather, world)
+        done.append(shard)
+        if options.gather:
+            payloads[c] = payload
     everything = _gather((done, payloads), world)
     shards = sorted((s for part, _ in everything for s in part), key=lambda s: s["chunk"])
     assert [s["chunk"] for s in shards] == list(range(len(bounds))), "a chunk was lost"
-    index = {
-        "format": FORMAT,
-        "version": _VERSION,
-        "config_hash": digest,
-        "config": config,
-        "complete": True,
-        "n_examples": n,
-        "chunk_size": chunk_size,
-        "world_size": world.size,
-        "shards": [{k: v for k, v in s.items() if k not in ("rank", "reused")} for s in shards],
-    }
+    index = _complete_index(config, digest, n, chunk_size, world, shards)
     if world.rank == 0:
         _write_json_atomic(out / INDEX, index)
     merged = {c: p for _, part in everything for c, p in part.items()}
@@ -306,6 +277,83 @@ def run_sharded(
         reused=[s["chunk"] for s in shards if s["reused"]],
         payloads=[merged[c] for c in sorted(merged)],
     )
+
+
+def _claim(out: Path, config: dict[str, Any], digest: str, overwrite: bool, world: World) -> None:
+    """Rank 0 prepares ``out``; every process raises the same error when it cannot be used."""
+    problem = _prepare(out, config, digest, overwrite) if world.rank == 0 else None
+    problem = _broadcast(problem, world)
+    if problem:
+        raise ShardedOutputError(problem)
+
+
+def _run_chunk(
+    out: Path,
+    c: int,
+    bounds: tuple[int, int],
+    digest: str,
+    compute: Callable[[int, range], tuple[dict[str, Tensor], dict[str, Any]]],
+    gather: bool,
+    world: World,
+) -> tuple[dict[str, Any], tuple[dict[str, Tensor], dict[str, Any]] | None]:
+    """Chunk ``c``: its shard kept when it verifies, else computed and written.
+
+    Returns:
+        ``(shard, payload)``: the chunk's index entry (with ``rank`` and ``reused``) and, with
+        ``gather``, its tensors and record (without the file checksums), else ``None``.
+    """
+    start, stop = bounds
+    base = out / f"shard-{c:05d}"
+    expect = {"config_hash": digest, "chunk": c, "start": start, "stop": stop}
+    tensors: dict[str, Tensor] | None = None
+    try:
+        if gather:
+            tensors, record = load_checkpoint(base, expect=expect)
+        else:
+            record = verify_checkpoint(base, expect=expect)
+        reused = True
+    except CheckpointError:  # missing, partial or stale: compute it (again)
+        tensors, extra = compute(c, range(start, stop))
+        record = {"format": FORMAT, **expect, **extra}
+        paths = save_checkpoint(base, tensors, record)
+        record = json.loads(paths.record.read_text())  # with the file's size and sha256
+        reused = False
+    shard = {
+        "chunk": c,
+        "start": start,
+        "stop": stop,
+        "file": f"{base.name}.safetensors",
+        "record": f"{base.name}.json",
+        "sha256": record["weights"]["sha256"],
+        "bytes": record["weights"]["bytes"],
+        "rank": world.rank,
+        "reused": reused,
+    }
+    if not gather:
+        return shard, None
+    return shard, (tensors or {}, {k: v for k, v in record.items() if k != "weights"})
+
+
+def _complete_index(
+    config: dict[str, Any],
+    digest: str,
+    n: int,
+    chunk_size: int,
+    world: World,
+    shards: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The index of a finished run, listing ``shards`` (in chunk order)."""
+    return {
+        "format": FORMAT,
+        "version": _VERSION,
+        "config_hash": digest,
+        "config": config,
+        "complete": True,
+        "n_examples": n,
+        "chunk_size": chunk_size,
+        "world_size": world.size,
+        "shards": [{k: v for k, v in s.items() if k not in ("rank", "reused")} for s in shards],
+    }
 
 
 # ------------------------------------------------------------------------------------------
@@ -395,36 +443,84 @@ def explain_dataset(
             :func:`run_sharded`).
         ValueError: An unknown method, or ``"label"`` targets on a plain folder.
     """
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(METHODS)}")
-    dev = local_device(device)
-    model = model.to(dev).eval()
-    explainers = {m: make_method(m, model) for m in methods}
-    config = {
-        "kind": "explain",
-        "model": model_record or _model_record(model),
-        "methods": list(methods),
-        "targets": targets if isinstance(targets, str) else [int(k) for k in targets],
-        "scores": "sigmoid" if multi_label else "softmax",
-        "dataset": dataset.describe(),
-        "chunk_size": chunk_size,
-    }
-    ids = list(dataset.ids)
+    job = _ExplainChunks.build(model, methods, dataset, targets, multi_label, batch_size, device)
+    config = job.config(methods, targets, chunk_size, model_record)
+    options = _RunOptions(overwrite=overwrite, show_progress=show_progress, desc="explain")
+    with process_world(job.device, distributed, keep=True) as world:
+        return run_sharded(out, config, len(dataset), chunk_size, job, world, options=options)
 
-    def compute(chunk: int, examples: range) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        images, labels, _ = _stack(load_items(dataset, examples))
-        images = images.to(dev)
-        with torch.no_grad():
-            logits = torch.cat(
-                [
-                    model_output_to_tensor(model(images[s : s + batch_size])).float()
-                    for s in range(0, len(images), batch_size)
-                ]
-            )
-        probs = (logits.sigmoid() if multi_label else logits.softmax(-1)).cpu()
-        names = ids[examples.start : examples.stop]
-        per = _pair_targets(targets, labels, probs, names)
+
+def _forward(model: nn.Module, images: Tensor, batch_size: int, device: torch.device) -> Tensor:
+    """Float logits of ``images``, ``batch_size`` at a time on ``device``, without gradients."""
+    with torch.no_grad():
+        return torch.cat(
+            [
+                model_output_to_tensor(model(images[s : s + batch_size].to(device))).float()
+                for s in range(0, len(images), batch_size)
+            ]
+        )
+
+
+@dataclass(frozen=True)
+class _ExplainChunks:
+    """``compute`` of :func:`explain_dataset`: the probabilities and maps of one chunk."""
+
+    model: nn.Module
+    explainers: dict[str, Any]
+    dataset: Any
+    ids: list[str]
+    targets: str | Sequence[int]
+    multi_label: bool
+    batch_size: int
+    device: torch.device
+
+    @classmethod
+    def build(
+        cls,
+        model: nn.Module,
+        methods: Sequence[str],
+        dataset: Any,
+        targets: str | Sequence[int],
+        multi_label: bool,
+        batch_size: int,
+        device: str | torch.device,
+    ) -> _ExplainChunks:
+        """Checks ``methods``, moves ``model`` to the process's device and builds them."""
+        unknown = [m for m in methods if m not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(METHODS)}")
+        dev = local_device(device)
+        model = model.to(dev).eval()
+        explainers = {m: make_method(m, model) for m in methods}
+        ids = list(dataset.ids)
+        return cls(model, explainers, dataset, ids, targets, multi_label, batch_size, dev)
+
+    def config(
+        self,
+        methods: Sequence[str],
+        targets: str | Sequence[int],
+        chunk_size: int,
+        model_record: dict[str, Any] | None,
+    ) -> dict[str, Any]:
+        """What the stored maps depend on (hashed into the index)."""
+        return {
+            "kind": "explain",
+            "model": model_record or _model_record(self.model),
+            "methods": list(methods),
+            "targets": targets if isinstance(targets, str) else [int(k) for k in targets],
+            "scores": "sigmoid" if self.multi_label else "softmax",
+            "dataset": self.dataset.describe(),
+            "chunk_size": chunk_size,
+        }
+
+    def __call__(self, chunk: int, examples: range) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """The shard tensors and record of ``examples`` (see :func:`explain_dataset`)."""
+        images, labels, _ = _stack(load_items(self.dataset, examples))
+        images = images.to(self.device)
+        logits = _forward(self.model, images, self.batch_size, self.device)
+        probs = (logits.sigmoid() if self.multi_label else logits.softmax(-1)).cpu()
+        names = self.ids[examples.start : examples.stop]
+        per = _pair_targets(self.targets, labels, probs, names)
         pe = torch.tensor([i for i, ks in enumerate(per) for _ in ks], dtype=torch.int64)
         pt = torch.tensor([k for ks in per for k in ks], dtype=torch.int64)
         tensors = {
@@ -434,28 +530,19 @@ def explain_dataset(
             "pair_example": pe + examples.start,
             "pair_target": pt,
         }
-        for m, attr in explainers.items():
-            maps = []
-            for s in range(0, len(pe), batch_size):
-                x = images[pe[s : s + batch_size].to(dev)]
-                t = pt[s : s + batch_size].to(dev)
-                a = attr.attribute(x, target=t).detach().float()
-                maps.append((a.sum(1) if a.dim() == 4 else a).cpu())
-            tensors[f"maps.{m}"] = torch.cat(maps).contiguous()
+        for m, attr in self.explainers.items():
+            tensors[f"maps.{m}"] = self._maps(attr, images, pe, pt)
         return tensors, {"ids": names}
 
-    with process_world(dev, distributed, keep=True) as world:
-        return run_sharded(
-            out,
-            config,
-            len(dataset),
-            chunk_size,
-            compute,
-            world,
-            overwrite=overwrite,
-            show_progress=show_progress,
-            desc="explain",
-        )
+    def _maps(self, attr: Any, images: Tensor, pe: Tensor, pt: Tensor) -> Tensor:
+        """``(P, H, W)`` float32 maps of the pairs ``(pe, pt)`` on the host."""
+        maps = []
+        for s in range(0, len(pe), self.batch_size):
+            x = images[pe[s : s + self.batch_size].to(self.device)]
+            t = pt[s : s + self.batch_size].to(self.device)
+            a = attr.attribute(x, target=t).detach().float()
+            maps.append((a.sum(1) if a.dim() == 4 else a).cpu())
+        return torch.cat(maps).contiguous()
 
 
 def load_maps(out: str | Path) -> tuple[dict[str, Tensor], list[str]]:
@@ -552,44 +639,62 @@ def evaluate_dataset(
     if methods is not None:
         settings["methods"] = methods
     cfg = (config or EvalConfig()).replace(**settings)
-    dev = local_device(cfg.device)
-    cfg = cfg.replace(device=dev)
-    masks = getattr(dataset, "layout", None) == "shapes"
-    subject = _subject(model_or_name, dataset, name, cfg)
-    model = subject.model
-    record = {
-        "kind": "evaluate",
-        "model": model_record or _model_record(model),
-        "explainers": sorted(subject.explainers),
-        "methods": cfg.method_names,
-        "metrics": list(cfg.metrics) if cfg.metrics is not None else None,
-        "resolution": cfg.resolution,
-        "steps": cfg.steps,
-        "score": subject.score,
-        "seed": cfg.seed,
-        "extra_maps": sorted(cfg.extra_maps),
-        "dataset": dataset.describe(),
-        "chunk_size": chunk_size,
-    }
-    patch = int(getattr(dataset, "kwargs", {}).get("patch", 8))
+    job = _EvaluateChunks.build(model_or_name, dataset, name, cfg)
+    record = job.record(chunk_size, model_record)
+    desc = f"{job.subject.label}: evaluate"
+    options = _RunOptions(overwrite, gather=True, show_progress=job.cfg.show_progress, desc=desc)
+    with process_world(job.device, distributed, keep=True) as world:
+        result = run_sharded(out, record, len(dataset), chunk_size, job, world, options=options)
+    return _aggregate(result, job.subject, job.cfg, job.masks)
 
-    def compute(chunk: int, examples: range) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        images, labels, mask = _stack(load_items(dataset, examples))
-        if masks:
-            multi = torch.stack(labels).float()
-        else:
-            with torch.no_grad():
-                logits = torch.cat(
-                    [
-                        model_output_to_tensor(model(images[s : s + cfg.batch_size].to(dev)))
-                        for s in range(0, len(images), cfg.batch_size)
-                    ]
-                )
-            multi = _one_hot(labels, logits.float().cpu())
-        layout = dataset.kwargs.get("layout") if masks else dataset.layout
-        batch = ChunkBatch(images, multi, mask, layout, patch)
-        chunk_cfg = cfg.replace(seed=cfg.seed + chunk)
-        items = ImageSet(model, batch, chunk_cfg, subject.score)
+
+@dataclass(frozen=True)
+class _EvaluateChunks:
+    """``compute`` of :func:`evaluate_dataset`: the per-example metric values of one chunk."""
+
+    subject: _Subject
+    dataset: Any
+    cfg: EvalConfig
+    device: torch.device
+    masks: bool
+    patch: int
+
+    @classmethod
+    def build(
+        cls, model_or_name: str | nn.Module, dataset: Any, name: str | None, cfg: EvalConfig
+    ) -> _EvaluateChunks:
+        """Resolves the process's device, then loads or checks the model (:func:`_subject`)."""
+        dev = local_device(cfg.device)
+        cfg = cfg.replace(device=dev)
+        masks = getattr(dataset, "layout", None) == "shapes"
+        subject = _subject(model_or_name, dataset, name, cfg)
+        patch = int(getattr(dataset, "kwargs", {}).get("patch", 8))
+        return cls(subject, dataset, cfg, dev, masks, patch)
+
+    def record(self, chunk_size: int, model_record: dict[str, Any] | None) -> dict[str, Any]:
+        """What the stored values depend on (hashed into the index)."""
+        cfg = self.cfg
+        return {
+            "kind": "evaluate",
+            "model": model_record or _model_record(self.subject.model),
+            "explainers": sorted(self.subject.explainers),
+            "methods": cfg.method_names,
+            "metrics": list(cfg.metrics) if cfg.metrics is not None else None,
+            "resolution": cfg.resolution,
+            "steps": cfg.steps,
+            "score": self.subject.score,
+            "seed": cfg.seed,
+            "extra_maps": sorted(cfg.extra_maps),
+            "dataset": self.dataset.describe(),
+            "chunk_size": chunk_size,
+        }
+
+    def __call__(self, chunk: int, examples: range) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """The values and groups of every (method, metric) on ``examples``, and their labels."""
+        subject = self.subject
+        batch = self._batch(examples)
+        chunk_cfg = self.cfg.replace(seed=self.cfg.seed + chunk)
+        items = ImageSet(subject.model, batch, chunk_cfg, subject.score)
         notes: list[str] = []
         col, meta = _score(items, subject.label, chunk_cfg, notes, subject.explainers)
         tensors = {}
@@ -598,20 +703,16 @@ def evaluate_dataset(
             tensors[f"groups/{method}/{metric}"] = torch.from_numpy(g).long() + examples.start
         return tensors, {"labels": col.labels, "notes": notes, "meta": meta}
 
-    with process_world(dev, distributed, keep=True) as world:
-        result = run_sharded(
-            out,
-            record,
-            len(dataset),
-            chunk_size,
-            compute,
-            world,
-            overwrite=overwrite,
-            gather=True,
-            show_progress=cfg.show_progress,
-            desc=f"{subject.label}: evaluate",
-        )
-    return _aggregate(result, subject, cfg, masks)
+    def _batch(self, examples: range) -> ChunkBatch:
+        """The chunk's images with the classes to explain (the masks' or the folder's)."""
+        images, labels, mask = _stack(load_items(self.dataset, examples))
+        if self.masks:
+            multi = torch.stack(labels).float()
+        else:
+            bs = self.cfg.batch_size
+            multi = _one_hot(labels, _forward(self.subject.model, images, bs, self.device).cpu())
+        layout = self.dataset.kwargs.get("layout") if self.masks else self.dataset.layout
+        return ChunkBatch(images, multi, mask, layout, self.patch)
 
 
 def _aggregate(run: ShardedOutput, subject: Any, cfg: EvalConfig, masks: bool) -> EvalResult:

@@ -25,13 +25,10 @@ device, runs its forward passes and returns its loss terms (``{"loss": total, "c
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
-import os
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +43,13 @@ from captum_ext.distributed import World as _World
 from captum_ext.distributed import global_batch_norm as _global_batch_norm
 from captum_ext.distributed import world as _world
 from captum_ext.errors import CheckpointError
+from captum_ext.explainers.base import TrainingRecipe
 
 __all__ = [
-    "Recipe",
     "Step",
     "batch_inputs",
     "frozen_parameters",
+    "requires_grad",
     "train",
 ]
 
@@ -65,46 +63,24 @@ _EPOCH_FILE = re.compile(r"^epoch-(\d+)\.json$")
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
 
 
-@dataclass(frozen=True)
-class Recipe:
-    """Optimiser, schedule and data order of a training run (all JSON, recorded in checkpoints).
+_SCHEDULE = (
+    "epochs",
+    "batch_size",
+    "lr",
+    "momentum",
+    "nesterov",
+    "weight_decay",
+    "pct_start",
+    "cycle_momentum",
+    "seed",
+)
+"""The fields of a recipe that shape the trained weights; checkpoints record them, and
+``resume`` refuses a checkpoint whose values differ."""
 
-    Attributes:
-        epochs: Passes over the data.
-        batch_size: Images per optimiser step, over all processes together (each of ``P``
-            processes takes ``batch_size / P``).
-        lr: Peak learning rate of the one-cycle schedule (``OneCycleLR(max_lr=lr)``).
-        momentum: SGD momentum (replaced by the 0.95 -> 0.85 -> 0.95 cycle while
-            ``cycle_momentum`` is on, as ``OneCycleLR`` does by default).
-        nesterov: Nesterov momentum.
-        weight_decay: L2 penalty of weights; biases and normalisation parameters get none.
-        pct_start: Share of the steps spent increasing the learning rate.
-        cycle_momentum: Let ``OneCycleLR`` cycle the momentum (its default).
-        seed: Seed of the data order.
-    """
 
-    epochs: int = 8
-    batch_size: int = 32
-    lr: float = 1e-3
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
-    pct_start: float = 0.3
-    cycle_momentum: bool = True
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ValueError(f"{name} must be a positive int; got {v!r}.")
-        if not (isinstance(self.lr, int | float) and self.lr > 0):
-            raise ValueError(f"lr must be a positive number; got {self.lr!r}.")
-        if not 0 < self.pct_start < 1:
-            raise ValueError(f"pct_start must lie in (0, 1); got {self.pct_start!r}.")
-
-    def as_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+def schedule(recipe: TrainingRecipe) -> dict[str, Any]:
+    """The recorded part of ``recipe`` (:data:`_SCHEDULE`), as JSON."""
+    return {k: getattr(recipe, k) for k in _SCHEDULE}
 
 
 # ------------------------------------------------------------------------------------------
@@ -128,20 +104,29 @@ def batch_inputs(batch: Any) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def frozen_parameters(model: nn.Module) -> Iterator[None]:
-    """Sets ``requires_grad=False`` on every parameter of ``model``; restores each in ``finally``.
+def requires_grad(
+    on: Iterable[nn.Parameter] = (), off: Iterable[nn.Parameter] = ()
+) -> Iterator[None]:
+    """Sets ``requires_grad`` True on ``on`` and False on ``off``; restores every flag in
+    ``finally`` (also on exceptions and interrupts)."""
+    settings = [(p, True) for p in on] + [(p, False) for p in off]
+    flags = [p.requires_grad for p, _ in settings]
+    try:
+        for p, flag in settings:
+            p.requires_grad_(flag)
+        yield
+    finally:
+        for (p, _), flag in zip(settings, flags, strict=True):
+            p.requires_grad_(flag)
+
+
+def frozen_parameters(model: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """``requires_grad=False`` on every parameter of ``model``, restored in ``finally``.
 
     The frozen model then builds no graph for its own weights: gradients flow through it to its
     input (the mask) only, and its ``.grad`` fields are never touched.
     """
-    changed = [p for p in model.parameters() if p.requires_grad]
-    try:
-        for p in changed:
-            p.requires_grad_(False)
-        yield
-    finally:
-        for p in changed:
-            p.requires_grad_(True)
+    return requires_grad(off=model.parameters())
 
 
 def training_device(
@@ -201,7 +186,7 @@ def _average(terms: Mapping[str, torch.Tensor], world: _World) -> dict[str, floa
 
 
 def _loader(
-    data: Any, recipe: Recipe, world: _World, num_workers: int
+    data: Any, recipe: TrainingRecipe, world: _World, num_workers: int
 ) -> tuple[DataLoader | Any, DistributedSampler | None]:
     """A loader whose order depends on ``(seed, epoch)``; each process gets its share."""
     if isinstance(data, torch.Tensor):
@@ -256,6 +241,24 @@ def _share(batch_size: int, world: _World) -> int:
 # optimiser
 
 
+def _optimiser(module: nn.Module, recipe: TrainingRecipe, steps: int) -> tuple[Any, Any]:
+    """SGD over ``module``'s parameters and its one-cycle schedule over ``steps`` per epoch."""
+    optimizer = torch.optim.SGD(
+        _param_groups(module, recipe.weight_decay),
+        lr=recipe.lr,
+        momentum=recipe.momentum,
+        nesterov=recipe.nesterov,
+    )
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=recipe.lr,
+        total_steps=recipe.epochs * steps,
+        pct_start=recipe.pct_start,
+        cycle_momentum=recipe.cycle_momentum,
+    )
+    return optimizer, scheduler
+
+
 def _param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Weights with decay; biases and normalisation parameters without."""
     decay, no_decay = [], []
@@ -307,6 +310,7 @@ def _save(
     keep: int | None,
 ) -> None:
     tensors = {f"module.{k}": v for k, v in module.state_dict().items()}
+    tensors.update(_rng_states(next(iter(tensors.values()), torch.empty(0)).device))
     opt = optimizer.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
     for idx, state in opt["state"].items():
@@ -343,8 +347,12 @@ def _resume(
     scheduler: Any,
     scaler: torch.amp.GradScaler,
     device: torch.device,
+    single_process: bool,
 ) -> tuple[int, list[dict[str, Any]]]:
-    """Loads the latest epoch checkpoint of ``directory``; ``(epochs done, history)``."""
+    """Loads the latest epoch checkpoint of ``directory``; ``(epochs done, history)``.
+
+    One process also gets the random generators' states back (several processes keep their
+    own: the checkpoint holds rank 0's only)."""
     epochs = _epochs(directory)
     if not epochs:
         return 0, []
@@ -370,7 +378,25 @@ def _resume(
     scheduler.load_state_dict(record["scheduler"])
     if record["scaler"]:
         scaler.load_state_dict(record["scaler"])
+    if single_process:
+        _restore_rng(tensors, device)
     return int(record["epoch"]), list(record["history"])
+
+
+def _rng_states(device: torch.device) -> dict[str, torch.Tensor]:
+    """The random generators' states (CPU, and the CUDA device trained on): dropout and other
+    random layers draw the same after ``resume`` as they would have without interruption."""
+    states = {"rng.cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["rng.cuda"] = torch.cuda.get_rng_state(device)
+    return states
+
+
+def _restore_rng(tensors: Mapping[str, torch.Tensor], device: torch.device) -> None:
+    if "rng.cpu" in tensors:
+        torch.set_rng_state(tensors["rng.cpu"].cpu())
+    if "rng.cuda" in tensors and device.type == "cuda":
+        torch.cuda.set_rng_state(tensors["rng.cuda"].cpu(), device)
 
 
 # ------------------------------------------------------------------------------------------
@@ -381,19 +407,12 @@ def train(
     module: nn.Module,
     step: Step,
     data: Any,
-    recipe: Recipe,
+    recipe: TrainingRecipe,
     *,
     device: torch.device | str,
     identity: Mapping[str, Any] | None = None,
-    amp: bool | None = None,
     validate: Validate | None = None,
-    show_progress: bool = True,
     desc: str = "training",
-    checkpoint_dir: str | os.PathLike[str] | None = None,
-    resume: bool = False,
-    keep_checkpoints: int | None = None,
-    num_workers: int = 0,
-    distributed: bool | None = None,
 ) -> list[dict[str, Any]]:
     """Trains ``module`` with ``step``'s loss; returns one history entry per epoch.
 
@@ -407,22 +426,14 @@ def train(
             batches; a ``DataLoader`` is used as it is in one process and, under DDP, rebuilt
             with a ``DistributedSampler`` and its batch size split over the processes (unless
             it already has a ``DistributedSampler``).
-        recipe: Epochs, batch size, optimiser and schedule.
+        recipe: Schedule, device handling, checkpoints, workers, processes and progress
+            (:class:`~captum_ext.explainers.TrainingRecipe`, its defaults filled in).
         device: Where the module and the batches go.
         identity: JSON describing what is trained (explainer, model, loss); checkpoints record
-            it and ``resume`` refuses a checkpoint with another identity or recipe.
-        amp: Mixed precision; ``None`` = on for CUDA devices, off otherwise.
+            it and ``resume`` refuses a checkpoint with another identity or schedule.
         validate: Called on rank 0 after every epoch with the module in eval mode; its
             numbers join the epoch's history entry.
-        show_progress: tqdm bar per epoch with the running loss (rank 0 only).
-        desc: Label of the bar.
-        checkpoint_dir: Folder for ``epoch-NNN.safetensors`` + ``.json`` after every epoch.
-        resume: Continue from the latest checkpoint in ``checkpoint_dir`` (start afresh when
-            there is none).
-        keep_checkpoints: Keep only the newest this many epoch checkpoints (None = all).
-        num_workers: ``DataLoader`` workers for a ``Dataset``.
-        distributed: ``None`` = DDP when ``torch.distributed`` is initialised or torchrun's
-            variables are set; ``True`` requires it; ``False`` trains in this process only.
+        desc: Label of the progress bar.
 
     Returns:
         ``[{"epoch": 1, "loss": ..., <terms>..., "lr": ..., "steps": ..., "images": ...,
@@ -430,40 +441,26 @@ def train(
         (and processes).
     """
     device = torch.device(device)
-    if resume and checkpoint_dir is None:
-        raise ValueError("resume=True needs checkpoint_dir=.")
-    use_amp, amp_dtype, use_scaler = _amp(device, amp)
-    directory = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    with _world(device, distributed) as world:
-        loader, sampler = _loader(data, recipe, world, num_workers)
+    use_amp, amp_dtype, use_scaler = _amp(device, recipe.amp)
+    directory = Path(recipe.checkpoint_dir) if recipe.checkpoint_dir is not None else None
+    with _world(device, recipe.distributed) as world:
+        loader, sampler = _loader(data, recipe, world, recipe.num_workers)
         steps = len(loader)
         if steps == 0:
             raise ValueError("the training data is empty.")
         module.to(device)
-        optimizer = torch.optim.SGD(
-            _param_groups(module, recipe.weight_decay),
-            lr=recipe.lr,
-            momentum=recipe.momentum,
-            nesterov=recipe.nesterov,
-        )
-        scheduler = torch.optim.lr_scheduler.OneCycleLR(
-            optimizer,
-            max_lr=recipe.lr,
-            total_steps=recipe.epochs * steps,
-            pct_start=recipe.pct_start,
-            cycle_momentum=recipe.cycle_momentum,
-        )
+        optimizer, scheduler = _optimiser(module, recipe, steps)
         scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
         expect = {
             "kind": _CHECKPOINT_KIND,
             "identity": _json_safe(dict(identity or {})),
-            "recipe": recipe.as_dict(),
+            "recipe": schedule(recipe),
             "steps_per_epoch": steps,
         }
         start, history = 0, []
-        if resume and directory is not None:
+        if recipe.resume and directory is not None:
             start, history = _resume(
-                directory, expect, module, optimizer, scheduler, scaler, device
+                directory, expect, module, optimizer, scheduler, scaler, device, world.size == 1
             )
         wrapped: nn.Module = module
         if world.size > 1:
@@ -476,7 +473,7 @@ def train(
                     sampler.set_epoch(epoch)
                 entry = _epoch(
                     wrapped, step, loader, optimizer, scheduler, scaler, device, world,
-                    (use_amp, amp_dtype), show_progress,
+                    (use_amp, amp_dtype), recipe.show_progress,
                     f"{desc} {epoch + 1}/{recipe.epochs}",
                 )  # fmt: skip
                 entry = {"epoch": epoch + 1, **entry}
@@ -488,7 +485,7 @@ def train(
                     record = {**expect, "epoch": epoch + 1, "history": history}
                     _save(
                         directory, epoch + 1, module, optimizer, scheduler, scaler, record,
-                        keep_checkpoints,
+                        recipe.keep_checkpoints,
                     )  # fmt: skip
                 if world.size > 1:
                     dist.barrier()

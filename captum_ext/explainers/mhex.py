@@ -1,9 +1,4 @@
-"""MHEX: multi-head explainer (Sun & Liò) — this project's reconstruction.
-
-The paper's full text and code are not available to us; what follows is built from what is
-known of the method (attention gates, deep supervision, equivalent matrices; DESIGN §4.6) and
-every choice that the known description leaves open is this project's, documented where it is
-made (class :class:`MHEX`).
+"""MHEX: multi-head explainer (Sun & Liò), reconstructed from the published description.
 
 MHEX is built into the model: at chosen stages (ResNet stages, ViT blocks, BERT layers) an
 attention gate ``F' = F * sigmoid(g(F))`` re-weights the features, and a linear
@@ -12,420 +7,88 @@ deep-supervision head classifies ``F'``. Both are trained with the model (``fit`
 collapses to one matrix ``W_eq = W_fc W_conv`` ``(K, C)`` and its class activation map
 ``W_eq[c] F'`` at every location or token is exactly what the head pools into its logit. The
 saliency of a class integrates these maps over the stages, from the same forward pass that
-gives the logits.
+gives the logits. The network, gates, heads and training step are in ``_mhex_network.py``,
+the saliency and fusion in ``_mhex_saliency.py``.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
-import os
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Literal
 
 import torch
-import torch.nn.functional as F
-from captum.attr import Attribution, LayerAttribution
-from captum.log import log_usage
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from captum_ext import zoo
-from captum_ext._scores import model_output_to_tensor, normalise_target
+from captum_ext._scores import normalise_target
 from captum_ext.adapters.base import (
     ModelAdapter,
-    Point,
     Readout,
     TransformerAdapter,
     adapter_for,
-    unwrap_model,
 )
-from captum_ext.attr.base import check_targets, format_token_map
-from captum_ext.capture import Hook, hooks, model_state, probe_readout
-from captum_ext.checkpoint import (
-    CheckpointPaths,
-    checkpoint_paths,
-    load_checkpoint,
-    save_checkpoint,
-)
+from captum_ext.capture import model_state, no_checkpointing, probe_readout
+from captum_ext.checkpoint import model_fingerprint
 from captum_ext.errors import CheckpointError
-from captum_ext.explainers._mhex_parts import (
+from captum_ext.explainers._mhex_network import (
+    _METHOD,
+    EMBEDDINGS,
     GateKind,
-    box_smooth_1d,
-    box_smooth_2d,
-    make_gate,
-    make_head,
+    MHEXNetwork,
+    Objective,
+    Pass,
+    Pooling,
+    _correct,
+    _num_classes,
+    _objective_loss,
+    _stages,
+    mhex_step,
 )
-from captum_ext.explainers._training import Recipe, train, training_device
+from captum_ext.explainers._mhex_network import Stage as Stage
+from captum_ext.explainers._mhex_network import make_gate as make_gate
+from captum_ext.explainers._mhex_network import make_head as make_head
+from captum_ext.explainers._mhex_saliency import (
+    OUTPUTS,
+    OutputKind,
+    fusion_weights,
+    head_cams,
+    saliency,
+    target_cams,
+    valid_tokens,
+)
+from captum_ext.explainers._mhex_saliency import box_smooth_1d as box_smooth_1d
+from captum_ext.explainers._mhex_saliency import box_smooth_2d as box_smooth_2d
+from captum_ext.explainers._training import requires_grad, schedule
+from captum_ext.explainers.base import (
+    TrainableExplainer,
+    TrainingRecipe,
+    backbone_model,
+    check_backbone_layout,
+)
 
 __all__ = ["MHEX", "MHEXNetwork", "mhex_step"]
 
-Objective = Literal["ce", "bce"]
-Pooling = Literal["model", "mean"]
-OutputKind = Literal["input", "like_input", "grid", "tokens"]
-_OUTPUTS = ("input", "like_input", "grid", "tokens")
-_METHOD = "MHEX"
-EMBEDDINGS = "embeddings"
-"""Transformer layer name of the token sequence entering the first block."""
-_FORMAT = 1
-_FLOOR = 1e-3
-"""Floor of the normalised stage maps in the geometric fusion (a zero would veto a location)."""
 
-
-@dataclass(frozen=True)
-class Stage:
-    """A gated stage: where its features are read and how they are laid out.
-
-    Attributes:
-        layer: The layer as the user named it (module name, or block index for transformers).
-        point: The module output the gate reads (and, with ``gated_backbone``, replaces).
-        layout: ``"map"`` for ``(B, C, h, w)`` features, ``"tokens"`` for ``(B, N, D)``.
-        channels: ``C`` or ``D``.
-    """
-
-    layer: str | int
-    point: Point = field(repr=False)
-    layout: Literal["map", "tokens"]
-    channels: int
-
-
-@dataclass
-class Pass:
-    """What one forward pass of an :class:`MHEXNetwork` yields.
-
-    Attributes:
-        logits: The model's scores ``(B, K)``.
-        features: The gated features ``F'`` of every stage, ``(B, C, h, w)`` or ``(B, N, D)``.
-        gates: The gate coefficients of every stage, ``(B, 1|C, h, w)`` or ``(B, N, 1|D)``.
-    """
-
-    logits: torch.Tensor
-    features: list[torch.Tensor]
-    gates: list[torch.Tensor]
-
-
-class MHEXNetwork(nn.Module):
-    """The gated network: the user's model with MHEX's gates and heads at its stages.
-
-    ``forward`` returns the model's logits ``(B, K)`` with the gates in effect (HuggingFace
-    outputs are reduced to their ``logits``), so the network trains and predicts like the
-    model; ``forward(..., return_heads=True)`` also returns the heads' logits. The gates act
-    through forward hooks of the hook engine (:func:`captum_ext.capture.hooks`) that exist only
-    during a forward pass, so the model's code is unchanged and no hook outlives a call.
-
-    Attributes:
-        model: The wrapped model (wrappers such as DDP removed), a submodule.
-        gates: One gate per stage (:class:`~captum_ext.explainers._mhex_parts.MapGate` or
-            ``TokenGate``).
-        heads: One deep-supervision head per stage.
-        stages: Where each gate sits.
-        gated_backbone: ``True``: the gated features replace the stage's output in the model;
-            ``False``: the model runs unchanged and the gated features feed the heads only.
-        backbone_trainable: ``False`` keeps the model in eval mode when the network is put in
-            train mode (frozen BatchNorm statistics while only gates and heads learn).
-    """
-
-    def __init__(
-        self,
-        adapter: ModelAdapter,
-        stages: Sequence[Stage],
-        num_classes: int,
-        gated_backbone: bool = True,
-        gate: GateKind = "spatial",
-        gate_bias: float = 3.0,
-        head_channels: Sequence[int | None] | None = None,
-        pooling: Pooling = "mean",
-    ) -> None:
-        super().__init__()
-        self.model = adapter.model
-        self._adapter = adapter
-        self.stages = tuple(stages)
-        self.gated_backbone = gated_backbone
-        self.pooling = pooling
-        self.backbone_trainable = True
-        hidden = list(head_channels) if head_channels is not None else [None] * len(stages)
-        self.gates = nn.ModuleList(make_gate(s.layout, s.channels, gate, gate_bias) for s in stages)
-        self.heads = nn.ModuleList(
-            make_head(s.layout, s.channels, h, num_classes)
-            for s, h in zip(stages, hidden, strict=True)
-        )
-
-    def train(self, mode: bool = True) -> MHEXNetwork:
-        """Sets the mode; the model stays in eval mode while ``backbone_trainable`` is false."""
-        super().train(mode)
-        if mode and not self.backbone_trainable:
-            self.model.train(False)
-        return self
-
-    def run(self, inputs: torch.Tensor, *args: Any, **kwargs: Any) -> Pass:
-        """One forward pass of the gated model; the hooks are removed when it returns or raises."""
-        gate_values: list[torch.Tensor | None] = [None] * len(self.stages)
-
-        def gated(i: int) -> Callable[[torch.Tensor], torch.Tensor]:
-            def transform(t: torch.Tensor) -> torch.Tensor:
-                self._check_layout(i, t)
-                a = self.gates[i](t)
-                gate_values[i] = a
-                return t * a
-
-            return transform
-
-        specs = [
-            Hook(s.point, gated(i) if self.gated_backbone else None)
-            for i, s in enumerate(self.stages)
-        ]
-        with hooks(specs):
-            logits = model_output_to_tensor(self.model(inputs, *args, **kwargs))
-        features = []
-        for i, h in enumerate(specs):
-            t = h.tensor
-            if not self.gated_backbone:
-                self._check_layout(i, t)
-                gate_values[i] = self.gates[i](t)
-                t = t * gate_values[i]
-            features.append(t)
-        return Pass(logits, features, [a for a in gate_values if a is not None])
-
-    def forward(
-        self, inputs: torch.Tensor, *args: Any, return_heads: bool = False, **kwargs: Any
-    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
-        """The model's logits ``(B, K)``; with ``return_heads``, also each head's ``(B, K)``.
-
-        Args:
-            inputs: What the model takes first (images, ``input_ids``).
-            *args: Further positional model arguments (e.g. the attention mask).
-            return_heads: Also return the heads' logits, in stage order.
-            **kwargs: Keyword model arguments (e.g. ``attention_mask=``).
-        """
-        p = self.run(inputs, *args, **kwargs)
-        if not return_heads:
-            return p.logits
-        return p.logits, self.head_logits(p, inputs, args, kwargs)
-
-    def head_logits(
-        self, p: Pass, inputs: torch.Tensor, args: tuple = (), kwargs: Mapping[str, Any] = {}
-    ) -> list[torch.Tensor]:
-        """Each head's logits ``(B, K)`` from the gated features of ``p``."""
-        out = []
-        for s, head, f in zip(self.stages, self.heads, p.features, strict=True):
-            if s.layout == "map":
-                out.append(head(f))
-            else:
-                out.append(head(f, self.pool_weights(f.shape[1], inputs, args, kwargs, f.dtype)))
-        return out
-
-    def pool_weights(
-        self,
-        num_tokens: int,
-        inputs: torch.Tensor,
-        args: tuple = (),
-        kwargs: Mapping[str, Any] = {},
-        dtype: torch.dtype = torch.float32,
-    ) -> torch.Tensor:
-        """Pooling weights of the token heads, ``(N,)`` or ``(B, N)``, rows summing to 1.
-
-        ``pooling="model"``: the model's own readout (CLS row, CLS+DIST mean, or the mean of
-        the non-prefix tokens, attended ones only for text); ``"mean"``: the mean of the
-        non-prefix tokens (attended ones only for text) whatever the model reads.
-        """
-        adapter = self._adapter
-        if not isinstance(adapter, TransformerAdapter):
-            raise TypeError("MHEX: token pooling weights exist for transformers only.")
-        mask = self._attention_mask(inputs, args, kwargs)
-        device = inputs.device
-        if self.pooling == "model":
-            return adapter.readout_weights(num_tokens, device, dtype, mask)
-        w = torch.ones(num_tokens, device=device, dtype=dtype)
-        w[: adapter.num_prefix_tokens] = 0
-        if mask is not None:
-            w = mask.to(dtype) * w
-            return w / w.sum(1, keepdim=True).clamp_min(1)
-        return w / w.sum().clamp_min(1)
-
-    def _attention_mask(
-        self, inputs: torch.Tensor, args: tuple, kwargs: Mapping[str, Any]
-    ) -> torch.Tensor | None:
-        extra = (
-            args if args else ((kwargs["attention_mask"],) if "attention_mask" in kwargs else ())
-        )
-        return self._adapter.attention_mask(inputs, extra) if extra else None
-
-    def _check_layout(self, i: int, t: torch.Tensor) -> None:
-        s = self.stages[i]
-        want = 4 if s.layout == "map" else 3
-        if t.dim() != want or t.shape[1 if want == 4 else 2] != s.channels:
-            shape = "(B, C, h, w)" if want == 4 else "(B, N, D)"
-            raise ValueError(
-                f"MHEX: layer {s.layer!r} gave a tensor of shape {tuple(t.shape)}; its gate "
-                f"expects {shape} with {s.channels} channels. Pass layers whose output is a "
-                "feature map (CNN stage) or the tokens of a block."
-            )
-
-
-# ------------------------------------------------------------------------------------------
-# structure
-
-
-def _width(module: nn.Module) -> int | None:
-    """The channel count a module outputs, read from its last norm, convolution or linear layer."""
-    for m in reversed(list(module.modules())):
-        if isinstance(m, nn.LayerNorm):
-            return int(m.normalized_shape[-1])
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            return int(m.num_features)
-        if isinstance(m, nn.GroupNorm):
-            return int(m.num_channels)
-        if isinstance(m, nn.Conv2d):
-            return int(m.out_channels)
-        if isinstance(m, nn.Linear):
-            return int(m.out_features)
-    return None
-
-
-def _num_classes(model: nn.Module) -> int | None:
-    """The model's output count from its structure: ``num_classes``, ``config.num_labels``,
-    else the last linear layer's outputs."""
-    n = getattr(model, "num_classes", None)
-    if isinstance(n, int) and not isinstance(n, bool) and n > 0:
-        return n
-    cfg = getattr(model, "config", None)
-    if cfg is not None and hasattr(model, "classifier") and isinstance(cfg.num_labels, int):
-        return int(cfg.num_labels)
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return int(linears[-1].out_features) if linears else None
-
-
-def _stages(adapter: ModelAdapter, layers: Sequence[str | int]) -> list[Stage]:
-    stages = []
-    transformer = isinstance(adapter, TransformerAdapter)
-    for layer in layers:
-        if transformer and layer == EMBEDDINGS:
-            point, module, layout = adapter.block_input_point(0), adapter.blocks[0], "tokens"
-        elif transformer and isinstance(layer, int) and not isinstance(layer, bool):
-            i = adapter.check_layer_index(layer, _METHOD)
-            block = adapter.blocks[i]
-            point = Point(block, "output", 0, f"block {i} output")
-            module, layout = block, "tokens"
-        else:
-            point = adapter.feature_point(layer, _METHOD)
-            module, layout = point.module, "tokens" if transformer else "map"
-        width = _width(adapter.blocks[-1] if transformer else module)
-        if width is None:
-            raise ValueError(
-                f"MHEX: cannot tell the channel count of layer {layer!r} ({type(module).__name__}) "
-                "from its modules (no norm, convolution or linear layer inside); pass a stage "
-                "or block that ends in one."
-            )
-        stages.append(Stage(layer, point, layout, width))
-    return stages
-
-
-def _fingerprint(model: nn.Module, values: bool = True) -> str:
-    """sha256 of the model's state-dict names and shapes and, with ``values``, its values.
-
-    Values are hashed as float32 (floating tensors) on the CPU, so the fingerprint does not
-    depend on the device, nor on a float32 model having been cast to float64 and back.
-    """
-    h = hashlib.sha256(type(model).__name__.encode())
-    for name, t in model.state_dict().items():
-        h.update(f"\n{name}:{tuple(t.shape)}".encode())
-        if values:
-            v = t.detach().to("cpu")
-            v = v.float() if v.is_floating_point() else v
-            h.update(v.contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-# ------------------------------------------------------------------------------------------
-# training
-
-
-def _objective_loss(logits: torch.Tensor, labels: torch.Tensor, objective: Objective):
-    if objective == "ce":
-        if labels.is_floating_point():
-            raise ValueError(
-                "MHEX: objective='ce' needs class indices (B,); got floating-point labels of "
-                f"shape {tuple(labels.shape)}. For multi-hot labels use objective='bce'."
-            )
-        return F.cross_entropy(logits, labels.reshape(-1).long())
-    if objective == "bce":
-        if not labels.is_floating_point():
-            labels = F.one_hot(labels.reshape(-1).long(), logits.shape[1]).to(logits.dtype)
-        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
-    raise ValueError(f"MHEX: objective must be 'ce' or 'bce'; got {objective!r}.")
-
-
-def _correct(logits: torch.Tensor, labels: torch.Tensor, objective: Objective) -> torch.Tensor:
-    """Correct examples (a 0-dim tensor on the logits' device): the predicted set (``"bce"``:
-    sigmoid > 0.5) or class (``"ce"``)."""
-    if objective == "bce":
-        if not labels.is_floating_point():
-            labels = F.one_hot(labels.reshape(-1).long(), logits.shape[1])
-        return ((logits > 0) == (labels > 0.5)).all(dim=1).sum()
-    return (logits.argmax(1) == labels.reshape(-1)).sum()
-
-
-def mhex_step(
-    module: nn.Module,
-    batch: Sequence[torch.Tensor],
-    *,
-    objective: Objective = "ce",
-    head_weights: Sequence[float],
-) -> dict[str, torch.Tensor]:
-    """One training step's loss terms: ``L(final) + sum_l lambda_l L(head_l)``.
-
-    The step of the shared training loop (``step(module, batch) -> {"loss": total, ...}``).
-
-    Args:
-        module: The :class:`MHEXNetwork` (or a DDP wrapper of it), called once.
-        batch: ``(inputs, *extra_args, labels)``: images and labels, or ``input_ids``,
-            ``attention_mask`` and labels. Labels are class indices ``(B,)`` or multi-hot
-            ``(B, K)`` (``objective="bce"``).
-        objective: ``"ce"`` (softmax cross-entropy, one class per example) or ``"bce"``
-            (sigmoid binary cross-entropy per class, multi-label; index labels are one-hot
-            encoded).
-        head_weights: ``lambda_l`` of every head, in stage order.
-
-    Returns:
-        ``{"loss": total, "final": L(final), "head0": L(head_0), ...}``.
-    """
-    inputs, *extra, labels = batch
-    logits, heads = module(inputs, *extra, return_heads=True)
-    final = _objective_loss(logits, labels, objective)
-    terms = {"final": final}
-    total = final
-    for i, (lam, h) in enumerate(zip(head_weights, heads, strict=True)):
-        terms[f"head{i}"] = _objective_loss(h, labels, objective)
-        total = total + lam * terms[f"head{i}"]
-    return {"loss": total, **terms}
-
-
-# ------------------------------------------------------------------------------------------
-# the explainer
-
-
-class MHEX(Attribution, nn.Module):
+class MHEX(TrainableExplainer):
     """Multi-head explainer (Sun & Liò): gates and linear heads built into the model.
 
-    This is the project's reconstruction (the paper's full text and code are not available to
-    us; DESIGN §4.6); every choice below that the known description leaves open is ours, and
-    the defaults were chosen by measurement on the benchmark (``benchmarks/train_mhex.py``
-    has the numbers). At every chosen stage ``l`` the network gets
+    At every chosen stage ``l`` the network gets
 
     * an **attention gate** ``F'_l = F_l * sigmoid(g_l(F_l))``: ``g_l`` is a 1x1 convolution
-      on feature maps ``(B, C, h, w)``, a linear layer on tokens ``(B, N, D)``; by default one
+      on feature maps ``(B, C, h, w)``, a linear layer on tokens ``(B, N, D)``; one
       coefficient per location or token (``gate="spatial"``, broadcast over the channels), or
       one per channel too (``gate="elementwise"``). Its weights start at zero and its bias at
-      ``gate_bias`` (3: every gate starts at 0.95), so wrapping a trained model starts from
-      nearly the same function;
+      ``gate_bias`` (default 3: every gate starts at ``sigmoid(3)``, 0.95);
     * a **deep-supervision head** without nonlinearity after the gate: feature maps: 1x1
       convolution (to ``head_channels`` channels, default ``C``) -> global average pooling ->
-      linear; tokens: one linear layer on every token, pooled.
+      linear; tokens: one linear layer on every token, pooled (``pooling``).
 
-    By default the gated features replace the stage's output and continue through the network
-    (``gated_backbone=True``); with ``gated_backbone=False`` the gates only feed the heads and
-    the model computes exactly what it computed before.
+    With ``gated_backbone=True`` the gated features replace the stage's output and continue
+    through the network; with ``gated_backbone=False`` the gates only feed the heads and the
+    model computes exactly what it computes without MHEX.
 
     **Equivalent matrix.** A head is affine in ``F'``: it collapses to
     ``W_eq = W_fc W_conv`` ``(K, C)`` and ``b_eq = W_fc b_conv + b_fc`` (token heads: the
@@ -435,51 +98,37 @@ class MHEX(Attribution, nn.Module):
     equals the head's logit exactly. :meth:`stage_cams` returns these maps and
     :meth:`equivalent_matrices` the matrices.
 
-    **Token heads and transformer stages** (where we depart from the issue's first sketch,
-    for measured reasons). The issue proposed pooling token heads as the model pools; for a
-    CLS-readout model that head reads only the CLS row, so its map at the other tokens is
-    never trained (and at the embeddings the CLS row does not depend on the input at all).
-    The default is therefore ``pooling="mean"``: the mean of the non-prefix tokens (attended
-    ones for text), which is the model's own pooling for mean-readout models;
-    ``pooling="model"`` keeps the readout. The default transformer stages are the token
-    sequence entering the first block (``"embeddings"``) and block 0: in the zoo ViT and BERT
-    the maps of deeper blocks point away from the evidence (all tokens carry the class after
-    a few attention layers; the ViT's last block scored a pointing game of 0.01), while the
-    embeddings stage scored 0.94 (ViT) and a token AUPRC of 1.0 (BERT).
-
     **Saliency** (:meth:`attribute`) for class ``c``, from the forward pass that gives the
-    logits: each stage's ``CAM_l[c]`` is rectified (``nonneg=True``, the non-negativity
-    constraint), divided by its maximum per example (all-zero maps stay zero), and the stages
-    are fused by a weighted geometric mean (``fusion="geometric"``, weights
-    ``stage_weights``, default equal; maps floored at 1e-3 so that one stage does not veto a
-    location outright, then shifted back so that 0 stays 0). A location must be supported by
-    every stage: on the zoo CNN this kept the deep stage's class discrimination (D 0.92)
-    where the arithmetic mean (``fusion="mean"``, the only choice with ``nonneg=False``, which
-    keeps the sign) let the less class-specific shallow stages pull it to 0.79. CNN maps are
-    bilinearly upsampled to the finest stage's grid before fusing (``output="grid"``) and the
-    result bilinearly to the input (``output="input"``). Transformers: the patch tokens (prefix
-    removed) or word-piece tokens (special tokens and padding set to 0 and left out of the
-    normalisation) of every stage, fused, then smoothed along the token axis by a box window
-    of ``window`` tokens (text: a moving average over the valid tokens; images: a ``window x
-    window`` mean over the patch grid). The default ``window=1`` does not smooth: on the
-    benchmark's one-word rationales a window of 3 lowered the token AUPRC (0.74 to 0.55).
-    Values lie in ``[0, 1]`` (``[-1, 1]`` with ``nonneg=False``).
+    logits: each stage's ``CAM_l[c]`` is rectified (``nonneg=True``), divided by its maximum
+    per example (all-zero maps stay zero), and the stages are fused by a weighted geometric
+    mean (``fusion="geometric"``, weights ``stage_weights``, default equal; maps floored at
+    1e-3, then shifted back so that 0 stays 0) or a weighted arithmetic mean
+    (``fusion="mean"``, the only choice with ``nonneg=False``, which keeps the sign). CNN maps
+    are bilinearly upsampled to the finest stage's grid before fusing (``output="grid"``) and
+    the result bilinearly to the input (``output="input"``). Transformers: the patch tokens
+    (prefix removed) or word-piece tokens (special tokens and padding set to 0 and left out of
+    the normalisation) of every stage, fused, then smoothed along the token axis by a box
+    window of ``window`` tokens (text: a moving average over the valid tokens; images: a
+    ``window x window`` mean over the patch grid; ``window=1``: no smoothing). Values lie in
+    ``[0, 1]`` (``[-1, 1]`` with ``nonneg=False``).
 
     **Training** (:meth:`fit`): ``L(final) + sum_l lambda_l L(head_l)`` on labels, ``L``
     softmax cross-entropy (``objective="ce"``, class indices) or sigmoid binary cross-entropy
-    per class (``"bce"``, multi-hot labels: the multi-label shapes benchmark), ``lambda_l = 1``
-    by default, with the package's one training loop. By default the model's own weights are
-    frozen and it stays in eval mode: the gates, which sit in the model's path, still learn
-    from ``L(final)``, and the model keeps its accuracy (fine-tuning everything cost the zoo
-    ViT up to a point of accuracy and much of its localisation); ``train_backbone=True``
-    trains everything together, e.g. a model trained with MHEX from the start.
+    per class (``"bce"``, multi-hot labels), ``lambda_l = 1`` by default, with the package's
+    one training loop. By default the model's own weights are frozen and it stays in eval
+    mode (the gates, which sit in the model's path, still learn from ``L(final)``);
+    ``train_backbone=True`` trains everything together.
 
     **Collaboration analysis** (:meth:`gradient_similarity`): the cosine similarity of the
-    gradients each head's loss sends into the shared backbone parameters, our reading of the
-    paper's gradient-based analysis.
+    gradients each head's loss sends into the shared backbone parameters.
 
-    **Metrics.** Average Drop is :func:`captum_ext.metrics.average_drop`. The paper's SAD and
-    EAD have no published definition available to us, so this package ships neither.
+    **Differences from the authors' description.** The paper's full text and code are not
+    available to this project, so this class is a reconstruction: the gate initialisation,
+    the token heads' pooling, the default stages, the normalisation, fusion and smoothing of
+    the saliency, and the reading of the gradient-based collaboration analysis are this
+    package's choices (listed with their measurements in the MHEX guide, :doc:`/mhex`). The
+    paper's SAD and EAD metrics have no published definition available to this project and
+    are not provided; Average Drop is :func:`captum_ext.metrics.average_drop`.
 
     Args:
         model: A residual CNN (timm/torchvision ResNet), a timm or HF ViT, or an HF
@@ -515,6 +164,14 @@ class MHEX(Attribution, nn.Module):
         backbone_trained: Whether :meth:`fit` trained the model's own weights.
     """
 
+    _method: ClassVar[str] = _METHOD
+    _record_method: ClassVar[str] = "mhex"
+    _label: ClassVar[str] = "MHEX"
+    _outputs: ClassVar[tuple[str, ...]] = OUTPUTS
+    _move_hint: ClassVar[str] = "move it there first (mhex.to"
+    default_recipe: ClassVar[TrainingRecipe] = TrainingRecipe(epochs=4, batch_size=128, lr=0.05)
+    """The recipe measured on the package's benchmark: 4 epochs, batch 128, peak lr 0.05."""
+
     def __init__(
         self,
         model: nn.Module,
@@ -532,56 +189,16 @@ class MHEX(Attribution, nn.Module):
         fusion: Literal["geometric", "mean"] = "geometric",
         readout: Readout | None = None,
     ) -> None:
-        nn.Module.__init__(self)
+        super().__init__()
         if isinstance(model, MHEXNetwork):
             raise ValueError("MHEX: pass the plain model, not an MHEXNetwork (already wrapped).")
         adapter = adapter_for(model, readout=readout, method=_METHOD)
         if isinstance(adapter, TransformerAdapter) and not adapter.readout_known:
             adapter.settle_readout(probe_readout(adapter))
-        if gate not in ("spatial", "elementwise"):
-            raise ValueError(f"MHEX: gate must be 'spatial' or 'elementwise'; got {gate!r}.")
-        if pooling not in ("model", "mean"):
-            raise ValueError(f"MHEX: pooling must be 'model' or 'mean'; got {pooling!r}.")
-        if layers is None:
-            transformer = isinstance(adapter, TransformerAdapter)
-            layers = [EMBEDDINGS, 0] if transformer else adapter.default_feature_layers()
-        layers = list(layers)
-        if not layers:
-            raise ValueError("MHEX: layers is empty; pass at least one stage.")
-        if num_classes is None:
-            num_classes = _num_classes(adapter.model)
-            if num_classes is None:
-                raise ValueError(
-                    f"MHEX: cannot read the number of classes of {type(adapter.model).__name__}; "
-                    "pass num_classes=K."
-                )
-        stages = _stages(adapter, layers)
-        if isinstance(head_channels, int):
-            head_channels = [head_channels] * len(stages)
-        if head_channels is not None and len(head_channels) != len(stages):
-            raise ValueError(
-                f"MHEX: head_channels has {len(head_channels)} entries for {len(stages)} layers."
-            )
-        if stage_weights is not None:
-            stage_weights = [float(w) for w in stage_weights]
-            if (
-                len(stage_weights) != len(stages)
-                or min(stage_weights) < 0
-                or not any(stage_weights)
-            ):
-                raise ValueError(
-                    f"MHEX: stage_weights needs {len(stages)} non-negative values, not all 0; "
-                    f"got {stage_weights}."
-                )
-        if fusion not in ("geometric", "mean"):
-            raise ValueError(f"MHEX: fusion must be 'geometric' or 'mean'; got {fusion!r}.")
-        if fusion == "geometric" and not nonneg:
-            raise ValueError(
-                "MHEX: fusion='geometric' needs non-negative maps; with nonneg=False use "
-                "fusion='mean'."
-            )
-        if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
-            raise ValueError(f"MHEX: window must be an odd positive int; got {window!r}.")
+        _check_choices(gate, pooling, fusion, nonneg, window)
+        stages, num_classes = _stages_and_classes(adapter, layers, num_classes)
+        head_channels = _head_channels(head_channels, len(stages))
+        stage_weights = _stage_weights(stage_weights, len(stages))
         self.adapter = adapter
         self.stages = tuple(stages)
         self.num_classes = int(num_classes)
@@ -623,10 +240,6 @@ class MHEX(Attribution, nn.Module):
         return [str(s.layer) for s in self.stages] + ["final"]
 
     @property
-    def multiplies_by_inputs(self) -> bool:
-        return False
-
-    @property
     def forward_func(self) -> nn.Module:
         """The gated network (Captum's ``forward_func``)."""
         return self.network
@@ -640,49 +253,6 @@ class MHEX(Attribution, nn.Module):
         return [head.equivalent() for head in self.network.heads]
 
     # ------------------------------------------------------------------ explaining
-    @log_usage()
-    def attribute(
-        self,
-        inputs: torch.Tensor | tuple[torch.Tensor],
-        target: Any = None,
-        additional_forward_args: Any = None,
-        output: OutputKind = "input",
-    ) -> torch.Tensor | tuple[torch.Tensor]:
-        """The MHEX saliency of one class per example, from one forward pass.
-
-        Args:
-            inputs: Images ``(B, C, H, W)`` or ``input_ids (B, T)`` (or a 1-tuple).
-            target: Captum target: an int, a list of B ints, a tensor ``(B,)`` or ``(B, 1)``,
-                or ``None`` for the class the gated network predicts.
-            additional_forward_args: Extra positional model arguments, e.g.
-                ``(attention_mask,)`` for text.
-            output: ``"input"``: images ``(B, 1, H, W)``, text ``(B, T)``; ``"like_input"``:
-                images ``(B, C, H, W)``; ``"grid"``: images ``(B, 1, h, w)`` (a ViT's patch
-                grid; a CNN's finest stage); ``"tokens"``: ViT ``(B, P)`` patch tokens in
-                row-major order, text ``(B, T)``.
-
-        Returns:
-            The saliency in the requested layout (a 1-tuple if ``inputs`` was one), in
-            ``[0, 1]`` (``[-1, 1]`` with ``nonneg=False``).
-        """
-        return self._attribute(inputs, None, target, additional_forward_args, output)
-
-    def attribute_targets(
-        self,
-        inputs: torch.Tensor | tuple[torch.Tensor],
-        targets: Sequence[Any],
-        additional_forward_args: Any = None,
-        output: OutputKind = "input",
-    ) -> torch.Tensor:
-        """The saliency of K targets from one forward pass, stacked: ``(K, ...)``.
-
-        Args:
-            inputs, additional_forward_args, output: As in :meth:`attribute`.
-            targets: K Captum targets (each an int, a list or a tensor ``(B,)``).
-        """
-        targets = check_targets(targets, _METHOD)
-        return self._attribute(inputs, targets, None, additional_forward_args, output)
-
     def stage_cams(
         self, inputs: torch.Tensor, additional_forward_args: Any = None
     ) -> list[torch.Tensor]:
@@ -692,45 +262,25 @@ class MHEX(Attribution, nn.Module):
             Per stage ``W_eq F' + b_eq``: ``(B, K, h, w)`` for feature maps, ``(B, K, N)`` for
             tokens (prefix tokens included). Pooled as the head pools, they equal its logits.
         """
-        x, _ = self._inputs(inputs, additional_forward_args)
+        x, _ = self._checked(inputs, additional_forward_args, "input")
         p = self._forward(x, additional_forward_args)
         with torch.no_grad():
-            return self._cams(p)
+            return head_cams(self.network.heads, p.features)
 
-    def _attribute(self, inputs, targets, target, extra, output) -> Any:
-        x, was_tuple = self._inputs(inputs, extra)
-        self._check_output(output)
+    def _explain(
+        self, x: torch.Tensor, targets: list[Any], extra: Any, output: str
+    ) -> list[torch.Tensor]:
         p = self._forward(x, extra)
-        tlist = targets if targets is not None else [target]
         maps = []
         with torch.no_grad():
-            valid = self._valid_tokens(x, extra, p)
-            for t in tlist:
+            valid = valid_tokens(self.adapter, x, extra, p.features[0])
+            for t in targets:
                 idx = normalise_target(t, p.logits, _METHOD)
-                maps.append(self._saliency(self._target_cams(p, idx), valid, x, output))
-        if targets is not None:
-            return torch.stack(maps)
-        return (maps[0],) if was_tuple else maps[0]
+                picked = target_cams(self.network.heads, p.features, idx)
+                maps.append(self._saliency(picked, valid, x, output))
+        return maps
 
-    def _inputs(self, inputs: Any, extra: Any) -> tuple[torch.Tensor, bool]:
-        if isinstance(inputs, tuple):
-            if len(inputs) != 1:
-                raise ValueError(
-                    f"{_METHOD}: expected one input tensor (images or input_ids); got a tuple "
-                    f"of {len(inputs)}. Pass extra model arguments through "
-                    "additional_forward_args."
-                )
-            x, was_tuple = inputs[0], True
-        else:
-            x, was_tuple = inputs, False
-        self.adapter.check_inputs(x, _METHOD, extra)
-        return x, was_tuple
-
-    def _check_output(self, output: Any) -> None:
-        if output not in _OUTPUTS:
-            raise ValueError(f"{_METHOD}: output must be one of {_OUTPUTS}; got {output!r}.")
-        if output == "grid" and self.adapter.modality == "text":
-            raise ValueError(f"{_METHOD}: output='grid' is for images; text maps are (B, T).")
+    def _check_output(self, output: str) -> None:
         if output == "tokens" and not isinstance(self.adapter, TransformerAdapter):
             raise ValueError(
                 f"{_METHOD}: output='tokens' is for transformers; a CNN has no tokens. Use "
@@ -743,54 +293,6 @@ class MHEX(Attribution, nn.Module):
         with model_state(self.network.model, grad=False):
             return self.network.run(x, *as_tuple(extra))
 
-    def _cams(self, p: Pass) -> list[torch.Tensor]:
-        return [head.cam(f) for head, f in zip(self.network.heads, p.features, strict=True)]
-
-    def _target_cams(self, p: Pass, idx: torch.Tensor) -> list[torch.Tensor]:
-        """``W_eq[c_b] F'_b + b_eq[c_b]`` of each example's class only: ``(B, h, w)`` / ``(B, N)``."""
-        out = []
-        for head, f in zip(self.network.heads, p.features, strict=True):
-            w, b = head.equivalent()
-            i = idx.to(w.device)
-            eq = "bc,bchw->bhw" if f.dim() == 4 else "bc,bnc->bn"
-            bias = b[i].reshape(-1, *([1] * (f.dim() - 2)))
-            out.append(torch.einsum(eq, w[i], f) + bias)
-        return out
-
-    def _valid_tokens(self, x: torch.Tensor, extra: Any, p: Pass) -> torch.Tensor | None:
-        """``(B, N)`` bool: the tokens that are explained (not prefix, special or padding)."""
-        adapter = self.adapter
-        if not isinstance(adapter, TransformerAdapter):
-            return None
-        f = p.features[0]
-        if adapter.modality == "text":
-            return ~adapter.special_tokens(x, extra).to(f.device)
-        valid = torch.ones(f.shape[0], f.shape[1], dtype=torch.bool, device=f.device)
-        valid[:, : adapter.num_prefix_tokens] = False
-        return valid
-
-    def _weights(self) -> list[float]:
-        w = self.stage_weights or [1.0] * len(self.stages)
-        total = sum(w)
-        return [v / total for v in w]
-
-    def _normalised(self, m: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
-        if self.nonneg:
-            m = m.clamp_min(0)
-        scale = m.abs().amax(dim=dims, keepdim=True)
-        return m / torch.where(scale > 0, scale, torch.ones_like(scale))
-
-    def _fuse(self, maps: list[torch.Tensor], dims: tuple[int, ...]) -> torch.Tensor:
-        """Normalises every stage's map and fuses them (weighted geometric or arithmetic mean)."""
-        normed = [self._normalised(m, dims) for m in maps]
-        weights = self._weights()
-        if self.fusion == "mean":
-            return sum(w * m for w, m in zip(weights, normed, strict=True))
-        logs = sum(w * m.clamp_min(_FLOOR).log() for w, m in zip(weights, normed, strict=True))
-        # [_FLOOR, 1] maps to [0, 1]; the clamp removes rounding (exp(log(_FLOOR)) can come out
-        # one ulp below _FLOOR), so an all-zero location is exactly 0, never -1e-10.
-        return ((logs.exp() - _FLOOR) / (1 - _FLOOR)).clamp(0, 1)
-
     def _saliency(
         self,
         picked: list[torch.Tensor],
@@ -798,52 +300,17 @@ class MHEX(Attribution, nn.Module):
         x: torch.Tensor,
         output: OutputKind,
     ) -> torch.Tensor:
-        if valid is None:
-            return self._map_saliency(picked, x, output)
-        return self._token_saliency(picked, valid, x, output)
-
-    def _map_saliency(self, picked: list[torch.Tensor], x: torch.Tensor, output: str):
-        size = max((c.shape[-2:] for c in picked), key=lambda s: s[0] * s[1])
-        maps = []
-        for c in picked:
-            m = c[:, None]
-            if tuple(m.shape[-2:]) != tuple(size):
-                m = F.interpolate(m, size=tuple(size), mode="bilinear", align_corners=False)
-            maps.append(m)
-        total = self._fuse(maps, (1, 2, 3))
-        if output == "grid":
-            return total
-        up = LayerAttribution.interpolate(total, tuple(x.shape[-2:]), interpolate_mode="bilinear")
-        if output == "like_input":
-            return up.expand(-1, x.shape[1], -1, -1).contiguous()
-        return up
-
-    def _token_saliency(
-        self, picked: list[torch.Tensor], valid: torch.Tensor, x: torch.Tensor, output: str
-    ) -> torch.Tensor:
-        adapter = self.adapter
-        if not isinstance(adapter, TransformerAdapter):
-            raise TypeError("MHEX: token maps exist for transformers only.")
-        b = picked[0].shape[0]
-        total = self._fuse([c * valid for c in picked], (1,))
-        if adapter.modality == "text":
-            total = box_smooth_1d(total, valid, self.window)
-        elif self.window > 1:
-            h, gw = adapter.grid_size(x)
-            p = adapter.num_prefix_tokens
-            grid = box_smooth_2d(total[:, p:].reshape(b, 1, h, gw), self.window)
-            total = torch.cat([total[:, :p], grid.reshape(b, h * gw)], dim=1)
-        if adapter.modality == "image" and output in ("input", "like_input"):
-            # format_token_map's nearest upsampling, by expanding each cell (several times
-            # faster than interpolate on CPU, which mattered for the cost target)
-            grid = format_token_map(total, adapter, x, "grid", _METHOD)
-            (h, gw), (ph, pw) = grid.shape[-2:], adapter.patch_size
-            up = grid[:, :, :, None, :, None].expand(b, 1, h, ph, gw, pw)
-            up = up.reshape(b, 1, h * ph, gw * pw)[..., : x.shape[-2], : x.shape[-1]]
-            if output == "like_input":
-                return up.expand(-1, x.shape[1], -1, -1).contiguous()
-            return up.contiguous()
-        return format_token_map(total, adapter, x, output, _METHOD)
+        return saliency(
+            picked,
+            valid,
+            x,
+            output,
+            adapter=self.adapter,
+            weights=fusion_weights(self.stage_weights, len(self.stages)),
+            nonneg=self.nonneg,
+            fusion=self.fusion,
+            window=self.window,
+        )
 
     # ------------------------------------------------------------------ training
     def loss(
@@ -872,37 +339,22 @@ class MHEX(Attribution, nn.Module):
     def fit(
         self,
         data: Any,
-        epochs: int = 4,
-        batch_size: int = 128,
-        lr: float = 0.05,
+        recipe: TrainingRecipe | None = None,
         *,
+        val_data: Any = None,
         objective: Objective = "ce",
         head_weights: Sequence[float] | float | None = None,
         train_backbone: bool = False,
-        momentum: float = 0.9,
-        nesterov: bool = True,
-        weight_decay: float = 5e-4,
-        pct_start: float = 0.3,
-        cycle_momentum: bool = True,
-        seed: int = 0,
-        val_data: Any = None,
-        device: torch.device | str | None = None,
-        amp: bool | None = None,
-        show_progress: bool = True,
-        checkpoint_dir: str | os.PathLike[str] | None = None,
-        resume: bool = False,
-        keep_checkpoints: int | None = None,
-        num_workers: int = 0,
-        distributed: bool | None = None,
     ) -> list[dict[str, Any]]:
         """Trains the gates and heads (and, with ``train_backbone``, the model) on labels.
 
-        Loss ``L(final) + sum_l lambda_l L(head_l)`` (:func:`mhex_step`), with the package's
-        one training loop (:func:`captum_ext.explainers._training.train`): SGD with Nesterov
-        momentum, weight decay on weights only, a one-cycle schedule peaking at ``lr``,
-        progress bar, epoch checkpoints and ``resume``, ``torchrun``/DDP (``batch_size`` is
-        the global batch), autocast on CUDA. The model's ``requires_grad`` flags and
-        train/eval modes are restored afterwards, also when training raises.
+        Loss ``L(final) + sum_l lambda_l L(head_l)`` (:func:`mhex_step`), trained with the
+        package's one training loop (:class:`~captum_ext.explainers.TrainingRecipe`: SGD with
+        Nesterov momentum, one-cycle schedule, progress bar, epoch checkpoints and resume,
+        ``torchrun``/DDP with ``batch_size`` the global batch, autocast on CUDA). The model's
+        ``requires_grad`` flags, train/eval modes and gradient-checkpointing flags (off while
+        training: checkpointed blocks would run around the gates) are restored afterwards,
+        also when training raises.
 
         By default the model's own weights stay as they are and it stays in eval mode: with
         the gates in the backbone (``gated_backbone``) the gates still learn from
@@ -913,26 +365,15 @@ class MHEX(Attribution, nn.Module):
             data: ``Dataset``, ``DataLoader`` or tuple of tensors yielding
                 ``(inputs, *extra_args, labels)``: images and labels, or ``input_ids``,
                 ``attention_mask`` and labels.
-            epochs, batch_size, lr: The recipe (measured on the benchmark, see
-                ``benchmarks/train_mhex.py``).
-            objective: ``"ce"`` (softmax cross-entropy; class indices ``(B,)``) or ``"bce"``
-                (sigmoid binary cross-entropy per class; multi-hot labels ``(B, K)``, the
-                multi-label shapes benchmark).
-            head_weights: ``lambda_l`` per head (or one value for all); default 1.
-            train_backbone: Train the model's parameters too (model in train mode).
-            momentum, nesterov, weight_decay, pct_start, cycle_momentum, seed: SGD, schedule
-                and data order (see :class:`~captum_ext.explainers._training.Recipe`).
+            recipe: The training options; unset ``epochs``, ``batch_size`` and ``lr`` come
+                from :attr:`default_recipe` (4, 128, 0.05).
             val_data: ``(inputs, *extra_args, labels)`` tensors (or a ``Dataset``) scored after
                 every epoch: ``val_final`` and ``val_<layer>`` accuracies (set accuracy for
                 ``"bce"``, argmax accuracy for ``"ce"``).
-            device: Where training runs; default the model's device (the model must be there).
-            amp: ``torch.autocast`` mixed precision; ``None`` = on for CUDA.
-            show_progress: tqdm bar with the running loss.
-            checkpoint_dir: Save ``epoch-NNN`` checkpoints there after every epoch.
-            resume: Continue from the latest checkpoint in ``checkpoint_dir``.
-            keep_checkpoints: Keep only this many newest epoch checkpoints.
-            num_workers: ``DataLoader`` workers for a ``Dataset``.
-            distributed: ``None`` = DDP when under torchrun / an initialised process group.
+            objective: ``"ce"`` (softmax cross-entropy; class indices ``(B,)``) or ``"bce"``
+                (sigmoid binary cross-entropy per class; multi-hot labels ``(B, K)``).
+            head_weights: ``lambda_l`` per head (or one value for all); default 1.
+            train_backbone: Train the model's parameters too (model in train mode).
 
         Returns:
             One dict per epoch: ``epoch``, ``loss``, ``final``, ``head0``, ... (epoch means,
@@ -944,85 +385,55 @@ class MHEX(Attribution, nn.Module):
         lam = self._lambdas(head_weights)
         if isinstance(data, tuple) and all(isinstance(t, torch.Tensor) for t in data):
             data = TensorDataset(*data)
-        recipe = Recipe(
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            momentum=momentum,
-            nesterov=nesterov,
-            weight_decay=weight_decay,
-            pct_start=pct_start,
-            cycle_momentum=cycle_momentum,
-            seed=seed,
-        )
-        dev = self._training_device(device)
+        recipe = self._recipe(recipe)
+        loss = {"objective": objective, "head_weights": lam}
         identity = {
             "method": "mhex",
-            "format": _FORMAT,
+            "format": self._format,
             "config": self._config,
             "backbone": self._backbone_identity(),
-            "loss": {"objective": objective, "head_weights": lam},
+            "loss": loss,
             "train_backbone": bool(train_backbone),
         }
         step = functools.partial(mhex_step, objective=objective, head_weights=lam)
         validate = None
         if val_data is not None:
-            validate = functools.partial(self._validate, val_data, batch_size, objective, dev)
+            validate = functools.partial(self._validate, val_data, recipe.batch_size, objective)
         net = self.network
-        modules = list(net.modules())
-        modes = [m.training for m in modules]
-        params = list(net.model.parameters())
-        flags = [p.requires_grad for p in params]
+        modes = [(m, m.training) for m in net.modules()]
+        own = [*net.gates.parameters(), *net.heads.parameters()]
+        backbone = list(net.model.parameters())
         try:
-            for p in params:
-                p.requires_grad_(train_backbone)
-            for p in [*net.gates.parameters(), *net.heads.parameters()]:
-                p.requires_grad_(True)
-            net.backbone_trainable = train_backbone
-            history = train(
-                net,
-                step,
-                data,
-                recipe,
-                device=dev,
-                identity=identity,
-                amp=amp,
-                validate=validate,
-                show_progress=show_progress,
-                desc="MHEX",
-                checkpoint_dir=checkpoint_dir,
-                resume=resume,
-                keep_checkpoints=keep_checkpoints,
-                num_workers=num_workers,
-                distributed=distributed,
-            )
+            with (
+                no_checkpointing(net.model),
+                requires_grad(
+                    on=own + (backbone if train_backbone else []),
+                    off=[] if train_backbone else backbone,
+                ),
+            ):
+                net.backbone_trainable = train_backbone
+                history = self._train(net, step, data, recipe, identity, validate)
         finally:
             net.backbone_trainable = True
-            for p, f in zip(params, flags, strict=True):
-                p.requires_grad_(f)
-            for m, mode in zip(modules, modes, strict=True):
+            for m, mode in modes:
                 m.training = mode
         self.backbone_trained = self.backbone_trained or bool(train_backbone)
         self.training_record = {
-            "recipe": recipe.as_dict(),
-            "loss": identity["loss"],
+            "recipe": schedule(recipe),
+            "loss": loss,
             "train_backbone": bool(train_backbone),
             "history": history,
         }
         return history
 
-    def _training_device(self, device: torch.device | str | None) -> torch.device:
-        return training_device(
-            self.network.model, device, "MHEX.fit", "move it there first (mhex.to"
-        )
-
     def _validate(
-        self, val_data: Any, batch_size: int, objective: Objective, device: torch.device, module
+        self, val_data: Any, batch_size: int, objective: Objective, module: nn.Module
     ) -> dict[str, float]:
         """Accuracy of the final classifier and of every head on ``val_data``."""
         if isinstance(val_data, tuple) and all(isinstance(t, torch.Tensor) for t in val_data):
             val_data = TensorDataset(*val_data)
         loader = DataLoader(val_data, batch_size=batch_size)
+        device = next(module.parameters()).device
         hits = torch.zeros(len(self.stages) + 1, dtype=torch.float64, device=device)
         n = 0
         with torch.no_grad():
@@ -1104,61 +515,40 @@ class MHEX(Attribution, nn.Module):
             "family": self.adapter.family,
             "params": sum(p.numel() for p in model.parameters()),
             "widths": [s.channels for s in self.stages],
-            "layout_sha256": _fingerprint(model, values=False),
+            "layout_sha256": model_fingerprint(model, values=False),
         }
 
-    def record(self) -> dict[str, Any]:
-        """The JSON record a checkpoint carries: method, config, backbone, training.
+    def _config_record(self) -> dict[str, Any]:
+        return dict(self._config)
 
-        ``backbone.weights_sha256`` fingerprints the model's weights (values) as they are now;
-        ``backbone.weights_stored`` says whether the checkpoint holds them (after
-        ``fit(train_backbone=True)``).
-        """
+    def _backbone_record(self) -> dict[str, Any]:
+        """:meth:`_backbone_identity` with ``weights_sha256``, the fingerprint of the model's
+        weights as they are now, and ``weights_stored``: whether the checkpoint holds them
+        (after ``fit(train_backbone=True)``)."""
         return {
-            "method": "mhex",
-            "format": _FORMAT,
-            "config": dict(self._config),
-            "backbone": {
-                **self._backbone_identity(),
-                "weights_stored": self.backbone_trained,
-                "weights_sha256": _fingerprint(self.network.model),
-            },
-            "training": self.training_record,
+            **self._backbone_identity(),
+            "weights_stored": self.backbone_trained,
+            "weights_sha256": model_fingerprint(self.network.model),
         }
 
-    def save(
-        self, path: str | os.PathLike[str], extra: Mapping[str, Any] | None = None
-    ) -> CheckpointPaths:
-        """Writes ``<path>.safetensors`` + ``<path>.json`` (:mod:`captum_ext.checkpoint`).
+    def _extra_record(self) -> dict[str, Any]:
+        return {"training": self.training_record}
 
-        Stored: the gates' and heads' tensors, and the model's own weights when :meth:`fit`
-        trained them (else only their sha256 fingerprint, so that :meth:`load` refuses other
-        weights); the record (:meth:`record`): configuration, the backbone's class, family,
-        parameter count, stage widths and fingerprints, and how it was trained.
-
-        Args:
-            path: Base path (``<path>.safetensors`` + ``<path>.json``).
-            extra: More top-level record entries (JSON), e.g. a zoo entry's metadata.
-
-        Returns:
-            The paths written.
-        """
-        record = self.record()
-        clash = set(extra or {}) & {*record, "weights"}
-        if clash:
-            raise ValueError(f"extra must not set {sorted(clash)}; MHEX writes those.")
+    def _checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        """The gates' and heads' tensors, and the model's own weights when :meth:`fit`
+        trained them (else only their fingerprint is recorded, so that :meth:`load` refuses
+        other weights)."""
         keep = ("gates.", "heads.") + (("model.",) if self.backbone_trained else ())
-        state = {
+        return {
             k: v.detach().clone()
             for k, v in self.network.state_dict().items()
             if k.startswith(keep)
         }
-        return save_checkpoint(path, state, {**record, **(extra or {})})
 
     @classmethod
     def load(
         cls,
-        path: str | os.PathLike[str],
+        path: Any,
         model: nn.Module,
         *,
         layers: Sequence[str | int] | None = None,
@@ -1175,22 +565,17 @@ class MHEX(Attribution, nn.Module):
             num_classes: If given, must equal the checkpoint's class count.
 
         Returns:
-            The explainer, in eval mode, on the model's device and dtype.
+            The fitted explainer, in eval mode, on the model's device and dtype.
 
         Raises:
             CheckpointError: The files are missing, damaged or edited; or the checkpoint is
                 not an MHEX one, or was made for another model class, parameter count or
                 layout, other weights, other layers, stage widths or class count.
         """
-        where = checkpoint_paths(path).record
-        tensors, record = load_checkpoint(path)
-        if record.get("method") != "mhex" or record.get("format") != _FORMAT:
-            raise CheckpointError(
-                where,
-                f"not an MHEX checkpoint of format {_FORMAT} (method={record.get('method')!r}, "
-                f"format={record.get('format')!r})",
-                "load it with the class that wrote it",
-            )
+        return super().load(path, model, layers=layers, num_classes=num_classes)
+
+    @classmethod
+    def _restore(cls, where, tensors, record, model, *, layers=None, num_classes=None) -> MHEX:
         cfg, bb = dict(record["config"]), record["backbone"]
         remedy = "load it with the model, layers and classes it was made for, or fit a new MHEX"
         if layers is not None and list(layers) != cfg["layers"]:
@@ -1201,7 +586,7 @@ class MHEX(Attribution, nn.Module):
             raise CheckpointError(
                 where, f"made for {cfg['num_classes']} classes, not {num_classes}", remedy
             )
-        inner = unwrap_model(model)
+        inner = backbone_model(model)
         params = sum(p.numel() for p in inner.parameters())
         if bb["class"] != type(inner).__name__ or bb["params"] != params:
             raise CheckpointError(
@@ -1210,17 +595,26 @@ class MHEX(Attribution, nn.Module):
                 f"{type(inner).__name__} with {params:,}",
                 remedy,
             )
-        if bb["layout_sha256"] != _fingerprint(inner, values=False):
-            raise CheckpointError(
-                where, f"made for a {bb['class']} with other parameter names or shapes", remedy
-            )
+        check_backbone_layout(where, bb, "layout_sha256", inner, remedy)
         own = _num_classes(inner)
         if own is not None and own != cfg["num_classes"]:
             raise CheckpointError(
                 where, f"made for {cfg['num_classes']} classes; the model has {own}", remedy
             )
+        mhex = cls._from_config(where, model, cfg, remedy)
+        widths = [s.channels for s in mhex.stages]
+        if widths != bb["widths"]:
+            raise CheckpointError(
+                where, f"made for stage widths {bb['widths']}; the model's are {widths}", remedy
+            )
+        mhex._load_weights(where, tensors, bb, remedy)
+        mhex.training_record = record.get("training")
+        return mhex
+
+    @classmethod
+    def _from_config(cls, where: Any, model: nn.Module, cfg: dict[str, Any], remedy: str) -> MHEX:
         try:
-            mhex = cls(
+            return cls(
                 model,
                 cfg["layers"],
                 cfg["num_classes"],
@@ -1237,12 +631,13 @@ class MHEX(Attribution, nn.Module):
             )
         except (ValueError, TypeError) as err:
             raise CheckpointError(where, f"does not fit the model ({err})", remedy) from err
-        widths = [s.channels for s in mhex.stages]
-        if widths != bb["widths"]:
-            raise CheckpointError(
-                where, f"made for stage widths {bb['widths']}; the model's are {widths}", remedy
-            )
-        net = mhex.network
+
+    def _load_weights(
+        self, where: Any, tensors: dict[str, torch.Tensor], bb: dict[str, Any], remedy: str
+    ) -> None:
+        """The model's stored weights (if any, checked against the fingerprint), then the
+        gates' and heads' tensors."""
+        net = self.network
         ref = next(net.model.parameters())
         own_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
         if bb["weights_stored"]:
@@ -1252,10 +647,10 @@ class MHEX(Attribution, nn.Module):
                 raise CheckpointError(
                     where, f"its model weights do not fit the model ({err})", remedy
                 ) from err
-            mhex.backbone_trained = True
+            self.backbone_trained = True
         elif own_state:
             raise CheckpointError(where, "holds model weights it does not declare", remedy)
-        if _fingerprint(net.model) != bb["weights_sha256"]:
+        if model_fingerprint(net.model) != bb["weights_sha256"]:
             raise CheckpointError(
                 where,
                 "made for other weights of this model (the fingerprint of its weights differs)",
@@ -1280,8 +675,69 @@ class MHEX(Attribution, nn.Module):
         )
         if extra:
             raise CheckpointError(where, f"holds unknown tensors {sorted(extra)[:3]}", remedy)
-        mhex.training_record = record.get("training")
-        return mhex.eval()
+
+
+def _check_choices(gate: Any, pooling: Any, fusion: Any, nonneg: bool, window: Any) -> None:
+    """Refuses an unknown gate, pooling or fusion, geometric fusion of signed maps, and a
+    window that is not an odd positive int."""
+    if gate not in ("spatial", "elementwise"):
+        raise ValueError(f"MHEX: gate must be 'spatial' or 'elementwise'; got {gate!r}.")
+    if pooling not in ("model", "mean"):
+        raise ValueError(f"MHEX: pooling must be 'model' or 'mean'; got {pooling!r}.")
+    if fusion not in ("geometric", "mean"):
+        raise ValueError(f"MHEX: fusion must be 'geometric' or 'mean'; got {fusion!r}.")
+    if fusion == "geometric" and not nonneg:
+        raise ValueError(
+            "MHEX: fusion='geometric' needs non-negative maps; with nonneg=False use fusion='mean'."
+        )
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1 or window % 2 == 0:
+        raise ValueError(f"MHEX: window must be an odd positive int; got {window!r}.")
+
+
+def _stages_and_classes(
+    adapter: ModelAdapter, layers: Sequence[str | int] | None, num_classes: int | None
+) -> tuple[list[Stage], int]:
+    """The stages of ``layers`` (default: the family's) and the class count (default: read
+    from the model)."""
+    if layers is None:
+        transformer = isinstance(adapter, TransformerAdapter)
+        layers = [EMBEDDINGS, 0] if transformer else adapter.default_feature_layers()
+    layers = list(layers)
+    if not layers:
+        raise ValueError("MHEX: layers is empty; pass at least one stage.")
+    if num_classes is None:
+        num_classes = _num_classes(adapter.model)
+        if num_classes is None:
+            raise ValueError(
+                f"MHEX: cannot read the number of classes of {type(adapter.model).__name__}; "
+                "pass num_classes=K."
+            )
+    return _stages(adapter, layers), num_classes
+
+
+def _head_channels(
+    head_channels: int | Sequence[int | None] | None, n: int
+) -> list[int | None] | None:
+    if isinstance(head_channels, int):
+        return [head_channels] * n
+    if head_channels is not None and len(head_channels) != n:
+        raise ValueError(f"MHEX: head_channels has {len(head_channels)} entries for {n} layers.")
+    return None if head_channels is None else list(head_channels)
+
+
+def _stage_weights(stage_weights: Sequence[float] | None, n: int) -> list[float] | None:
+    if stage_weights is None:
+        return None
+    weights = [float(w) for w in stage_weights]
+    if (
+        len(weights) != n
+        or not all(math.isfinite(w) and w >= 0 for w in weights)
+        or not any(weights)
+    ):
+        raise ValueError(
+            f"MHEX: stage_weights needs {n} finite non-negative values, not all 0; got {weights}."
+        )
+    return weights
 
 
 def _sub(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -7,34 +7,26 @@ Convolutional Networks and Vision Transformers", IEEE Access 2024 (code: IDT-ITI
 from __future__ import annotations
 
 import functools
-import hashlib
-import os
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from captum.attr import Attribution
-from captum.log import log_usage
 from torch import nn
 
 from captum_ext import zoo
 from captum_ext._scores import normalise_target
-from captum_ext.adapters.base import ModelAdapter, TransformerAdapter, adapter_for, unwrap_model
+from captum_ext.adapters.base import ModelAdapter, TransformerAdapter, adapter_for
 from captum_ext.capture import Hook, check_feature_layers, hooks, model_state
-from captum_ext.checkpoint import (
-    CheckpointPaths,
-    checkpoint_paths,
-    load_checkpoint,
-    save_checkpoint,
-)
+from captum_ext.checkpoint import model_fingerprint
 from captum_ext.errors import CheckpointError, UnsupportedModelError
-from captum_ext.explainers._training import (
-    Recipe,
-    batch_inputs,
-    frozen_parameters,
-    train,
-    training_device,
+from captum_ext.explainers._training import batch_inputs, frozen_parameters
+from captum_ext.explainers.base import (
+    TrainableExplainer,
+    TrainingRecipe,
+    backbone_model,
+    check_backbone_layout,
+    load_tensors,
 )
 from captum_ext.explainers.losses import ttame_loss
 
@@ -42,10 +34,6 @@ __all__ = ["TTAME", "TTAMEMechanism"]
 
 Layer = str | int
 ViTFeatures = Literal["plain", "cls"]
-OutputKind = Literal["input", "like_input", "grid"]
-_OUTPUTS = ("input", "like_input", "grid")
-_FORMAT = 1
-_RECORD_KEYS = ("method", "format", "config", "backbone")
 
 
 class TTAMEMechanism(nn.Module):
@@ -122,7 +110,7 @@ def _resize(y: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(y, size=size, mode="bilinear", align_corners=False)
 
 
-class TTAME(Attribution, nn.Module):
+class TTAME(TrainableExplainer):
     """T-TAME (Ntrougkas et al., IEEE Access 2024): a trained attention mechanism explains a frozen model.
 
     The mechanism (:class:`TTAMEMechanism`, :attr:`mechanism`) reads feature maps of three
@@ -131,7 +119,12 @@ class TTAME(Attribution, nn.Module):
     sigmoid map of the model's own top-1 class ``y``, and the model, seeing only that, should
     still predict ``y`` (cross-entropy), with small (area) and smooth (variation) maps
     (:func:`~captum_ext.explainers.losses.ttame_loss`). Explaining is then one forward pass
-    (:meth:`attribute`): ``c[b, target]``, min-max normalised, upsampled to the input size.
+    (:meth:`attribute`, after :meth:`fit` or :meth:`load`): the logit map ``c[b, target]``
+    (before the sigmoid; ``target=None``: the model's top-1 class), min-max normalised per
+    image to ``[0, 1]`` (a constant map gives zeros), upsampled bilinearly
+    (``align_corners=False``) to the input size as in the authors' evaluation code, the
+    mechanism in eval mode. ``output``: ``"input"`` ``(B, 1, H, W)``, ``"like_input"``
+    ``(B, C, H, W)``, ``"grid"`` ``(B, 1, s, s)``.
 
     Feature layers (``layers=None`` gives the adapter's preset, ``default_feature_layers()``;
     every layer is checked to give a map, and a wrong one is reported with the model's
@@ -183,6 +176,10 @@ class TTAME(Attribution, nn.Module):
     """
 
     _method: ClassVar[str] = "TTAME"
+    _record_method: ClassVar[str] = "ttame"
+    _label: ClassVar[str] = "T-TAME"
+    default_recipe: ClassVar[TrainingRecipe] = TrainingRecipe(epochs=8, batch_size=32, lr=1e-3)
+    """The paper's ImageNet recipe: 8 epochs, batch 32, peak learning rate 1e-3."""
 
     def __init__(
         self,
@@ -194,7 +191,7 @@ class TTAME(Attribution, nn.Module):
         input_size: int | Sequence[int] | None = None,
         max_size: int = 56,
     ) -> None:
-        nn.Module.__init__(self)
+        super().__init__()
         adapter = adapter_for(model, method=self._method)
         if adapter.modality != "image":
             raise UnsupportedModelError(
@@ -225,16 +222,6 @@ class TTAME(Attribution, nn.Module):
             device=param.device if param is not None else None,
             dtype=param.dtype if param is not None else None,
         )
-
-    # ------------------------------------------------------------------ Captum
-    @property
-    def forward_func(self) -> nn.Module:
-        """The explained model (Captum's ``forward_func``)."""
-        return self.adapter.model
-
-    @property
-    def multiplies_by_inputs(self) -> bool:
-        return False
 
     # ------------------------------------------------------------------ features
     def _probe_input(self) -> torch.Tensor:
@@ -323,49 +310,12 @@ class TTAME(Attribution, nn.Module):
         return self.mechanism(feats)
 
     # ------------------------------------------------------------------ explain
-    @log_usage()
-    def attribute(
-        self,
-        inputs: torch.Tensor | tuple[torch.Tensor],
-        target: Any = None,
-        output: OutputKind = "input",
-        *,
-        additional_forward_args: Any = None,
-    ) -> torch.Tensor | tuple[torch.Tensor]:
-        """Explains a batch with one forward pass of the model and the mechanism.
-
-        The map of class ``t`` is the mechanism's logit map ``c[b, t]`` (before the sigmoid),
-        min-max normalised per image to ``[0, 1]`` (a constant map gives zeros), then
-        upsampled bilinearly (``align_corners=False``) to the input size, as in the authors'
-        evaluation code. The mechanism runs in eval mode (BatchNorm running statistics).
-
-        Args:
-            inputs: Images ``(B, C, H, W)`` (or a 1-tuple, as Captum's metrics pass them).
-            target: Captum target: an int, a list of B ints, a tensor ``(B,)`` or
-                ``(B, 1)``, or ``None`` for the model's top-1 class per image.
-            output: ``"input"``: ``(B, 1, H, W)``; ``"like_input"``: ``(B, C, H, W)`` (the
-                map repeated over the channels); ``"grid"``: ``(B, 1, s, s)``.
-            additional_forward_args: Extra positional arguments of the model.
-
-        Returns:
-            The maps in ``[0, 1]`` (a 1-tuple if ``inputs`` was one).
-        """
-        was_tuple = isinstance(inputs, tuple)
-        if was_tuple:
-            if len(inputs) != 1:
-                raise ValueError(
-                    f"TTAME: expected one input tensor; got a tuple of {len(inputs)}. Pass "
-                    "extra model arguments through additional_forward_args."
-                )
-            x = inputs[0]
-        else:
-            x = inputs
-        if output not in _OUTPUTS:
-            raise ValueError(f"TTAME: output must be one of {_OUTPUTS}; got {output!r}.")
-        self.adapter.check_inputs(x, self._method, additional_forward_args)
+    def _explain(
+        self, x: torch.Tensor, targets: list[Any], extra: Any, output: str
+    ) -> list[torch.Tensor]:
+        """One forward pass of the model; the mechanism's map of each target, formatted."""
         with model_state(self.adapter.model, grad=False):
-            feats, logits = self._capture(x, additional_forward_args)
-            tgt = normalise_target(target, logits, self._method)
+            feats, logits = self._capture(x, extra)
             self._align(feats)
             was_training = self.mechanism.training
             # eval()/train() set every module's flag (slow nn.Module.__setattr__): skip both
@@ -374,32 +324,24 @@ class TTAME(Attribution, nn.Module):
             if switch:
                 self.mechanism.eval()
             try:
-                c = self.mechanism(feats, classes=tgt.to(feats[0].device))
+                maps = [
+                    self.mechanism(
+                        feats, classes=normalise_target(t, logits, self._method).to(feats[0].device)
+                    )
+                    for t in targets
+                ]
             finally:
                 if switch:
                     self.mechanism.train(was_training)
-        maps = _minmax(c)
-        if output != "grid":
-            maps = F.interpolate(maps, size=x.shape[-2:], mode="bilinear", align_corners=False)
-            if output == "like_input":
-                maps = maps.expand(-1, x.shape[1], -1, -1)
-        maps = maps.to(x.dtype)
-        return (maps,) if was_tuple else maps
+        return [_format(_minmax(c), x, output) for c in maps]
 
     # ------------------------------------------------------------------ train
     def fit(
         self,
         data: Any,
-        epochs: int = 8,
-        batch_size: int = 32,
-        lr: float = 1e-3,
+        recipe: TrainingRecipe | None = None,
         *,
-        momentum: float = 0.9,
-        nesterov: bool = True,
-        weight_decay: float = 5e-4,
-        pct_start: float = 0.3,
-        cycle_momentum: bool = True,
-        seed: int = 0,
+        val_data: Any = None,
         ce_weight: float = 1.5,
         area_weight: float = 2.0,
         tv_weight: float = 0.01,
@@ -409,15 +351,6 @@ class TTAME(Attribution, nn.Module):
         tv_border: float = 0.3,
         loss_maps: Literal["target", "batch"] = "target",
         backbone_train_mode: bool = False,
-        val_data: Any = None,
-        device: torch.device | str | None = None,
-        amp: bool | None = None,
-        show_progress: bool = True,
-        checkpoint_dir: str | os.PathLike[str] | None = None,
-        resume: bool = False,
-        keep_checkpoints: int | None = None,
-        num_workers: int = 0,
-        distributed: bool | None = None,
     ) -> list[dict[str, Any]]:
         """Trains the mechanism on the model's own top-1 predictions (no labels needed).
 
@@ -439,34 +372,25 @@ class TTAME(Attribution, nn.Module):
         then grows with the batch size). The masked forward pass always uses ``a[b, y_b]``.
 
         Runs under ``torchrun`` unchanged: with several processes the mechanism is wrapped in
-        ``DistributedDataParallel`` and ``batch_size`` is the global batch (see
-        :func:`captum_ext.explainers._training.train`).
+        ``DistributedDataParallel`` and ``recipe.batch_size`` is the global batch.
 
         Args:
             data: ``Dataset``, ``DataLoader`` or tensor yielding images, or tuples whose first
                 item is the images (labels, if any, are ignored).
-            epochs, batch_size, lr: The recipe (T-TAME: 8, 32, 1e-3).
-            momentum, nesterov, weight_decay, pct_start, cycle_momentum: SGD and
-                ``OneCycleLR`` settings (momentum cycles 0.95 -> 0.85 -> 0.95 while
-                ``cycle_momentum``, ``OneCycleLR``'s default, also in the authors' code).
-            seed: Seed of the data order.
-            ce_weight, area_weight, tv_weight, area_power, area_eps, tv_power, tv_border: The
-                loss (1.5, 2, 0.01, 0.3, 5e-4, 2, 0.3 as in the authors' code).
-            loss_maps: ``"target"`` or ``"batch"``, see above.
-            backbone_train_mode: Run the model in train mode during fit, as the authors'
-                Lightning code does (its BatchNorm statistics then change).
+            recipe: Schedule, device, checkpoints and processes
+                (:class:`~captum_ext.explainers.TrainingRecipe`); unset ``epochs``,
+                ``batch_size`` and ``lr`` come from :attr:`default_recipe` (8, 32, 1e-3).
+                SGD and ``OneCycleLR`` settings: momentum cycles 0.95 -> 0.85 -> 0.95 while
+                ``cycle_momentum`` (``OneCycleLR``'s default, also in the authors' code).
             val_data: Images for Average Drop / Increase in Confidence at 100/50/15 % after
                 every epoch (:func:`captum_ext.metrics.average_drop_ttame`), reported as
                 ``val_AD100``, ``val_IC100``, ... in the history.
-            device: Where training runs; default the model's device (the model must be
-                there).
-            amp: ``torch.autocast`` mixed precision; ``None`` = on for CUDA.
-            show_progress: tqdm bar with the running loss.
-            checkpoint_dir: Save ``epoch-NNN`` checkpoints there after every epoch.
-            resume: Continue from the latest checkpoint in ``checkpoint_dir``.
-            keep_checkpoints: Keep only this many newest epoch checkpoints.
-            num_workers: ``DataLoader`` workers for a ``Dataset``.
-            distributed: ``None`` = DDP when under torchrun / an initialised process group.
+            ce_weight: Weight of the cross-entropy term (1.5, as in the authors' code); so
+                are ``area_weight`` (2), ``tv_weight`` (0.01), ``area_power`` (0.3),
+                ``area_eps`` (5e-4), ``tv_power`` (2) and ``tv_border`` (0.3).
+            loss_maps: ``"target"`` or ``"batch"``, see above.
+            backbone_train_mode: Run the model in train mode during fit, as the authors'
+                Lightning code does (its BatchNorm statistics then change).
 
         Returns:
             One dict per epoch: ``epoch``, ``loss``, ``ce``, ``area``, ``tv`` (epoch means,
@@ -475,17 +399,7 @@ class TTAME(Attribution, nn.Module):
         """
         if loss_maps not in ("target", "batch"):
             raise ValueError(f"loss_maps must be 'target' or 'batch'; got {loss_maps!r}.")
-        recipe = Recipe(
-            epochs=epochs,
-            batch_size=batch_size,
-            lr=lr,
-            momentum=momentum,
-            nesterov=nesterov,
-            weight_decay=weight_decay,
-            pct_start=pct_start,
-            cycle_momentum=cycle_momentum,
-            seed=seed,
-        )
+        recipe = self._recipe(recipe)
         weights = {
             "ce_weight": ce_weight,
             "area_weight": area_weight,
@@ -495,9 +409,8 @@ class TTAME(Attribution, nn.Module):
             "tv_power": tv_power,
             "tv_border": tv_border,
         }
-        dev = self._training_device(device)
         identity = {
-            **self._record(),
+            **self.record(),
             "loss": {**weights, "maps": loss_maps},
             "backbone_train_mode": bool(backbone_train_mode),
         }
@@ -506,29 +419,8 @@ class TTAME(Attribution, nn.Module):
         )
         validate = None
         if val_data is not None:
-            validate = functools.partial(self._validate, val_data, batch_size, dev)
-        return train(
-            self.mechanism,
-            step,
-            data,
-            recipe,
-            device=dev,
-            identity=identity,
-            amp=amp,
-            validate=validate,
-            show_progress=show_progress,
-            desc="T-TAME",
-            checkpoint_dir=checkpoint_dir,
-            resume=resume,
-            keep_checkpoints=keep_checkpoints,
-            num_workers=num_workers,
-            distributed=distributed,
-        )
-
-    def _training_device(self, device: torch.device | str | None) -> torch.device:
-        return training_device(
-            self.adapter.model, device, "TTAME.fit", "move the model there first (model.to"
-        )
+            validate = functools.partial(self._validate, val_data, recipe.batch_size)
+        return self._train(self.mechanism, step, data, recipe, identity, validate)
 
     def _step(
         self,
@@ -555,9 +447,7 @@ class TTAME(Attribution, nn.Module):
         maps = a_y if loss_maps == "target" else a[:, y]
         return ttame_loss(masked_logits, y, maps, **weights)
 
-    def _validate(
-        self, val_data: Any, batch_size: int, device: torch.device, mechanism: nn.Module
-    ) -> dict[str, float]:
+    def _validate(self, val_data: Any, batch_size: int, mechanism: nn.Module) -> dict[str, float]:
         from torch.utils.data import DataLoader, Dataset, TensorDataset
 
         from captum_ext.metrics import average_drop_ttame
@@ -566,95 +456,46 @@ class TTAME(Attribution, nn.Module):
         loader = data if not isinstance(data, Dataset) else DataLoader(data, batch_size)
         parts: dict[str, list[torch.Tensor]] = {}
         for batch in loader:
-            x = batch_inputs(batch).to(device)
+            x = batch_inputs(batch).to(next(mechanism.parameters()).device)
             scores = average_drop_ttame(self.adapter.model, x, self)
             for k, v in scores.items():
                 parts.setdefault(k, []).append(v)  # on the device; one host copy at the end
         return {f"val_{k}": float(torch.cat(v).nanmean()) for k, v in parts.items()}
 
-    # ------------------------------------------------------------------ save / load
-    def _record(self) -> dict[str, Any]:
-        """What the checkpoint must match: config and the backbone's identity."""
-        model = self.adapter.model
+    # ------------------------------------------------------------------ checkpoints
+    def _config_record(self) -> dict[str, Any]:
         return {
-            "method": "ttame",
-            "format": _FORMAT,
-            "config": {
-                "layers": list(self.layers),
-                "num_classes": self.num_classes,
-                "vit_features": self.vit_features,
-                "input_size": list(self.input_size),
-                "max_size": self.max_size,
-            },
-            "backbone": {
-                "class": type(model).__name__,
-                "fingerprint": _fingerprint(model),
-                "feature_shapes": [list(s) for s in self.feature_shapes],
-            },
+            "layers": list(self.layers),
+            "num_classes": self.num_classes,
+            "vit_features": self.vit_features,
+            "input_size": list(self.input_size),
+            "max_size": self.max_size,
         }
 
-    def save(
-        self, path: str | os.PathLike[str], extra: dict[str, Any] | None = None
-    ) -> CheckpointPaths:
-        """Writes the mechanism and its config (safetensors + JSON, :mod:`captum_ext.checkpoint`).
+    def _backbone_record(self) -> dict[str, Any]:
+        model = self.adapter.model
+        return {
+            "class": type(model).__name__,
+            "fingerprint": model_fingerprint(model, values=False),
+            "feature_shapes": [list(s) for s in self.feature_shapes],
+        }
 
-        The record holds the config (layers, ``K``, ViT features, probe size, map size) and
-        the backbone's identity: class name, a sha256 fingerprint of its state-dict names and
-        shapes, and the feature shapes; :meth:`load` refuses a model that differs in any.
-
-        Args:
-            path: Base path (``<path>.safetensors`` + ``<path>.json``).
-            extra: More top-level record entries (JSON), e.g. how it was trained.
-
-        Returns:
-            The paths written.
-        """
-        record = self._record()
-        clash = set(extra or {}) & {*record, "weights"}
-        if clash:
-            raise ValueError(f"extra must not set {sorted(clash)}; T-TAME writes those.")
-        state = {k: v.detach().clone() for k, v in self.mechanism.state_dict().items()}
-        return save_checkpoint(path, state, {**record, **(extra or {})})
+    def _checkpoint_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.mechanism.state_dict().items()}
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], model: nn.Module | ModelAdapter) -> TTAME:
-        """Rebuilds a saved T-TAME for ``model``; verified, never unpickled.
+    def _restore(cls, where, tensors, record, model, **expected) -> TTAME:
+        """Checks the backbone (class, layout, feature shapes, classes), loads the mechanism.
 
-        Args:
-            path: Base path of the checkpoint pair (or either file).
-            model: The model it was trained for.
-
-        Returns:
-            The explainer with the mechanism in eval mode, on the model's device.
-
-        Raises:
-            CheckpointError: The files are missing, damaged or edited; or the checkpoint is
-                not a T-TAME one, or was made for another model class, other parameter
-                names or shapes, other layers, feature shapes or class count.
+        Checkpoint record: the config (layers, ``K``, ViT features, probe size, map size) and
+        the backbone's class name, sha256 fingerprint of its state-dict names and shapes, and
+        feature shapes; a model that differs in any is refused.
         """
-        where = checkpoint_paths(path).record
-        tensors, record = load_checkpoint(path)
-        if record.get("method") != "ttame" or record.get("format") != _FORMAT:
-            raise CheckpointError(
-                where,
-                f"not a T-TAME checkpoint of format {_FORMAT} (method={record.get('method')!r}, "
-                f"format={record.get('format')!r})",
-                "load it with the class that wrote it",
-            )
+        if expected:
+            raise TypeError(f"TTAME.load takes no options; got {sorted(expected)}.")
         config, backbone = record["config"], record["backbone"]
-        inner = unwrap_model(model.model if isinstance(model, ModelAdapter) else model)
         remedy = "load it with the model it was trained for, or fit a new TTAME for this one"
-        if backbone["class"] != type(inner).__name__:
-            raise CheckpointError(
-                where, f"made for a {backbone['class']}, not a {type(inner).__name__}", remedy
-            )
-        if backbone["fingerprint"] != _fingerprint(inner):
-            raise CheckpointError(
-                where,
-                f"made for a {backbone['class']} with other parameter names or shapes "
-                "(backbone fingerprint differs)",
-                remedy,
-            )
+        check_backbone_layout(where, backbone, "fingerprint", backbone_model(model), remedy)
         try:
             explainer = cls(
                 model,
@@ -680,18 +521,7 @@ class TTAME(Attribution, nn.Module):
                 f"made for {config['num_classes']} classes; this model has {explainer.num_classes}",
                 remedy,
             )
-        p = next(explainer.mechanism.parameters())
-        try:
-            explainer.mechanism.load_state_dict(
-                {k: v.to(device=p.device, dtype=p.dtype if v.is_floating_point() else v.dtype)
-                 for k, v in tensors.items()},
-                strict=True,
-            )  # fmt: skip
-        except RuntimeError as err:
-            raise CheckpointError(
-                where, f"its tensors do not fit the mechanism ({err})", remedy
-            ) from err
-        explainer.mechanism.eval()
+        load_tensors(explainer.mechanism, tensors, where, remedy, "tensors (mechanism)")
         return explainer
 
 
@@ -753,12 +583,13 @@ def _input_size(model: nn.Module, size: int | Sequence[int] | None) -> tuple[int
     return dims  # type: ignore[return-value]
 
 
-def _fingerprint(model: nn.Module) -> str:
-    """sha256 of the class name and the state-dict names and shapes (not the values)."""
-    h = hashlib.sha256(type(model).__name__.encode())
-    for name, t in model.state_dict().items():
-        h.update(f"\n{name}:{tuple(t.shape)}".encode())
-    return h.hexdigest()
+def _format(maps: torch.Tensor, x: torch.Tensor, output: str) -> torch.Tensor:
+    """``(B, 1, s, s)`` maps in the ``output`` layout of ``x``, bilinear as the authors' code."""
+    if output != "grid":
+        maps = F.interpolate(maps, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        if output == "like_input":
+            maps = maps.expand(-1, x.shape[1], -1, -1)
+    return maps.to(x.dtype)
 
 
 def _minmax(maps: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -89,6 +90,21 @@ def _substrate(inputs: Tensor, substrate: str | Tensor, blur_kernel: int, blur_s
     raise ValueError(f"substrate must be 'zero', 'blur', 'mean' or a Tensor, got {substrate!r}")
 
 
+@dataclass(frozen=True)
+class _CurveSettings:
+    """Settings of a RISE deletion or insertion curve, as given to the public metric."""
+
+    steps: int
+    substrate: str | Tensor
+    score: str
+    batch_size: int
+    blur_kernel_size: int
+    blur_sigma: float
+    attribute_kwargs: dict[str, Any] | None
+    show_progress: bool
+    return_curve: bool
+
+
 @torch.no_grad()
 def _causal_curve(
     model: Model,
@@ -96,10 +112,7 @@ def _causal_curve(
     finish: Tensor,
     ranks: Tensor,
     target: Tensor,
-    steps: int,
-    score: str,
-    batch_size: int,
-    show_progress: bool,
+    cfg: _CurveSettings,
     desc: str,
 ) -> tuple[Tensor, Tensor]:
     """Scores ``(B, steps + 1)`` and x positions ``(steps + 1,)`` of a RISE curve.
@@ -107,6 +120,7 @@ def _causal_curve(
     At step ``k`` the ``n_k = floor(k * HW / steps)`` pixels of lowest rank are taken from
     ``finish``, the others from ``start``.
     """
+    steps, batch_size = cfg.steps, cfg.batch_size
     b, _, h, w = start.shape
     hw = h * w
     n = torch.tensor([(k * hw) // steps for k in range(steps + 1)], device=start.device)
@@ -114,12 +128,12 @@ def _causal_curve(
     pairs_k = torch.arange(steps + 1, device=start.device).repeat(b)
     out = torch.empty(b * (steps + 1), dtype=torch.float64, device=start.device)
     chunks = range(0, pairs_b.numel(), batch_size)
-    for i in progress(chunks, show_progress, desc=desc, total=len(chunks)):
+    for i in progress(chunks, cfg.show_progress, desc=desc, total=len(chunks)):
         bi = pairs_b[i : i + batch_size]
         ki = pairs_k[i : i + batch_size]
         sel = (ranks[bi] < n[ki].view(-1, 1)).view(-1, 1, h, w)
         imgs = torch.where(sel, finish[bi], start[bi])
-        s = class_scores(forward_logits(model, imgs), score)
+        s = class_scores(forward_logits(model, imgs), cfg.score)
         out[i : i + batch_size] = pick(s, target[bi]).double()
     return out.view(b, steps + 1), n.double() / hw
 
@@ -130,32 +144,23 @@ def _rise(
     inputs: Tensor,
     attributions: Any,
     target: Any,
-    steps: int,
-    substrate: str | Tensor,
-    score: str,
-    batch_size: int,
-    blur_kernel_size: int,
-    blur_sigma: float,
-    attribute_kwargs: dict[str, Any] | None,
-    show_progress: bool,
-    return_curve: bool,
+    cfg: _CurveSettings,
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+    """AUC (and curve) of the RISE ``kind`` (``"deletion"`` or ``"insertion"``) metric."""
     inputs = check_image_inputs(inputs)
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    if cfg.steps < 1:
+        raise ValueError(f"steps must be >= 1, got {cfg.steps}")
     b, _, h, w = inputs.shape
-    _, tgt = default_target(model, inputs, target, batch_size)
-    a = resolve_map(attributions, inputs, tgt, attribute_kwargs, batch_size=b, spatial=(h, w)).to(
-        inputs.device
-    )
+    _, tgt = default_target(model, inputs, target, cfg.batch_size)
+    a = resolve_map(
+        attributions, inputs, tgt, cfg.attribute_kwargs, batch_size=b, spatial=(h, w)
+    ).to(inputs.device)
     ranks = ranks_of(a.reshape(b, -1), descending=True)
-    sub = _substrate(inputs, substrate, blur_kernel_size, blur_sigma)
+    sub = _substrate(inputs, cfg.substrate, cfg.blur_kernel_size, cfg.blur_sigma)
     start, finish = (inputs, sub) if kind == "deletion" else (sub, inputs)
-    curve, x = _causal_curve(
-        model, start, finish, ranks, tgt, steps, score, batch_size, show_progress, kind
-    )
+    curve, x = _causal_curve(model, start, finish, ranks, tgt, cfg, kind)
     auc = trapezoid(curve, x)
-    return (auc, curve, x) if return_curve else auc
+    return (auc, curve, x) if cfg.return_curve else auc
 
 
 @register_metric(
@@ -209,12 +214,7 @@ def deletion_auc(
     Returns:
         ``(B,)`` float64 AUC, or ``(auc, curve, x)`` when ``return_curve``.
     """
-    return _rise(
-        "deletion",
-        model,
-        inputs,
-        attributions,
-        target,
+    cfg = _CurveSettings(
         steps,
         substrate,
         score,
@@ -225,6 +225,7 @@ def deletion_auc(
         show_progress,
         return_curve,
     )
+    return _rise("deletion", model, inputs, attributions, target, cfg)
 
 
 @register_metric(
@@ -258,12 +259,7 @@ def insertion_auc(
     Returns:
         ``(B,)`` float64 AUC, or ``(auc, curve, x)`` when ``return_curve``.
     """
-    return _rise(
-        "insertion",
-        model,
-        inputs,
-        attributions,
-        target,
+    cfg = _CurveSettings(
         steps,
         substrate,
         score,
@@ -274,6 +270,7 @@ def insertion_auc(
         show_progress,
         return_curve,
     )
+    return _rise("insertion", model, inputs, attributions, target, cfg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -318,6 +315,16 @@ def _explanation_mask(a01: Tensor, keep: float, mask_mode: str) -> Tensor:
     return a01 * kept
 
 
+@dataclass(frozen=True)
+class _Masking:
+    """How the explanation masks the input and how the masked input is scored."""
+
+    keep: float
+    mask_mode: str
+    score: str
+    batch_size: int | None
+
+
 @torch.no_grad()
 def _confidences(
     model: Model,
@@ -325,16 +332,14 @@ def _confidences(
     a01: Tensor,
     tgt: Tensor,
     clean: Tensor,
-    keep: float,
-    mask_mode: str,
-    score: str,
-    batch_size: int | None,
+    masking: _Masking,
 ) -> tuple[Tensor, Tensor]:
     """``(Y, O)``: clean and masked-input scores of ``tgt``, both ``(B,)`` float64."""
-    m = _explanation_mask(a01, keep, mask_mode)
+    m = _explanation_mask(a01, masking.keep, masking.mask_mode)
     masked = inputs * m.unsqueeze(1).to(inputs.dtype)
+    score = masking.score
     y = pick(class_scores(clean, score), tgt).double()
-    o = pick(class_scores(forward_logits(model, masked, batch_size), score), tgt).double()
+    o = pick(class_scores(forward_logits(model, masked, masking.batch_size), score), tgt).double()
     return y, o
 
 
@@ -421,7 +426,8 @@ def average_drop(
     clean, tgt, a01 = _prepare_ad(
         model, inputs, attributions, target, normalise, attribute_kwargs, batch_size
     )
-    y, o = _confidences(model, inputs, a01, tgt, clean, keep, mask_mode, score, batch_size)
+    masking = _Masking(keep, mask_mode, score, batch_size)
+    y, o = _confidences(model, inputs, a01, tgt, clean, masking)
     return _ad(y, o, percent)
 
 
@@ -456,7 +462,8 @@ def increase_in_confidence(
     clean, tgt, a01 = _prepare_ad(
         model, inputs, attributions, target, normalise, attribute_kwargs, batch_size
     )
-    y, o = _confidences(model, inputs, a01, tgt, clean, keep, mask_mode, score, batch_size)
+    masking = _Masking(keep, mask_mode, score, batch_size)
+    y, o = _confidences(model, inputs, a01, tgt, clean, masking)
     return _ic(y, o, percent)
 
 
@@ -497,7 +504,8 @@ def average_drop_ttame(
     )
     out: dict[str, Tensor] = {}
     for keep in TTAME_KEEP:
-        y, o = _confidences(model, inputs, a01, tgt, clean, keep, "soft", score, batch_size)
+        masking = _Masking(keep, "soft", score, batch_size)
+        y, o = _confidences(model, inputs, a01, tgt, clean, masking)
         tag = round(keep * 100)
         out[f"AD{tag}"] = _ad(y, o, True)
         out[f"IC{tag}"] = _ic(y, o, True)
@@ -532,6 +540,68 @@ def _patch_scores(
     a = resolve_map(s, None, None, None, name="token_scores", batch_size=b, spatial=(h, w))
     pooled = F.avg_pool2d(a[:, None, : gh * patch_size, : gw * patch_size], patch_size)
     return (pooled * patch_size**2).reshape(b, -1).to(inputs.device)
+
+
+@dataclass(frozen=True)
+class _PerturbationSettings:
+    """Checked settings of a positive / negative patch perturbation curve."""
+
+    mode: str
+    fractions: list[float]
+    patch_size: int
+    score: str
+    batch_size: int | None
+
+
+def _perturbation_settings(
+    inputs: Tensor,
+    mode: str,
+    fractions: Sequence[float],
+    patch_size: int,
+    score: str,
+    batch_size: int | None,
+) -> _PerturbationSettings:
+    """The settings of :func:`token_perturbation_auc`, checked against ``inputs``."""
+    if mode not in ("positive", "negative"):
+        raise ValueError(f"mode must be 'positive' or 'negative', got {mode!r}")
+    check_score(score, ("top1", "softmax", "sigmoid", "logit"))
+    fr = [float(f) for f in fractions]
+    if any(not 0.0 < f <= 1.0 for f in fr) or fr != sorted(fr):
+        raise ValueError(f"fractions must be increasing values in (0, 1], got {tuple(fractions)}")
+    _, _, h, w = inputs.shape
+    if h % patch_size or w % patch_size:
+        raise ValueError(f"image size {(h, w)} is not a multiple of patch_size={patch_size}")
+    return _PerturbationSettings(mode, fr, patch_size, score, batch_size)
+
+
+def _perturbation_curve(
+    model: Model,
+    inputs: Tensor,
+    clean: Tensor,
+    tgt: Tensor,
+    ranks: Tensor,
+    cfg: _PerturbationSettings,
+    show_progress: bool,
+) -> Tensor:
+    """Scores ``(B, 1 + len(fractions))`` of the clean and the patch-perturbed images."""
+    b, _, h, w = inputs.shape
+    ps = cfg.patch_size
+    gh, gw = h // ps, w // ps
+    pred = clean.argmax(dim=1)
+
+    def _score(logits: Tensor) -> Tensor:
+        if cfg.score == "top1":
+            return (logits.argmax(dim=1) == pred).double()
+        return pick(class_scores(logits, cfg.score), tgt).double()
+
+    cols = [_score(clean)]
+    p = gh * gw
+    for f in progress(cfg.fractions, show_progress, desc=f"{cfg.mode} perturbation"):
+        k = math.floor(f * p + 1e-9)
+        drop = (ranks < k).view(b, 1, gh, gw)
+        drop = drop.repeat_interleave(ps, 2).repeat_interleave(ps, 3)
+        cols.append(_score(forward_logits(model, inputs.masked_fill(drop, 0), cfg.batch_size)))
+    return torch.stack(cols, dim=1)
 
 
 @register_metric(
@@ -589,34 +659,11 @@ def token_perturbation_auc(
         ``(B,)`` float64 AUC, or ``(auc, curve, x)`` when ``return_curve``.
     """
     inputs = check_image_inputs(inputs)
-    if mode not in ("positive", "negative"):
-        raise ValueError(f"mode must be 'positive' or 'negative', got {mode!r}")
-    check_score(score, ("top1", "softmax", "sigmoid", "logit"))
-    fr = [float(f) for f in fractions]
-    if any(not 0.0 < f <= 1.0 for f in fr) or fr != sorted(fr):
-        raise ValueError(f"fractions must be increasing values in (0, 1], got {tuple(fractions)}")
-    b, _, h, w = inputs.shape
-    if h % patch_size or w % patch_size:
-        raise ValueError(f"image size {(h, w)} is not a multiple of patch_size={patch_size}")
-    gh, gw = h // patch_size, w // patch_size
+    cfg = _perturbation_settings(inputs, mode, fractions, patch_size, score, batch_size)
     clean, tgt = default_target(model, inputs, target, batch_size)
-    pred = clean.argmax(dim=1)
     s = _patch_scores(token_scores, inputs, tgt, attribute_kwargs, patch_size)
     ranks = ranks_of(s, descending=(mode == "positive"))
-
-    def _score(logits: Tensor) -> Tensor:
-        if score == "top1":
-            return (logits.argmax(dim=1) == pred).double()
-        return pick(class_scores(logits, score), tgt).double()
-
-    cols = [_score(clean)]
-    p = gh * gw
-    for f in progress(fr, show_progress, desc=f"{mode} perturbation"):
-        k = math.floor(f * p + 1e-9)
-        drop = (ranks < k).view(b, 1, gh, gw)
-        drop = drop.repeat_interleave(patch_size, 2).repeat_interleave(patch_size, 3)
-        cols.append(_score(forward_logits(model, inputs.masked_fill(drop, 0), batch_size)))
-    curve = torch.stack(cols, dim=1)
-    x = torch.tensor([0.0, *fr], dtype=torch.float64, device=curve.device)
+    curve = _perturbation_curve(model, inputs, clean, tgt, ranks, cfg, show_progress)
+    x = torch.tensor([0.0, *cfg.fractions], dtype=torch.float64, device=curve.device)
     auc = trapezoid(curve, x)
     return (auc, curve, x) if return_curve else auc

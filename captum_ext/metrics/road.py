@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -76,15 +77,10 @@ def noisy_linear_imputation(
         ValueError: On shape mismatches, or when every pixel is removed (the system is then
             singular: nothing anchors the solution).
     """
-    from scipy.sparse import coo_matrix, diags
     from scipy.sparse.linalg import spsolve
 
-    if image.dim() != 3:
-        raise ValueError(f"image must have shape (C, H, W), got {tuple(image.shape)}")
+    rem = _checked_removal(image, removed)
     c, h, w = image.shape
-    rem = torch.as_tensor(removed)
-    if tuple(rem.shape) != (h, w):
-        raise ValueError(f"removed: expected shape {(h, w)}, got {tuple(rem.shape)}")
     rem_np = rem.detach().cpu().numpy().astype(bool).reshape(-1)
     idx = np.flatnonzero(rem_np)
     n = idx.size
@@ -93,6 +89,37 @@ def noisy_linear_imputation(
     if n == h * w:
         raise ValueError("cannot impute: every pixel is removed")
     img = image.detach().cpu().double().numpy().reshape(c, -1)
+    a, rhs = _imputation_system(img, rem_np, idx, h, w)
+    sol = np.asarray(spsolve(a, rhs)).reshape(n, c)
+    x = torch.from_numpy(sol)
+    if noise_std > 0:
+        x = x + noise_std * torch.randn(n, c, generator=generator, dtype=torch.float64)
+    out = image.detach().clone().reshape(c, -1)
+    idx_t = torch.from_numpy(idx).to(out.device)
+    out[:, idx_t] = x.t().to(device=out.device, dtype=out.dtype)
+    return out.reshape(c, h, w)
+
+
+def _checked_removal(image: Tensor, removed: Tensor) -> Tensor:
+    """``removed`` as a tensor, its shape checked against ``image (C, H, W)``."""
+    if image.dim() != 3:
+        raise ValueError(f"image must have shape (C, H, W), got {tuple(image.shape)}")
+    _, h, w = image.shape
+    rem = torch.as_tensor(removed)
+    if tuple(rem.shape) != (h, w):
+        raise ValueError(f"removed: expected shape {(h, w)}, got {tuple(rem.shape)}")
+    return rem
+
+
+def _imputation_system(img: np.ndarray, rem_np: np.ndarray, idx: np.ndarray, h: int, w: int):
+    """Sparse CSC matrix ``A (n, n)`` and right-hand sides ``b (n, C)`` of the imputation.
+
+    ``img`` is the ``(C, H * W)`` float64 image, ``rem_np`` the flat removal mask and ``idx``
+    its ``n`` nonzero positions.
+    """
+    from scipy.sparse import coo_matrix, diags
+
+    n, c = idx.size, img.shape[0]
     vid = np.full(h * w, -1, dtype=np.int64)
     vid[idx] = np.arange(n)
     ys, xs = np.divmod(idx, w)
@@ -114,15 +141,7 @@ def noisy_linear_imputation(
     a = coo_matrix(
         (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n)
     )
-    a = (a + diags(diag)).tocsc()
-    sol = np.asarray(spsolve(a, rhs)).reshape(n, c)
-    x = torch.from_numpy(sol)
-    if noise_std > 0:
-        x = x + noise_std * torch.randn(n, c, generator=generator, dtype=torch.float64)
-    out = image.detach().clone().reshape(c, -1)
-    idx_t = torch.from_numpy(idx).to(out.device)
-    out[:, idx_t] = x.t().to(device=out.device, dtype=out.dtype)
-    return out.reshape(c, h, w)
+    return (a + diags(diag)).tocsc(), rhs
 
 
 @register_metric(
@@ -178,32 +197,77 @@ def road(
         ``(B, len(percentages))`` float64.
     """
     inputs = check_image_inputs(inputs)
-    if order not in ("morf", "lerf"):
-        raise ValueError(f"order must be 'morf' or 'lerf', got {order!r}")
-    check_score(score, ("top1", "softmax", "sigmoid", "logit"))
-    pcts = [float(p) for p in percentages]
-    if any(not 0.0 <= p < 1.0 for p in pcts):
-        raise ValueError(f"percentages must lie in [0, 1), got {tuple(percentages)}")
+    cfg = _road_settings(order, percentages, score, noise_std, batch_size, show_progress)
     b, _, h, w = inputs.shape
     clean, tgt = default_target(model, inputs, target, batch_size)
-    pred = clean.argmax(dim=1)
     a = resolve_map(attributions, inputs, tgt, attribute_kwargs, batch_size=b, spatial=(h, w))
     ranks = ranks_of(a.reshape(b, -1), descending=(order == "morf"))
     # The imputation is a scipy sparse solve on the host: copy images and ranks there once;
     # the model runs and the scores stay on the inputs' device.
     host_inputs, host_ranks = inputs.detach().cpu(), ranks.cpu()
     gen = torch.Generator().manual_seed(seed)
+    pred = clean.argmax(dim=1)
+    return _road_scores(model, inputs, host_inputs, host_ranks, pred, tgt, gen, cfg)
+
+
+@dataclass(frozen=True)
+class _RoadSettings:
+    """Checked settings of :func:`road`."""
+
+    order: str
+    percentages: list[float]
+    score: str
+    noise_std: float
+    batch_size: int | None
+    show_progress: bool
+
+
+def _road_settings(
+    order: str,
+    percentages: Sequence[float],
+    score: str,
+    noise_std: float,
+    batch_size: int | None,
+    show_progress: bool,
+) -> _RoadSettings:
+    """The settings of :func:`road`, checked."""
+    if order not in ("morf", "lerf"):
+        raise ValueError(f"order must be 'morf' or 'lerf', got {order!r}")
+    check_score(score, ("top1", "softmax", "sigmoid", "logit"))
+    pcts = [float(p) for p in percentages]
+    if any(not 0.0 <= p < 1.0 for p in pcts):
+        raise ValueError(f"percentages must lie in [0, 1), got {tuple(percentages)}")
+    return _RoadSettings(order, pcts, score, noise_std, batch_size, show_progress)
+
+
+def _road_scores(
+    model: Callable[..., Any],
+    inputs: Tensor,
+    host_inputs: Tensor,
+    host_ranks: Tensor,
+    pred: Tensor,
+    tgt: Tensor,
+    gen: torch.Generator,
+    cfg: _RoadSettings,
+) -> Tensor:
+    """``(B, len(percentages))`` scores of the imputed images, one row per example.
+
+    ``host_inputs`` and ``host_ranks`` are host copies of the inputs and their pixel ranks;
+    the model runs on ``inputs.device``.
+    """
+    b, _, h, w = inputs.shape
+    pcts = cfg.percentages
     rows = []
-    for i in progress(range(b), show_progress, desc=f"ROAD {order}"):
+    for i in progress(range(b), cfg.show_progress, desc=f"ROAD {cfg.order}"):
         imgs = []
         for p in pcts:
             removed = (host_ranks[i] < math.floor(p * h * w + 1e-9)).view(h, w)
-            imgs.append(noisy_linear_imputation(host_inputs[i], removed, noise_std, gen))
-        logits = forward_logits(model, torch.stack(imgs).to(inputs.device), batch_size)
-        if score == "top1":
+            imgs.append(noisy_linear_imputation(host_inputs[i], removed, cfg.noise_std, gen))
+        logits = forward_logits(model, torch.stack(imgs).to(inputs.device), cfg.batch_size)
+        if cfg.score == "top1":
             rows.append((logits.argmax(dim=1) == pred[i]).double())
         else:
-            s = class_scores(logits, score)
+            s = class_scores(logits, cfg.score)
             rows.append(pick(s, tgt[i].expand(len(pcts))).double())
     if not rows:
         return torch.empty(0, len(pcts), dtype=torch.float64, device=inputs.device)

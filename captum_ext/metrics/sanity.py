@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -92,28 +93,48 @@ def model_randomisation(
         unrandomised similarity is 1 by definition and is not listed.
     """
 
-    def _explain(m: nn.Module) -> Tensor:
-        e = as_flat(torch.as_tensor(explain_fn(m, inputs, target)).detach(), name="explain_fn")
-        e = e.double()
-        return e.abs() if absolute else e
-
+    explain = functools.partial(_flat_explanation, explain_fn, inputs, target, absolute)
     base_model = copy.deepcopy(model)
-    original = _explain(base_model)
+    original = explain(base_model)
+    cuda_devices = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
+    with torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(seed)
+        return _randomisation_steps(
+            base_model, original, explain, similarity, cascading, init_std, show_progress
+        )
+
+
+def _flat_explanation(
+    explain_fn: ExplainFn, inputs: Tensor, target: Any, absolute: bool, m: nn.Module
+) -> Tensor:
+    """``explain_fn(m, inputs, target)`` flattened to ``(B, N)`` float64 (absolute if asked)."""
+    e = as_flat(torch.as_tensor(explain_fn(m, inputs, target)).detach(), name="explain_fn")
+    e = e.double()
+    return e.abs() if absolute else e
+
+
+def _randomisation_steps(
+    base_model: nn.Module,
+    original: Tensor,
+    explain: Callable[[nn.Module], Tensor],
+    similarity: str | Callable[[Tensor, Tensor], Tensor],
+    cascading: bool,
+    init_std: float,
+    show_progress: bool,
+) -> list[tuple[str, float]]:
+    """Randomise the parametrised modules of a copy of ``base_model`` from the output side."""
     work = copy.deepcopy(base_model)
     names = [
         name
         for name, mod in work.named_modules()
         if next(iter(mod.parameters(recurse=False)), None) is not None
     ][::-1]
-    cuda_devices = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
     results: list[tuple[str, float]] = []
-    with torch.random.fork_rng(devices=cuda_devices):
-        torch.manual_seed(seed)
-        for name in progress(names, show_progress, desc="randomising"):
-            if not cascading:
-                work = copy.deepcopy(base_model)
-            with torch.no_grad():
-                _reinit(work.get_submodule(name), init_std)
-            sim = _similarity(original, _explain(work).to(original.device), similarity)
-            results.append((name, sim))
+    for name in progress(names, show_progress, desc="randomising"):
+        if not cascading:
+            work = copy.deepcopy(base_model)
+        with torch.no_grad():
+            _reinit(work.get_submodule(name), init_std)
+        sim = _similarity(original, explain(work).to(original.device), similarity)
+        results.append((name, sim))
     return results

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -77,46 +78,56 @@ def _probs(model: Callable[..., Any], ids: Tensor, mask: Tensor, tgt: Tensor, sc
     return pick(class_scores(_logits(model(ids, mask)), score), tgt).double()
 
 
+@dataclass(frozen=True)
+class _EraserSettings:
+    """Settings of an ERASER metric, as given to the public function."""
+
+    attention_mask: Tensor | None
+    fractions: Sequence[float]
+    replace_id: int
+    special_mask: Tensor | None
+    score: str
+    attribute_kwargs: dict[str, Any] | None
+    per_fraction: bool
+
+
 def _eraser(
     kind: str,
     model: Callable[..., Any],
     input_ids: Tensor,
     token_scores: Any,
     target: Any,
-    attention_mask: Tensor | None,
-    fractions: Sequence[float],
-    replace_id: int,
-    special_mask: Tensor | None,
-    score: str,
-    attribute_kwargs: dict[str, Any] | None,
-    per_fraction: bool,
+    cfg: _EraserSettings,
 ) -> Tensor:
+    """ERASER ``kind`` (``"comprehensiveness"`` or ``"sufficiency"``) per example."""
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
-    fr = [float(f) for f in fractions]
+    fr = [float(f) for f in cfg.fractions]
     if not fr or any(not 0.0 < f <= 1.0 for f in fr):
-        raise ValueError(f"fractions must be non-empty values in (0, 1], got {tuple(fractions)}")
-    mask, valid = _valid(input_ids, attention_mask, special_mask)
+        raise ValueError(
+            f"fractions must be non-empty values in (0, 1], got {tuple(cfg.fractions)}"
+        )
+    mask, valid = _valid(input_ids, cfg.attention_mask, cfg.special_mask)
     if target is None:
         with torch.no_grad():
             tgt = _logits(model(input_ids, mask)).argmax(dim=1)
     else:
         tgt = target_tensor(target, input_ids.shape[0], input_ids.device)
-    s = _token_scores(token_scores, input_ids, tgt, attribute_kwargs)
+    s = _token_scores(token_scores, input_ids, tgt, cfg.attribute_kwargs)
     s = s.masked_fill(~valid, float("-inf"))
     ranks = ranks_of(s, descending=True)
     n_valid = valid.sum(dim=1)
-    p_orig = _probs(model, input_ids, mask, tgt, score)
+    p_orig = _probs(model, input_ids, mask, tgt, cfg.score)
     cols = []
     for f in fr:
         k = torch.clamp(torch.ceil(f * n_valid.double() - 1e-9).long(), max=n_valid)
         top = (ranks < k.view(-1, 1)) & valid
         drop = top if kind == "comprehensiveness" else valid & ~top
-        ids = input_ids.masked_fill(drop, replace_id)
+        ids = input_ids.masked_fill(drop, cfg.replace_id)
         m = mask.masked_fill(drop, 0)
-        cols.append(p_orig - _probs(model, ids, m, tgt, score))
+        cols.append(p_orig - _probs(model, ids, m, tgt, cfg.score))
     out = torch.stack(cols, dim=1)
-    return out if per_fraction else out.mean(dim=1)
+    return out if cfg.per_fraction else out.mean(dim=1)
 
 
 @register_metric(
@@ -163,20 +174,10 @@ def comprehensiveness(
     Returns:
         ``(B,)`` float64 (or ``(B, F)`` with ``per_fraction``).
     """
-    return _eraser(
-        "comprehensiveness",
-        model,
-        input_ids,
-        token_scores,
-        target,
-        attention_mask,
-        fractions,
-        replace_id,
-        special_mask,
-        score,
-        attribute_kwargs,
-        per_fraction,
+    cfg = _EraserSettings(
+        attention_mask, fractions, replace_id, special_mask, score, attribute_kwargs, per_fraction
     )
+    return _eraser("comprehensiveness", model, input_ids, token_scores, target, cfg)
 
 
 @register_metric(
@@ -208,20 +209,10 @@ def sufficiency(
     Returns:
         ``(B,)`` float64 (or ``(B, F)`` with ``per_fraction``).
     """
-    return _eraser(
-        "sufficiency",
-        model,
-        input_ids,
-        token_scores,
-        target,
-        attention_mask,
-        fractions,
-        replace_id,
-        special_mask,
-        score,
-        attribute_kwargs,
-        per_fraction,
+    cfg = _EraserSettings(
+        attention_mask, fractions, replace_id, special_mask, score, attribute_kwargs, per_fraction
     )
+    return _eraser("sufficiency", model, input_ids, token_scores, target, cfg)
 
 
 def _average_precision(scores: Tensor, labels: Tensor, valid: Tensor) -> Tensor:

@@ -5,7 +5,8 @@ each entry is a ``weights/<name>.safetensors`` file plus a ``weights/<name>.json
 the architecture, the data it was trained for, the training recipe, the held-out accuracy and
 the command that reproduces it (``benchmarks/training/train_zoo.py``).
 
-Entries (``benchmarks/training/train_zoo.py`` documents recipes, accuracies and run times):
+Entries (recipes, accuracies and run times: ``benchmarks/results/training.md`` in the
+repository):
 
 * ``"shapes-vit"``: a 4-block timm ``VisionTransformer`` (patch 8, width 64) with a
   convolutional stem (arch ``zoo_vit_convstem``) on the aligned layout of
@@ -21,15 +22,14 @@ Entries (``benchmarks/training/train_zoo.py`` documents recipes, accuracies and 
 * ``"text-bert"``: a 2-layer, width-64 HuggingFace ``BertForSequenceClassification`` on
   :func:`captum_ext.data.text_rationales` (binary).
 
-Trained explainers (``available(kind="explainer")``; ``benchmarks/training/train_ttame.py`` documents
-recipes, pointing-game scores and run times): ``load`` returns the explainer, its model loaded
-from the zoo entry its record names (``backbone_model``):
+Trained explainers (``available(kind="explainer")``; recipes and scores in the same file):
+``load`` returns the fitted explainer, its model loaded from the zoo entry its record names
+(``backbone_model``):
 
 * ``"shapes-vit-ttame"``: :class:`~captum_ext.TTAME` fitted to ``"shapes-vit"``.
 * ``"shapes-cnn-ttame"``: :class:`~captum_ext.TTAME` fitted to ``"shapes-cnn"``.
 * ``"shapes-cnn-mhex"``, ``"shapes-vit-mhex"``, ``"text-bert-mhex"``: :class:`~captum_ext.MHEX`
-  trained into ``"shapes-cnn"``, ``"shapes-vit"`` and ``"text-bert"``
-  (``benchmarks/training/train_mhex.py``).
+  trained into ``"shapes-cnn"``, ``"shapes-vit"`` and ``"text-bert"``.
 
 Every read verifies the entry (:mod:`captum_ext.checkpoint`): the sha256 and size of the
 weights file, the JSON record against the copy stored inside the weights file (class names,
