@@ -25,6 +25,13 @@ The bytes that were hashed are the bytes deserialised, so nothing can change in 
 checks catch corruption, edits and mismatched pairs; they are not a signature (whoever rewrites
 both files consistently is not detected).
 
+All JSON of the package's files (records, headers, zoo records, shard indexes) goes through
+:func:`dumps_json` and :func:`loads_json` / :func:`read_json`: strict JSON, both ways. Python's
+``json`` reads and writes ``NaN``, ``Infinity`` and ``-Infinity`` by default, which JSON does not
+have; writing refuses a non-finite number in one line naming its key (store ``None``, written
+``null``, for a missing number), and reading refuses those constants as damage, like any
+other invalid JSON.
+
 Writes are atomic per file (a temporary file in the same folder, flushed, then
 ``os.replace``): an interrupted save leaves each file either whole and old or whole and new.
 The JSON is replaced last, so an interruption between the two leaves a new safetensors file
@@ -40,6 +47,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 import uuid
@@ -56,8 +64,11 @@ __all__ = [
     "CheckpointError",
     "CheckpointPaths",
     "checkpoint_paths",
+    "dumps_json",
     "load_checkpoint",
+    "loads_json",
     "model_fingerprint",
+    "read_json",
     "save_checkpoint",
     "verify_checkpoint",
 ]
@@ -66,6 +77,12 @@ RECORD_KEY = "captum_ext.record"
 """Key of the record's canonical JSON in the safetensors metadata."""
 
 _WEIGHTS = "weights"
+_STORABLE_NAMES = (
+    "float64 float32 float16 bfloat16 float8_e4m3fn float8_e4m3fnuz float8_e5m2 "
+    "float8_e5m2fnuz int64 int32 int16 int8 uint64 uint32 uint16 uint8 bool complex64"
+)
+_STORABLE = tuple(getattr(torch, n) for n in _STORABLE_NAMES.split() if hasattr(torch, n))
+"""The dtypes safetensors stores (those this torch has)."""
 _RESAVE = "save the checkpoint again, or restore both files from the same save"
 _DTYPES = {
     "F64": "float64",
@@ -99,8 +116,16 @@ def checkpoint_paths(path: str | os.PathLike[str]) -> CheckpointPaths:
 
     Returns:
         ``CheckpointPaths(<base>.safetensors, <base>.json)``.
+
+    Raises:
+        ValueError: ``path`` names no file (``""``, ``"."``, ``"/"``).
     """
     base = Path(path)
+    if not base.name:
+        raise ValueError(
+            f"checkpoint path {str(path)!r} names no checkpoint file; give a base path such "
+            "as 'runs/model', or either file of the pair"
+        )
     if base.suffix in (".safetensors", ".json"):
         base = base.with_suffix("")
     return CheckpointPaths(
@@ -160,9 +185,13 @@ def save_checkpoint(
     """Write tensors and their record as a checkpoint pair, atomically per file.
 
     Tensors are stored as they are (dtype kept), moved to CPU and made contiguous; tensors
-    that share memory are refused by safetensors (pass clones). The record must be JSON
-    (tuples become lists) and must not hold the ``"weights"`` key, which this function writes.
-    The parent folder is created if needed; existing files are replaced.
+    that share memory (tied weights, views of one tensor) are stored as separate copies, each
+    with its own values. Dense tensors of the dtypes safetensors stores are accepted (floats
+    including bfloat16 and float8, signed and unsigned integers, bool, complex64); anything
+    else is refused in one line naming the tensor. The record must be strict JSON (see
+    :func:`dumps_json`: str keys, finite numbers, ``None`` for a missing one; tuples become
+    lists) and must not hold the ``"weights"`` key, which this function writes. The parent
+    folder is created if needed; existing files are replaced.
 
     Args:
         path: Base path, or either file of the pair (see :func:`checkpoint_paths`).
@@ -173,8 +202,11 @@ def save_checkpoint(
         The paths written.
 
     Raises:
-        ValueError: If the record is not a JSON-serialisable dict or holds ``"weights"``, or a
-            tensor name is not a string.
+        ValueError: If ``path`` names no file; the record is not a dict, holds ``"weights"``
+            or is not strict JSON (the message names the key, e.g. ``history[1].loss is
+            nan``); a tensor name is not a string; or a tensor is sparse, nested, quantized,
+            on the meta device or of a dtype safetensors does not store.
+        TypeError: If a value of ``tensors`` is not a tensor.
     """
     from safetensors.torch import save
 
@@ -187,16 +219,19 @@ def save_checkpoint(
             "tensor shapes); remove it from the record"
         )
     try:
-        canonical = _canonical(record)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"a checkpoint record must be JSON (str keys, no NaN): {err}") from err
-    plain = json.loads(json.dumps(record, allow_nan=False))  # caller's key order, lists
-    for name in tensors:
-        if not isinstance(name, str):
-            raise ValueError(f"tensor names must be strings; got {name!r}")
-    state = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    data = save(state, metadata={"format": "pt", RECORD_KEY: canonical})
-    listing = _listing(_header(data, paths.weights))
+        canonical = dumps_json(dict(record), paths.record, canonical=True)
+    except ValueError as err:
+        raise ValueError(f"a checkpoint record must be JSON: {err}") from err
+    plain = json.loads(dumps_json(dict(record), paths.record))  # caller's key order, lists
+    state = _storable(paths.weights, tensors)
+    try:
+        data = save(state, metadata={"format": "pt", RECORD_KEY: canonical})
+    except (ValueError, RuntimeError, TypeError, KeyError) as err:  # what the checks missed
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(
+            f"{paths.weights}: safetensors cannot store the tensors ({first})"
+        ) from err
+    listing = _listing(_header(data, paths.weights), paths.weights)
     dtypes = sorted({t["dtype"] for t in listing.values()})
     plain[_WEIGHTS] = {
         "file": paths.weights.name,
@@ -209,6 +244,54 @@ def save_checkpoint(
     _write_atomic(paths.weights, data)
     _write_atomic(paths.record, (_format_json(plain) + "\n").encode("utf-8"))
     return paths
+
+
+def _storable(where: Path, tensors: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Dense, contiguous CPU tensors safetensors can write; shared memory cloned apart."""
+    state: dict[str, torch.Tensor] = {}
+    for name, value in tensors.items():
+        if not isinstance(name, str):
+            raise ValueError(f"tensor names must be strings; got {name!r}")
+        _check_storable(where, name, value)
+        state[name] = value.detach().to("cpu").contiguous()
+    owners: dict[int, list[str]] = {}
+    for name, t in state.items():
+        storage = t.untyped_storage()
+        if storage.nbytes():
+            owners.setdefault(storage.data_ptr(), []).append(name)
+    for names in owners.values():
+        if len(names) > 1:
+            for name in names:
+                state[name] = state[name].clone()
+    return state
+
+
+def _check_storable(where: Path, name: str, value: Any) -> None:
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(
+            f"{where}: tensor {name!r} is a {type(value).__name__}; save_checkpoint stores "
+            "torch.Tensor values (put other values in the record)"
+        )
+    if value.is_nested:
+        problem, fix = "a nested tensor", "save its components, or pad it to one tensor"
+    elif value.layout != torch.strided:
+        problem, fix = f"sparse ({value.layout})", f"pass {name}.to_dense()"
+    elif value.is_quantized:
+        problem, fix = "quantized", f"pass {name}.dequantize()"
+    elif value.device.type == "meta":
+        problem, fix = "on the meta device (it holds no values)", "materialise it first"
+    elif value.dtype not in _STORABLE:
+        stored = ", ".join(str(d).removeprefix("torch.") for d in _STORABLE)
+        raise ValueError(
+            f"{where}: tensor {name!r} has dtype {value.dtype}, which safetensors does not "
+            f"store; convert it to one of {stored}"
+        )
+    else:
+        return
+    raise ValueError(
+        f"{where}: tensor {name!r} is {problem}; save_checkpoint stores dense (strided) "
+        f"tensors: {fix}"
+    )
 
 
 def load_checkpoint(
@@ -236,12 +319,22 @@ def load_checkpoint(
         (including its ``"weights"`` section).
 
     Raises:
-        CheckpointError: If a file is missing or any check fails.
+        ValueError: If ``path`` names no file (``""``).
+        CheckpointError: If a file is missing or any check fails; a JSON record, header or
+            record copy holding ``NaN`` or ``Infinity`` (not JSON) is damage like any other.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import load
 
-    data, record = _read_verified(checkpoint_paths(path), expect, require)
-    tensors = load(data)
+    paths = checkpoint_paths(path)
+    data, record = _read_verified(paths, expect, require)
+    try:
+        tensors = load(data)
+    except (SafetensorError, ValueError, RuntimeError, TypeError, KeyError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(
+            paths.weights, f"safetensors cannot read it ({first})", _RESAVE
+        ) from err
     if torch.device(device).type != "cpu":
         tensors = {k: v.to(device) for k, v in tensors.items()}
     return tensors, record
@@ -269,9 +362,145 @@ def verify_checkpoint(
         The JSON record, a fresh dict.
 
     Raises:
+        ValueError: If ``path`` names no file (``""``).
         CheckpointError: If a file is missing or any check fails.
     """
     return _read_verified(checkpoint_paths(path), expect, require)[1]
+
+
+# --------------------------------------------------------------------------------------------
+# strict JSON
+
+
+def dumps_json(
+    value: Any, source: object = "value", *, indent: int | None = None, canonical: bool = False
+) -> str:
+    """Strict JSON text of ``value``, or a one-line ``ValueError`` naming the offending key.
+
+    Python's ``json.dumps`` writes ``NaN``, ``Infinity`` and ``-Infinity``, which JSON does
+    not have (other readers refuse them), turns int keys into strings and fails on other types
+    without saying where. This writes only what reads back as it was: dicts with str keys,
+    lists (and tuples, written as lists), str, int, finite float, bool and ``None``. A missing
+    or undefined number is stored as ``None`` (``null``).
+
+    Args:
+        value: The value to write.
+        source: The file (or name) the text is for, named in the error.
+        indent: Indentation as for ``json.dumps`` (``None``: one line).
+        canonical: Sorted keys, no spaces (for hashing and comparing); ignores ``indent``.
+
+    Returns:
+        The JSON text (non-ASCII characters kept).
+
+    Raises:
+        ValueError: ``"<source>: history[1].loss is nan; JSON has no NaN or Infinity: ..."``,
+            or a key that is not a str, or a value of another type, each named by its path.
+    """
+    problem = _json_problem(value, "", set())
+    if problem:
+        raise ValueError(f"{source}: {problem}")
+    if canonical:
+        return json.dumps(
+            value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+        )
+    return json.dumps(value, indent=indent, ensure_ascii=False, allow_nan=False)
+
+
+def loads_json(text: str | bytes, source: object, remedy: str = _RESAVE, *, name: str = "") -> Any:
+    """Parse strict JSON; anything else is a one-line :class:`CheckpointError`.
+
+    Besides syntax errors and invalid UTF-8, the constants ``NaN``, ``Infinity`` and
+    ``-Infinity`` (which Python's ``json.loads`` accepts) are refused: a file holding them was
+    not written by this package and is treated as damaged.
+
+    Args:
+        text: The JSON text (bytes are decoded as UTF-8).
+        source: The file the text comes from, the error's path.
+        remedy: What to do, for the error.
+        name: What the text is (``"record"``), for the error: ``"record is not valid JSON"``.
+
+    Returns:
+        The parsed value.
+
+    Raises:
+        CheckpointError: ``"<source>: [<name> is] not valid JSON (<why>); <remedy>"``.
+    """
+    what = f"{name} is not valid JSON" if name else "not valid JSON"
+    if not isinstance(text, str | bytes | bytearray):
+        raise CheckpointError(source, f"{what} (a {type(text).__name__}, not text)", remedy)
+    try:
+        if not isinstance(text, str):
+            text = bytes(text).decode("utf-8")
+        return json.loads(text, parse_constant=_refuse_constant)
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, the constants
+        raise CheckpointError(source, f"{what} ({err})", remedy) from err
+    except RecursionError as err:
+        raise CheckpointError(source, f"{what} (nested too deeply)", remedy) from err
+
+
+def read_json(path: str | os.PathLike[str], remedy: str = _RESAVE, *, name: str = "") -> Any:
+    """Read a strict JSON file (:func:`loads_json`).
+
+    Args:
+        path: The file.
+        remedy: What to do, for the error.
+        name: What the file is, for the error (see :func:`loads_json`).
+
+    Returns:
+        The parsed value.
+
+    Raises:
+        CheckpointError: The file cannot be read, or is not strict JSON (one line, naming it).
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise CheckpointError(path, f"cannot be read ({err.strerror or err})", remedy) from err
+    return loads_json(data, path, remedy, name=name)
+
+
+def _refuse_constant(constant: str) -> Any:
+    raise ValueError(f"{constant} is not JSON; a number must be finite, a missing one null")
+
+
+def _json_problem(value: Any, where: str, seen: set[int]) -> str | None:
+    """What keeps ``value`` from being strict JSON, at which dotted path; ``None`` if nothing."""
+    if value is None or isinstance(value, str | bool | int):
+        return None
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return None
+        return (
+            f"{where or 'the value'} is {value!r}; JSON has no NaN or Infinity: store None "
+            "(written null) for a missing number"
+        )
+    if isinstance(value, dict | list | tuple):
+        if id(value) in seen:
+            return f"{where or 'the value'} contains itself"
+        seen.add(id(value))
+        try:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    if not isinstance(k, str):
+                        return (
+                            f"key {k!r} of {where or 'the top level'} is "
+                            f"{type(k).__name__}; JSON object keys are strings"
+                        )
+                    found = _json_problem(v, f"{where}.{k}" if where else k, seen)
+                    if found:
+                        return found
+            else:
+                for i, v in enumerate(value):
+                    found = _json_problem(v, f"{where}[{i}]", seen)
+                    if found:
+                        return found
+        finally:
+            seen.discard(id(value))
+        return None
+    return (
+        f"{where or 'the value'} is a {type(value).__name__}; JSON holds dicts, lists, "
+        "strings, finite numbers, booleans and None"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -293,15 +522,16 @@ def _read_verified(
     data = paths.weights.read_bytes()
     _check_file(paths, record[_WEIGHTS], data)
     header = _header(data, paths.weights)
-    _check_copy(paths, record, header.get("__metadata__") or {})
+    actual = _listing(header, paths.weights)
+    _check_copy(paths, record, header.get("__metadata__", {}))
     listed = record[_WEIGHTS].get("tensors")
     if listed is not None:
-        _check_listing(paths, listed, _listing(header))
+        _check_listing(paths, listed, actual)
     for key in require:
         _lookup(paths.record, record, key)
     for key, want in (expect or {}).items():
         got = _lookup(paths.record, record, key)
-        if _canonical(got) != _canonical(want):
+        if _canonical(got) != _canonical(want, f"expect[{key!r}]"):
             raise CheckpointError(
                 paths.record,
                 f"record has {key}={got!r}, expected {want!r}",
@@ -311,10 +541,7 @@ def _read_verified(
 
 
 def _read_record(path: Path) -> dict[str, Any]:
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(path, f"record is not valid JSON ({err})", _RESAVE) from err
+    record = read_json(path, name="record")
     weights = record.get(_WEIGHTS) if isinstance(record, dict) else None
     if not isinstance(weights, dict):
         raise CheckpointError(
@@ -325,12 +552,15 @@ def _read_record(path: Path) -> dict[str, Any]:
     sha = weights.get("sha256")
     if not (isinstance(sha, str) and len(sha) == 64 and set(sha) <= set("0123456789abcdef")):
         raise CheckpointError(path, f"record has no valid {_WEIGHTS}.sha256 (got {sha!r})", _RESAVE)
+    size = weights.get("bytes")
+    if not (isinstance(size, int) and not isinstance(size, bool) and size >= 0):
+        raise CheckpointError(path, f"record has no valid {_WEIGHTS}.bytes (got {size!r})", _RESAVE)
     return record
 
 
 def _check_file(paths: CheckpointPaths, weights: dict[str, Any], data: bytes) -> None:
-    size = weights.get("bytes")
-    if size is not None and size != len(data):
+    size = weights["bytes"]
+    if size != len(data):
         raise CheckpointError(
             paths.weights,
             f"file has {len(data)} bytes but {paths.record.name} records {size} (truncated, "
@@ -348,7 +578,14 @@ def _check_file(paths: CheckpointPaths, weights: dict[str, Any], data: bytes) ->
         )
 
 
-def _check_copy(paths: CheckpointPaths, record: dict[str, Any], meta: dict[str, str]) -> None:
+def _check_copy(paths: CheckpointPaths, record: dict[str, Any], meta: Any) -> None:
+    if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(
+            paths.weights,
+            "header metadata is not a map of text to text (not a safetensors file as "
+            "save_checkpoint writes it)",
+            _RESAVE,
+        )
     if RECORD_KEY not in meta:
         raise CheckpointError(
             paths.weights,
@@ -356,12 +593,7 @@ def _check_copy(paths: CheckpointPaths, record: dict[str, Any], meta: dict[str, 
             "by captum_ext.checkpoint.save_checkpoint",
             "save it again with save_checkpoint",
         )
-    try:
-        inner = json.loads(meta[RECORD_KEY])
-    except json.JSONDecodeError as err:
-        raise CheckpointError(
-            paths.weights, f"record copy in the metadata is not JSON ({err})", _RESAVE
-        ) from err
+    inner = loads_json(meta[RECORD_KEY], paths.weights, name="record copy in the metadata")
     outer = {k: v for k, v in record.items() if k != _WEIGHTS}
     if _canonical(outer) != _canonical(inner):
         where = ", ".join(_differences(outer, inner)[:5])
@@ -410,10 +642,8 @@ def _lookup(path: Path, record: dict[str, Any], key: str) -> Any:
 # helpers
 
 
-def _canonical(value: Any) -> str:
-    return json.dumps(
-        value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    )
+def _canonical(value: Any, source: object = "value") -> str:
+    return dumps_json(value, source, canonical=True)
 
 
 def _differences(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -435,20 +665,35 @@ def _header(data: bytes, path: Path) -> dict[str, Any]:
     """The JSON header of safetensors bytes (u64 little-endian length, then the JSON)."""
     try:
         (n,) = struct.unpack("<Q", data[:8])
-        header = json.loads(data[8 : 8 + n])
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-    except (struct.error, ValueError) as err:
+    except struct.error as err:
         raise CheckpointError(path, f"not a safetensors file ({err})", _RESAVE) from err
+    header = loads_json(data[8 : 8 + n], path, name="not a safetensors file: its header")
+    if not isinstance(header, dict):
+        raise CheckpointError(
+            path, "not a safetensors file (its header is not a JSON object)", _RESAVE
+        )
     return header
 
 
-def _listing(header: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {
-        name: {"dtype": _DTYPES.get(info["dtype"], info["dtype"].lower()), "shape": info["shape"]}
-        for name, info in sorted(header.items())
-        if name != "__metadata__"
-    }
+def _listing(header: dict[str, Any], path: Path) -> dict[str, dict[str, Any]]:
+    """Name -> ``{"dtype", "shape"}`` of the header's tensors; a malformed entry is refused."""
+    out = {}
+    for name, info in sorted(header.items()):
+        if name == "__metadata__":
+            continue
+        dtype = info.get("dtype") if isinstance(info, dict) else None
+        shape = info.get("shape") if isinstance(info, dict) else None
+        if not isinstance(dtype, str):
+            problem = f"header entry of tensor {name!r} has no dtype (got {dtype!r})"
+            raise CheckpointError(path, problem, _RESAVE)
+        if not (
+            isinstance(shape, list)
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        ):
+            problem = f"header entry of tensor {name!r} has no shape (got {shape!r})"
+            raise CheckpointError(path, problem, _RESAVE)
+        out[name] = {"dtype": _DTYPES.get(dtype, dtype.lower()), "shape": shape}
+    return out
 
 
 def _describe(entry: Any) -> str:

@@ -27,7 +27,6 @@ equals, number for number, the one-process run.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import uuid
@@ -43,8 +42,10 @@ from torch.utils.data import DistributedSampler
 
 from captum_ext._scores import model_output_to_tensor, progress
 from captum_ext.checkpoint import (
+    dumps_json,
     load_checkpoint,
     model_fingerprint,
+    read_json,
     save_checkpoint,
     verify_checkpoint,
 )
@@ -83,8 +84,13 @@ class ShardedOutputError(ValueError):
 
 
 def config_hash(config: dict[str, Any]) -> str:
-    """sha256 of the canonical JSON of ``config`` (sorted keys, no spaces)."""
-    text = json.dumps(config, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    """sha256 of the canonical JSON of ``config`` (sorted keys, no spaces).
+
+    Raises:
+        ValueError: ``config`` is not strict JSON (:func:`captum_ext.checkpoint.dumps_json`:
+            a NaN or infinite number, a non-str key, another type), naming the key.
+    """
+    text = dumps_json(config, "config", canonical=True)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -110,7 +116,7 @@ def _chunk_bounds(n: int, chunk_size: int) -> list[tuple[int, int]]:
 def _write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+        tmp.write_text(dumps_json(data, path, indent=1) + "\n", encoding="utf-8")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -139,9 +145,12 @@ def _prepare(out: Path, config: dict[str, Any], digest: str, overwrite: bool) ->
     old: dict[str, Any] | None = None
     if index.is_file():
         try:
-            old = json.loads(index.read_text())
-        except (OSError, ValueError) as err:
-            return f"out={out}: {INDEX} cannot be read ({err}); pass overwrite=True to start again"
+            old = read_json(index)
+        except CheckpointError as err:  # unreadable, not JSON, or NaN / Infinity in it
+            return (
+                f"out={out}: {INDEX} cannot be read ({err.problem}); pass overwrite=True to "
+                "start again"
+            )
         if not isinstance(old, dict) or old.get("format") != FORMAT:
             return f"out={out}: {INDEX} is not a captum-ext index; choose another folder"
         if old.get("config_hash") != digest:
@@ -312,11 +321,11 @@ def _run_chunk(
         else:
             record = verify_checkpoint(base, expect=expect)
         reused = True
-    except CheckpointError:  # missing, partial or stale: compute it (again)
+    except CheckpointError:  # missing, partial, damaged (NaN in its JSON too) or stale: again
         tensors, extra = compute(c, range(start, stop))
         record = {"format": FORMAT, **expect, **extra}
         paths = save_checkpoint(base, tensors, record)
-        record = json.loads(paths.record.read_text())  # with the file's size and sha256
+        record = read_json(paths.record)  # with the file's size and sha256
         reused = False
     shard = {
         "chunk": c,
@@ -558,9 +567,11 @@ def load_maps(out: str | Path) -> tuple[dict[str, Tensor], list[str]]:
     """
     out = Path(out)
     try:
-        index = json.loads((out / INDEX).read_text())
-    except (OSError, ValueError) as err:
-        raise ShardedOutputError(f"{out}: no readable {INDEX} ({err})") from err
+        index = read_json(out / INDEX)
+    except CheckpointError as err:
+        raise ShardedOutputError(f"{out}: no readable {INDEX} ({err.problem})") from err
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise ShardedOutputError(f"{out}: {INDEX} is not a captum-ext index")
     if not index.get("complete"):
         raise ShardedOutputError(f"{out}: the run is not complete; run it again to resume")
     parts: dict[str, list[Tensor]] = {}

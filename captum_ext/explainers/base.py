@@ -405,7 +405,8 @@ class TrainableExplainer(Attribution, nn.Module):
 
         Raises:
             CheckpointError: The files are missing, damaged or edited; or the checkpoint is
-                not of this method and format, or was made for another model.
+                not of this method and format, lacks an entry of its record (``config``), or
+                was made for another model.
         """
         where = checkpoint_paths(path).record
         tensors, record = load_checkpoint(path)
@@ -416,7 +417,14 @@ class TrainableExplainer(Attribution, nn.Module):
                 f"(method={record.get('method')!r}, format={record.get('format')!r})",
                 "load it with the class that wrote it",
             )
-        explainer = cls._restore(where, tensors, record, model, **expected)
+        try:
+            explainer = cls._restore(where, tensors, record, model, **expected)
+        except KeyError as err:  # a record without "config", "backbone", ...
+            raise CheckpointError(
+                where,
+                f"record has no {err.args[0]!r} (not a complete {cls._method} checkpoint)",
+                f"load a checkpoint written by {cls._method}.save",
+            ) from err
         explainer._fitted = True
         return explainer.eval()
 

@@ -53,7 +53,6 @@ Example::
 from __future__ import annotations
 
 import copy
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -62,7 +61,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from captum_ext.checkpoint import load_checkpoint, verify_checkpoint
+from captum_ext.checkpoint import load_checkpoint, read_json, verify_checkpoint
 from captum_ext.errors import CheckpointError
 from captum_ext.zoo._build import WEIGHTS_DIR, build_model, record_names
 
@@ -121,8 +120,8 @@ def _folder(directory: Directory) -> Path:
 def _kind(folder: Path, name: str) -> str:
     """``"explainer"`` or ``"model"`` as the (not yet verified) JSON says; reading verifies."""
     try:
-        record = json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        record = read_json(folder / f"{name}.json")
+    except CheckpointError:  # unreadable, not JSON, NaN / Infinity in it
         return "model"  # reading it reports the damage
     kind = record.get("kind") if isinstance(record, dict) else None
     return "explainer" if kind == "explainer" else "model"
