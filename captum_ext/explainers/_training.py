@@ -17,6 +17,10 @@ device, runs its forward passes and returns its loss terms (``{"loss": total, "c
   module is wrapped in ``DistributedDataParallel`` (NCCL on GPUs, gloo on CPU), its BatchNorm
   layers use the statistics of the global batch, the logged loss terms are averaged over the
   processes, and only rank 0 shows progress, validates and writes checkpoints;
+* a guard against divergence: a step whose loss is not finite, or after which a parameter
+  (or a BatchNorm statistic) is not finite, stops training with the module and the
+  optimiser as they were before that step (:class:`FloatingPointError`, one line naming the
+  epoch, the step and the likely cause);
 * progress (tqdm, with the running loss), a per-epoch history, optional validation;
 * checkpoints after every epoch (:mod:`captum_ext.checkpoint`: safetensors + JSON, verified on
   read, never unpickled) and ``resume`` from the latest one.
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -186,9 +191,15 @@ def _average(terms: Mapping[str, torch.Tensor], world: _World) -> dict[str, floa
 
 
 def _loader(
-    data: Any, recipe: TrainingRecipe, world: _World, num_workers: int
+    data: Any, recipe: TrainingRecipe, world: _World, num_workers: int, method: str = "fit"
 ) -> tuple[DataLoader | Any, DistributedSampler | None]:
     """A loader whose order depends on ``(seed, epoch)``; each process gets its share."""
+    if isinstance(data, str | bytes | os.PathLike):
+        raise TypeError(
+            f"{method}: data must be a Dataset, a DataLoader or a tensor of inputs; got "
+            f"{type(data).__name__} ({data!r}). For a folder of images, pass a Dataset of it, "
+            "e.g. torchvision.datasets.ImageFolder(folder, transform=<the model's preprocessing>)."
+        )
     if isinstance(data, torch.Tensor):
         data = TensorDataset(data)
     if isinstance(data, DataLoader):
@@ -220,7 +231,8 @@ def _loader(
         return DataLoader(data, batch_size=recipe.batch_size, num_workers=num_workers), None
     if not isinstance(data, Dataset) and not hasattr(data, "__getitem__"):
         raise TypeError(
-            f"data must be a Dataset, a DataLoader or a tensor of inputs; got {type(data).__name__}."
+            f"{method}: data must be a Dataset, a DataLoader or a tensor of inputs; got "
+            f"{type(data).__name__}."
         )
     sampler = DistributedSampler(data, world.size, world.rank, shuffle=True, seed=recipe.seed)
     return DataLoader(
@@ -413,6 +425,7 @@ def train(
     identity: Mapping[str, Any] | None = None,
     validate: Validate | None = None,
     desc: str = "training",
+    method: str = "fit",
 ) -> list[dict[str, Any]]:
     """Trains ``module`` with ``step``'s loss; returns one history entry per epoch.
 
@@ -425,7 +438,10 @@ def train(
             tensor) is shuffled with ``recipe.seed`` and cut into ``recipe.batch_size``
             batches; a ``DataLoader`` is used as it is in one process and, under DDP, rebuilt
             with a ``DistributedSampler`` and its batch size split over the processes (unless
-            it already has a ``DistributedSampler``).
+            it already has a ``DistributedSampler``). An ``IterableDataset`` (or a loader of
+            one) without ``len()`` is read once more before training to count its batches
+            (the one-cycle schedule needs the number of steps); it must be finite and give as
+            many batches every epoch.
         recipe: Schedule, device handling, checkpoints, workers, processes and progress
             (:class:`~captum_ext.explainers.TrainingRecipe`, its defaults filled in).
         device: Where the module and the batches go.
@@ -434,20 +450,30 @@ def train(
         validate: Called on rank 0 after every epoch with the module in eval mode; its
             numbers join the epoch's history entry.
         desc: Label of the progress bar.
+        method: The calling ``fit`` (``"TTAME.fit"``), the prefix of the errors.
 
     Returns:
         ``[{"epoch": 1, "loss": ..., <terms>..., "lr": ..., "steps": ..., "images": ...,
         "time_s": ..., <validation>...}, ...]`` with the terms averaged over the epoch's steps
         (and processes).
+
+    Raises:
+        FloatingPointError: A step's loss is not finite, or the optimiser step made a
+            parameter or a buffer of a module in train mode not finite: ``module`` (parameters
+            and buffers) and the optimiser are put back as they were before that step, and the
+            message names the epoch, the step and the likely cause (inputs far outside the
+            model's range, a learning rate too high).
+        TypeError: ``data`` is not a Dataset, a DataLoader or a tensor (a folder name, say).
+        ValueError: Empty data; an iterable dataset that gives more batches than counted.
     """
     device = torch.device(device)
     use_amp, amp_dtype, use_scaler = _amp(device, recipe.amp)
     directory = Path(recipe.checkpoint_dir) if recipe.checkpoint_dir is not None else None
     with _world(device, recipe.distributed) as world:
-        loader, sampler = _loader(data, recipe, world, recipe.num_workers)
-        steps = len(loader)
+        loader, sampler = _loader(data, recipe, world, recipe.num_workers, method)
+        steps = _count(loader)
         if steps == 0:
-            raise ValueError("the training data is empty.")
+            raise ValueError(f"{method}: the training data is empty.")
         module.to(device)
         optimizer, scheduler = _optimiser(module, recipe, steps)
         scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
@@ -475,6 +501,7 @@ def train(
                     wrapped, step, loader, optimizer, scheduler, scaler, device, world,
                     (use_amp, amp_dtype), recipe.show_progress,
                     f"{desc} {epoch + 1}/{recipe.epochs}",
+                    _Guard(module, optimizer, method, epoch + 1, recipe.lr, steps),
                 )  # fmt: skip
                 entry = {"epoch": epoch + 1, **entry}
                 if validate is not None and world.main:
@@ -493,6 +520,141 @@ def train(
     return history
 
 
+def _count(loader: Any) -> int:
+    """``len(loader)``; for an iterable dataset without ``len()``, its batches counted."""
+    try:
+        return len(loader)
+    except TypeError:
+        return sum(1 for _ in loader)
+
+
+class _Guard:
+    """Stops training at the first non-finite loss or update, the state put back first.
+
+    Before every step it copies the module's trained parameters, the buffers of its modules
+    in train mode (BatchNorm statistics, which the forward pass updates) and the optimiser's
+    state into buffers kept between steps; a step whose loss is not finite, or after which
+    one of those tensors is not finite, puts them back and raises one line.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        method: str,
+        epoch: int,
+        lr: float,
+        steps: int,
+    ) -> None:
+        self.module, self.optimizer, self.method = module, optimizer, method
+        self.epoch, self.lr, self.steps = epoch, lr, steps
+        self.step = 0
+        self.live: list[torch.Tensor] = []
+        self.names: list[str] = []
+        self.saved: list[torch.Tensor] = []
+        self.opt_saved: dict[Any, dict[str, Any]] = {}
+
+    def start_epoch(self) -> None:
+        """Lists the tensors to guard (after ``train()``: the modes decide the buffers)."""
+        params = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        live, names = [], []
+        for prefix, m in self.module.named_modules():
+            for name, p in m.named_parameters(prefix=prefix, recurse=False):
+                if id(p) in params:
+                    live.append(p)
+                    names.append(name)
+            if m.training:
+                for name, b in m.named_buffers(prefix=prefix, recurse=False):
+                    if b is not None:
+                        live.append(b)
+                        names.append(name)
+        self.live, self.names = live, names
+        self.saved = [t.detach().clone() for t in live]
+
+    def before_step(self, step: int) -> None:
+        """Copies the guarded tensors and the optimiser's state (step ``step`` is next)."""
+        if step > self.steps:
+            raise ValueError(
+                f"{self.method}: the data gave more than the {self.steps} batches counted "
+                f"before training (epoch {self.epoch}); an iterable dataset must give as many "
+                "batches every epoch."
+            )
+        self.step = step
+        with torch.no_grad():
+            for saved, t in zip(self.saved, self.live, strict=True):
+                saved.copy_(t)
+            kept: dict[Any, dict[str, Any]] = {}
+            for p, state in self.optimizer.state.items():
+                old = self.opt_saved.get(p, {})
+                new = {}
+                for k, v in state.items():
+                    if isinstance(v, torch.Tensor):
+                        prev = old.get(k)
+                        if isinstance(prev, torch.Tensor) and prev.shape == v.shape:
+                            new[k] = prev.copy_(v)
+                        else:
+                            new[k] = v.detach().clone()
+                    else:
+                        new[k] = v
+                kept[p] = new
+            self.opt_saved = kept
+
+    def _restore(self) -> None:
+        with torch.no_grad():
+            for saved, t in zip(self.saved, self.live, strict=True):
+                t.copy_(saved)
+            for p in list(self.optimizer.state):
+                if p not in self.opt_saved:
+                    del self.optimizer.state[p]
+            for p, state in self.opt_saved.items():
+                live = self.optimizer.state[p]
+                for k in [k for k in live if k not in state]:
+                    del live[k]
+                for k, v in state.items():
+                    if isinstance(v, torch.Tensor) and isinstance(live.get(k), torch.Tensor):
+                        live[k].copy_(v)
+                    else:
+                        live[k] = v.clone() if isinstance(v, torch.Tensor) else v
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _inputs(self, batch: Any) -> str:
+        try:
+            x = batch_inputs(batch)
+        except TypeError:
+            return ""
+        if not x.is_floating_point() or x.numel() == 0:
+            return ""
+        return f"; this batch's largest |input| is {float(x.detach().abs().max()):.3g}"
+
+    def check_loss(self, loss: float, batch: Any) -> None:
+        """Restores and raises when the (process-averaged) loss is not finite."""
+        if math.isfinite(loss):
+            return
+        self._restore()
+        raise FloatingPointError(
+            f"{self.method}: the loss is not finite ({loss}) at epoch {self.epoch}, step "
+            f"{self.step}; the explainer is left as it was before that step. Likely causes: "
+            "inputs far outside the model's range (unnormalised or overflowing images"
+            f"{self._inputs(batch)}) or a learning rate too high (lr={self.lr})."
+        )
+
+    def check_update(self, batch: Any) -> None:
+        """Restores and raises when the optimiser step made a guarded tensor not finite."""
+        if not self.live:
+            return
+        ok = torch.stack([torch.isfinite(t).all() for t in self.live]).tolist()
+        if all(ok):
+            return
+        bad = self.names[ok.index(False)]
+        self._restore()
+        raise FloatingPointError(
+            f"{self.method}: {bad} is not finite after the training step at epoch {self.epoch}, "
+            f"step {self.step}; the explainer is left as it was before that step. Likely "
+            f"causes: a learning rate too high (lr={self.lr}) or inputs far outside the "
+            f"model's range (unnormalised or overflowing images{self._inputs(batch)})."
+        )
+
+
 def _epoch(
     wrapped: nn.Module,
     step: Step,
@@ -505,25 +667,30 @@ def _epoch(
     amp: tuple[bool, torch.dtype | None],
     show_progress: bool,
     desc: str,
+    guard: _Guard,
 ) -> dict[str, float]:
     start = time.perf_counter()
     wrapped.train()
+    guard.start_epoch()
     sums: dict[str, float] = {}
     n_steps = n_images = 0
     bar = progress(loader, show=show_progress and world.main, desc=desc, leave=False)
     try:
         for batch in bar:
+            guard.before_step(n_steps + 1)
             batch = _to_device(batch, device)
             with torch.autocast(device.type, dtype=amp[1], enabled=amp[0]):
                 terms = step(wrapped, batch)
             if "loss" not in terms:
                 raise KeyError("a training step must return its total under the key 'loss'.")
+            logged = _average(terms, world)  # the same on every process: all stop together
+            guard.check_loss(logged["loss"], batch)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(terms["loss"]).backward()
             scaler.step(optimizer)
+            guard.check_update(batch)
             scaler.update()
             scheduler.step()
-            logged = _average(terms, world)
             for k, v in logged.items():
                 sums[k] = sums.get(k, 0.0) + v
             n_steps += 1

@@ -19,11 +19,13 @@ method, format, configuration and the wrapped model's identity.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -34,6 +36,7 @@ from torch import nn
 
 from captum_ext.adapters.base import ModelAdapter, unwrap_model
 from captum_ext.attr.base import check_output, check_targets, unpack_inputs
+from captum_ext.capture import exclusive, model_state, no_checkpointing
 from captum_ext.checkpoint import (
     CheckpointPaths,
     checkpoint_paths,
@@ -70,9 +73,9 @@ class TrainingRecipe:
         batch_size: Examples per optimiser step, over all processes together (each of ``P``
             processes takes ``batch_size / P``).
         lr: Peak learning rate.
-        momentum: SGD momentum (while ``cycle_momentum`` is on, ``OneCycleLR`` cycles it
-            0.95 -> 0.85 -> 0.95 instead).
-        nesterov: Nesterov momentum.
+        momentum: SGD momentum in ``[0, 1)`` (while ``cycle_momentum`` is on,
+            ``OneCycleLR`` cycles it 0.95 -> 0.85 -> 0.95 instead).
+        nesterov: Nesterov momentum (needs ``momentum > 0``).
         weight_decay: L2 penalty of weights.
         pct_start: Share of the steps spent raising the learning rate, in ``(0, 1)``.
         cycle_momentum: Let ``OneCycleLR`` cycle the momentum (its default).
@@ -91,7 +94,8 @@ class TrainingRecipe:
             variables are set; ``True`` requires it; ``False`` trains in this process only.
 
     Raises:
-        ValueError: A value of the wrong type or range, naming the field.
+        ValueError: A value of the wrong type or range (NaN, inf, a string for a number, a
+            number for a flag), naming the field and its allowed values.
     """
 
     epochs: int | None = None
@@ -119,13 +123,31 @@ class TrainingRecipe:
                 raise ValueError(f"TrainingRecipe: {name} must be a positive int; got {v!r}.")
         if self.lr is not None and not (_finite_number(self.lr) and self.lr > 0):
             raise ValueError(f"TrainingRecipe: lr must be a finite number > 0; got {self.lr!r}.")
-        for name in ("momentum", "weight_decay"):
-            v = getattr(self, name)
-            if not (_finite_number(v) and v >= 0):
-                raise ValueError(f"TrainingRecipe: {name} must be a finite number >= 0; got {v!r}.")
+        if not (_finite_number(self.momentum) and 0 <= self.momentum < 1):
+            raise ValueError(
+                f"TrainingRecipe: momentum must be a finite number in [0, 1); got {self.momentum!r}."
+            )
+        if not (_finite_number(self.weight_decay) and self.weight_decay >= 0):
+            raise ValueError(
+                "TrainingRecipe: weight_decay must be a finite number >= 0; got "
+                f"{self.weight_decay!r}."
+            )
         if not (_finite_number(self.pct_start) and 0 < self.pct_start < 1):
             raise ValueError(
                 f"TrainingRecipe: pct_start must lie in (0, 1); got {self.pct_start!r}."
+            )
+        for name in ("nesterov", "cycle_momentum", "show_progress", "resume"):
+            v = getattr(self, name)
+            if not isinstance(v, bool):
+                raise ValueError(f"TrainingRecipe: {name} must be True or False; got {v!r}.")
+        for name in ("amp", "distributed"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, bool):
+                raise ValueError(f"TrainingRecipe: {name} must be True, False or None; got {v!r}.")
+        if self.nesterov and self.momentum == 0:
+            raise ValueError(
+                "TrainingRecipe: nesterov=True needs momentum > 0; got momentum="
+                f"{self.momentum!r} (pass nesterov=False for plain SGD)."
             )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"TrainingRecipe: seed must be an int; got {self.seed!r}.")
@@ -164,6 +186,11 @@ class TrainableExplainer(Attribution, nn.Module):
     :meth:`mark_fitted` (for a training loop of your own); before that, :meth:`attribute`
     and :meth:`save` raise :class:`~captum_ext.errors.NotFittedError`.
 
+    ``fit`` holds the explained model's lock (:func:`captum_ext.capture.exclusive`) from
+    start to end: another thread's explanation of the same model waits until it returns. It
+    trains with gradients enabled also when called under ``torch.no_grad()``, and refuses
+    ``torch.inference_mode()`` (which forbids them).
+
     Attributes:
         adapter: The wrapped model's adapter.
         default_recipe: The method's published ``epochs``, ``batch_size`` and ``lr``.
@@ -179,6 +206,7 @@ class TrainableExplainer(Attribution, nn.Module):
     def __init__(self) -> None:
         nn.Module.__init__(self)
         self._fitted = False
+        self._fit_thread: int | None = None  # the thread whose fit holds the model's lock
 
     # ------------------------------------------------------------------ Captum
     @property
@@ -243,11 +271,14 @@ class TrainableExplainer(Attribution, nn.Module):
 
         Raises:
             NotFittedError: Before :meth:`fit` or :meth:`load`.
-            ValueError: A bad input, target or ``output``.
+            ValueError: A bad input, target or ``output``; or maps that would not be finite
+                (inputs so large that the model's features overflow, or an explainer whose
+                parameters are not finite): never a NaN map.
         """
         self._check_fitted("attribute")
         x, was_tuple = self._checked(inputs, additional_forward_args, output)
         (maps,) = self._explain(x, [target], additional_forward_args, output)
+        self._check_finite(maps, x)
         return (maps,) if was_tuple else maps
 
     def attribute_targets(
@@ -271,7 +302,21 @@ class TrainableExplainer(Attribution, nn.Module):
         self._check_fitted("attribute_targets")
         targets = check_targets(targets, self._method)
         x, _ = self._checked(inputs, additional_forward_args, output)
-        return torch.stack(self._explain(x, targets, additional_forward_args, output))
+        maps = torch.stack(self._explain(x, targets, additional_forward_args, output))
+        self._check_finite(maps, x)
+        return maps
+
+    def _check_finite(self, maps: torch.Tensor, x: torch.Tensor) -> None:
+        """Refuses maps with NaN or inf entries (one line saying why they arise)."""
+        if bool(torch.isfinite(maps).all()):
+            return
+        largest = float(x.detach().abs().max()) if x.is_floating_point() else None
+        size = f" (largest |input| {largest:.3g})" if largest is not None else ""
+        raise ValueError(
+            f"{self._method}: the maps are not finite (NaN or inf) for these inputs{size}: the "
+            "model's features overflow, or the explainer's parameters are not finite; pass "
+            "inputs in the range the model expects (e.g. normalised images)."
+        )
 
     def _checked(self, inputs: Any, extra: Any, output: Any) -> tuple[torch.Tensor, bool]:
         x, was_tuple = unpack_inputs(inputs, self._method)
@@ -288,6 +333,43 @@ class TrainableExplainer(Attribution, nn.Module):
     ) -> list[torch.Tensor]:
         """The maps of every target in ``targets`` (``None``: the predicted class), one pass."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ the model's lock
+    @contextlib.contextmanager
+    def _fitting(self) -> Iterator[None]:
+        """The section of ``fit`` that trains: the model's lock, gradients on.
+
+        Holds :func:`~captum_ext.capture.exclusive` on the explained model for the whole
+        section, so another thread's explanation of the model waits; inside it, this
+        explainer's own forward passes (the training step, validation that explains) go
+        through :meth:`_model_state`, which does not take the lock again.
+
+        Raises:
+            RuntimeError: Under ``torch.inference_mode()``.
+            ReentrantCallError: Called from inside another captum_ext call on the model.
+        """
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(
+                f"{self._method}.fit: training needs gradients, which torch.inference_mode() "
+                "forbids; call fit() outside inference_mode (torch.no_grad() is fine)."
+            )
+        with exclusive(self.adapter.model), torch.enable_grad():
+            self._fit_thread = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._fit_thread = None
+
+    def _model_state(
+        self, grad: bool = True, model: nn.Module | None = None
+    ) -> contextlib.AbstractContextManager[None]:
+        """:func:`~captum_ext.capture.model_state` of the explained model (or ``model``, a
+        part of it); inside this thread's :meth:`_fitting`, which already holds the lock, the
+        same modes without taking it again."""
+        model = self.adapter.model if model is None else model
+        if self._fit_thread is not None and self._fit_thread == threading.get_ident():
+            return _modes_held(model, grad)
+        return model_state(model, grad)
 
     # ------------------------------------------------------------------ training
     def _recipe(self, recipe: TrainingRecipe | None) -> TrainingRecipe:
@@ -320,7 +402,7 @@ class TrainableExplainer(Attribution, nn.Module):
             validate = functools.partial(self._validate_while_training, validate)
         history = train(
             module, step, data, recipe, device=device, identity=identity, validate=validate,
-            desc=self._label,
+            desc=self._label, method=f"{self._method}.fit",
         )  # fmt: skip
         self._fitted = True
         return history
@@ -406,7 +488,9 @@ class TrainableExplainer(Attribution, nn.Module):
         Raises:
             CheckpointError: The files are missing, damaged or edited; or the checkpoint is
                 not of this method and format, lacks an entry of its record (``config``), or
-                was made for another model.
+                was made for another model, or for other weights of the same model (the
+                record's ``backbone.weights_sha256``, the fingerprint of the model's weights
+                when it was saved, differs from the model's).
         """
         where = checkpoint_paths(path).record
         tensors, record = load_checkpoint(path)
@@ -425,6 +509,13 @@ class TrainableExplainer(Attribution, nn.Module):
                 f"record has no {err.args[0]!r} (not a complete {cls._method} checkpoint)",
                 f"load a checkpoint written by {cls._method}.save",
             ) from err
+        weights = (record.get("backbone") or {}).get("weights_sha256")
+        if weights is not None and model_fingerprint(explainer.adapter.model) != weights:
+            raise CheckpointError(
+                where,
+                "made for other weights of this model (the fingerprint of its weights differs)",
+                f"load it with the model it was trained for, or fit a new {cls._method} for it",
+            )
         explainer._fitted = True
         return explainer.eval()
 
@@ -439,6 +530,30 @@ class TrainableExplainer(Attribution, nn.Module):
     ) -> _E:
         """Builds the explainer from a verified record and loads its tensors."""
         raise NotImplementedError
+
+
+@contextlib.contextmanager
+def _modes_held(model: nn.Module, grad: bool) -> Iterator[None]:
+    """What :func:`~captum_ext.capture.model_state` does once the lock is held: eval mode,
+    checkpointing off, grad on (or off), ``torch.compile``d parts run eagerly; every
+    module's mode restored in ``finally``."""
+    modules = list(model.modules())
+    modes = [m.training for m in modules]
+    compiled = any("_orig_mod" in m._modules for m in modules)
+    eager = (
+        torch.compiler.set_stance("force_eager")
+        if compiled and not torch.compiler.is_compiling()
+        else contextlib.nullcontext()
+    )
+    try:
+        with no_checkpointing(model), torch.set_grad_enabled(grad), eager:
+            if any(modes):
+                model.eval()
+            yield
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            if m.training != mode:
+                m.training = mode
 
 
 def backbone_model(model: nn.Module | ModelAdapter) -> nn.Module:

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from captum_ext import zoo
 from captum_ext._scores import normalise_target
@@ -30,7 +32,7 @@ from captum_ext.adapters.base import (
     TransformerAdapter,
     adapter_for,
 )
-from captum_ext.capture import model_state, no_checkpointing, probe_readout
+from captum_ext.capture import no_checkpointing, probe_readout
 from captum_ext.checkpoint import model_fingerprint
 from captum_ext.errors import CheckpointError
 from captum_ext.explainers._mhex_network import (
@@ -290,7 +292,7 @@ class MHEX(TrainableExplainer):
     def _forward(self, x: torch.Tensor, extra: Any) -> Pass:
         from captum_ext.adapters.base import as_tuple
 
-        with model_state(self.network.model, grad=False):
+        with self._model_state(grad=False):
             return self.network.run(x, *as_tuple(extra))
 
     def _saliency(
@@ -319,22 +321,52 @@ class MHEX(TrainableExplainer):
         objective: Objective = "ce",
         head_weights: Sequence[float] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """The training loss terms of one batch (see :func:`mhex_step`)."""
+        """The training loss terms of one batch (see :func:`mhex_step`).
+
+        Raises:
+            ValueError: ``head_weights`` not finite numbers >= 0 (one per head, or one).
+        """
         return mhex_step(
-            self.network, batch, objective=objective, head_weights=self._lambdas(head_weights)
+            self.network,
+            batch,
+            objective=objective,
+            head_weights=self._lambdas(head_weights, "MHEX.loss"),
         )
 
-    def _lambdas(self, head_weights: Sequence[float] | float | None) -> list[float]:
+    def _lambdas(
+        self, head_weights: Sequence[float] | float | None, where: str = "MHEX.fit"
+    ) -> list[float]:
+        """``lambda_l`` of every head; refuses NaN, inf, negative and non-numeric values."""
+        n = len(self.stages)
         if head_weights is None:
-            return [1.0] * len(self.stages)
-        if isinstance(head_weights, int | float):
-            return [float(head_weights)] * len(self.stages)
-        lam = [float(v) for v in head_weights]
-        if len(lam) != len(self.stages):
+            return [1.0] * n
+        values = _values(head_weights)
+        if not all(_number(v) and math.isfinite(v) and v >= 0 for v in values):
             raise ValueError(
-                f"MHEX: head_weights has {len(lam)} values for {len(self.stages)} heads."
+                f"{where}: head_weights must be finite numbers >= 0, one per head ({n}) or one "
+                f"for all; got {head_weights!r}."
             )
-        return lam
+        if len(values) == 1 and _number(head_weights):
+            return [float(head_weights)] * n
+        if len(values) != n:
+            raise ValueError(
+                f"{where}: head_weights has {len(values)} values for {n} heads; pass one per "
+                "head or one for all."
+            )
+        return [float(v) for v in values]
+
+    def _step(
+        self,
+        module: nn.Module,
+        batch: Any,
+        objective: Objective,
+        head_weights: list[float],
+    ) -> dict[str, torch.Tensor]:
+        """:func:`mhex_step` on a batch checked to be ``(inputs, *extra_args, labels)``."""
+        _check_batch(batch, "MHEX.fit: each batch")
+        inputs, *extra, _ = batch
+        self.adapter.check_inputs(inputs, "MHEX.fit", tuple(extra) or None)
+        return mhex_step(module, batch, objective=objective, head_weights=head_weights)
 
     def fit(
         self,
@@ -372,19 +404,39 @@ class MHEX(TrainableExplainer):
                 ``"bce"``, argmax accuracy for ``"ce"``).
             objective: ``"ce"`` (softmax cross-entropy; class indices ``(B,)``) or ``"bce"``
                 (sigmoid binary cross-entropy per class; multi-hot labels ``(B, K)``).
-            head_weights: ``lambda_l`` per head (or one value for all); default 1.
+            head_weights: ``lambda_l`` per head (or one value for all), finite and ``>= 0``;
+                default 1.
             train_backbone: Train the model's parameters too (model in train mode).
 
         Returns:
             One dict per epoch: ``epoch``, ``loss``, ``final``, ``head0``, ... (epoch means,
             unweighted terms), ``lr``, ``steps``, ``images``, ``time_s`` and the validation
             numbers.
+
+        Raises:
+            ValueError: A bad ``objective``, ``head_weights`` or ``train_backbone``; batches
+                or ``val_data`` that are not ``(inputs, *extra_args, labels)``; images that
+                are not floating point (MHEX trains on float images as the model takes them,
+                e.g. normalised: convert uint8 images first) or hold NaN or inf; empty data.
+            TypeError: ``data`` or ``val_data`` is not a tensor tuple, Dataset or DataLoader
+                (e.g. a folder name: wrap the folder in a Dataset such as torchvision's
+                ``ImageFolder``).
+            FloatingPointError: A step's loss, or the trained parameters after a step, are not
+                finite (inputs far outside the model's range, a learning rate too high):
+                training stops with the network and optimiser as they were before that step.
+            RuntimeError: Under ``torch.inference_mode()`` (``torch.no_grad()`` is fine: fit
+                enables gradients itself).
         """
         if objective not in ("ce", "bce"):
-            raise ValueError(f"MHEX: objective must be 'ce' or 'bce'; got {objective!r}.")
+            raise ValueError(f"MHEX.fit: objective must be 'ce' or 'bce'; got {objective!r}.")
+        if not isinstance(train_backbone, bool):
+            raise ValueError(
+                f"MHEX.fit: train_backbone must be True or False; got {train_backbone!r}."
+            )
         lam = self._lambdas(head_weights)
         if isinstance(data, tuple) and all(isinstance(t, torch.Tensor) for t in data):
             data = TensorDataset(*data)
+        _check_val_data(val_data)
         recipe = self._recipe(recipe)
         loss = {"objective": objective, "head_weights": lam}
         identity = {
@@ -395,28 +447,29 @@ class MHEX(TrainableExplainer):
             "loss": loss,
             "train_backbone": bool(train_backbone),
         }
-        step = functools.partial(mhex_step, objective=objective, head_weights=lam)
+        step = functools.partial(self._step, objective=objective, head_weights=lam)
         validate = None
         if val_data is not None:
             validate = functools.partial(self._validate, val_data, recipe.batch_size, objective)
         net = self.network
-        modes = [(m, m.training) for m in net.modules()]
         own = [*net.gates.parameters(), *net.heads.parameters()]
         backbone = list(net.model.parameters())
-        try:
-            with (
-                no_checkpointing(net.model),
-                requires_grad(
-                    on=own + (backbone if train_backbone else []),
-                    off=[] if train_backbone else backbone,
-                ),
-            ):
-                net.backbone_trainable = train_backbone
-                history = self._train(net, step, data, recipe, identity, validate)
-        finally:
-            net.backbone_trainable = True
-            for m, mode in modes:
-                m.training = mode
+        with self._fitting():  # the modes are read under the lock: no other call changed them
+            modes = [(m, m.training) for m in net.modules()]
+            try:
+                with (
+                    no_checkpointing(net.model),
+                    requires_grad(
+                        on=own + (backbone if train_backbone else []),
+                        off=[] if train_backbone else backbone,
+                    ),
+                ):
+                    net.backbone_trainable = train_backbone
+                    history = self._train(net, step, data, recipe, identity, validate)
+            finally:
+                net.backbone_trainable = True
+                for m, mode in modes:
+                    m.training = mode
         self.backbone_trained = self.backbone_trained or bool(train_backbone)
         self.training_record = {
             "recipe": schedule(recipe),
@@ -430,7 +483,9 @@ class MHEX(TrainableExplainer):
         self, val_data: Any, batch_size: int, objective: Objective, module: nn.Module
     ) -> dict[str, float]:
         """Accuracy of the final classifier and of every head on ``val_data``."""
-        if isinstance(val_data, tuple) and all(isinstance(t, torch.Tensor) for t in val_data):
+        if isinstance(val_data, tuple | list) and all(
+            isinstance(t, torch.Tensor) for t in val_data
+        ):
             val_data = TensorDataset(*val_data)
         loader = DataLoader(val_data, batch_size=batch_size)
         device = next(module.parameters()).device
@@ -483,7 +538,7 @@ class MHEX(TrainableExplainer):
         try:
             for p in params:
                 p.requires_grad_(True)
-            with model_state(self.network.model, grad=True):
+            with self._model_state(grad=True):
                 p_ = self.network.run(inputs, *extra)
                 heads = self.network.head_logits(p_, inputs, tuple(extra))
                 losses = [_objective_loss(h, labels, objective) for h in heads]
@@ -635,8 +690,8 @@ class MHEX(TrainableExplainer):
     def _load_weights(
         self, where: Any, tensors: dict[str, torch.Tensor], bb: dict[str, Any], remedy: str
     ) -> None:
-        """The model's stored weights (if any, checked against the fingerprint), then the
-        gates' and heads' tensors."""
+        """The model's stored weights (if any), then the gates' and heads' tensors (the base
+        class's ``load`` then checks the model's weights against ``weights_sha256``)."""
         net = self.network
         ref = next(net.model.parameters())
         own_state = {k[6:]: v for k, v in tensors.items() if k.startswith("model.")}
@@ -650,12 +705,6 @@ class MHEX(TrainableExplainer):
             self.backbone_trained = True
         elif own_state:
             raise CheckpointError(where, "holds model weights it does not declare", remedy)
-        if model_fingerprint(net.model) != bb["weights_sha256"]:
-            raise CheckpointError(
-                where,
-                "made for other weights of this model (the fingerprint of its weights differs)",
-                remedy,
-            )
         state = {
             k: v.to(device=ref.device, dtype=ref.dtype)
             for k, v in tensors.items()
@@ -728,16 +777,85 @@ def _head_channels(
 def _stage_weights(stage_weights: Sequence[float] | None, n: int) -> list[float] | None:
     if stage_weights is None:
         return None
-    weights = [float(w) for w in stage_weights]
+    values = _values(stage_weights)
     if (
-        len(weights) != n
-        or not all(math.isfinite(w) and w >= 0 for w in weights)
-        or not any(weights)
+        len(values) != n
+        or not all(_number(w) and math.isfinite(w) and w >= 0 for w in values)
+        or not any(values)
     ):
+        shown = [float(w) for w in values] if values and all(map(_number, values)) else None
         raise ValueError(
-            f"MHEX: stage_weights needs {n} finite non-negative values, not all 0; got {weights}."
+            f"MHEX: stage_weights needs {n} finite non-negative values, not all 0; got "
+            f"{shown if shown is not None else stage_weights!r}."
         )
-    return weights
+    return [float(w) for w in values]
+
+
+def _number(value: Any) -> bool:
+    """A real number (int, float, NumPy scalar; not bool)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _values(value: Any) -> list[Any]:
+    """A number as ``[value]``; a list, tuple, 1-D tensor or array as a list; else
+    ``[value]`` (refused by the caller)."""
+    if _number(value) or isinstance(value, str | bytes):
+        return [value]
+    if hasattr(value, "tolist") and not isinstance(value, list):
+        value = value.tolist()
+    return list(value) if isinstance(value, Sequence) else [value]
+
+
+def _check_batch(batch: Any, what: str) -> None:
+    """Refuses a batch that is not ``(inputs, *extra_args, labels)`` tensors of one size."""
+    hint = (
+        f"{what} must be (inputs, *extra_args, labels) tensors, e.g. from TensorDataset(images, "
+        "labels) or the tuple (images, labels)"
+    )
+    if isinstance(batch, torch.Tensor):
+        raise ValueError(f"{hint}; got a single tensor {tuple(batch.shape)} (no labels).")
+    if not isinstance(batch, tuple | list) or len(batch) < 2:
+        got = f"{len(batch)} item" if isinstance(batch, tuple | list) else type(batch).__name__
+        raise ValueError(f"{hint}; got {got} (no labels).")
+    if not all(isinstance(t, torch.Tensor) for t in batch):
+        kinds = ", ".join(type(t).__name__ for t in batch)
+        raise ValueError(f"{hint}; got ({kinds}).")
+    sizes = {t.shape[0] if t.dim() else None for t in batch}
+    if len(sizes) != 1 or None in sizes:
+        shapes = ", ".join(str(tuple(t.shape)) for t in batch)
+        raise ValueError(f"{hint}, all with the same batch size; got shapes {shapes}.")
+
+
+def _check_val_data(val_data: Any) -> None:
+    """Refuses ``val_data`` that is not ``(inputs, *extra_args, labels)`` tensors or a
+    Dataset / DataLoader of such tuples (its first item is looked at)."""
+    what = "MHEX.fit: val_data"
+    if val_data is None:
+        return
+    if isinstance(val_data, tuple | list) and all(isinstance(t, torch.Tensor) for t in val_data):
+        _check_batch(tuple(val_data), what)
+        return
+    if isinstance(val_data, torch.Tensor):
+        _check_batch(val_data, what)
+    data = val_data.dataset if isinstance(val_data, DataLoader) else val_data
+    if isinstance(data, Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+        if len(data) == 0:  # type: ignore[arg-type]
+            raise ValueError(f"{what} is empty.")
+        first = data[0]
+        if not isinstance(first, tuple | list) or len(first) < 2:
+            got = type(first).__name__ if not isinstance(first, tuple | list) else "1 item"
+            raise ValueError(
+                f"{what}'s examples must be (inputs, *extra_args, labels) tuples, e.g. from "
+                f"TensorDataset(images, labels); got {got} (no labels)."
+            )
+        return
+    if isinstance(val_data, DataLoader):
+        return
+    shown = f" ({val_data!r})" if isinstance(val_data, str | bytes | os.PathLike) else ""
+    raise TypeError(
+        f"{what} must be (inputs, *extra_args, labels) tensors, a Dataset or a DataLoader of "
+        f"such tuples; got {type(val_data).__name__}{shown}."
+    )
 
 
 def _sub(state: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -7,6 +7,8 @@ Convolutional Networks and Vision Transformers", IEEE Access 2024 (code: IDT-ITI
 from __future__ import annotations
 
 import functools
+import math
+import os
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
 
@@ -300,7 +302,7 @@ class TTAME(TrainableExplainer):
         your own around :attr:`mechanism`).
         """
         self.adapter.check_inputs(inputs, self._method, additional_forward_args)
-        with model_state(self.adapter.model, grad=False):
+        with self._model_state(grad=False):
             return self._capture(inputs, additional_forward_args)
 
     def forward(self, inputs: torch.Tensor, additional_forward_args: Any = None) -> torch.Tensor:
@@ -314,7 +316,7 @@ class TTAME(TrainableExplainer):
         self, x: torch.Tensor, targets: list[Any], extra: Any, output: str
     ) -> list[torch.Tensor]:
         """One forward pass of the model; the mechanism's map of each target, formatted."""
-        with model_state(self.adapter.model, grad=False):
+        with self._model_state(grad=False):
             feats, logits = self._capture(x, extra)
             self._align(feats)
             was_training = self.mechanism.training
@@ -333,6 +335,8 @@ class TTAME(TrainableExplainer):
             finally:
                 if switch:
                     self.mechanism.train(was_training)
+        for c in maps:  # before the min-max normalisation, which would turn NaN into 0
+            self._check_finite(c, x)
         return [_format(_minmax(c), x, output) for c in maps]
 
     # ------------------------------------------------------------------ train
@@ -396,9 +400,32 @@ class TTAME(TrainableExplainer):
             One dict per epoch: ``epoch``, ``loss``, ``ce``, ``area``, ``tv`` (epoch means,
             unweighted terms), ``lr``, ``steps``, ``images``, ``time_s`` and the validation
             numbers.
+
+        Raises:
+            ValueError: A loss option that is not a finite number in its range
+                (``ce_weight``, ``area_weight``, ``tv_weight``, ``area_eps``, ``tv_border``
+                ``>= 0``, the three weights not all 0; ``area_power``, ``tv_power`` ``> 0``);
+                images that are not floating point (T-TAME trains on float images as the
+                model takes them, e.g. normalised: convert uint8 images first) or hold NaN or
+                inf; empty data.
+            TypeError: ``data`` or ``val_data`` is not a tensor, Dataset or DataLoader (e.g.
+                a folder name: wrap the folder in a Dataset such as torchvision's
+                ``ImageFolder``).
+            FloatingPointError: A step's loss, or the mechanism after a step, is not finite
+                (inputs far outside the model's range, a learning rate too high): training
+                stops with the mechanism and optimiser as they were before that step.
+            RuntimeError: Under ``torch.inference_mode()`` (``torch.no_grad()`` is fine: fit
+                enables gradients itself).
         """
         if loss_maps not in ("target", "batch"):
-            raise ValueError(f"loss_maps must be 'target' or 'batch'; got {loss_maps!r}.")
+            raise ValueError(
+                f"TTAME.fit: loss_maps must be 'target' or 'batch'; got {loss_maps!r}."
+            )
+        if not isinstance(backbone_train_mode, bool):
+            raise ValueError(
+                f"TTAME.fit: backbone_train_mode must be True or False; got {backbone_train_mode!r}."
+            )
+        _check_val_data(val_data)
         recipe = self._recipe(recipe)
         weights = {
             "ce_weight": ce_weight,
@@ -409,8 +436,12 @@ class TTAME(TrainableExplainer):
             "tv_power": tv_power,
             "tv_border": tv_border,
         }
-        identity = {
-            **self.record(),
+        _check_loss_options(weights)
+        identity = {  # record() without the weights' fingerprint (hashing every weight)
+            "method": self._record_method,
+            "format": self._format,
+            "config": self._config_record(),
+            "backbone": self._backbone_record(weights=False),
             "loss": {**weights, "maps": loss_maps},
             "backbone_train_mode": bool(backbone_train_mode),
         }
@@ -420,7 +451,8 @@ class TTAME(TrainableExplainer):
         validate = None
         if val_data is not None:
             validate = functools.partial(self._validate, val_data, recipe.batch_size)
-        return self._train(self.mechanism, step, data, recipe, identity, validate)
+        with self._fitting():
+            return self._train(self.mechanism, step, data, recipe, identity, validate)
 
     def _step(
         self,
@@ -434,7 +466,7 @@ class TTAME(TrainableExplainer):
         x = batch_inputs(batch)
         self.adapter.check_inputs(x, "TTAME.fit")
         model = self.adapter.model
-        with model_state(model, grad=True), frozen_parameters(model):
+        with self._model_state(grad=True), frozen_parameters(model):
             if backbone_train:
                 model.train()
             with torch.no_grad():
@@ -472,13 +504,18 @@ class TTAME(TrainableExplainer):
             "max_size": self.max_size,
         }
 
-    def _backbone_record(self) -> dict[str, Any]:
+    def _backbone_record(self, weights: bool = True) -> dict[str, Any]:
+        """The model's class, layout fingerprint and feature shapes and, with ``weights``,
+        ``weights_sha256``, the fingerprint of its weights (:meth:`load` refuses others)."""
         model = self.adapter.model
-        return {
+        record = {
             "class": type(model).__name__,
             "fingerprint": model_fingerprint(model, values=False),
             "feature_shapes": [list(s) for s in self.feature_shapes],
         }
+        if weights:
+            record["weights_sha256"] = model_fingerprint(model)
+        return record
 
     def _checkpoint_tensors(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.mechanism.state_dict().items()}
@@ -488,8 +525,9 @@ class TTAME(TrainableExplainer):
         """Checks the backbone (class, layout, feature shapes, classes), loads the mechanism.
 
         Checkpoint record: the config (layers, ``K``, ViT features, probe size, map size) and
-        the backbone's class name, sha256 fingerprint of its state-dict names and shapes, and
-        feature shapes; a model that differs in any is refused.
+        the backbone's class name, sha256 fingerprint of its state-dict names and shapes,
+        feature shapes and the fingerprint of its weights (checked by the base class's
+        ``load``); a model that differs in any is refused.
         """
         if expected:
             raise TypeError(f"TTAME.load takes no options; got {sorted(expected)}.")
@@ -527,6 +565,45 @@ class TTAME(TrainableExplainer):
 
 # ---------------------------------------------------------------------------------------------
 # helpers
+
+_LOSS_RANGES = {
+    "ce_weight": (">= 0", lambda v: v >= 0),
+    "area_weight": (">= 0", lambda v: v >= 0),
+    "tv_weight": (">= 0", lambda v: v >= 0),
+    "area_power": ("> 0", lambda v: v > 0),
+    "area_eps": (">= 0", lambda v: v >= 0),
+    "tv_power": ("> 0", lambda v: v > 0),
+    "tv_border": (">= 0", lambda v: v >= 0),
+}
+
+
+def _check_loss_options(weights: dict[str, Any]) -> None:
+    """Refuses a loss option that is not a finite number in its range, or an all-zero loss."""
+    for name, value in weights.items():
+        rule, ok = _LOSS_RANGES[name]
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not (number and math.isfinite(value) and ok(value)):
+            raise ValueError(f"TTAME.fit: {name} must be a finite number {rule}; got {value!r}.")
+    if not (weights["ce_weight"] or weights["area_weight"] or weights["tv_weight"]):
+        raise ValueError(
+            "TTAME.fit: ce_weight, area_weight and tv_weight are all 0, so nothing would be "
+            "learnt; give at least one a positive weight."
+        )
+
+
+def _check_val_data(val_data: Any) -> None:
+    """Refuses ``val_data`` that is not images: a tensor, a Dataset, a DataLoader or another
+    iterable of batches (a folder name, say)."""
+    path = isinstance(val_data, str | bytes | os.PathLike)
+    if val_data is None or (
+        not path and any(hasattr(val_data, m) for m in ("__iter__", "__getitem__"))
+    ):
+        return
+    what = f" ({val_data!r})" if path else ""
+    raise TypeError(
+        "TTAME.fit: val_data must be images (a tensor (B, C, H, W)), a Dataset or a DataLoader "
+        f"of them; got {type(val_data).__name__}{what}."
+    )
 
 
 def _check_layers(layers: Sequence[Any]) -> list[Layer]:
