@@ -7,7 +7,7 @@ Methods (Captum ``Attribution`` subclasses): :class:`CDAM` and :class:`ConceptCD
 :func:`adapter_for` recognises the model family.
 
 Rooms, bottom to top: ``errors``/``_scores`` (floor 1), ``adapters``, ``checkpoint``, ``data``,
-``metrics``, ``viz``; ``capture`` (hooks) and ``zoo``; ``attr`` and ``explainers`` (trainable
+``viz``; ``capture`` (hooks), ``metrics`` and ``zoo``; ``attr`` and ``explainers`` (trainable
 explainers); ``registry``; ``evaluation`` and ``models``; ``cli``. Nothing imports from a room
 above it.
 """

@@ -5,6 +5,13 @@ are ``(B, H, W)`` / ``(B, 1, H, W)`` (``(B, C, H, W)`` is summed over channels),
 ``(B, P)``; masks are ``(B, H, W)`` bool. Wherever a metric needs attributions it accepts a
 tensor or a Captum ``Attribution`` object plus ``attribute_kwargs``.
 
+Metrics that call a model (an ``nn.Module``) run it in eval mode under its lock and restore it
+exactly afterwards (:func:`captum_ext.capture.model_state`); an ``Attribution`` object is
+called with the model in eval mode too. Numeric options are checked (one-line ``ValueError`` /
+``TypeError`` naming the argument and its range), as are non-finite inputs and maps, NaN model
+scores and targets outside ``0 .. K - 1``. An empty batch (``B = 0``) gives an empty result of
+the documented shape, without calling the model or an ``Attribution`` object.
+
 Metadata (direction, category, reference) is available declaratively through
 :func:`metric_info` / :data:`METRICS` and the ``fn.metric_info`` attribute.
 """

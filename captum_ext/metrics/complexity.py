@@ -6,7 +6,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ._common import as_flat, register_metric, resolve_attributions
+from ._common import as_flat, check_real, register_metric, resolve_attributions
 
 __all__ = ["sparsity"]
 
@@ -35,16 +35,21 @@ def sparsity(
     Args:
         attributions: Map of any of the shapes above, or a Captum ``Attribution`` object.
         threshold: Fraction of the per-example maximum absolute value below which an element
-            counts as "zero". Larger thresholds give larger sparsity.
+            counts as "zero", a finite number in ``[0, 1]``. Larger thresholds give larger
+            sparsity.
         inputs: Model inputs, only for the ``Attribution`` path.
         target: Target class passed to ``.attribute``.
         attribute_kwargs: Extra keyword arguments for ``.attribute``.
 
     Returns:
-        ``(B,)`` float64 in ``[0, 1)``. An identically-zero map has no scale and gives ``NaN``.
+        ``(B,)`` float64 in ``[0, 1)``. An identically-zero map has no scale and gives ``NaN``;
+        an empty batch gives ``(0,)``.
+
+    Raises:
+        TypeError, ValueError: ``threshold`` is not a finite number in ``[0, 1]``; the map has
+            NaN / infinite values or no elements.
     """
-    if threshold < 0:
-        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    threshold = check_real(threshold, "threshold", 0.0, 1.0)
     a = resolve_attributions(attributions, inputs, target, attribute_kwargs)
     s = as_flat(a).double().abs()
     mx = s.amax(dim=1, keepdim=True)

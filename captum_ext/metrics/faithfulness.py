@@ -10,9 +10,13 @@ Conventions: ``inputs`` are ``(B, C, H, W)``; attribution maps ``(B, H, W)``,
 ``(B, 1, H, W)`` or ``(B, C, H, W)`` (summed over channels) at the input resolution, or a Captum
 ``Attribution`` object (then ``attr.attribute(inputs, target=target, **attribute_kwargs)`` is
 used). A pixel's rank comes from the 2-D map and the perturbation is applied to all channels.
-``target=None`` means the class the model predicts on the clean input. The model is called as
-``model(inputs)`` under ``torch.no_grad()`` and may return logits or an object with
-``.logits``; put it in ``eval()`` mode yourself.
+``target=None`` means the class the model predicts on the clean input; an explicit target must
+lie in ``0 .. K - 1``. The model is called as ``model(inputs)`` under ``torch.no_grad()`` and
+may return logits or an object with ``.logits``. An ``nn.Module`` (or a bound method of one) is
+run in eval mode under its lock (:func:`captum_ext.capture.model_state`) and restored exactly
+afterwards, also when the metric raises: a model left in train mode gives the eval-mode values
+and its BatchNorm statistics are not updated. Inputs must be finite; a model returning NaN
+scores is refused. An empty batch (``B = 0``) gives an empty result without calling the model.
 """
 
 from __future__ import annotations
@@ -27,12 +31,18 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._common import (
+    check_batch_size,
     check_finite,
     check_image_inputs,
+    check_int,
+    check_real,
+    check_reals,
     check_score,
     class_scores,
-    default_target,
+    clean_pass,
+    empty_batch,
     forward_logits,
+    model_section,
     pick,
     progress,
     ranks_of,
@@ -65,9 +75,13 @@ def gaussian_blur(x: Tensor, kernel_size: int = 11, sigma: float = 5.0) -> Tenso
     """Separable Gaussian blur of ``(B, C, H, W)`` images with replicate padding.
 
     The defaults (11 px, sigma 5) are the RISE insertion substrate.
+
+    Raises:
+        TypeError, ValueError: ``kernel_size`` is not a positive odd integer or ``sigma`` not a
+            finite number > 0.
     """
-    if kernel_size % 2 != 1 or kernel_size < 1:
-        raise ValueError(f"kernel_size must be a positive odd integer, got {kernel_size}")
+    kernel_size = check_int(kernel_size, "kernel_size", 1, odd=True)
+    sigma = check_real(sigma, "sigma", 0.0, low_open=True)
     r = kernel_size // 2
     t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
     g = torch.exp(-(t**2) / (2 * sigma**2))
@@ -80,7 +94,14 @@ def gaussian_blur(x: Tensor, kernel_size: int = 11, sigma: float = 5.0) -> Tenso
 
 def _substrate(inputs: Tensor, substrate: str | Tensor, blur_kernel: int, blur_sigma: float):
     if isinstance(substrate, Tensor):
-        return substrate.to(inputs).expand_as(inputs)
+        check_finite(substrate, "substrate", "substrates")
+        try:
+            return substrate.to(inputs).expand_as(inputs)
+        except RuntimeError:
+            raise ValueError(
+                f"substrate of shape {tuple(substrate.shape)} does not broadcast to the inputs "
+                f"{tuple(inputs.shape)}"
+            ) from None
     if substrate == "zero":
         return torch.zeros_like(inputs)
     if substrate == "blur":
@@ -97,12 +118,46 @@ class _CurveSettings:
     steps: int
     substrate: str | Tensor
     score: str
-    batch_size: int
+    batch_size: int | None
     blur_kernel_size: int
     blur_sigma: float
     attribute_kwargs: dict[str, Any] | None
     show_progress: bool
     return_curve: bool
+
+
+def _curve_settings(
+    steps: Any,
+    substrate: str | Tensor,
+    score: str,
+    batch_size: Any,
+    blur_kernel_size: Any,
+    blur_sigma: Any,
+    attribute_kwargs: dict[str, Any] | None,
+    show_progress: bool,
+    return_curve: bool,
+) -> _CurveSettings:
+    """The arguments of :func:`deletion_auc` / :func:`insertion_auc`, checked."""
+    if not isinstance(substrate, Tensor) and substrate not in ("zero", "blur", "mean"):
+        raise ValueError(f"substrate must be 'zero', 'blur', 'mean' or a Tensor, got {substrate!r}")
+    check_score(score, ("softmax", "sigmoid", "logit"))
+    return _CurveSettings(
+        check_int(steps, "steps", 1),
+        substrate,
+        score,
+        check_batch_size(batch_size),
+        check_int(blur_kernel_size, "blur_kernel_size", 1, odd=True),
+        check_real(blur_sigma, "blur_sigma", 0.0, low_open=True),
+        attribute_kwargs,
+        show_progress,
+        return_curve,
+    )
+
+
+def _curve_x(steps: int, hw: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Pixels taken at each step ``(steps + 1,)`` and the curve's x positions (their share)."""
+    n = torch.tensor([(k * hw) // steps for k in range(steps + 1)], device=device)
+    return n, n.double() / hw
 
 
 @torch.no_grad()
@@ -120,10 +175,11 @@ def _causal_curve(
     At step ``k`` the ``n_k = floor(k * HW / steps)`` pixels of lowest rank are taken from
     ``finish``, the others from ``start``.
     """
-    steps, batch_size = cfg.steps, cfg.batch_size
+    steps = cfg.steps
     b, _, h, w = start.shape
     hw = h * w
-    n = torch.tensor([(k * hw) // steps for k in range(steps + 1)], device=start.device)
+    n, x = _curve_x(steps, hw, start.device)
+    batch_size = cfg.batch_size or b * (steps + 1)
     pairs_b = torch.arange(b, device=start.device).repeat_interleave(steps + 1)
     pairs_k = torch.arange(steps + 1, device=start.device).repeat(b)
     out = torch.empty(b * (steps + 1), dtype=torch.float64, device=start.device)
@@ -135,7 +191,7 @@ def _causal_curve(
         imgs = torch.where(sel, finish[bi], start[bi])
         s = class_scores(forward_logits(model, imgs), cfg.score)
         out[i : i + batch_size] = pick(s, target[bi]).double()
-    return out.view(b, steps + 1), n.double() / hw
+    return out.view(b, steps + 1), x
 
 
 def _rise(
@@ -148,17 +204,20 @@ def _rise(
 ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
     """AUC (and curve) of the RISE ``kind`` (``"deletion"`` or ``"insertion"``) metric."""
     inputs = check_image_inputs(inputs)
-    if cfg.steps < 1:
-        raise ValueError(f"steps must be >= 1, got {cfg.steps}")
     b, _, h, w = inputs.shape
-    _, tgt = default_target(model, inputs, target, cfg.batch_size)
+    _, tgt = clean_pass(model, inputs, target, cfg.batch_size, f"{kind}_auc")
     a = resolve_map(
-        attributions, inputs, tgt, cfg.attribute_kwargs, batch_size=b, spatial=(h, w)
+        attributions, inputs, tgt, cfg.attribute_kwargs, batch_size=b, spatial=(h, w), model=model
     ).to(inputs.device)
-    ranks = ranks_of(a.reshape(b, -1), descending=True)
+    ranks = ranks_of(a.flatten(1), descending=True)
     sub = _substrate(inputs, cfg.substrate, cfg.blur_kernel_size, cfg.blur_sigma)
     start, finish = (inputs, sub) if kind == "deletion" else (sub, inputs)
-    curve, x = _causal_curve(model, start, finish, ranks, tgt, cfg, kind)
+    if empty_batch(inputs):
+        x = _curve_x(cfg.steps, h * w, inputs.device)[1]
+        curve = torch.zeros(0, cfg.steps + 1, dtype=torch.float64, device=inputs.device)
+    else:
+        with model_section(model):
+            curve, x = _causal_curve(model, start, finish, ranks, tgt, cfg, kind)
     auc = trapezoid(curve, x)
     return (auc, curve, x) if cfg.return_curve else auc
 
@@ -178,7 +237,7 @@ def deletion_auc(
     steps: int = 100,
     substrate: str | Tensor = "zero",
     score: str = "softmax",
-    batch_size: int = 64,
+    batch_size: int | None = 64,
     *,
     blur_kernel_size: int = 11,
     blur_sigma: float = 5.0,
@@ -197,24 +256,31 @@ def deletion_auc(
         model: Classifier called as ``model(x)``.
         inputs: Images ``(B, C, H, W)``.
         attributions: Map ``(B, [1|C,] H, W)`` or a Captum ``Attribution`` object.
-        target: Class index (int or ``(B,)``); ``None`` = predicted class.
-        steps: Number of perturbation steps (``steps + 1`` forward passes per image).
+        target: Class index (int or ``(B,)``) in ``0 .. K - 1``; ``None`` = predicted class.
+        steps: Number of perturbation steps, an integer >= 1 (``steps + 1`` forward passes per
+            image).
         substrate: What removed pixels become: ``"zero"`` (RISE deletion default), ``"blur"``
             (Gaussian blur of the input), ``"mean"`` (per-image channel mean) or a tensor
-            broadcastable to ``inputs``.
+            finite tensor broadcastable to ``inputs``.
         score: ``"softmax"``, ``"sigmoid"`` (multi-label models) or ``"logit"``.
-        batch_size: Perturbed images per forward pass.
-        blur_kernel_size: Kernel size of the ``"blur"`` substrate.
-        blur_sigma: Standard deviation of the ``"blur"`` substrate.
+        batch_size: Perturbed images per forward pass, an integer >= 1 (``None`` = all).
+        blur_kernel_size: Kernel size of the ``"blur"`` substrate, a positive odd integer.
+        blur_sigma: Standard deviation of the ``"blur"`` substrate, a finite number > 0.
         attribute_kwargs: Extra keyword arguments for ``.attribute``.
         show_progress: Show a tqdm progress bar over forward passes.
         return_curve: Also return the curve ``(B, steps + 1)`` and its x positions
             ``(steps + 1,)``.
 
     Returns:
-        ``(B,)`` float64 AUC, or ``(auc, curve, x)`` when ``return_curve``.
+        ``(B,)`` float64 AUC, or ``(auc, curve, x)`` when ``return_curve``; for an empty batch
+        ``(0,)`` (and a ``(0, steps + 1)`` curve).
+
+    Raises:
+        TypeError, ValueError: An option of the wrong type or out of its range (named in the
+            message), inputs that are not finite ``(B, C, H, W)``, maps of another shape or with
+            NaN / infinite values, a target outside ``0 .. K - 1``, NaN model scores.
     """
-    cfg = _CurveSettings(
+    cfg = _curve_settings(
         steps,
         substrate,
         score,
@@ -242,7 +308,7 @@ def insertion_auc(
     steps: int = 100,
     substrate: str | Tensor = "blur",
     score: str = "softmax",
-    batch_size: int = 64,
+    batch_size: int | None = 64,
     *,
     blur_kernel_size: int = 11,
     blur_sigma: float = 5.0,
@@ -257,9 +323,15 @@ def insertion_auc(
     :func:`deletion_auc`, except that ``substrate`` defaults to ``"blur"``.
 
     Returns:
-        ``(B,)`` float64 AUC, or ``(auc, curve, x)`` when ``return_curve``.
+        ``(B,)`` float64 AUC, or ``(auc, curve, x)`` when ``return_curve``; for an empty batch
+        ``(0,)`` (and a ``(0, steps + 1)`` curve).
+
+    Raises:
+        TypeError, ValueError: An option of the wrong type or out of its range (named in the
+            message), inputs that are not finite ``(B, C, H, W)``, maps of another shape or with
+            NaN / infinite values, a target outside ``0 .. K - 1``, NaN model scores.
     """
-    cfg = _CurveSettings(
+    cfg = _curve_settings(
         steps,
         substrate,
         score,
@@ -303,10 +375,6 @@ def _row_quantile(x: Tensor, q: float) -> Tensor:
 
 
 def _explanation_mask(a01: Tensor, keep: float, mask_mode: str) -> Tensor:
-    if not 0.0 < keep <= 1.0:
-        raise ValueError(f"keep must be in (0, 1], got {keep}")
-    if mask_mode not in ("soft", "binary"):
-        raise ValueError(f"mask_mode must be 'soft' or 'binary', got {mask_mode!r}")
     flat = a01.reshape(a01.shape[0], -1)
     thr = _row_quantile(flat, 1.0 - keep)
     kept = a01 >= thr.view(-1, 1, 1)
@@ -323,6 +391,15 @@ class _Masking:
     mask_mode: str
     score: str
     batch_size: int | None
+
+
+def _masking(keep: Any, mask_mode: str, score: str, batch_size: Any) -> _Masking:
+    """The masking options of :func:`average_drop` and its relatives, checked."""
+    if mask_mode not in ("soft", "binary"):
+        raise ValueError(f"mask_mode must be 'soft' or 'binary', got {mask_mode!r}")
+    check_score(score, ("softmax", "sigmoid", "logit"))
+    keep = check_real(keep, "keep", 0.0, 1.0, low_open=True)
+    return _Masking(keep, mask_mode, score, check_batch_size(batch_size))
 
 
 @torch.no_grad()
@@ -351,14 +428,28 @@ def _prepare_ad(
     normalise: str,
     attribute_kwargs: dict[str, Any] | None,
     batch_size: int | None,
+    method: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
     inputs = check_image_inputs(inputs)
+    if normalise not in ("minmax", "max", "none"):
+        raise ValueError(f"normalise must be 'minmax', 'max' or 'none', got {normalise!r}")
     b, _, h, w = inputs.shape
-    clean, tgt = default_target(model, inputs, target, batch_size)
-    a = resolve_map(attributions, inputs, tgt, attribute_kwargs, batch_size=b, spatial=(h, w)).to(
-        inputs.device
-    )
+    clean, tgt = clean_pass(model, inputs, target, batch_size, method)
+    a = resolve_map(
+        attributions, inputs, tgt, attribute_kwargs, batch_size=b, spatial=(h, w), model=model
+    ).to(inputs.device)
     return clean, tgt, _normalise(a.to(inputs.dtype), normalise)
+
+
+def _scores_ad(
+    model: Model, inputs: Tensor, a01: Tensor, tgt: Tensor, clean: Tensor, masking: _Masking
+) -> tuple[Tensor, Tensor]:
+    """:func:`_confidences` in a model section; empty scores for an empty batch."""
+    if empty_batch(inputs):
+        empty = torch.zeros(0, dtype=torch.float64, device=inputs.device)
+        return empty, empty
+    with model_section(model):
+        return _confidences(model, inputs, a01, tgt, clean, masking)
 
 
 def _ad(y: Tensor, o: Tensor, percent: bool) -> Tensor:
@@ -408,8 +499,9 @@ def average_drop(
         model: Classifier called as ``model(x)``.
         inputs: Images ``(B, C, H, W)``.
         attributions: Map ``(B, [1|C,] H, W)`` at input resolution or ``Attribution`` object.
-        target: Class index (int or ``(B,)``); ``None`` = predicted class.
-        keep: Fraction of the map kept, in ``(0, 1]`` (T-TAME uses 1.0, 0.5 and 0.15).
+        target: Class index (int or ``(B,)``) in ``0 .. K - 1``; ``None`` = predicted class.
+        keep: Fraction of the map kept, a finite number in ``(0, 1]`` (T-TAME uses 1.0, 0.5
+            and 0.15).
         mask_mode: ``"soft"`` (multiply by the map) or ``"binary"`` (multiply by 0/1).
         normalise: ``"minmax"`` (``(s - min) / (max - min)``; a constant map becomes all zeros),
             ``"max"`` (``relu(s) / max``; all zeros if max <= 0) or ``"none"`` (map already in
@@ -418,16 +510,26 @@ def average_drop(
             examples with ``Y <= 0`` give ``NaN``.
         percent: Multiply by 100.
         attribute_kwargs: Extra keyword arguments for ``.attribute``.
-        batch_size: Images per forward pass (``None`` = all at once).
+        batch_size: Images per forward pass, an integer >= 1 (``None`` = all at once).
 
     Returns:
-        ``(B,)`` float64.
+        ``(B,)`` float64 (``(0,)`` for an empty batch).
+
+    Raises:
+        TypeError, ValueError: As :func:`deletion_auc` (options named in the message).
     """
+    masking = _masking(keep, mask_mode, score, batch_size)
     clean, tgt, a01 = _prepare_ad(
-        model, inputs, attributions, target, normalise, attribute_kwargs, batch_size
+        model,
+        inputs,
+        attributions,
+        target,
+        normalise,
+        attribute_kwargs,
+        masking.batch_size,
+        "average_drop",
     )
-    masking = _Masking(keep, mask_mode, score, batch_size)
-    y, o = _confidences(model, inputs, a01, tgt, clean, masking)
+    y, o = _scores_ad(model, inputs, a01, tgt, clean, masking)
     return _ad(y, o, percent)
 
 
@@ -459,11 +561,18 @@ def increase_in_confidence(
     Returns:
         ``(B,)`` float64.
     """
+    masking = _masking(keep, mask_mode, score, batch_size)
     clean, tgt, a01 = _prepare_ad(
-        model, inputs, attributions, target, normalise, attribute_kwargs, batch_size
+        model,
+        inputs,
+        attributions,
+        target,
+        normalise,
+        attribute_kwargs,
+        masking.batch_size,
+        "increase_in_confidence",
     )
-    masking = _Masking(keep, mask_mode, score, batch_size)
-    y, o = _confidences(model, inputs, a01, tgt, clean, masking)
+    y, o = _scores_ad(model, inputs, a01, tgt, clean, masking)
     return _ic(y, o, percent)
 
 
@@ -499,13 +608,20 @@ def average_drop_ttame(
         percent** (IC entries are 100 or 0), so ``.mean()`` gives the numbers in the paper's
         tables.
     """
+    maskings = [_masking(keep, "soft", score, batch_size) for keep in TTAME_KEEP]
     clean, tgt, a01 = _prepare_ad(
-        model, inputs, attributions, target, "minmax", attribute_kwargs, batch_size
+        model,
+        inputs,
+        attributions,
+        target,
+        "minmax",
+        attribute_kwargs,
+        maskings[0].batch_size,
+        "average_drop_ttame",
     )
     out: dict[str, Tensor] = {}
-    for keep in TTAME_KEEP:
-        masking = _Masking(keep, "soft", score, batch_size)
-        y, o = _confidences(model, inputs, a01, tgt, clean, masking)
+    for keep, masking in zip(TTAME_KEEP, maskings, strict=True):
+        y, o = _scores_ad(model, inputs, a01, tgt, clean, masking)
         tag = round(keep * 100)
         out[f"AD{tag}"] = _ad(y, o, True)
         out[f"IC{tag}"] = _ic(y, o, True)
@@ -518,6 +634,7 @@ def average_drop_ttame(
 
 
 def _patch_scores(
+    model: Model,
     token_scores: Any,
     inputs: Tensor,
     tgt: Tensor,
@@ -526,7 +643,9 @@ def _patch_scores(
 ) -> Tensor:
     b, _, h, w = inputs.shape
     gh, gw = h // patch_size, w // patch_size
-    s = resolve_attributions(token_scores, inputs, tgt, attribute_kwargs, name="token_scores")
+    s = resolve_attributions(
+        token_scores, inputs, tgt, attribute_kwargs, name="token_scores", model=model
+    )
     if s.dim() == 2:
         if s.shape != (b, gh * gw):
             raise ValueError(
@@ -539,7 +658,7 @@ def _patch_scores(
     # pixel maps are sum-pooled onto the patch grid
     a = resolve_map(s, None, None, None, name="token_scores", batch_size=b, spatial=(h, w))
     pooled = F.avg_pool2d(a[:, None, : gh * patch_size, : gw * patch_size], patch_size)
-    return (pooled * patch_size**2).reshape(b, -1).to(inputs.device)
+    return (pooled * patch_size**2).flatten(1).to(inputs.device)
 
 
 @dataclass(frozen=True)
@@ -557,17 +676,17 @@ def _perturbation_settings(
     inputs: Tensor,
     mode: str,
     fractions: Sequence[float],
-    patch_size: int,
+    patch_size: Any,
     score: str,
-    batch_size: int | None,
+    batch_size: Any,
 ) -> _PerturbationSettings:
     """The settings of :func:`token_perturbation_auc`, checked against ``inputs``."""
     if mode not in ("positive", "negative"):
         raise ValueError(f"mode must be 'positive' or 'negative', got {mode!r}")
     check_score(score, ("top1", "softmax", "sigmoid", "logit"))
-    fr = [float(f) for f in fractions]
-    if any(not 0.0 < f <= 1.0 for f in fr) or fr != sorted(fr):
-        raise ValueError(f"fractions must be increasing values in (0, 1], got {tuple(fractions)}")
+    fr = check_reals(fractions, "fractions", 0.0, 1.0, low_open=True, increasing=True)
+    patch_size = check_int(patch_size, "patch_size", 1)
+    batch_size = check_batch_size(batch_size)
     _, _, h, w = inputs.shape
     if h % patch_size or w % patch_size:
         raise ValueError(f"image size {(h, w)} is not a multiple of patch_size={patch_size}")
@@ -641,12 +760,12 @@ def token_perturbation_auc(
         inputs: Images ``(B, C, H, W)``.
         token_scores: ``(B, P)`` patch scores (no CLS token), or a pixel map / ``Attribution``
             object whose ``(B, H, W)`` map is sum-pooled onto the patch grid.
-        target: Class for ``score="softmax"`` and for the ``Attribution`` path;
-            ``None`` = predicted class.
+        target: Class for ``score="softmax"`` and for the ``Attribution`` path, in
+            ``0 .. K - 1``; ``None`` = predicted class.
         mode: ``"positive"`` (remove most relevant first; lower AUC is better) or
             ``"negative"`` (least relevant first; higher is better).
-        fractions: Removed fractions, increasing, in ``(0, 1]``.
-        patch_size: Side of a patch in pixels.
+        fractions: Removed fractions: a non-empty increasing sequence of numbers in ``(0, 1]``.
+        patch_size: Side of a patch in pixels, an integer >= 1 dividing ``H`` and ``W``.
         score: ``"top1"`` (1.0 when the perturbed prediction equals the clean predicted class,
             i.e. the paper's top-1 accuracy w.r.t. the model's own prediction), or
             ``"softmax"`` / ``"sigmoid"`` / ``"logit"`` score of ``target``.
@@ -656,14 +775,21 @@ def token_perturbation_auc(
         return_curve: Also return the curve ``(B, 1 + len(fractions))`` and its x positions.
 
     Returns:
-        ``(B,)`` float64 AUC, or ``(auc, curve, x)`` when ``return_curve``.
+        ``(B,)`` float64 AUC, or ``(auc, curve, x)`` when ``return_curve`` (``B`` may be 0).
+
+    Raises:
+        TypeError, ValueError: As :func:`deletion_auc` (options named in the message).
     """
     inputs = check_image_inputs(inputs)
     cfg = _perturbation_settings(inputs, mode, fractions, patch_size, score, batch_size)
-    clean, tgt = default_target(model, inputs, target, batch_size)
-    s = _patch_scores(token_scores, inputs, tgt, attribute_kwargs, patch_size)
+    clean, tgt = clean_pass(model, inputs, target, cfg.batch_size, "token_perturbation_auc")
+    s = _patch_scores(model, token_scores, inputs, tgt, attribute_kwargs, cfg.patch_size)
     ranks = ranks_of(s, descending=(mode == "positive"))
-    curve = _perturbation_curve(model, inputs, clean, tgt, ranks, cfg, show_progress)
+    if empty_batch(inputs):
+        curve = torch.zeros(0, 1 + len(cfg.fractions), dtype=torch.float64, device=inputs.device)
+    else:
+        with model_section(model):
+            curve = _perturbation_curve(model, inputs, clean, tgt, ranks, cfg, show_progress)
     x = torch.tensor([0.0, *cfg.fractions], dtype=torch.float64, device=curve.device)
     auc = trapezoid(curve, x)
     return (auc, curve, x) if return_curve else auc

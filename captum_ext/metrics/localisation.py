@@ -6,7 +6,7 @@ All functions take an attribution map ``(B, H, W)``, ``(B, 1, H, W)`` or ``(B, C
 one float64 value per example, shape ``(B,)``.
 
 An **empty mask** has no defined answer: every metric here returns ``NaN`` for that example
-(use ``torch.nanmean`` to aggregate).
+(use ``torch.nanmean`` to aggregate). An empty batch gives an empty ``(0,)`` result.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import as_masks, register_metric, resolve_map, stable_order
+from ._common import as_masks, check_int, register_metric, resolve_map, stable_order
 
 __all__ = ["pointing_game", "relevance_mass_accuracy", "relevance_rank_accuracy"]
 
@@ -28,9 +28,12 @@ def _disk(radius: int, device: torch.device) -> Tensor:
 
 
 def dilate(masks: Tensor, tolerance: int) -> Tensor:
-    """Dilate bool masks ``(B, H, W)`` by a Euclidean disk of radius ``tolerance`` pixels."""
-    if tolerance < 0:
-        raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    """Dilate bool masks ``(B, H, W)`` by a Euclidean disk of radius ``tolerance`` pixels.
+
+    Raises:
+        TypeError, ValueError: ``tolerance`` is not an integer >= 0.
+    """
+    tolerance = check_int(tolerance, "tolerance", 0)
     if tolerance == 0:
         return masks
     k = _disk(tolerance, masks.device).view(1, 1, 2 * tolerance + 1, 2 * tolerance + 1)
@@ -69,7 +72,8 @@ def pointing_game(
         attributions: Map ``(B, H, W)`` / ``(B, 1, H, W)`` / ``(B, C, H, W)`` (summed over
             channels), or a Captum ``Attribution`` object.
         masks: Bool masks ``(B, H, W)``.
-        tolerance: Dilation radius in pixels; ``0`` means the maximum must be in the mask.
+        tolerance: Dilation radius in pixels, an integer >= 0; ``0`` means the maximum must be
+            in the mask.
         inputs: Model inputs, only needed when ``attributions`` is an ``Attribution`` object.
         target: Target class passed to ``.attribute``.
         attribute_kwargs: Extra keyword arguments for ``.attribute``.
@@ -79,6 +83,7 @@ def pointing_game(
 
     Raises:
         ValueError: On NaN/infinite maps or mismatched shapes.
+        TypeError, ValueError: ``tolerance`` is not an integer >= 0.
     """
     a = resolve_map(attributions, inputs, target, attribute_kwargs).double()
     m = as_masks(masks, a.shape)
@@ -170,8 +175,8 @@ def relevance_rank_accuracy(
     """
     a = resolve_map(attributions, inputs, target, attribute_kwargs)
     m = as_masks(masks, a.shape).to(a.device)
-    flat_a = a.reshape(a.shape[0], -1)
-    flat_m = m.reshape(m.shape[0], -1)
+    flat_a = a.flatten(1)
+    flat_m = m.flatten(1)
     k = flat_m.sum(dim=1)
     order = stable_order(flat_a, descending=True)
     in_mask_sorted = flat_m.gather(1, order)

@@ -12,11 +12,18 @@ import torch
 from torch import Tensor
 
 from ._common import (
+    check_batch_size,
+    check_finite,
     check_image_inputs,
+    check_int,
+    check_real,
+    check_reals,
     check_score,
     class_scores,
-    default_target,
+    clean_pass,
+    empty_batch,
     forward_logits,
+    model_section,
     pick,
     progress,
     ranks_of,
@@ -67,19 +74,21 @@ def noisy_linear_imputation(
         image: ``(C, H, W)`` image.
         removed: ``(H, W)`` bool, ``True`` for the pixels to impute.
         noise_std: Standard deviation of the noise added to imputed pixels (ROAD uses 0.01 on
-            normalised images); ``0`` disables it.
+            normalised images), a finite number >= 0; ``0`` disables it.
         generator: Torch generator for the noise (CPU); ``None`` uses the global RNG.
 
     Returns:
         ``(C, H, W)`` tensor (dtype and device of ``image``); known pixels are unchanged.
 
     Raises:
-        ValueError: On shape mismatches, or when every pixel is removed (the system is then
-            singular: nothing anchors the solution).
+        ValueError: On shape mismatches, a non-finite image or ``noise_std``, or when every
+            pixel is removed (the system is then singular: nothing anchors the solution).
     """
     from scipy.sparse.linalg import spsolve
 
+    noise_std = check_real(noise_std, "noise_std", 0.0)
     rem = _checked_removal(image, removed)
+    check_finite(image, "image", "images")
     c, h, w = image.shape
     rem_np = rem.detach().cpu().numpy().astype(bool).reshape(-1)
     idx = np.flatnonzero(rem_np)
@@ -178,36 +187,49 @@ def road(
         model: Classifier called as ``model(x)``.
         inputs: Images ``(B, C, H, W)``.
         attributions: Map ``(B, [1|C,] H, W)`` at input resolution or ``Attribution`` object.
-        target: Class for ``score != "top1"`` and for the ``Attribution`` path;
-            ``None`` = predicted class.
+        target: Class for ``score != "top1"`` and for the ``Attribution`` path, in
+            ``0 .. K - 1``; ``None`` = predicted class.
         order: ``"morf"`` (most relevant first; a faithful map makes the score fall fast, lower
             is better) or ``"lerf"`` (least relevant first; higher is better).
-        percentages: Removal fractions in ``[0, 1)``. T-TAME uses
-            :data:`ROAD_TTAME_PERCENTAGES`.
+        percentages: Removal fractions: a non-empty sequence of numbers in ``[0, 1)``. T-TAME
+            uses :data:`ROAD_TTAME_PERCENTAGES`.
         score: ``"top1"``: 1.0 when the prediction on the imputed image equals the prediction
             on the clean image (the T-TAME preset); ``"softmax"`` / ``"sigmoid"`` /
             ``"logit"``: score of ``target``.
-        noise_std: Imputation noise standard deviation.
-        seed: Seed of the imputation noise (a private generator; the global RNG is untouched).
+        noise_std: Imputation noise standard deviation, a finite number >= 0.
+        seed: Seed of the imputation noise, an integer >= 0 (a private generator; the global
+            RNG is untouched).
         attribute_kwargs: Extra keyword arguments for ``.attribute``.
-        batch_size: Images per forward pass (``None`` = all imputed images of an example).
+        batch_size: Images per forward pass, an integer >= 1 (``None`` = all imputed images of
+            an example).
         show_progress: tqdm progress bar over examples.
 
     Returns:
-        ``(B, len(percentages))`` float64.
+        ``(B, len(percentages))`` float64 (``B`` may be 0: an empty batch gives an empty
+        result without calling the model).
+
+    Raises:
+        TypeError, ValueError: As :func:`~captum_ext.metrics.deletion_auc` (options named in
+            the message).
     """
     inputs = check_image_inputs(inputs)
     cfg = _road_settings(order, percentages, score, noise_std, batch_size, show_progress)
+    seed = check_int(seed, "seed", 0)
     b, _, h, w = inputs.shape
-    clean, tgt = default_target(model, inputs, target, batch_size)
-    a = resolve_map(attributions, inputs, tgt, attribute_kwargs, batch_size=b, spatial=(h, w))
-    ranks = ranks_of(a.reshape(b, -1), descending=(order == "morf"))
+    clean, tgt = clean_pass(model, inputs, target, cfg.batch_size, "road")
+    a = resolve_map(
+        attributions, inputs, tgt, attribute_kwargs, batch_size=b, spatial=(h, w), model=model
+    )
+    ranks = ranks_of(a.flatten(1), descending=(order == "morf"))
+    if empty_batch(inputs):
+        return torch.zeros(0, len(cfg.percentages), dtype=torch.float64, device=inputs.device)
     # The imputation is a scipy sparse solve on the host: copy images and ranks there once;
     # the model runs and the scores stay on the inputs' device.
     host_inputs, host_ranks = inputs.detach().cpu(), ranks.cpu()
     gen = torch.Generator().manual_seed(seed)
     pred = clean.argmax(dim=1)
-    return _road_scores(model, inputs, host_inputs, host_ranks, pred, tgt, gen, cfg)
+    with model_section(model):
+        return _road_scores(model, inputs, host_inputs, host_ranks, pred, tgt, gen, cfg)
 
 
 @dataclass(frozen=True)
@@ -226,17 +248,17 @@ def _road_settings(
     order: str,
     percentages: Sequence[float],
     score: str,
-    noise_std: float,
-    batch_size: int | None,
+    noise_std: Any,
+    batch_size: Any,
     show_progress: bool,
 ) -> _RoadSettings:
     """The settings of :func:`road`, checked."""
     if order not in ("morf", "lerf"):
         raise ValueError(f"order must be 'morf' or 'lerf', got {order!r}")
     check_score(score, ("top1", "softmax", "sigmoid", "logit"))
-    pcts = [float(p) for p in percentages]
-    if any(not 0.0 <= p < 1.0 for p in pcts):
-        raise ValueError(f"percentages must lie in [0, 1), got {tuple(percentages)}")
+    pcts = check_reals(percentages, "percentages", 0.0, 1.0, high_open=True)
+    noise_std = check_real(noise_std, "noise_std", 0.0)
+    batch_size = check_batch_size(batch_size)
     return _RoadSettings(order, pcts, score, noise_std, batch_size, show_progress)
 
 

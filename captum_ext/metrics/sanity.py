@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._common import as_flat, progress, register_metric
+from ._common import as_flat, check_int, check_real, progress, register_metric
 from .similarity import _pearson_rows, rankdata
 
 __all__ = ["model_randomisation"]
@@ -61,7 +61,9 @@ def model_randomisation(
 ) -> list[tuple[str, float]]:
     """Cascading model-parameter randomisation test (Adebayo et al. 2018).
 
-    The model is deep-copied (the caller's model is never modified). Modules that own
+    The model is deep-copied (the caller's model is never modified) and the copies are put in
+    eval mode, so Dropout and BatchNorm of a model left in train mode do not blur the
+    comparison. Modules that own
     parameters directly are visited in reverse order of ``model.named_modules()`` (i.e. from
     the output side); each is re-initialised with its ``reset_parameters()`` when it has one,
     otherwise its own parameters are drawn from ``N(0, init_std^2)``. After each step the
@@ -77,25 +79,43 @@ def model_randomisation(
         model: The model (left untouched).
         explain_fn: ``explain_fn(model, inputs, target) -> Tensor`` of shape ``(B, ...)``
             (token or image maps; 4-D maps are summed over channels).
-        inputs: Inputs passed to ``explain_fn``.
+        inputs: Inputs passed to ``explain_fn`` (at least one example: the similarities are
+            means over examples).
         target: Target passed to ``explain_fn``.
         similarity: ``"spearman"`` (the paper's rank correlation), ``"pearson"`` or a callable
             ``(a, b) -> (B,)`` on flattened ``(B, N)`` float64 maps.
         absolute: Compare absolute values of the maps (the paper reports both variants).
         cascading: Cascading (``True``) or independent (``False``) randomisation.
-        init_std: Std of the normal initialisation for modules without ``reset_parameters``.
-        seed: Seed of the re-initialisation (global RNG state is restored afterwards).
+        init_std: Std of the normal initialisation for modules without ``reset_parameters``,
+            a finite number >= 0.
+        seed: Seed of the re-initialisation, an integer >= 0 (global RNG state is restored
+            afterwards).
         show_progress: tqdm progress bar over modules.
 
     Returns:
         ``[(module_name, similarity), ...]``, one entry per randomised module, in the order of
         randomisation. ``similarity`` is the mean over examples (NaN examples ignored); the
         unrandomised similarity is 1 by definition and is not listed.
-    """
 
+    Raises:
+        TypeError, ValueError: ``init_std`` or ``seed`` out of range, an empty batch of
+            ``inputs`` or of explanations, NaN / infinite explanations.
+    """
+    init_std = check_real(init_std, "init_std", 0.0)
+    seed = check_int(seed, "seed", 0)
+    if isinstance(inputs, Tensor) and inputs.dim() > 0 and inputs.shape[0] == 0:
+        raise ValueError(
+            f"inputs is an empty batch (shape {tuple(inputs.shape)}); model_randomisation "
+            "averages similarities over examples and needs at least one"
+        )
     explain = functools.partial(_flat_explanation, explain_fn, inputs, target, absolute)
-    base_model = copy.deepcopy(model)
+    base_model = copy.deepcopy(model).eval()
     original = explain(base_model)
+    if original.shape[0] == 0:
+        raise ValueError(
+            "explain_fn returned an empty batch of explanations; model_randomisation averages "
+            "similarities over examples and needs at least one"
+        )
     cuda_devices = sorted({p.device.index or 0 for p in model.parameters() if p.is_cuda})
     with torch.random.fork_rng(devices=cuda_devices):
         torch.manual_seed(seed)

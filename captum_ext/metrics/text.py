@@ -8,6 +8,10 @@ embeddings, are summed over ``D``).
 
 Tokens that are padding (``attention_mask == 0``) or special (``special_mask``: [CLS], [SEP],
 ...) are never removed, never kept-only, and never counted in ``k``.
+
+As for the image metrics, an ``nn.Module`` is run in eval mode under its lock and restored
+exactly afterwards (:func:`captum_ext.capture.model_state`), an explicit target must lie in
+``0 .. K - 1``, and an empty batch gives an empty result without calling the model.
 """
 
 from __future__ import annotations
@@ -23,7 +27,12 @@ from torch import Tensor
 from ._common import (
     _logits,
     check_finite,
+    check_int,
+    check_reals,
+    check_score,
+    check_scores,
     class_scores,
+    model_section,
     pick,
     ranks_of,
     register_metric,
@@ -42,8 +51,11 @@ def _token_scores(
     input_ids: Tensor,
     target: Tensor,
     attribute_kwargs: dict[str, Any] | None,
+    model: Any = None,
 ) -> Tensor:
-    s = resolve_attributions(token_scores, input_ids, target, attribute_kwargs, name="token_scores")
+    s = resolve_attributions(
+        token_scores, input_ids, target, attribute_kwargs, name="token_scores", model=model
+    )
     if s.dim() == 3:
         s = s.sum(dim=-1)
     if tuple(s.shape) != tuple(input_ids.shape):
@@ -74,8 +86,14 @@ def _valid(input_ids: Tensor, attention_mask: Tensor | None, special_mask: Tenso
 
 
 @torch.no_grad()
+def _text_logits(model: Callable[..., Any], ids: Tensor, mask: Tensor) -> Tensor:
+    logits = _logits(model(ids, mask)).detach()
+    check_scores(logits)
+    return logits
+
+
 def _probs(model: Callable[..., Any], ids: Tensor, mask: Tensor, tgt: Tensor, score: str) -> Tensor:
-    return pick(class_scores(_logits(model(ids, mask)), score), tgt).double()
+    return pick(class_scores(_text_logits(model, ids, mask), score), tgt).double()
 
 
 @dataclass(frozen=True)
@@ -100,32 +118,40 @@ def _eraser(
     cfg: _EraserSettings,
 ) -> Tensor:
     """ERASER ``kind`` (``"comprehensiveness"`` or ``"sufficiency"``) per example."""
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must have shape (B, T), got {tuple(input_ids.shape)}")
-    fr = [float(f) for f in cfg.fractions]
-    if not fr or any(not 0.0 < f <= 1.0 for f in fr):
-        raise ValueError(
-            f"fractions must be non-empty values in (0, 1], got {tuple(cfg.fractions)}"
-        )
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+        shape = tuple(input_ids.shape) if isinstance(input_ids, Tensor) else type(input_ids)
+        raise ValueError(f"input_ids must have shape (B, T), got {shape}")
+    fr = check_reals(cfg.fractions, "fractions", 0.0, 1.0, low_open=True)
+    replace_id = check_int(cfg.replace_id, "replace_id", 0)
+    check_score(cfg.score, ("softmax", "sigmoid", "logit"))
     mask, valid = _valid(input_ids, cfg.attention_mask, cfg.special_mask)
+    b = input_ids.shape[0]
+    if b == 0:
+        if target is not None:
+            target_tensor(target, 0, input_ids.device, method=kind)
+        _token_scores(token_scores, input_ids, None, cfg.attribute_kwargs)  # shape check only
+        shape = (0, len(fr)) if cfg.per_fraction else (0,)
+        return torch.zeros(shape, dtype=torch.float64, device=input_ids.device)
+    with model_section(model):
+        clean = _text_logits(model, input_ids, mask)
     if target is None:
-        with torch.no_grad():
-            tgt = _logits(model(input_ids, mask)).argmax(dim=1)
+        tgt = clean.argmax(dim=1)
     else:
-        tgt = target_tensor(target, input_ids.shape[0], input_ids.device)
-    s = _token_scores(token_scores, input_ids, tgt, cfg.attribute_kwargs)
+        tgt = target_tensor(target, b, input_ids.device, clean.shape[1], method=kind)
+    s = _token_scores(token_scores, input_ids, tgt, cfg.attribute_kwargs, model)
     s = s.masked_fill(~valid, float("-inf"))
     ranks = ranks_of(s, descending=True)
     n_valid = valid.sum(dim=1)
-    p_orig = _probs(model, input_ids, mask, tgt, cfg.score)
+    p_orig = pick(class_scores(clean, cfg.score), tgt).double()
     cols = []
-    for f in fr:
-        k = torch.clamp(torch.ceil(f * n_valid.double() - 1e-9).long(), max=n_valid)
-        top = (ranks < k.view(-1, 1)) & valid
-        drop = top if kind == "comprehensiveness" else valid & ~top
-        ids = input_ids.masked_fill(drop, cfg.replace_id)
-        m = mask.masked_fill(drop, 0)
-        cols.append(p_orig - _probs(model, ids, m, tgt, cfg.score))
+    with model_section(model):
+        for f in fr:
+            k = torch.clamp(torch.ceil(f * n_valid.double() - 1e-9).long(), max=n_valid)
+            top = (ranks < k.view(-1, 1)) & valid
+            drop = top if kind == "comprehensiveness" else valid & ~top
+            ids = input_ids.masked_fill(drop, replace_id)
+            m = mask.masked_fill(drop, 0)
+            cols.append(p_orig - _probs(model, ids, m, tgt, cfg.score))
     out = torch.stack(cols, dim=1)
     return out if cfg.per_fraction else out.mean(dim=1)
 
@@ -162,17 +188,23 @@ def comprehensiveness(
         model: Called as ``model(input_ids, attention_mask)``.
         input_ids: ``(B, T)`` token ids.
         token_scores: ``(B, T)`` scores or a Captum ``Attribution`` object.
-        target: Class (int or ``(B,)``); ``None`` = predicted class.
+        target: Class (int or ``(B,)``) in ``0 .. K - 1``; ``None`` = predicted class.
         attention_mask: ``(B, T)`` (1 = real token); ``None`` = all ones.
-        fractions: Fractions of the valid tokens, in ``(0, 1]``.
-        replace_id: Id written into removed positions (0 = BERT's [PAD]).
+        fractions: Fractions of the valid tokens: a non-empty sequence of numbers in
+            ``(0, 1]``.
+        replace_id: Id written into removed positions, an integer >= 0 (0 = BERT's [PAD]).
         special_mask: ``(B, T)`` bool, ``True`` for tokens never to remove or count.
         score: ``"softmax"``, ``"sigmoid"`` or ``"logit"``.
         attribute_kwargs: Extra keyword arguments for ``.attribute``.
         per_fraction: Return ``(B, len(fractions))`` instead of the mean.
 
     Returns:
-        ``(B,)`` float64 (or ``(B, F)`` with ``per_fraction``).
+        ``(B,)`` float64 (or ``(B, F)`` with ``per_fraction``); ``B`` may be 0.
+
+    Raises:
+        TypeError, ValueError: An option of the wrong type or out of its range (named in the
+            message), shapes that do not match ``input_ids``, NaN / infinite token scores, a
+            target outside ``0 .. K - 1``, NaN model scores.
     """
     cfg = _EraserSettings(
         attention_mask, fractions, replace_id, special_mask, score, attribute_kwargs, per_fraction
