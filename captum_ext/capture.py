@@ -76,6 +76,10 @@ class Hook:
             ``model_state(model, grad="from_hook")`` the layers before the point run
             without building a graph (a gradient w.r.t. an :func:`as_leaf` tensor
             never reaches them).
+        foreign: Calls of the module from other threads than the one that entered
+            :func:`hooks` (a plain ``model(x)`` elsewhere, another method's call on a
+            model containing this one); they are neither transformed nor recorded, and
+            :func:`hooks` raises on exit when there were any.
     """
 
     point: Point
@@ -83,10 +87,21 @@ class Hook:
     record: bool = True
     tensors: list[torch.Tensor | None] = field(default_factory=list)
     enable_grad: bool = False
+    foreign: int = 0
+    _owner: int | None = field(default=None, repr=False)
+
+    def _mine(self) -> bool:
+        """Whether this call comes from the thread that registered the hook (else counted)."""
+        if self._owner is None or threading.get_ident() == self._owner:
+            return True
+        self.foreign += 1
+        return False
 
     @property
     def tensor(self) -> torch.Tensor:
         """The tensor of the single call of the module; clear errors otherwise."""
+        if self.foreign:
+            raise RuntimeError(_foreign_message(self))
         if not self.tensors:
             raise RuntimeError(
                 f"{self.point.name or type(self.point.module).__name__} was not called during "
@@ -120,8 +135,21 @@ class Hook:
         return value
 
 
+def _foreign_message(h: Hook) -> str:
+    name = h.point.name or type(h.point.module).__name__
+    return (
+        f"a forward pass of the model ran in another thread during this captum_ext call "
+        f"({name} was called {h.foreign} time(s) from another thread, e.g. a plain model(x) "
+        "or a method explaining a model that contains this one); those calls were left "
+        "unchanged and this call's result is discarded: run them one after another (wrap the "
+        "other calls in `with captum_ext.capture.exclusive(model):`)."
+    )
+
+
 def _output_hook(h: Hook):
     def fn(module: nn.Module, args: Any, output: Any) -> Any:
+        if not h._mine():
+            return None
         new = h._apply(output)
         return new if h.transform is not None else None
 
@@ -130,6 +158,8 @@ def _output_hook(h: Hook):
 
 def _input_hook(h: Hook):
     def fn(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        if not h._mine():
+            return None
         if args:
             new0 = h._apply(args[0])
             return ((new0, *args[1:]), kwargs) if h.transform is not None else None
@@ -150,12 +180,23 @@ def hooks(specs: Sequence[Hook]) -> Iterator[Sequence[Hook]]:
     Handles are removed in ``finally``: after success, after an exception in
     the forward pass, after a bad target. The grad mode of entry is restored in
     ``finally`` too (a hook with ``enable_grad`` switches it on mid-forward).
+
+    The hooks act only on calls from the thread that entered: a forward pass of
+    the model run meanwhile by another thread goes through untouched, and the
+    body's result is refused on exit.
+
+    Raises:
+        RuntimeError: (on exit) A hooked module was called from another thread
+            inside the section; the message says so.
     """
     handles = []
     grad_mode = torch.is_grad_enabled()
+    owner = threading.get_ident()
     try:
         for h in specs:
             h.tensors.clear()
+            h.foreign = 0
+            h._owner = owner
             if h.point.where == "output":
                 handles.append(h.point.module.register_forward_hook(_output_hook(h)))
             else:
@@ -163,6 +204,9 @@ def hooks(specs: Sequence[Hook]) -> Iterator[Sequence[Hook]]:
                     h.point.module.register_forward_pre_hook(_input_hook(h), with_kwargs=True)
                 )
         yield specs
+        for h in specs:
+            if h.foreign:
+                raise RuntimeError(_foreign_message(h))
     finally:
         for handle in handles:
             handle.remove()
@@ -194,14 +238,19 @@ def replay(module: nn.Module, output: torch.Tensor) -> Iterator[None]:
     """Makes ``module`` return ``output`` instead of computing, for the duration.
 
     Used to skip an expensive module whose result is already known (TAM reuses
-    the clean patch embedding for every shortened copy of an image). The
-    module's own hooks still run; the instance attribute that shadows
+    the clean patch embedding for every shortened copy of an image). Only the
+    calling thread sees the replay; other threads compute. The module's own
+    hooks still run; the instance attribute that shadows
     ``forward`` is removed (or the previous one put back) in ``finally``.
     """
     had = "forward" in vars(module)
     previous = vars(module).get("forward")
+    owner = threading.get_ident()
+    compute = previous if had else type(module).forward.__get__(module)
 
     def forward(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if threading.get_ident() != owner:  # another thread's forward computes as usual
+            return compute(*args, **kwargs)
         return output
 
     try:

@@ -122,9 +122,26 @@ class ModelAdapter:
     def check_inputs(
         self, inputs: torch.Tensor, method: str, additional_forward_args: Any = None
     ) -> None:
-        """Validates rank, dtype, finiteness and size; raises ``ValueError`` saying what to do."""
+        """Validates device, rank, dtype, finiteness and size; raises ``ValueError`` saying what to do.
+
+        Raises:
+            TypeError: ``inputs`` is not a tensor.
+            ValueError: Inputs (or a tensor in ``additional_forward_args``) on the meta
+                device, an empty batch, or images of the wrong rank, dtype, values or size.
+        """
         if not isinstance(inputs, torch.Tensor):
             raise TypeError(f"{method}: inputs must be a tensor; got {type(inputs).__name__}.")
+        extra = as_tuple(additional_forward_args)
+        meta = [
+            "inputs" if t is inputs else f"additional_forward_args[{i - 1}]"
+            for i, t in enumerate((inputs, *extra))
+            if isinstance(t, torch.Tensor) and t.is_meta
+        ]
+        if meta:
+            raise ValueError(
+                f"{method}: {meta[0]}: inputs on the meta device cannot be explained (a meta "
+                "tensor holds no values); pass them on a real device (cpu, cuda, ...)."
+            )
         if inputs.shape[0] == 0:
             raise ValueError(f"{method}: the batch is empty; pass at least one example.")
         if self.modality == "image":
@@ -252,6 +269,16 @@ class TransformerAdapter(ModelAdapter):
     def readout_known(self) -> bool:
         """Whether the readout is settled; when not, methods detect it (see ``HFTextAdapter``)."""
         return True
+
+    def readout_refusal(self) -> str | None:
+        """Why no weighting of token rows reproduces how the model pools them, or ``None``.
+
+        Methods that read the readout rows (attention map, rollout, relevance)
+        refuse such a model with this reason; ``None`` when :attr:`readout` was
+        given explicitly or the pooling is a row weighting (first row, CLS+DIST,
+        mean).
+        """
+        return None
 
     def probe_inputs(self) -> tuple[torch.Tensor, tuple]:
         """Dummy ``(inputs, additional_forward_args)`` for detecting the readout."""

@@ -100,7 +100,17 @@ class HFTextAdapter(HFAdapter):
     def check_inputs(
         self, inputs: torch.Tensor, method: str, additional_forward_args: Any = None
     ) -> None:
-        """Token ids ``(B, T)`` within the vocabulary and position limit; a matching, non-empty mask."""
+        """Token ids ``(B, T)`` within the vocabulary and position limit; a matching, non-empty mask.
+
+        Raises:
+            TypeError: A dict in (or as) ``additional_forward_args`` (keyword arguments
+                cannot be passed), or an attention mask (``additional_forward_args[0]``;
+                for an HF model itself, any extra argument) that is a list, tuple or
+                array instead of a ``torch.Tensor (B, T)``.
+            ValueError: As :meth:`ModelAdapter.check_inputs`, and ids, lengths or
+                masks out of range.
+        """
+        _check_extra_types(additional_forward_args, method, every=_is_hf_model(self.model))
         super().check_inputs(inputs, method, additional_forward_args)
         if inputs.dim() != 2:
             raise ValueError(
@@ -195,6 +205,36 @@ class HFTextAdapter(HFAdapter):
             "assuming the first token (readout='cls'). Pass readout='mean' (or 'cls') to say so.",
             stacklevel=3,
         )
+
+
+def _check_extra_types(additional_forward_args: Any, method: str, every: bool) -> None:
+    """Refuses dicts, and list/tuple/array masks, in ``additional_forward_args``.
+
+    ``every``: check every position (an HF model's positional arguments are all tensors);
+    otherwise only the mask position 0 (a wrapper's other arguments are its own).
+    """
+    if isinstance(additional_forward_args, dict):
+        extra: tuple = (additional_forward_args,)
+    else:
+        extra = as_tuple(additional_forward_args)
+    for i, v in enumerate(extra):
+        if isinstance(v, dict):
+            raise TypeError(
+                f"{method}: additional_forward_args[{i}] is a dict (keys {sorted(map(str, v))}); "
+                "keyword arguments cannot be passed, the model is called as model(input_ids, "
+                "*additional_forward_args): pass additional_forward_args=(attention_mask,) with "
+                "a torch.Tensor (B, T)."
+            )
+        if (i == 0 or every) and (
+            isinstance(v, list | tuple)
+            or (hasattr(v, "__array__") and not isinstance(v, torch.Tensor))
+        ):
+            what = "the attention mask" if i == 0 else "it"
+            raise TypeError(
+                f"{method}: additional_forward_args[{i}] ({what}) must be a torch.Tensor (B, T) "
+                f"like input_ids; got {type(v).__name__}. Convert it with torch.as_tensor(...) "
+                "on the device of input_ids."
+            )
 
 
 def _is_hf_model(model: nn.Module) -> bool:

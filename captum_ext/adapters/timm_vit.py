@@ -4,11 +4,18 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from captum_ext.adapters.base import Point, Readout, TransformerAdapter, register_adapter
+from captum_ext.adapters.base import (
+    Point,
+    Readout,
+    TransformerAdapter,
+    as_tuple,
+    register_adapter,
+)
 
 __all__ = ["TimmViTAdapter"]
 
@@ -18,10 +25,16 @@ class TimmViTAdapter(TransformerAdapter):
     """timm ``VisionTransformer`` (``vit_*``, ``deit_*`` incl. distilled, DINO, register models).
 
     Prefix tokens come from ``model.num_prefix_tokens`` (CLS, DIST, registers).
-    The readout is the CLS row, the mean of CLS and DIST rows for distilled
-    DeiT, or the mean of patch rows for ``global_pool`` other than ``'token'``.
+    The readout is the CLS row (``global_pool='token'``), the mean of CLS and
+    DIST rows for distilled DeiT, or the mean of the patch rows
+    (``global_pool='avg'``; of every row with ``pool_include_prefix=True``).
+    ``global_pool='max'``, ``'avgmax'``, ``'map'`` (attention pooling) and
+    ``''`` are no weighting of rows: :meth:`readout_refusal` names them, and
+    the methods that read the readout rows refuse them.
     Attention probabilities are read at each block's ``attn.attn_drop`` with
-    ``fused_attn`` switched off for the call.
+    ``fused_attn`` switched off for the call. The model is called as
+    ``model(images)``: extra positional arguments (which timm would take as
+    ``attn_mask``) are refused.
     """
 
     family = "timm VisionTransformer"
@@ -72,9 +85,65 @@ class TimmViTAdapter(TransformerAdapter):
     def _default_readout(self) -> Readout:
         if getattr(self.model, "dist_token", None) is not None:
             return "cls_dist"
-        if getattr(self.model, "global_pool", "token") == "token":
+        if self._pool() == "token":
             return "cls"
         return "mean"
+
+    def _pool(self) -> str:
+        """timm's pooling: ``global_pool``, or ``'map'`` when an attention pool is set."""
+        if getattr(self.model, "attn_pool", None) is not None:
+            return "map"
+        return str(getattr(self.model, "global_pool", "token"))
+
+    def readout_refusal(self) -> str | None:
+        if (
+            self._readout_override is not None
+            or getattr(self.model, "dist_token", None) is not None
+        ):
+            return None
+        pool = self._pool()
+        if pool in ("token", "avg"):
+            return None
+        return (
+            f"this timm VisionTransformer pools its tokens with global_pool={pool!r}, which no "
+            "weighting of token rows reproduces (supported: 'token', 'avg'; or pass readout= "
+            "'cls' or 'mean' to read those rows regardless)"
+        )
+
+    def readout_weights(
+        self,
+        num_tokens: int,
+        device: torch.device,
+        dtype: torch.dtype = torch.float32,
+        mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """As :meth:`TransformerAdapter.readout_weights`; timm's ``pool_include_prefix=True``
+        average (the default readout of such a model) weighs every row, prefix included."""
+        if (
+            self._readout_override is None
+            and self.readout == "mean"
+            and getattr(self.model, "pool_include_prefix", False)
+        ):
+            return torch.full((num_tokens,), 1.0 / num_tokens, device=device, dtype=dtype)
+        return super().readout_weights(num_tokens, device, dtype, mask)
+
+    def check_inputs(
+        self, inputs: torch.Tensor, method: str, additional_forward_args: Any = None
+    ) -> None:
+        """As :meth:`ModelAdapter.check_inputs`; extra model arguments are refused.
+
+        Raises:
+            ValueError: Also when ``additional_forward_args`` holds anything but
+                ``None`` (timm's forward would take it as ``attn_mask``).
+        """
+        extra = as_tuple(additional_forward_args)
+        if any(v is not None for v in extra):
+            raise ValueError(
+                f"{method}: a timm VisionTransformer is called as model(images) only; got "
+                f"{len(extra)} additional_forward_args, which its forward would take as "
+                "attn_mask. Pass additional_forward_args=None."
+            )
+        super().check_inputs(inputs, method, additional_forward_args)
 
     @property
     def patch_size(self) -> tuple[int, int]:

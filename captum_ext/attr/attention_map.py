@@ -35,6 +35,7 @@ class AttentionMap(TokenMapMethod, Attribution):
     """
 
     _method = "AttentionMap"
+    _reads_readout = True
 
     def __init__(
         self,

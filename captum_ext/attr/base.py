@@ -22,10 +22,12 @@ from torch import nn
 
 from captum_ext.adapters.base import Readout, TransformerAdapter, adapter_for
 from captum_ext.capture import probe_readout
+from captum_ext.errors import UnsupportedModelError
 
 __all__ = [
     "OutputKind",
     "TokenMapMethod",
+    "check_finite_map",
     "check_output",
     "check_targets",
     "format_token_map",
@@ -76,17 +78,34 @@ class TokenMapMethod:
     call ``super().__init__(model, readout)`` and implement
     :meth:`_token_scores`; :meth:`attribute` (Captum's signature) does the
     rest. Captum's ``has_convergence_delta`` default (``False``) holds for
-    every method.
+    every method. A method that reads the model's readout rows (attention
+    map, rollout, relevance) sets ``_reads_readout``: a model whose pooling
+    no weighting of token rows reproduces (timm ``global_pool='max'``,
+    ``'avgmax'``, ``'map'``) is then refused at construction, unless
+    ``readout`` is given. Every map is checked before it is returned: a map
+    with NaN or inf values (the model's activations overflowed) is refused.
 
     Attributes:
         adapter: The model's :class:`~captum_ext.adapters.TransformerAdapter`.
+
+    Raises:
+        UnsupportedModelError: (construction) The model is not a supported
+            transformer, or its pooling cannot be followed (see above).
+        ValueError: (every call) The map is not finite.
     """
 
     _method: ClassVar[str] = ""
     _multiplies_by_inputs: ClassVar[bool] = False
+    _reads_readout: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module | TransformerAdapter, readout: Readout | None = None):
         self.adapter = transformer_adapter(model, readout, self._method)
+        why = self.adapter.readout_refusal() if self._reads_readout else None
+        if why is not None:
+            raise UnsupportedModelError(
+                f"{self._method}: {why}; it weighs token rows as the model reads them, so it "
+                "cannot follow this pool (CDAM and TokenAblation follow any pool)."
+            )
         Attribution.__init__(self, self.adapter.model)  # type: ignore[arg-type]
         if isinstance(self, GradientAttribution):
             GradientAttribution.__init__(self, self.adapter.model)
@@ -142,6 +161,8 @@ class TokenMapMethod:
         return x, was_tuple
 
     def _format(self, scores: torch.Tensor, x: torch.Tensor, output: OutputKind) -> torch.Tensor:
+        """``scores`` in the ``output`` layout, after :func:`check_finite_map`."""
+        check_finite_map(scores, x, self._method)
         return format_token_map(scores, self.adapter, x, output, self._method)
 
     def _outputs(
@@ -171,6 +192,25 @@ def unpack_inputs(inputs: Any, method: str) -> tuple[torch.Tensor, bool]:
             f"{len(inputs)}. Pass extra model arguments through additional_forward_args."
         )
     return inputs[0], True
+
+
+def check_finite_map(scores: torch.Tensor, inputs: torch.Tensor, method: str) -> None:
+    """Refuses a map holding NaN or inf: the model overflowed on these (finite) inputs.
+
+    Raises:
+        ValueError: Naming the method, the overflow and, for images, the largest
+            input magnitude.
+    """
+    if bool(torch.isfinite(scores).all()):
+        return
+    size = ""
+    if inputs.is_floating_point() and inputs.numel():
+        size = f" (largest |input| {float(inputs.detach().abs().amax()):.3g})"
+    raise ValueError(
+        f"{method}: the map is not finite (NaN or inf): the model's activations or scores "
+        f"overflowed for these inputs{size}; pass inputs in the model's usual range (e.g. "
+        "normalised images) or run the model in a wider dtype."
+    )
 
 
 def check_output(output: Any, allowed: tuple[str, ...], modality: str, method: str) -> None:

@@ -7,6 +7,8 @@ target logit, or the dot product of the model's latent with a concept vector.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -62,13 +64,20 @@ class CDAM(TokenMapMethod, LayerAttribution, GradientAttribution):
             the model (its pre-attention tokens), or the module whose output
             are the tokens ``(B, N, D)``.
         variant: ``"plain"``, ``"smooth"`` or ``"integrated"``.
-        n_samples: Samples for the smooth and integrated variants.
-        noise_level: Noise std relative to the stream's range (smooth).
-        seed: Seed of the noise (smooth); the same seed gives the same map.
+        n_samples: Samples for the smooth and integrated variants (an int, at
+            least 2 for them, at least 1 for ``"plain"``, where it is unused).
+        noise_level: Noise std relative to the stream's range (smooth), a
+            finite number >= 0.
+        seed: Seed of the noise (smooth), an int; the same seed gives the same map.
         readout: Overrides the adapter's readout; CDAM uses it only for a
             bare encoder whose output has no logits (``"mean"``: the
             attention-masked mean of ``last_hidden_state``; ``"cls"``:
             ``pooler_output``).
+
+    Raises:
+        ValueError: (construction) ``variant``, ``n_samples``, ``noise_level`` or
+            ``seed`` out of range, named with its range; (call) a map that is not
+            finite (the model's activations overflowed for the inputs).
     """
 
     _method = "CDAM"
@@ -86,16 +95,35 @@ class CDAM(TokenMapMethod, LayerAttribution, GradientAttribution):
     ) -> None:
         super().__init__(model, readout)
         self._point = self.adapter.resolve_layer(layer)
+        m = self._method
         if variant not in ("plain", "smooth", "integrated"):
-            raise ValueError(f"variant must be 'plain', 'smooth' or 'integrated'; got {variant!r}.")
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int):
-            raise ValueError(f"n_samples must be an int; got {n_samples!r}.")
-        if variant != "plain" and n_samples < 2:
-            raise ValueError(f"n_samples must be at least 2 for variant {variant!r}.")
+            raise ValueError(
+                f"{m}: variant must be 'plain', 'smooth' or 'integrated'; got {variant!r}."
+            )
+        least = 1 if variant == "plain" else 2
+        if not _is_int(n_samples) or n_samples < least:
+            raise ValueError(
+                f"{m}: n_samples must be an int of at least {least} for variant {variant!r}; "
+                f"got {n_samples!r}."
+            )
+        if (
+            isinstance(noise_level, bool)
+            or not isinstance(noise_level, numbers.Real)
+            or not math.isfinite(noise_level)
+            or noise_level < 0
+        ):
+            raise ValueError(
+                f"{m}: noise_level must be a finite number >= 0 (noise std relative to the "
+                f"stream's range, e.g. 0.05); got {noise_level!r}."
+            )
+        if not _is_int(seed) or not -(2**63) <= seed < 2**64:
+            raise ValueError(
+                f"{m}: seed must be an int (as torch.manual_seed takes); got {seed!r}."
+            )
         self.variant = variant
         self.n_samples = n_samples
-        self.noise_level = noise_level
-        self.seed = seed
+        self.noise_level = float(noise_level)
+        self.seed = int(seed)
         LayerAttribution.__init__(self, self.adapter.model, self._point.module)
 
     def _token_scores(self, x: torch.Tensor, target: Any, extra: Any) -> torch.Tensor:
@@ -210,6 +238,10 @@ class ConceptCDAM(CDAM):
             ``ModelOutput`` with ``pooler_output``).
         layer: As in :class:`CDAM`.
         variant, n_samples, noise_level, seed, readout: As in :class:`CDAM`.
+
+    Raises:
+        ValueError: As :class:`CDAM`; a concept that is not a tensor ``(D,)`` or
+            ``(B, D)`` or holds NaN or inf; latents of examples that are not finite.
     """
 
     _method = "ConceptCDAM"
@@ -218,10 +250,19 @@ class ConceptCDAM(CDAM):
     def concept_from_examples(
         self, examples: torch.Tensor, additional_forward_args: Any = None
     ) -> torch.Tensor:
-        """Mean latent ``(D,)`` of ``examples`` (images or input_ids), computed without grad."""
+        """Mean latent ``(D,)`` of ``examples`` (images or input_ids), computed without grad.
+
+        Raises:
+            ValueError: The model's latents of the examples are not finite (overflow).
+        """
         x, _ = self._inputs(examples, additional_forward_args)
         with model_state(self.adapter.model, grad=False):
             z = self.adapter.forward(x, additional_forward_args)
+        if not bool(torch.isfinite(z).all()):
+            raise ValueError(
+                f"{self._method}: the model's latents of these examples are not finite (NaN or "
+                "inf): its activations overflowed; pass examples in the model's usual range."
+            )
         return z.detach().mean(dim=0)
 
     @log_usage()
@@ -247,6 +288,10 @@ class ConceptCDAM(CDAM):
         return self._outputs(maps[0], x, output, was_tuple)
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
 def _class_score(target: Any, method: str) -> ScoreFn:
     def fn(out: torch.Tensor) -> torch.Tensor:
         return select_target(out, normalise_target(target, out, method))
@@ -257,6 +302,13 @@ def _class_score(target: Any, method: str) -> ScoreFn:
 def _concept_score(concept: torch.Tensor, batch: int, method: str) -> ScoreFn:
     if not isinstance(concept, torch.Tensor) or concept.dim() not in (1, 2):
         raise ValueError(f"{method}: concept must be a tensor (D,) or (B, D).")
+    if (concept.is_floating_point() or concept.is_complex()) and not bool(
+        torch.isfinite(concept).all()
+    ):
+        raise ValueError(
+            f"{method}: the concept holds NaN or inf values; build it from finite latents "
+            "(concept_from_examples)."
+        )
     if concept.dim() == 2 and concept.shape[0] not in (1, batch):
         raise ValueError(
             f"{method}: concept has shape {tuple(concept.shape)} for a batch of {batch}; pass "

@@ -76,10 +76,12 @@ class RelevancePropagation(TokenMapMethod, GradientAttribution):
             ``"mean"``).
         heads: ``"mean"`` (default) or ``"all"`` (per-head maps, see above).
         streaming: Accumulate the readout row during the backward pass
-            (default) or form all gradients and R explicitly.
+            (``True``, default) or form all gradients and R explicitly
+            (``False``); anything but a bool is a ``TypeError``.
     """
 
     _method = "RelevancePropagation"
+    _reads_readout = True
     _multiplies_by_inputs = True
 
     def __init__(
@@ -95,7 +97,9 @@ class RelevancePropagation(TokenMapMethod, GradientAttribution):
         if heads not in ("mean", "all"):
             raise ValueError(f"heads must be 'mean' or 'all'; got {heads!r}.")
         self.heads = heads
-        self.streaming = bool(streaming)
+        if not isinstance(streaming, bool):
+            raise TypeError(f"{self._method}: streaming must be True or False; got {streaming!r}.")
+        self.streaming = streaming
 
     # ---------------------------------------------------------------- internals
     def _token_scores(self, x: torch.Tensor, target: Any, extra: Any) -> torch.Tensor:

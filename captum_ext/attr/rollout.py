@@ -56,6 +56,7 @@ class AttentionRollout(TokenMapMethod, Attribution):
     """
 
     _method = "AttentionRollout"
+    _reads_readout = True
 
     def __init__(
         self,
