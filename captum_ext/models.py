@@ -11,6 +11,10 @@ Nothing is downloaded and nothing is unpickled: timm weights come from a local f
 HuggingFace models from a local folder (``from_pretrained(DIR, local_files_only=True)``),
 zoo models from the safetensors files shipped with the package.
 
+Weights load exactly or not at all (no random classifier, no resampled position
+embeddings), and images of every Pillow mode are read as the picture they show
+(:func:`to_rgb`: 16-bit and float images scaled, not clipped).
+
 Mistakes (an unknown spec, a missing file, weights that do not fit) raise
 :class:`ModelLoadError` (a ``ValueError``; :class:`ModelFileNotFoundError` is also a
 ``FileNotFoundError``) whose message is one line saying what was wrong and what to do.
@@ -55,6 +59,7 @@ __all__ = [
     "load_weights_file",
     "parse_spec",
     "read_class_names",
+    "to_rgb",
 ]
 
 SPEC_HELP = "timm:ARCH (with a weights file), hf:DIR or zoo:NAME"
@@ -118,6 +123,132 @@ def _mismatch(err: BaseException, shown: int = 3) -> str | None:
         if items
     ]
     return ", ".join(parts) or None
+
+
+def _shape(shape: Sequence[int] | None) -> str:
+    return "" if shape is None else f" [{', '.join(str(int(d)) for d in shape)}]"
+
+
+def _describe_fit(
+    mis_shaped: Sequence[tuple[str, Sequence[int], Sequence[int]]],
+    missing: Sequence[tuple[str, Sequence[int] | None]],
+    unexpected: Sequence[tuple[str, Sequence[int] | None]],
+    shown: int = 3,
+) -> str | None:
+    """One line naming every kind of misfit between a file and a model (first ``shown`` of
+    each, with counts and shapes); ``None`` when they fit."""
+    groups = [
+        ("mis-shaped", [f"{k}: file{_shape(a)} vs model{_shape(b)}" for k, a, b in mis_shaped]),
+        ("missing from the file", [f"{k}{_shape(b)}" for k, b in missing]),
+        ("in the file, not in the model", [f"{k}{_shape(a)}" for k, a in unexpected]),
+    ]
+    parts = []
+    for what, items in groups:
+        if items:
+            more = ", ..." if len(items) > shown else ""
+            noun = "tensors" if len(items) > 1 else "tensor"
+            parts.append(f"{len(items)} {noun} {what} ({', '.join(items[:shown])}{more})")
+    return ", ".join(parts) or None
+
+
+def _state_misfit(state: dict[str, torch.Tensor], model: nn.Module) -> str | None:
+    """What keeps ``model.load_state_dict(state, strict=True)`` from loading every tensor of
+    ``state`` into every parameter and buffer of ``model`` as it is, in one line; ``None``
+    when the file fits exactly."""
+    own = model.state_dict()
+    mis_shaped = [  # in the model's order: the first ones named are the first layers
+        (k, tuple(state[k].shape), tuple(v.shape))
+        for k, v in own.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    missing = [(k, tuple(v.shape)) for k, v in own.items() if k not in state]
+    unexpected = [(k, tuple(v.shape)) for k, v in state.items() if k not in own]
+    return _describe_fit(mis_shaped, missing, unexpected)
+
+
+_FIT_REMEDY = (
+    "the file must hold exactly the model's tensors (as save_file(model.state_dict(), FILE) "
+    "writes them); build the model the file was saved from"
+)
+
+
+# --- images -------------------------------------------------------------------------------
+
+_EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV")
+"""Pillow modes with 8 bits (or 1) per channel, which ``convert("RGB")`` reads correctly."""
+
+
+def _image_name(img: Any) -> str:
+    """The file an image was opened from, or ``"image"``."""
+    return str(getattr(img, "filename", "") or "") or "image"
+
+
+def to_rgb(img: Any) -> Any:
+    """A PIL image of any mode Pillow reads as the 8-bit RGB picture it shows.
+
+    ``convert("RGB")`` alone clips 16-bit greys at 255 and floors float images; here:
+
+    * 8-bit modes (``1``, ``L``, ``LA``, ``P``, ``PA``, ``RGB``, ``RGBA``, ``RGBX``,
+      ``CMYK``, ``YCbCr``, ``LAB``, ``HSV``; premultiplied ``La``/``RGBa``) go through
+      Pillow's own conversion (alpha is dropped);
+    * 16-bit greys (``I;16``, ``I;16L``, ``I;16B``, ``I;16N``) and 32-bit integer greys
+      (``I``, e.g. 16-bit PGM files) are read as values in [0, 65535] and scaled by
+      255 / 65535 (``x * 257`` gives ``x`` back);
+    * float greys (``F``, e.g. float TIFFs): values in [0, 1] are scaled by 255, values in
+      [0, 255] (some above 1) are taken as they are.
+
+    Args:
+        img: A ``PIL.Image.Image``.
+
+    Returns:
+        An ``RGB`` image (``img`` itself when it is one).
+
+    Raises:
+        ValueError: An ``I`` image with values outside [0, 65535], an ``F`` image with
+            values that are negative, above 255 or not finite (the range is ambiguous),
+            or a mode Pillow cannot give as RGB; one line naming the file and the mode.
+    """
+    from PIL import Image
+
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in _EIGHT_BIT_MODES:
+        return img.convert("RGB")
+    if mode in ("La", "RGBa"):
+        return img.convert("LA" if mode == "La" else "RGBA").convert("RGB")
+    what = f"{_image_name(img)}: mode {mode} image"
+    if mode == "I" or mode.startswith("I;16") or mode == "F":
+        values = np.asarray(img)
+        if mode == "F":
+            values = values.astype(np.float64)
+            if not np.isfinite(values).all():
+                raise ValueError(f"{what} with NaN or infinite values; save it with finite values")
+            low, high = float(values.min()), float(values.max())
+            if low < 0 or high > 255:
+                raise ValueError(
+                    f"{what} with float values in [{low:g}, {high:g}], neither [0, 1] nor "
+                    "[0, 255]; scale it to [0, 1] or save it as an 8- or 16-bit image"
+                )
+            scaled = values * 255.0 if high <= 1 else values
+        else:
+            values = values.astype(np.int64)
+            low, high = int(values.min()), int(values.max())
+            if low < 0 or high > 65535:
+                raise ValueError(
+                    f"{what} with integer values in [{low}, {high}], outside the 16-bit range "
+                    "[0, 65535]; save it as an 8- or 16-bit image"
+                )
+            scaled = values * (255.0 / 65535.0)
+        grey = np.clip(np.round(scaled), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
+    try:
+        return img.convert("RGB")
+    except (ValueError, OSError) as err:
+        raise ValueError(
+            f"{what} that cannot be read as RGB ({_first_line(err)}); save it as an 8-bit RGB or "
+            "grey image"
+        ) from err
 
 
 @dataclass
@@ -302,18 +433,29 @@ def load(
             Required for timm; for hf and zoo it replaces the folder's or shipped weights.
         device: Where to put the model (``"cpu"``, ``"cuda"``, ``"cuda:1"``...).
         model_kwargs: Keyword arguments of ``timm.create_model`` (timm only), e.g.
-            ``{"img_size": 32, "patch_size": 8}``.
+            ``{"img_size": 32, "patch_size": 8}``; ``num_classes`` defaults to the number
+            of rows of the file's classifier.
         class_names: One name per output, replacing the model's own (a custom head; see
             :func:`read_class_names`).
 
+    Weights load exactly or not at all: every tensor of the file goes into the model as it
+    is and every parameter and buffer of the model comes from the file (timm is built with
+    ``pretrained=False`` and loaded strictly; HF ``from_pretrained`` must report no missing,
+    unexpected or mismatched key). Nothing is dropped, re-initialised or resampled.
+
     Returns:
         A :class:`LoadedModel`; ``image_transform`` gives ``(3, H, W)`` model inputs from
-        PIL images, ``tokenize`` gives ``input_ids``/``attention_mask`` ``(1, T)``.
+        PIL images of any mode (read with :func:`to_rgb`), ``tokenize`` gives
+        ``input_ids``/``attention_mask`` ``(1, T)``.
 
     Raises:
         ModelFileNotFoundError: The weights file or the hf folder does not exist.
         ModelLoadError: Unknown spec, timm architecture or zoo model; weights in an
-            unknown format, pickled, or not fitting the model; a folder holding a model
+            unknown format, pickled, or not fitting the model (a tensor of another shape,
+            e.g. a classifier for another ``num_classes`` or position embeddings for another
+            ``img_size``, one the file lacks or one the model has not: the message names the
+            tensor and both shapes); an HF folder whose weights do not fit its config (a
+            classifier missing or sized for other labels); a folder holding a model
             that is neither an image nor a text classifier; a timm ``img_size`` that is not
             a multiple of the patch size; ``class_names`` of the wrong length.
 
@@ -390,12 +532,33 @@ def read_class_names(path: str | Path) -> list[str]:
 
 
 def _apply_weights(model: nn.Module, weights: Path, spec: str) -> None:
-    state = load_weights_file(weights)
+    """Loads the file ``weights`` into ``model`` (see :func:`_load_exactly`)."""
+    _load_exactly(model, load_weights_file(weights), spec, weights)
+
+
+def _load_exactly(
+    model: nn.Module,
+    state: dict[str, torch.Tensor],
+    spec: str,
+    weights: Path,
+    built: str = "",
+    remedy: str = _FIT_REMEDY,
+) -> None:
+    """Loads ``state`` (read from ``weights``) into ``model``: every tensor of the file into
+    every parameter and buffer of the model, as it is, or :class:`ModelLoadError` naming
+    each tensor that does not fit with both shapes (``built`` says how the model was built,
+    ``remedy`` what to do)."""
+    misfit = _state_misfit(state, model)
+    if misfit:
+        raise ModelLoadError(
+            f"{spec}: weights {weights} do not fit the model{built}: {misfit}; {remedy}"
+        )
     try:
-        model.load_state_dict(state)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         raise ModelLoadError(
-            f"{spec}: weights {weights} do not fit the model: {_mismatch(err) or _first_line(err)}"
+            f"{spec}: weights {weights} do not fit the model{built}: "
+            f"{_mismatch(err) or _first_line(err)}"
         ) from err
 
 
@@ -416,27 +579,30 @@ def _load_timm(arch: str, weights: Path | None, kwargs: dict[str, Any]) -> Loade
             "weights would need a download, and captum_ext never downloads; pass a local "
             ".safetensors (or .pt/.pth/.bin) file"
         )
-    kwargs, overlay = _timm_overlay(arch, weights, kwargs)
+    state = load_weights_file(weights)
+    kwargs, head = _timm_kwargs(arch, state, kwargs)
+    built = f" built with model_kwargs {kwargs}" if kwargs else ""
     try:
-        model = timm.create_model(arch, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        model = timm.create_model(arch, pretrained=False, **kwargs)
     except (RuntimeError, TypeError, ValueError, KeyError, AssertionError) as err:
-        mismatch = _mismatch(err)
-        if mismatch:
-            built = f" built with model_kwargs {kwargs}" if kwargs else ""
-            raise ModelLoadError(
-                f"timm:{arch}: weights {weights} do not fit the model{built}: {mismatch}"
-            ) from err
         raise ModelLoadError(
-            f"timm:{arch}: could not build the model with weights {weights}"
-            f"{' and model_kwargs ' + str(kwargs) if kwargs else ''} ({_first_line(err)})"
+            f"timm:{arch}: could not build the model"
+            f"{' with model_kwargs ' + str(kwargs) if kwargs else ''} ({_first_line(err)})"
         ) from err
+    _check_timm_img_size(arch, model)  # before the weights: a clearer message than pos_embed
+    remedy = _FIT_REMEDY
+    if head is not None and kwargs.get("num_classes", head) != head:
+        remedy = (
+            f"the file's classifier has {head} classes, model_kwargs ask for "
+            f"{kwargs['num_classes']}: leave num_classes out (a new head needs training)"
+        )
+    _load_exactly(model, state, f"timm:{arch}", weights, built, remedy)
     config = resolve_data_config({}, model=model)
     # The pretrained config keeps the architecture's default size (224) when img_size was
     # changed through model_kwargs; the patch embedding knows the size the model takes.
     img_size = getattr(getattr(model, "patch_embed", None), "img_size", None)
     if img_size is not None and tuple(config["input_size"][1:]) != tuple(img_size):
         config["input_size"] = (config["input_size"][0], *img_size)
-    _check_timm_img_size(arch, model)
     transform = create_transform(**config)
     names = _timm_class_names(model)
     return LoadedModel(
@@ -446,34 +612,27 @@ def _load_timm(arch: str, weights: Path | None, kwargs: dict[str, Any]) -> Loade
         class_names=names,
         multi_label=False,
         preprocessing={"source": "timm.data.resolve_data_config", **_jsonable(config)},
-        image_transform=lambda img: transform(img.convert("RGB")),
+        image_transform=lambda img: transform(to_rgb(img)),
         mean=tuple(config["mean"]),
         std=tuple(config["std"]),
         input_size=(int(config["input_size"][1]), int(config["input_size"][2])),
     )
 
 
-def _timm_overlay(
-    arch: str, weights: Path, kwargs: dict[str, Any]
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``(kwargs, pretrained_cfg_overlay)`` that make timm build ``arch`` with ``weights``."""
+def _timm_kwargs(
+    arch: str, state: dict[str, torch.Tensor], kwargs: dict[str, Any]
+) -> tuple[dict[str, Any], int | None]:
+    """``(kwargs, classes)``: ``kwargs`` for ``timm.create_model`` with ``num_classes`` set to
+    the number of rows of the file's classifier unless the caller gave one, and that number
+    (``None`` when the file has no classifier)."""
     import timm
 
-    state = load_weights_file(weights)
-    # timm drops the classifier when the model's num_classes differs from the pretrained
-    # config's (1000 for ImageNet archs): tell it how many classes the file's head has.
     classifier = getattr(timm.models.get_pretrained_cfg(arch), "classifier", None) or "head"
     classifiers = (classifier,) if isinstance(classifier, str) else tuple(classifier)
-    overlay: dict[str, Any] = {}
     head = state.get(f"{classifiers[0]}.weight")
-    if head is not None:
-        kwargs = {"num_classes": head.shape[0], **kwargs}
-        overlay["num_classes"] = head.shape[0]
-    if weights.suffix.lower() == ".safetensors":
-        overlay["file"] = str(weights)
-    else:  # already loaded with weights_only=True; hand timm the tensors
-        overlay["state_dict"] = state
-    return kwargs, overlay
+    if head is None or head.ndim < 1:
+        return kwargs, None
+    return {"num_classes": int(head.shape[0]), **kwargs}, int(head.shape[0])
 
 
 def _check_timm_img_size(arch: str, model: nn.Module) -> None:
@@ -534,7 +693,13 @@ def _load_hf(folder: Path, weights: Path | None) -> LoadedModel:
     modality, auto = _hf_auto_class(spec, config)
     try:
         with _quiet_transformers():
-            model = auto.from_pretrained(folder, local_files_only=True, weights_only=True)
+            model, info = auto.from_pretrained(
+                folder,
+                local_files_only=True,
+                weights_only=True,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reported below, in one line, and refused
+            )
     except pickle.UnpicklingError as err:
         bins = sorted(f.name for f in folder.glob("*.bin"))
         file = bins[0] if len(bins) == 1 else "the .bin weights"
@@ -547,6 +712,7 @@ def _load_hf(folder: Path, weights: Path | None) -> LoadedModel:
         mismatch = _mismatch(err)
         what = f"its weights do not fit: {mismatch}" if mismatch else _first_line(err)
         raise ModelLoadError(f"{spec}: could not load the model ({what})") from err
+    _check_hf_loading(spec, model, info)
     if weights is not None:
         _apply_weights(model, weights, spec)
     names = [str(model.config.id2label.get(i, f"class {i}")) for i in range(model.num_labels)]
@@ -564,6 +730,29 @@ def _load_hf(folder: Path, weights: Path | None) -> LoadedModel:
     else:
         _hf_tokenizer(loaded, folder, config)
     return loaded
+
+
+def _check_hf_loading(spec: str, model: nn.Module, info: dict[str, Any]) -> None:
+    """Refuses a model ``from_pretrained`` completed with freshly initialised tensors (a
+    classifier missing from the folder's weights, or of another size than the config's
+    classes) or that left tensors of the folder unused."""
+    own = model.state_dict()
+    mis_shaped = sorted(
+        (str(k), tuple(a), tuple(b)) for k, a, b in info.get("mismatched_keys") or ()
+    )
+    missing = sorted(
+        (str(k), tuple(own[k].shape) if k in own else None) for k in info.get("missing_keys") or ()
+    )
+    unexpected = [(str(k), None) for k in sorted(info.get("unexpected_keys") or ())]
+    misfit = _describe_fit(mis_shaped, missing, unexpected)
+    errors = [str(e) for e in info.get("error_msgs") or ()]
+    if misfit or errors:
+        what = misfit or " ".join(errors[0].split())
+        raise ModelLoadError(
+            f"{spec}: the folder's weights do not fit its config.json: {what}; captum_ext "
+            "explains only trained weights (no tensor re-initialised or left out): save the "
+            "trained classifier with save_pretrained, with its config"
+        )
 
 
 def _hf_auto_class(spec: str, config: Any) -> tuple[Literal["image", "text"], Any]:
@@ -590,14 +779,17 @@ def _hf_auto_class(spec: str, config: Any) -> tuple[Literal["image", "text"], An
 
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
-    """No "Loading weights" progress bar on stderr (an error must stay one line); restored."""
+    """No "Loading weights" progress bar or load report on stderr (an error must stay one
+    line); restored."""
     from transformers.utils import logging
 
-    was = logging.is_progress_bar_enabled()
+    was, verbosity = logging.is_progress_bar_enabled(), logging.get_verbosity()
     logging.disable_progress_bar()
+    logging.set_verbosity_error()  # no multi-line load report: misfits are refused in one line
     try:
         yield
     finally:
+        logging.set_verbosity(verbosity)
         if was:
             logging.enable_progress_bar()
 
@@ -629,7 +821,7 @@ def _hf_image_preprocessing(loaded: LoadedModel, folder: Path, config: Any) -> N
         loaded.mean, loaded.std = tuple(proc.image_mean), tuple(proc.image_std)
 
     def process(img: Any) -> torch.Tensor:
-        return proc(images=img.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+        return proc(images=to_rgb(img), return_tensors="pt")["pixel_values"][0]
 
     from PIL import Image
 
@@ -708,7 +900,7 @@ def _load_zoo(name: str, weights: Path | None, device: str | torch.device) -> Lo
         def transform(img: Any) -> torch.Tensor:
             from PIL import Image
 
-            img = img.convert("RGB").resize((size, size), Image.BILINEAR)
+            img = to_rgb(img).resize((size, size), Image.BILINEAR)
             return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
 
         loaded.image_transform = transform

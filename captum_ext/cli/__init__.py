@@ -6,9 +6,11 @@ what they share lives in :mod:`captum_ext.cli._common`. Models come from the lib
 function :func:`captum_ext.models.load`.
 
 Mistakes in what was asked for (unknown model, method or file, CUDA that is not
-there, an output folder that cannot be written) print one line on stderr and exit with
+there, an output folder that cannot be written, weights that do not fit, an unreadable
+image) and the package's own errors (:mod:`captum_ext.errors`: a damaged zoo entry or
+checkpoint, a model no method supports...) print one line on stderr and exit with
 status 2, and leave no output behind: files are written to a temporary folder that is
-moved into place at the end.
+moved into place at the end. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -58,8 +60,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     Args:
         argv: Arguments without the program name (default: ``sys.argv[1:]``).
     """
+    from captum_ext import errors
     from captum_ext.cli._common import CLIError, Terminated, as_flags, first_line
     from captum_ext.models import ModelLoadError
+
+    # The package's own errors: each names what was wrong and what to do, in one line.
+    # Anything else (a bug) keeps its traceback.
+    own = (ModelLoadError, *(getattr(errors, name) for name in errors.__all__))
 
     parser = build_parser()
     try:
@@ -74,7 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CLIError as err:
         print(f"{PROG} {args.command}: error: {first_line(err)}", file=sys.stderr)
         return 2
-    except ModelLoadError as err:
+    except own as err:
         print(f"{PROG} {args.command}: error: {as_flags(first_line(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

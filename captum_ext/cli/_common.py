@@ -32,6 +32,7 @@ __all__ = [
     "add_device",
     "add_quiet",
     "as_flags",
+    "check_image_file",
     "check_methods",
     "check_out_dir",
     "count",
@@ -400,6 +401,38 @@ def model_record(spec: str, model: Any) -> dict[str, Any]:
     }
 
 
+def check_image_file(path: Path, flag: str) -> None:
+    """Reads an image file once as the commands will (every pixel, to RGB), so that a
+    broken or ambiguous file stops the command in one line before any work.
+
+    Args:
+        path: The file.
+        flag: The option that named it (``"--image"``), for the message.
+
+    Raises:
+        CLIError: An empty or unreadable file (a bad checksum or data stream, a
+            decompression bomb), or pixels :func:`captum_ext.models.to_rgb` refuses
+            (e.g. float values outside [0, 255]); the message names the file.
+    """
+    from PIL import Image
+
+    from captum_ext.models import to_rgb
+
+    try:
+        with Image.open(path) as img:
+            img.verify()  # checksums (a PNG's CRCs)
+        with Image.open(path) as img:
+            img.load()  # every pixel: broken data streams, decompression bombs
+            rgb = img
+    except Exception as err:  # PIL raises OSError, SyntaxError, DecompressionBombError...
+        raise CLIError(f"{flag} {path}: not an image PIL can read ({first_line(err)})") from err
+    try:
+        to_rgb(rgb)
+    except ValueError as err:
+        line = first_line(err)
+        raise CLIError(f"{flag} {path}: {line.removeprefix(f'{path}: ')}") from err
+
+
 def open_dataset(source: str, loaded: Any, n: int, seed: int) -> Any:
     """The dataset of ``--dataset`` for a loaded image model.
 
@@ -407,9 +440,14 @@ def open_dataset(source: str, loaded: Any, n: int, seed: int) -> Any:
     a folder is read with the model's transform, and an ``ImageFolder`` tree's classes are
     matched with the model's.
 
+    Every image of a folder is read once here (:func:`check_image_file`): an empty, broken
+    or ambiguous file stops the command, naming the file, before anything is computed or
+    written.
+
     Raises:
-        CLIError: Not an image model, a folder that does not exist or holds no image, or
-            class folders that do not match the model's classes.
+        CLIError: Not an image model, a folder that does not exist or holds no image,
+            class folders that do not match the model's classes, or an image that cannot
+            be read.
     """
     from captum_ext.evaluation import image_dataset
 
@@ -431,4 +469,6 @@ def open_dataset(source: str, loaded: Any, n: int, seed: int) -> Any:
             data.map_classes(loaded.class_names)
     except ValueError as err:
         raise CLIError(first_line(err)) from err
+    for file in getattr(data, "files", ()):  # a folder: every image, before any work
+        check_image_file(file, "--dataset")
     return data

@@ -18,8 +18,9 @@ process), into resumable shards: ``shard-CCCCC.safetensors`` + ``.json`` per chu
 refused.
 
 Everything that can be checked is checked before the model runs: the output folder can
-be written (and is empty, unless ``--overwrite``), every image decodes, the weights and
-labels files exist, the targets name classes.
+be written (and is empty, unless ``--overwrite``), every image decodes (``--dataset``
+folders too) and reads as RGB (:func:`captum_ext.models.to_rgb`), the weights fit the
+model, the labels file exists, the targets name classes.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from captum_ext.cli._common import (
     add_num_examples,
     add_quiet,
     as_flags,
+    check_image_file,
     check_methods,
     check_out_dir,
     count,
@@ -213,19 +215,9 @@ def _expand_images(values: list[str]) -> list[Path]:
 
 
 def _check_images(paths: list[Path]) -> None:
-    """Decodes every image once, so that a broken file stops the command before any work."""
-    from PIL import Image
-
+    """Reads every image once, so that a broken file stops the command before any work."""
     for path in paths:
-        try:
-            with Image.open(path) as img:
-                img.verify()  # checksums (a PNG's CRCs)
-            with Image.open(path) as img:
-                img.load()  # every pixel: broken data streams, decompression bombs
-        except Exception as err:  # PIL raises OSError, SyntaxError, DecompressionBombError...
-            raise CLIError(
-                f"--image {path}: not an image PIL can read ({first_line(err)})"
-            ) from err
+        check_image_file(path, "--image")
 
 
 def _parse_kwargs(text: str | None) -> dict[str, Any]:
