@@ -269,28 +269,43 @@ _HELD = threading.local()
 
 
 @contextlib.contextmanager
-def exclusive(model: nn.Module) -> Iterator[None]:
+def exclusive(model: nn.Module, *, nested: bool = False) -> Iterator[None]:
     """Holds ``model``'s lock: other threads wait; the same thread re-entering raises.
+
+    Args:
+        model: The model to hold.
+        nested: Let this thread enter one further section on ``model`` while this one is held
+            (a trainable explainer's ``fit`` holds the model and runs a metric or its own
+            ``attribute`` inside). The inner section is re-entered without waiting; a
+            section nested in that one (a method called from a hook) raises again.
 
     Raises:
         ReentrantCallError: This thread already holds the model (a method
             called from a hook or forward of another method's call).
     """
-    held: set[int] = _HELD.__dict__.setdefault("models", set())
-    if id(model) in held:
-        raise ReentrantCallError(
-            f"captum_ext was called on {type(model).__name__} from inside another captum_ext "
-            "call on the same model (from a hook or the model's forward); re-entrant calls "
-            "are not supported: call it after the outer call returns."
-        )
-    with _LOCKS_GUARD:
-        lock = _LOCKS.setdefault(model, threading.Lock())
-    with lock:
-        held.add(id(model))
+    held: dict[int, bool] = _HELD.__dict__.setdefault("models", {})
+    key = id(model)
+    if key in held:
+        if not held[key]:
+            raise ReentrantCallError(
+                f"captum_ext was called on {type(model).__name__} from inside another "
+                "captum_ext call on the same model (from a hook or the model's forward); "
+                "re-entrant calls are not supported: call it after the outer call returns."
+            )
+        held[key] = False  # one level only
         try:
             yield
         finally:
-            held.discard(id(model))
+            held[key] = True
+        return
+    with _LOCKS_GUARD:
+        lock = _LOCKS.setdefault(model, threading.Lock())
+    with lock:
+        held[key] = nested
+        try:
+            yield
+        finally:
+            held.pop(key, None)
 
 
 _CHECKPOINT_FLAGS = ("grad_checkpointing", "gradient_checkpointing")

@@ -303,3 +303,23 @@ def test_extra_argument_to_timm_vit_is_refused_not_used_as_attn_mask(cls):
         cls(model).attribute(_x(), target=0, additional_forward_args=(attn_mask,))
     assert "timm VisionTransformer is called as model(images)" in one_line(err)
     assert cls(model).attribute(_x(), target=0, additional_forward_args=()).isfinite().all()
+
+
+def test_exclusive_nested_lets_one_inner_section_in_and_no_deeper():
+    import torch.nn as nn
+
+    from captum_ext.capture import exclusive
+    from captum_ext.errors import ReentrantCallError
+
+    model = nn.Linear(2, 2)
+    match = "re-entrant calls are not supported"
+    with exclusive(model), pytest.raises(ReentrantCallError, match=match), exclusive(model):
+        pass
+    with exclusive(model, nested=True):
+        # a metric inside an explainer's fit; then a method called from a hook of that metric
+        with exclusive(model), pytest.raises(ReentrantCallError, match=match), exclusive(model):
+            pass
+        with exclusive(model):  # the one level is available again
+            pass
+    with exclusive(model):  # released: an outer section takes it again
+        pass

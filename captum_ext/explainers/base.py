@@ -353,7 +353,7 @@ class TrainableExplainer(Attribution, nn.Module):
                 f"{self._method}.fit: training needs gradients, which torch.inference_mode() "
                 "forbids; call fit() outside inference_mode (torch.no_grad() is fine)."
             )
-        with exclusive(self.adapter.model), torch.enable_grad():
+        with exclusive(self.adapter.model, nested=True), torch.enable_grad():
             self._fit_thread = threading.get_ident()
             try:
                 yield
