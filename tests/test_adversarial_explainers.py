@@ -462,3 +462,21 @@ def test_a_folder_name_as_data_is_refused_in_one_line(name):
     assert "ImageFolder" in message
     with pytest.raises(NotFittedError):
         explainer.attribute(_images(1))
+
+
+def test_a_checkpoint_without_the_weights_fingerprint_is_refused(tmp_path):
+    """A record that cannot be checked against the model's weights is not loaded unchecked."""
+    from captum_ext import zoo
+    from captum_ext.checkpoint import load_checkpoint, save_checkpoint
+    from captum_ext.errors import CheckpointError
+
+    ttame = zoo.load("shapes-cnn-ttame")  # the zoo's records carry the fingerprint
+    path = tmp_path / "t"
+    ttame.save(path)
+    tensors, record = load_checkpoint(path)
+    del record["backbone"]["weights_sha256"]
+    del record["weights"]
+    save_checkpoint(path, tensors, record)
+    with pytest.raises(CheckpointError, match="weights_sha256") as err:
+        type(ttame).load(path, ttame.adapter.model)
+    assert "\n" not in str(err.value)

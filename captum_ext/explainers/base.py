@@ -487,8 +487,8 @@ class TrainableExplainer(Attribution, nn.Module):
 
         Raises:
             CheckpointError: The files are missing, damaged or edited; or the checkpoint is
-                not of this method and format, lacks an entry of its record (``config``), or
-                was made for another model, or for other weights of the same model (the
+                not of this method and format, lacks an entry of its record (``config``,
+                ``backbone.weights_sha256``), or was made for another model, or for other weights of the same model (the
                 record's ``backbone.weights_sha256``, the fingerprint of the model's weights
                 when it was saved, differs from the model's).
         """
@@ -510,7 +510,14 @@ class TrainableExplainer(Attribution, nn.Module):
                 f"load a checkpoint written by {cls._method}.save",
             ) from err
         weights = (record.get("backbone") or {}).get("weights_sha256")
-        if weights is not None and model_fingerprint(explainer.adapter.model) != weights:
+        if weights is None:
+            raise CheckpointError(
+                where,
+                "record has no 'backbone.weights_sha256' (the fingerprint of the model's weights "
+                "it was fitted on), so it cannot be checked against this model",
+                f"fit it again and save it with {cls._method}.save",
+            )
+        if model_fingerprint(explainer.adapter.model) != weights:
             raise CheckpointError(
                 where,
                 "made for other weights of this model (the fingerprint of its weights differs)",
