@@ -480,3 +480,18 @@ def test_a_checkpoint_without_the_weights_fingerprint_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="weights_sha256") as err:
         type(ttame).load(path, ttame.adapter.model)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("pool", ["max", "map"])
+def test_mhex_model_pooling_refuses_a_pool_it_cannot_follow(pool):
+    """pooling='model' on a max/attention-pooled timm ViT would read a patch mean instead."""
+    from tiny_models import _timm
+
+    from captum_ext import MHEX
+    from captum_ext.errors import UnsupportedModelError
+
+    model = _timm(global_pool=pool).eval()
+    with pytest.raises(UnsupportedModelError, match=f"global_pool={pool!r}") as err:
+        MHEX(model, pooling="model")
+    assert "\n" not in str(err.value) and "pooling='mean'" in str(err.value)
+    MHEX(model, pooling="mean")  # the heads' own mean pooling does not claim the model's

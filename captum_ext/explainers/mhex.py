@@ -34,7 +34,7 @@ from captum_ext.adapters.base import (
 )
 from captum_ext.capture import no_checkpointing, probe_readout
 from captum_ext.checkpoint import model_fingerprint
-from captum_ext.errors import CheckpointError
+from captum_ext.errors import CheckpointError, UnsupportedModelError
 from captum_ext.explainers._mhex_network import (
     _METHOD,
     EMBEDDINGS,
@@ -198,6 +198,9 @@ class MHEX(TrainableExplainer):
         if isinstance(adapter, TransformerAdapter) and not adapter.readout_known:
             adapter.settle_readout(probe_readout(adapter))
         _check_choices(gate, pooling, fusion, nonneg, window)
+        why = adapter.readout_refusal() if pooling == "model" else None
+        if why is not None:
+            raise UnsupportedModelError(f"MHEX(pooling='model'): {why}; or use pooling='mean'")
         stages, num_classes = _stages_and_classes(adapter, layers, num_classes)
         head_channels = _head_channels(head_channels, len(stages))
         stage_weights = _stage_weights(stage_weights, len(stages))
