@@ -334,3 +334,21 @@ def test_a_consistent_pair_safetensors_cannot_read_is_a_checkpoint_error(tmp_pat
     with pytest.raises(CheckpointError, match="safetensors cannot read it") as err:
         load_checkpoint(tmp_path / "c")
     assert _one_line(err.value).startswith(str(tmp_path / "c.safetensors"))
+
+
+def test_report_json_writes_nan_and_inf_as_null(tmp_path):
+    """Python's json writes Infinity, which JSON has not; a report holds null instead."""
+    from captum_ext.checkpoint import read_json
+    from captum_ext.evaluation import EvalResult
+
+    result = EvalResult(rows=[{"mean": float("inf"), "lo": float("nan"), "hi": 1.0}])
+    data = read_json(result.to_json(tmp_path / "report.json"))
+    assert data["rows"] == [{"mean": None, "lo": None, "hi": 1.0}]
+
+
+def test_cli_json_output_refuses_nan_in_one_line(tmp_path):
+    from captum_ext.cli._common import CLIError, write_json
+
+    with pytest.raises(CLIError, match=r"score is nan") as err:
+        write_json(tmp_path / "p.json", {"score": float("nan")})
+    assert "\n" not in str(err.value) and not (tmp_path / "p.json").exists()

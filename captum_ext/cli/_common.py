@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import re
 import shutil
@@ -307,8 +306,18 @@ def _move_into_place(tmp: Path, out: Path, mode: OutMode) -> None:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Writes ``data`` as indented JSON with a trailing newline."""
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    """Writes ``data`` as indented strict JSON with a trailing newline.
+
+    Raises:
+        CLIError: ``data`` holds NaN, inf or a value JSON cannot hold (named by its key).
+    """
+    from captum_ext.checkpoint import dumps_json
+
+    try:
+        text = dumps_json(data, path, indent=2)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    path.write_text(text + "\n")
 
 
 def check_methods(names: Sequence[str]) -> list[str]:

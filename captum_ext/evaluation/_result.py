@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +9,8 @@ from typing import Any
 
 import numpy as np
 from torch import Tensor
+
+from captum_ext.checkpoint import dumps_json
 
 from ._bootstrap import bootstrap_ci
 from ._table import direction, short_name
@@ -22,7 +23,7 @@ def _fmt(x: float) -> str:
 
 
 def _nan_to_none(x: Any) -> Any:
-    if isinstance(x, float) and math.isnan(x):
+    if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):
         return {k: _nan_to_none(v) for k, v in x.items()}
@@ -120,13 +121,13 @@ class EvalResult:
         return "\n".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict: ``rows``, ``notes``, ``meta`` (NaN written as ``null``)."""
+        """JSON-ready dict: ``rows``, ``notes``, ``meta`` (NaN and inf written as ``null``)."""
         return _nan_to_none({"rows": self.rows, "notes": self.notes, "meta": self.meta})
 
     def to_json(self, path: str | Path) -> Path:
         """Writes :meth:`to_dict` to ``path``; returns the path."""
         path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=1, ensure_ascii=False) + "\n")
+        path.write_text(dumps_json(self.to_dict(), path, indent=1) + "\n")
         return path
 
     def save(self, directory: str | Path) -> tuple[Path, Path]:
