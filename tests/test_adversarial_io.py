@@ -315,3 +315,18 @@ def test_dataset_with_a_broken_image_is_refused_up_front(kind, command, root, tm
     line = _one_line(capsys.readouterr().err)
     assert bad.name in line
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_library_dataset_names_an_unreadable_image_in_one_line(tmp_path):
+    """Outside the command (which checks every file first), a broken file is named when read."""
+    from PIL import Image
+
+    from captum_ext.evaluation import ImageFiles
+
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "a.png")
+    (tmp_path / "b.png").write_bytes(b"")
+    data = ImageFiles(tmp_path, transform=lambda img: img.size)
+    assert data[0][0] == (8, 8)
+    with pytest.raises(ValueError, match=r"b\.png: not an image PIL can read") as err:
+        data[1]
+    assert "\n" not in str(err.value)

@@ -56,7 +56,8 @@ class ImageFiles(torch.utils.data.Dataset):
 
     Raises:
         ValueError: ``root`` is not a folder or holds no image (the message names the
-            suffixes read).
+            suffixes read); on reading an item, a file PIL cannot read (empty, truncated,
+            corrupt; the message names it).
     """
 
     def __init__(self, root: str | Path, transform: Callable[[Any], Tensor]) -> None:
@@ -94,8 +95,14 @@ class ImageFiles(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, int, None]:
         from PIL import Image
 
-        with Image.open(self.files[index]) as img:
-            return self.transform(img), self.labels[index], None
+        path = self.files[index]
+        try:
+            with Image.open(path) as img:
+                img.load()
+                return self.transform(img), self.labels[index], None
+        except (OSError, SyntaxError, Image.DecompressionBombError) as err:
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise ValueError(f"dataset image {path}: not an image PIL can read ({reason})") from err
 
     def map_classes(self, model_classes: Sequence[str]) -> None:
         """Re-labels an ``ImageFolder`` tree with the model's class indices.
