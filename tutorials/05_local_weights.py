@@ -84,8 +84,10 @@ print(tuple(maps.shape))
 # %% [markdown]
 # ## 2. The same through `captum_ext.models.load`
 #
-# `models.load("timm:ARCH", weights=FILE, model_kwargs=...)` builds the model as above
-# (it sets `num_classes` from the file's head itself), in eval mode, and returns a
+# `models.load("timm:ARCH", weights=FILE, model_kwargs=...)` builds the same model (it
+# sets `num_classes` from the file's head itself) and loads the file strictly: a tensor of
+# another shape, one the file lacks or one the model lacks is refused in one line naming
+# it, never left at random initialisation. It puts the model in eval mode and returns a
 # `LoadedModel`: the module, class names (pass yours for a custom head), whether scores
 # are sigmoids or a softmax, and the preprocessing timm's config prescribes.
 # `.safetensors` is preferred; `.pt`/`.pth`/`.bin` are read with
