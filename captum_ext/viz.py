@@ -503,6 +503,25 @@ class TextRow:
     marked: Sequence[bool] | None = None
 
 
+def _as_text_row(row: Any) -> TextRow:
+    """``row`` as a :class:`TextRow`; a Captum ``VisualizationDataRecord`` is converted."""
+    if isinstance(row, TextRow):
+        return row
+    from captum.attr import visualization as viz
+
+    if isinstance(row, viz.VisualizationDataRecord):
+        return TextRow(
+            label=str(row.attr_class),
+            tokens=list(row.raw_input_ids),
+            scores=torch.as_tensor(row.word_attributions, dtype=torch.float64).reshape(-1),
+            signed=True,
+        )
+    raise TypeError(
+        f"text_figure: rows must be TextRow or captum VisualizationDataRecord objects, "
+        f"got {type(row).__name__}"
+    )
+
+
 _CHAR_IN = 0.075  # width of one character of 9 pt monospace, in inches
 _LINE_IN = 0.32
 _WRAP = 90  # characters of tokens per line
@@ -526,7 +545,9 @@ def text_figure(
     caption (:func:`colour_note`, then ``note``) state it.
 
     Args:
-        rows: The maps.
+        rows: The maps: :class:`TextRow` objects, or Captum
+            ``VisualizationDataRecord`` objects (as :func:`text_record` returns; drawn signed,
+            labelled with their attribution class).
         title: Figure title.
         note: A sentence appended to the caption.
         exclude_special: Special tokens (:func:`is_special_token`: ``[CLS]``, ``[SEP]``,
@@ -535,9 +556,13 @@ def text_figure(
 
     Returns:
         The ``matplotlib.figure.Figure``.
+
+    Raises:
+        TypeError: A row that is neither (the message names its type).
     """
     from matplotlib.figure import Figure
 
+    rows = [_as_text_row(r) for r in rows]
     label_w = max((len(r.label) for r in rows), default=0) + 2
     lines = _text_lines(rows, exclude_special)
     caption = _text_caption(rows, exclude_special, note)

@@ -272,3 +272,20 @@ def test_html_text_states_the_convention():
     html = viz.html_text([text_record(SCORES, TOKENS, 0.9, "pos", "pos", "pos (CDAM)")])
     assert "green = evidence for the class, red = against" in html
     assert "hsl(120" in html and "hsl(0" in html  # Captum's green and red
+
+
+def test_text_figure_draws_captum_records_from_text_record():
+    """text_record's Captum record goes straight into text_figure (it used to crash)."""
+    import torch
+
+    from captum_ext.viz import TextRow, text_figure, text_record
+
+    tokens = ["[CLS]", "good", "film", "[SEP]"]
+    scores = torch.tensor([0.1, 2.0, -1.0, 0.0])
+    record = text_record(scores, tokens, 0.9, "pos", "pos", "pos")
+    fig = text_figure([record])
+    as_row = text_figure([TextRow("pos", tokens, record.word_attributions, True)])
+    drawn = [t.get_text() for t in fig.axes[0].texts]
+    assert drawn == [t.get_text() for t in as_row.axes[0].texts] and "good" in " ".join(drawn)
+    with pytest.raises(TypeError, match="got dict"):
+        text_figure([{"tokens": tokens}])
