@@ -104,3 +104,18 @@ def test_figure_grid_shape(tmp_path):
     assert len(fig.axes) == 2 * 3
     fig.savefig(tmp_path / "grid.png")
     assert (tmp_path / "grid.png").stat().st_size > 1000
+
+
+def test_help_shows_each_methods_own_constructor_arguments():
+    """help(CDAM) used to show Captum's inherited __init__ text (forward_func, device_ids)."""
+    import captum_ext
+
+    names = ["CDAM", "ConceptCDAM", "TokenAblation", "RelevancePropagation"]
+    names += ["AttentionRollout", "AttentionMap", "TTAME", "MHEX"]
+    for cls in (getattr(captum_ext, n) for n in names):
+        doc = cls.__init__.__doc__ or ""
+        captum_docs = {
+            k.__init__.__doc__ for k in cls.__mro__ if k.__module__.startswith("captum.")
+        }
+        assert doc not in captum_docs and "device_ids" not in doc, cls.__name__
+        assert "Args:" in doc and doc == cls.__init__.__doc__, cls.__name__

@@ -94,6 +94,14 @@ class TokenMapMethod:
         ValueError: (every call) The map is not finite.
     """
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass's own ``__init__`` without a docstring gets the class's (its
+        arguments), so that ``help()`` and editors do not show the Captum base's."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not init.__doc__ and cls.__doc__:
+            init.__doc__ = cls.__doc__
+
     _method: ClassVar[str] = ""
     _multiplies_by_inputs: ClassVar[bool] = False
     _reads_readout: ClassVar[bool] = False

@@ -196,6 +196,14 @@ class TrainableExplainer(Attribution, nn.Module):
         default_recipe: The method's published ``epochs``, ``batch_size`` and ``lr``.
     """
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A subclass's own ``__init__`` without a docstring gets the class's (its
+        arguments), so that ``help()`` and editors do not show the Captum base's."""
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not init.__doc__ and cls.__doc__:
+            init.__doc__ = cls.__doc__
+
     _method: ClassVar[str] = ""
     _record_method: ClassVar[str] = ""  # "method" in checkpoint records
     _format: ClassVar[int] = 1
