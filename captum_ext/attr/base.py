@@ -25,6 +25,7 @@ from captum_ext.capture import probe_readout
 from captum_ext.errors import UnsupportedModelError
 
 __all__ = [
+    "DocumentedInit",
     "OutputKind",
     "TokenMapMethod",
     "check_finite_map",
@@ -69,7 +70,22 @@ def check_targets(targets: Any, method: str) -> list[Any]:
     return targets
 
 
-class TokenMapMethod:
+class DocumentedInit:
+    """Mixin: a subclass's own ``__init__`` without a docstring gets the class's.
+
+    Captum's bases document ``forward_func`` and ``device_ids``; with this mixin
+    first among the bases, ``help(CDAM)`` and editors show the method's own
+    constructor arguments (written in the class docstring) instead.
+    """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and not init.__doc__ and cls.__doc__:
+            init.__doc__ = cls.__doc__
+
+
+class TokenMapMethod(DocumentedInit):
     """Class shell of a method that scores the tokens of a transformer.
 
     Subclasses put it first among their bases (before the Captum base they
@@ -93,14 +109,6 @@ class TokenMapMethod:
             transformer, or its pooling cannot be followed (see above).
         ValueError: (every call) The map is not finite.
     """
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        """A subclass's own ``__init__`` without a docstring gets the class's (its
-        arguments), so that ``help()`` and editors do not show the Captum base's."""
-        super().__init_subclass__(**kwargs)
-        init = cls.__dict__.get("__init__")
-        if init is not None and not init.__doc__ and cls.__doc__:
-            init.__doc__ = cls.__doc__
 
     _method: ClassVar[str] = ""
     _multiplies_by_inputs: ClassVar[bool] = False
@@ -202,12 +210,24 @@ def unpack_inputs(inputs: Any, method: str) -> tuple[torch.Tensor, bool]:
     return inputs[0], True
 
 
-def check_finite_map(scores: torch.Tensor, inputs: torch.Tensor, method: str) -> None:
+def check_finite_map(
+    scores: torch.Tensor,
+    inputs: torch.Tensor,
+    method: str,
+    *,
+    noun: str = "the map is",
+    cause: str = "the model's activations or scores overflowed",
+) -> None:
     """Refuses a map holding NaN or inf: the model overflowed on these (finite) inputs.
 
+    Args:
+        noun: Subject of the message (``"the maps are"`` for a stack of maps).
+        cause: What makes the values non-finite (a trained explainer adds its own
+            parameters).
+
     Raises:
-        ValueError: Naming the method, the overflow and, for images, the largest
-            input magnitude.
+        ValueError: Naming the method, the cause and, for floating inputs, the
+            largest input magnitude.
     """
     if bool(torch.isfinite(scores).all()):
         return
@@ -215,9 +235,9 @@ def check_finite_map(scores: torch.Tensor, inputs: torch.Tensor, method: str) ->
     if inputs.is_floating_point() and inputs.numel():
         size = f" (largest |input| {float(inputs.detach().abs().amax()):.3g})"
     raise ValueError(
-        f"{method}: the map is not finite (NaN or inf): the model's activations or scores "
-        f"overflowed for these inputs{size}; pass inputs in the model's usual range (e.g. "
-        "normalised images) or run the model in a wider dtype."
+        f"{method}: {noun} not finite (NaN or inf): {cause} for these inputs{size}; pass "
+        "inputs in the model's usual range (e.g. normalised images) or run the model in a "
+        "wider dtype."
     )
 
 

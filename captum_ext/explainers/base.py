@@ -35,7 +35,13 @@ from captum.log import log_usage
 from torch import nn
 
 from captum_ext.adapters.base import ModelAdapter, unwrap_model
-from captum_ext.attr.base import check_output, check_targets, unpack_inputs
+from captum_ext.attr.base import (
+    DocumentedInit,
+    check_finite_map,
+    check_output,
+    check_targets,
+    unpack_inputs,
+)
 from captum_ext.capture import exclusive, model_state, no_checkpointing
 from captum_ext.checkpoint import (
     CheckpointPaths,
@@ -174,7 +180,7 @@ class TrainingRecipe:
         )
 
 
-class TrainableExplainer(Attribution, nn.Module):
+class TrainableExplainer(DocumentedInit, Attribution, nn.Module):
     """An explainer with a trained module of its own: ``fit`` (or ``load``), then ``attribute``.
 
     Subclasses (:class:`~captum_ext.explainers.TTAME`, :class:`~captum_ext.explainers.MHEX`)
@@ -195,14 +201,6 @@ class TrainableExplainer(Attribution, nn.Module):
         adapter: The wrapped model's adapter.
         default_recipe: The method's published ``epochs``, ``batch_size`` and ``lr``.
     """
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        """A subclass's own ``__init__`` without a docstring gets the class's (its
-        arguments), so that ``help()`` and editors do not show the Captum base's."""
-        super().__init_subclass__(**kwargs)
-        init = cls.__dict__.get("__init__")
-        if init is not None and not init.__doc__ and cls.__doc__:
-            init.__doc__ = cls.__doc__
 
     _method: ClassVar[str] = ""
     _record_method: ClassVar[str] = ""  # "method" in checkpoint records
@@ -316,14 +314,12 @@ class TrainableExplainer(Attribution, nn.Module):
 
     def _check_finite(self, maps: torch.Tensor, x: torch.Tensor) -> None:
         """Refuses maps with NaN or inf entries (one line saying why they arise)."""
-        if bool(torch.isfinite(maps).all()):
-            return
-        largest = float(x.detach().abs().max()) if x.is_floating_point() else None
-        size = f" (largest |input| {largest:.3g})" if largest is not None else ""
-        raise ValueError(
-            f"{self._method}: the maps are not finite (NaN or inf) for these inputs{size}: the "
-            "model's features overflow, or the explainer's parameters are not finite; pass "
-            "inputs in the range the model expects (e.g. normalised images)."
+        check_finite_map(
+            maps,
+            x,
+            self._method,
+            noun="the maps are",
+            cause="the model's features overflowed, or the explainer's parameters are not finite,",
         )
 
     def _checked(self, inputs: Any, extra: Any, output: Any) -> tuple[torch.Tensor, bool]:
