@@ -14,7 +14,6 @@ the saliency and fusion in ``_mhex_saliency.py``.
 from __future__ import annotations
 
 import functools
-import math
 import numbers
 import os
 from collections.abc import Mapping, Sequence
@@ -67,6 +66,7 @@ from captum_ext.explainers._training import requires_grad, schedule
 from captum_ext.explainers.base import (
     TrainableExplainer,
     TrainingRecipe,
+    _finite_number,
     backbone_model,
     check_backbone_layout,
 )
@@ -344,7 +344,7 @@ class MHEX(TrainableExplainer):
         if head_weights is None:
             return [1.0] * n
         values = _values(head_weights)
-        if not all(_number(v) and math.isfinite(v) and v >= 0 for v in values):
+        if not all(_finite_number(v) and v >= 0 for v in values):
             raise ValueError(
                 f"{where}: head_weights must be finite numbers >= 0, one per head ({n}) or one "
                 f"for all; got {head_weights!r}."
@@ -781,11 +781,7 @@ def _stage_weights(stage_weights: Sequence[float] | None, n: int) -> list[float]
     if stage_weights is None:
         return None
     values = _values(stage_weights)
-    if (
-        len(values) != n
-        or not all(_number(w) and math.isfinite(w) and w >= 0 for w in values)
-        or not any(values)
-    ):
+    if len(values) != n or not all(_finite_number(w) and w >= 0 for w in values) or not any(values):
         shown = [float(w) for w in values] if values and all(map(_number, values)) else None
         raise ValueError(
             f"MHEX: stage_weights needs {n} finite non-negative values, not all 0; got "

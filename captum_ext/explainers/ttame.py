@@ -7,7 +7,6 @@ Convolutional Networks and Vision Transformers", IEEE Access 2024 (code: IDT-ITI
 from __future__ import annotations
 
 import functools
-import math
 import os
 from collections.abc import Sequence
 from typing import Any, ClassVar, Literal
@@ -26,6 +25,7 @@ from captum_ext.explainers._training import batch_inputs, frozen_parameters
 from captum_ext.explainers.base import (
     TrainableExplainer,
     TrainingRecipe,
+    _finite_number,
     backbone_model,
     check_backbone_layout,
     load_tensors,
@@ -581,8 +581,7 @@ def _check_loss_options(weights: dict[str, Any]) -> None:
     """Refuses a loss option that is not a finite number in its range, or an all-zero loss."""
     for name, value in weights.items():
         rule, ok = _LOSS_RANGES[name]
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        if not (number and math.isfinite(value) and ok(value)):
+        if not (_finite_number(value) and ok(value)):
             raise ValueError(f"TTAME.fit: {name} must be a finite number {rule}; got {value!r}.")
     if not (weights["ce_weight"] or weights["area_weight"] or weights["tv_weight"]):
         raise ValueError(
