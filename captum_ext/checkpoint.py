@@ -53,9 +53,10 @@ import struct
 import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from captum_ext.errors import CheckpointError
 
@@ -81,8 +82,15 @@ _STORABLE_NAMES = (
     "float64 float32 float16 bfloat16 float8_e4m3fn float8_e4m3fnuz float8_e5m2 "
     "float8_e5m2fnuz int64 int32 int16 int8 uint64 uint32 uint16 uint8 bool complex64"
 )
-_STORABLE = tuple(getattr(torch, n) for n in _STORABLE_NAMES.split() if hasattr(torch, n))
-"""The dtypes safetensors stores (those this torch has)."""
+
+
+def _storable_dtypes() -> tuple[torch.dtype, ...]:
+    """The dtypes safetensors stores (those this torch has)."""
+    import torch
+
+    return tuple(getattr(torch, n) for n in _STORABLE_NAMES.split() if hasattr(torch, n))
+
+
 _RESAVE = "save the checkpoint again, or restore both files from the same save"
 _DTYPES = {
     "F64": "float64",
@@ -159,6 +167,8 @@ def model_fingerprint(model: torch.nn.Module, values: bool = True, *, exact: boo
     """
     state = model.state_dict()
     if exact:
+        import torch
+
         if not values:
             raise ValueError("model_fingerprint(exact=True) hashes the values; pass values=True.")
         h = hashlib.sha256()
@@ -267,6 +277,8 @@ def _storable(where: Path, tensors: Mapping[str, Any]) -> dict[str, torch.Tensor
 
 
 def _check_storable(where: Path, name: str, value: Any) -> None:
+    import torch
+
     if not isinstance(value, torch.Tensor):
         raise TypeError(
             f"{where}: tensor {name!r} is a {type(value).__name__}; save_checkpoint stores "
@@ -280,8 +292,8 @@ def _check_storable(where: Path, name: str, value: Any) -> None:
         problem, fix = "quantized", f"pass {name}.dequantize()"
     elif value.device.type == "meta":
         problem, fix = "on the meta device (it holds no values)", "materialise it first"
-    elif value.dtype not in _STORABLE:
-        stored = ", ".join(str(d).removeprefix("torch.") for d in _STORABLE)
+    elif value.dtype not in _storable_dtypes():
+        stored = ", ".join(str(d).removeprefix("torch.") for d in _storable_dtypes())
         raise ValueError(
             f"{where}: tensor {name!r} has dtype {value.dtype}, which safetensors does not "
             f"store; convert it to one of {stored}"
@@ -335,7 +347,7 @@ def load_checkpoint(
         raise CheckpointError(
             paths.weights, f"safetensors cannot read it ({first})", _RESAVE
         ) from err
-    if torch.device(device).type != "cpu":
+    if str(device) != "cpu":
         tensors = {k: v.to(device) for k, v in tensors.items()}
     return tensors, record
 

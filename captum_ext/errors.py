@@ -5,6 +5,8 @@ from __future__ import annotations
 __all__ = [
     "CheckpointError",
     "MissingAttentionError",
+    "ModelFileNotFoundError",
+    "ModelLoadError",
     "NotFittedError",
     "ReentrantCallError",
     "UnsupportedModelError",
@@ -50,3 +52,14 @@ class CheckpointError(ValueError):
 
     def __str__(self) -> str:
         return f"{self.path}: {self.problem}; {self.remedy}"
+
+
+class ModelLoadError(ValueError):
+    """The spec, the weights or the folder do not give a model to explain.
+
+    The message is one line: what was wrong and what to do.
+    """
+
+
+class ModelFileNotFoundError(ModelLoadError, FileNotFoundError):
+    """A file or folder named by the spec or the weights does not exist."""

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from captum_ext._scores import model_output_to_tensor
+from captum_ext.errors import ModelFileNotFoundError, ModelLoadError
 
 __all__ = [
     "SPEC_HELP",
@@ -67,17 +68,6 @@ SPEC_HELP = "timm:ARCH (with a weights file), hf:DIR or zoo:NAME"
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 _HF_IMAGE_TYPES = ("vit", "deit")
 _HF_TEXT_TYPES = ("bert", "roberta", "distilbert", "xlm-roberta", "camembert")
-
-
-class ModelLoadError(ValueError):
-    """The spec, the weights or the folder do not give a model to explain.
-
-    The message is one line: what was wrong and what to do.
-    """
-
-
-class ModelFileNotFoundError(ModelLoadError, FileNotFoundError):
-    """A file or folder named by the spec or the weights does not exist."""
 
 
 def _first_line(err: BaseException) -> str:

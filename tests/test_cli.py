@@ -299,16 +299,16 @@ def test_explain_hf_bert_text(files, tmp_path):
 def test_explain_labels_class_agnostic_maps_with_no_class(files, tmp_path, monkeypatch):
     """Issue 11: rollout does not depend on the target, so no class is named for it; the
     score shown for a class says which it is (softmax here)."""
-    from captum_ext.cli import explain
+    from captum_ext import viz
 
     titles = []
-    real = explain.save_overlay
+    real = viz.save_overlay
 
     def recording(path, attr, image, signed, title, *args):
         titles.append(title)
         real(path, attr, image, signed, title, *args)
 
-    monkeypatch.setattr(explain, "save_overlay", recording)
+    monkeypatch.setattr(viz, "save_overlay", recording)
     out = tmp_path / "img"
     args = ["--model", f"hf:{files['hf_vit']}", "--image", str(files["im0"])]
     args += ["--method", "cdam", "rollout", "--target", "dog", "--out", str(out)]
@@ -609,12 +609,12 @@ def test_hf_folder_with_a_pickled_bin_is_one_line_and_unpickles_nothing(files, t
 @pytest.fixture
 def no_loading(monkeypatch):
     """Fails the test if the command loads a model (it must check --out before computing)."""
-    from captum_ext.cli import explain
+    from captum_ext import models
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before --out was checked")
 
-    monkeypatch.setattr(explain, "load", refuse)
+    monkeypatch.setattr(models, "load", refuse)
 
 
 @pytest.mark.parametrize(
@@ -852,3 +852,33 @@ def test_timm_img_size_not_a_multiple_of_the_patch_suggests_sizes_that_work(
     line = _one_line_error(capsys, "36x36")
     assert "32" in line and "40" in line
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], ["explain", "--help"], ["evaluate", "--help"], ["demo", "--help"], ["explain"]],
+)
+def test_help_and_usage_errors_import_no_torch(argv):
+    """`captum-ext --help` took 3-24 s: every heavy import ran before argument parsing. Help
+    and usage errors now import neither torch nor timm nor Captum (so they answer at once)."""
+    code = (
+        "import sys\nfrom captum_ext.cli import main\n"
+        f"rc = main({argv!r})\n"
+        "heavy = sorted(m for m in ('torch', 'timm', 'captum', 'numpy') if m in sys.modules)\n"
+        "print('HEAVY', heavy, rc)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert out.strip().splitlines()[-1] == f"HEAVY [] {0 if '--help' in argv else 2}", out
+
+
+def test_package_import_is_lazy_but_complete():
+    """`import captum_ext` imports no torch; every name of __all__ still resolves."""
+    code = (
+        "import sys, captum_ext\nassert 'torch' not in sys.modules\n"
+        "missing = [n for n in captum_ext.__all__ if getattr(captum_ext, n, None) is None]\n"
+        "print(missing, sorted(set(captum_ext.__all__) - set(dir(captum_ext))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "[] []", out.stderr

@@ -26,7 +26,7 @@ def test_errors_are_value_and_file_not_found_errors_with_one_line(tmp_path):
             call()
         assert isinstance(info.value, ModelLoadError)  # one base class to catch
         assert "\n" not in str(info.value)
-        assert type(info.value).__module__ == "captum_ext.models"
+        assert type(info.value).__module__ == "captum_ext.errors"  # re-exported by models
     assert issubclass(ModelFileNotFoundError, FileNotFoundError)
     assert issubclass(ModelLoadError, ValueError)
 

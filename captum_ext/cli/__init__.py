@@ -62,11 +62,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     from captum_ext import errors
     from captum_ext.cli._common import CLIError, Terminated, as_flags, first_line
-    from captum_ext.models import ModelLoadError
 
     # The package's own errors: each names what was wrong and what to do, in one line.
     # Anything else (a bug) keeps its traceback.
-    own = (ModelLoadError, *(getattr(errors, name) for name in errors.__all__))
+    own = tuple(getattr(errors, name) for name in errors.__all__)
 
     parser = build_parser()
     try:

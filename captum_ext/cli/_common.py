@@ -128,8 +128,8 @@ def zoo_models_text(indent: int = 14, width: int = 90) -> str:
         from captum_ext import zoo
 
         groups: dict[str, list[str]] = {}
-        for name in zoo.available():
-            groups.setdefault(str(zoo.info(name).get("modality", "image")), []).append(name)
+        for name, modality in zoo.catalogue().items():
+            groups.setdefault(modality, []).append(name)
     except (ImportError, OSError, ValueError) as err:
         return f"(the zoo cannot be listed: {first_line(err)})"
     if not groups:

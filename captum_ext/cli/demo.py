@@ -13,11 +13,8 @@ import argparse
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from captum_ext._scores import progress
 from captum_ext.cli._common import (
     CLIError,
     add_device,
@@ -29,7 +26,11 @@ from captum_ext.cli._common import (
     staged_output,
     write_json,
 )
-from captum_ext.viz import TextRow, text_figure
+
+if TYPE_CHECKING:
+    import torch
+
+    from captum_ext.viz import TextRow
 
 __all__ = [
     "DEMO_SEED",
@@ -116,6 +117,7 @@ def _captum_cnn_peers(model: torch.nn.Module) -> dict[str, tuple[Any, bool]]:
     """Captum's usual CNN references, ``{label: (fn(x, target) -> (B, 1, H, W), signed)}``:
     ``LayerGradCam`` on the last feature stage (ReLU, bilinear upsampling) and
     ``IntegratedGradients`` (:data:`IG_STEPS` steps, black baseline, channel sum)."""
+
     from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam
 
     from captum_ext.adapters import adapter_for
@@ -205,6 +207,8 @@ def _grid_rows(
     labels: torch.Tensor, n: int
 ) -> tuple[list[int], list[tuple[int, int]], torch.Tensor, torch.Tensor]:
     """The picked images, their (image, present class) rows and the rows' index tensors."""
+    import torch
+
     idx = pick_images(labels, n)
     rows = [(i, k) for i in idx for k in labels[i].nonzero().flatten().tolist()]
     img_idx = torch.tensor([i for i, _ in rows], dtype=torch.long)
@@ -231,6 +235,7 @@ def _grid_columns(
     show_progress: bool,
 ) -> _GridColumns:
     """Maps of every registered method, zoo explainer and (CNN) Captum peer for ``cls_idx``."""
+    from captum_ext._scores import progress
     from captum_ext.errors import UnsupportedModelError
     from captum_ext.evaluation import zoo_explainers
     from captum_ext.registry import METHODS, make_method
@@ -298,10 +303,11 @@ def text_outputs(n: int, device: str, show_progress: bool = False):
         ``(html, figure, summary)``: Captum ``visualize_text`` HTML, the token-box
         figure and a summary.
     """
+    from captum_ext._scores import progress
     from captum_ext.data import text_rationales
     from captum_ext.models import load
     from captum_ext.registry import make_method
-    from captum_ext.viz import html_text
+    from captum_ext.viz import html_text, text_figure
     from captum_ext.zoo import data_kwargs
 
     loaded = load(f"zoo:{TEXT_MODEL}", device=device)
@@ -333,7 +339,7 @@ def _text_rows(
 ) -> tuple[list[Any], list[TextRow]]:
     """Captum ``visualize_text`` records and :class:`TextRow` s, per text and method."""
     from captum_ext.registry import METHODS
-    from captum_ext.viz import text_record
+    from captum_ext.viz import TextRow, text_record
 
     records, rows = [], []
     for i in range(n):
@@ -368,6 +374,7 @@ def _text_rows(
 def run(args: argparse.Namespace) -> int:
     """Runs ``captum-ext demo``."""
     from captum_ext import zoo
+    from captum_ext._scores import progress
 
     device = resolve_device(args.device)
     out = Path(args.out)

@@ -32,12 +32,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import torch
-
-from captum_ext._scores import progress
 from captum_ext.cli._common import (
     DATASET_HELP,
     ZOO_MODELS,
@@ -60,8 +56,11 @@ from captum_ext.cli._common import (
     staged_output,
     write_json,
 )
-from captum_ext.models import LoadedModel, load, read_class_names
-from captum_ext.viz import TextRow, save_overlay, text_figure
+
+if TYPE_CHECKING:
+    import torch
+
+    from captum_ext.models import LoadedModel
 
 __all__ = ["add_parser", "run"]
 
@@ -311,6 +310,8 @@ def _explain_batch(
 ) -> None:
     """Fills ``item.maps`` for a batch: every method, for the given targets (the same for
     every input) or for each input's top class (one call with a target per input)."""
+    import torch
+
     from captum_ext.errors import MissingAttentionError, UnsupportedModelError
 
     kwargs = {} if extra is None else {"additional_forward_args": extra}
@@ -335,6 +336,7 @@ def _explain_images(
     batch_size: int,
     step: Callable[[int], Any],
 ) -> list[_Item]:
+    import torch
     from PIL import Image
 
     named = list(zip(_unique_names([p.stem for p in paths]), paths))
@@ -367,6 +369,8 @@ def _explain_texts(
 ) -> list[_Item]:
     """Texts are batched with texts of the same token count (no padding: each map is the
     one the text alone would get)."""
+    import torch
+
     encoded = [loaded.tokenize(t) for t in texts]
     by_length: dict[int, list[int]] = {}
     for i, enc in enumerate(encoded):
@@ -406,10 +410,11 @@ def _entry(item: _Item, class_names: list[str], files: list[str]) -> dict[str, A
 def _write(
     out: Path, loaded: LoadedModel, items: list[_Item], methods: list[str], device: str
 ) -> list[Path]:
+    import numpy as np
     from safetensors.torch import save_file
 
     from captum_ext.registry import METHODS
-    from captum_ext.viz import html_text, text_record
+    from captum_ext.viz import TextRow, html_text, save_overlay, text_figure, text_record
 
     tensors: dict[str, torch.Tensor] = {}
     records, rows, entries = [], [], []
@@ -464,6 +469,8 @@ def _write(
 
 def run(args: argparse.Namespace) -> int:
     """Runs ``captum-ext explain`` (see the module docstring for the outputs)."""
+    from captum_ext._scores import progress
+
     methods = check_methods(args.method)
     device = resolve_device(args.device)
     if args.dataset:
@@ -504,6 +511,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _load_model(args: argparse.Namespace, device: str) -> LoadedModel:
     """The model of ``--model`` (with ``--weights``, ``--labels``, ``--model-kwargs``)."""
+    from captum_ext.models import load, read_class_names
+
     weights = Path(args.weights) if args.weights else None
     if weights is not None and not weights.is_file():
         raise CLIError(f"--weights {weights}: no such file")

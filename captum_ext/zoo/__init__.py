@@ -53,19 +53,29 @@ Example::
 from __future__ import annotations
 
 import copy
+import importlib
 import os
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any, Literal
 
 from captum_ext.checkpoint import load_checkpoint, read_json, verify_checkpoint
 from captum_ext.errors import CheckpointError
-from captum_ext.zoo._build import WEIGHTS_DIR, build_model, record_names
+from captum_ext.zoo._records import WEIGHTS_DIR, record_names
 
-__all__ = ["available", "check_name", "data_kwargs", "info", "load", "register_explainer"]
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = [
+    "available",
+    "catalogue",
+    "check_name",
+    "data_kwargs",
+    "info",
+    "load",
+    "register_explainer",
+]
 
 REQUIRED_KEYS = (
     "name",
@@ -96,7 +106,7 @@ EXPLAINER_KEYS = (
 """Dotted keys every zoo record of a trained explainer (``"kind": "explainer"``) must hold."""
 
 Kind = Literal["model", "explainer", "all"]
-ExplainerLoader = Callable[[Path, nn.Module], nn.Module]
+ExplainerLoader = Callable[[Path, "nn.Module"], "nn.Module"]
 _EXPLAINER_LOADERS: dict[str, ExplainerLoader] = {}
 
 
@@ -144,6 +154,26 @@ def available(directory: Directory = None, kind: Kind = "model") -> list[str]:
     if kind == "all":
         return names
     return [n for n in names if _kind(folder, n) == kind]
+
+
+def catalogue(directory: Directory = None) -> dict[str, str]:
+    """The modality (``"image"`` or ``"text"``) of every zoo model, by name, sorted.
+
+    As :func:`available`, this reads the JSON records without verifying the weights (and
+    imports neither torch nor timm); :func:`info` and :func:`load` verify.
+
+    Args:
+        directory: Folder of the entries (default: the shipped ones).
+    """
+    folder = _folder(directory)
+    out: dict[str, str] = {}
+    for name in available(directory):
+        try:
+            record = read_json(folder / f"{name}.json")
+        except CheckpointError:
+            record = {}
+        out[name] = str(record.get("modality", "image")) if isinstance(record, dict) else "image"
+    return out
 
 
 def check_name(name: str, directory: Directory = None, kind: Kind = "model") -> None:
@@ -284,6 +314,8 @@ def load(
     """
     if _kind(_folder(directory), name) == "explainer" and name in available(directory, "all"):
         _, record = _verified(name, directory, read_tensors=False)
+        # The explainer modules register their loaders when imported (they sit above the zoo).
+        importlib.import_module("captum_ext.explainers")
         loader = _EXPLAINER_LOADERS.get(record["method"])
         if loader is None:
             raise ValueError(
@@ -293,6 +325,8 @@ def load(
         backbone = load(record["backbone_model"], device, directory=directory)
         return loader(_folder(directory) / name, backbone).to(device).eval()
     tensors, record = _verified(name, directory, read_tensors=True)
+    from captum_ext.zoo._build import build_model  # timm: imported when a model is built
+
     model = build_model(record)
     model.load_state_dict({k: v.float() for k, v in tensors.items()}, strict=True)
     return model.to(device).eval()

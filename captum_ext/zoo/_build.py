@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import functools
 import math
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 from timm.layers import PatchEmbed
@@ -28,6 +26,8 @@ from timm.models import register_model
 from timm.models.resnet import BasicBlock, ResNet
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
+
+from captum_ext.zoo._records import WEIGHTS_DIR, record_names
 
 __all__ = [
     "WEIGHTS_DIR",
@@ -37,9 +37,6 @@ __all__ = [
     "zoo_resnet_s1",
     "zoo_vit_convstem",
 ]
-
-WEIGHTS_DIR: Path = Path(str(resources.files("captum_ext.zoo") / "weights"))
-"""Folder of the shipped ``<name>.safetensors`` and ``<name>.json`` files."""
 
 
 _TIMM_FACTORY_KEYS = ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir")
@@ -187,13 +184,6 @@ def zoo_resnet_s1(
     model.maxpool = nn.Identity()
     _small_cfg(model, 32, model.num_classes)
     return model
-
-
-def record_names(folder: Path = WEIGHTS_DIR) -> list[str]:
-    """Names with both a JSON record and a safetensors file in ``folder``, sorted."""
-    if not folder.is_dir():
-        return []
-    return sorted(p.stem for p in folder.glob("*.json") if p.with_suffix(".safetensors").is_file())
 
 
 def _tuples(value: Any) -> Any:
