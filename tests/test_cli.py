@@ -856,7 +856,15 @@ def test_timm_img_size_not_a_multiple_of_the_patch_suggests_sizes_that_work(
 
 @pytest.mark.parametrize(
     "argv",
-    [["--help"], ["explain", "--help"], ["evaluate", "--help"], ["demo", "--help"], ["explain"]],
+    [
+        ["--help"],
+        ["explain", "--help"],
+        ["evaluate", "--help"],
+        ["demo", "--help"],
+        ["explain"],
+        ["fit", "--help"],
+        ["fit"],
+    ],
 )
 def test_help_and_usage_errors_import_no_torch(argv):
     """`captum-ext --help` took 3-24 s: every heavy import ran before argument parsing. Help

@@ -1,8 +1,8 @@
-"""The ``captum-ext`` command: ``demo``, ``explain`` and ``evaluate``.
+"""The ``captum-ext`` command: ``demo``, ``explain``, ``evaluate`` and ``fit``.
 
 One module per subcommand (:mod:`~captum_ext.cli.demo`, :mod:`~captum_ext.cli.explain`,
-:mod:`~captum_ext.cli.evaluate`), each with ``add_parser(subparsers)`` and ``run(args)``;
-what they share lives in :mod:`captum_ext.cli._common`. Models come from the library
+:mod:`~captum_ext.cli.evaluate`, :mod:`~captum_ext.cli.fit`), each with
+``add_parser(subparsers)`` and ``run(args)``; what they share lives in :mod:`captum_ext.cli._common`. Models come from the library
 function :func:`captum_ext.models.load`.
 
 Mistakes in what was asked for (unknown model, method or file, CUDA that is not
@@ -34,8 +34,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``captum-ext`` argument parser with its three subcommands."""
-    from captum_ext.cli import demo, evaluate, explain
+    """The ``captum-ext`` argument parser with its subcommands."""
+    from captum_ext.cli import demo, evaluate, explain, fit
 
     parser = _Parser(
         prog=PROG,
@@ -43,13 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
         "transformers (timm and HuggingFace ViTs, BERT-family classifiers) and CNNs (ResNet, "
         "VGG, EfficientNet): CDAM, TAM (token ablation), relevance propagation, attention "
         "rollout, the attention map, and the trainable T-TAME and MHEX (the only two that "
-        "explain CNNs).",
+        "explain CNNs; `fit` trains them for your model).",
         epilog="run `captum-ext COMMAND --help` for the options and examples of each command; "
         "`captum-ext demo` runs every method on the shipped trained models",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for command in (demo, explain, evaluate):
+    for command in (demo, explain, evaluate, fit):
         command.add_parser(sub).set_defaults(run=command.run)
     return parser
 

@@ -389,10 +389,17 @@ class TTAME(TrainableExplainer):
             val_data: Images for Average Drop / Increase in Confidence at 100/50/15 % after
                 every epoch (:func:`captum_ext.metrics.average_drop_ttame`), reported as
                 ``val_AD100``, ``val_IC100``, ... in the history.
-            ce_weight: Weight of the cross-entropy term (1.5, as in the authors' code); so
-                are ``area_weight`` (2), ``tv_weight`` (0.01), ``area_power`` (0.3),
-                ``area_eps`` (5e-4), ``tv_power`` (2) and ``tv_border`` (0.3).
-            loss_maps: ``"target"`` or ``"batch"``, see above.
+            ce_weight: Weight of the cross-entropy term (this and the other loss defaults
+                are the authors' code's).
+            area_weight: Weight of the area term (small maps).
+            tv_weight: Weight of the variation term (smooth maps).
+            area_power: Exponent of the area term, the mean of ``(a + eps) ** power``.
+            area_eps: Added to the maps before the area term's exponent.
+            tv_power: Exponent of the variation term's differences of adjacent cells.
+            tv_border: Weight of the variation term's penalty on the maps' edge cells (0: off).
+            loss_maps: ``"target"`` (each image's map of its explained class, as the paper
+                writes the loss) or ``"batch"`` (every image's maps of every class predicted
+                in the batch, as the authors' code computes it); see above.
             backbone_train_mode: Run the model in train mode during fit, as the authors'
                 Lightning code does (its BatchNorm statistics then change).
 
