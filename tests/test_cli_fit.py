@@ -428,3 +428,18 @@ def test_fit_under_torchrun_trains_as_one_process_and_rank_0_writes(data, tmp_pa
         assert torch.allclose(one[k].double(), two[k].double(), atol=1e-5, rtol=1e-4), k
     history = json.loads((tmp_path / "two.json").read_text())["fit_command"]["history"]
     assert [h["images"] for h in history] == [6, 6]
+
+
+def test_torchrun_passes_every_fit_flag_through():
+    """torchrun's own parser takes an option of the launched command that abbreviates one of
+    its own (``--n`` for ``--nnodes``); every flag of ``fit`` reaches the command."""
+    from torch.distributed.run import get_args_parser
+
+    for explainer in fo.EXPLAINERS:
+        flags = [o.flag for o in fo.options(explainer)]
+        flags += ["--no-" + o.flag[2:] for o in fo.options(explainer) if o.kind == "bool"]
+        flags += ["--model", "--weights", "--model-kwargs", "--labels", "--data", "--val-data"]
+        flags += ["--out", "--overwrite", "--device", "--quiet", "-q"]
+        argv = ["--nproc-per-node", "2", "-m", "captum_ext.cli", "fit", explainer, *flags]
+        args = get_args_parser().parse_args(argv)
+        assert args.training_script_args == ["fit", explainer, *flags]

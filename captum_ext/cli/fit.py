@@ -282,7 +282,6 @@ def run(args: argparse.Namespace) -> int:
     from captum_ext.cli.explain import _load_model
     from captum_ext.distributed import local_device
     from captum_ext.explainers import TrainingRecipe
-    from captum_ext.explainers._training import schedule
 
     name = args.explainer
     recipe_kwargs = chosen(args, name, "recipe")
@@ -326,7 +325,13 @@ def run(args: argparse.Namespace) -> int:
             "model": loaded.spec,
             "weights": Path(args.weights).name if args.weights else None,
             "data": data.data.describe(),
-            "recipe": schedule(final),
+            "recipe": {
+                o.name: getattr(final, o.name)
+                if o.kind != "path" or getattr(final, o.name) is None
+                else str(getattr(final, o.name))
+                for o in options(name)
+                if o.owner == "recipe"
+            },
             "options": fit_kwargs,
             "history": history,
         }
