@@ -131,6 +131,23 @@ def test_fit_ttame_on_a_timm_vit(data, tmp_path):
 
 
 @needs_zoo
+def test_relative_out_and_a_folder_named_shapes(data, tmp_path, monkeypatch):
+    """``--out NAME`` writes into the current folder (staged there, not in its parent), and
+    ``--data shapes`` is the folder of that name (``explain --dataset shapes`` is the
+    benchmark; fit trains on folders only)."""
+    import shutil
+
+    shutil.copytree(data["flat"], tmp_path / "shapes")
+    monkeypatch.chdir(tmp_path)
+    args = ["fit", "ttame", "--model", "zoo:shapes-cnn", "--data", "shapes", "--out", "rel"]
+    assert main([*args, "--epochs", "1", "--batch-size", "3", "-q"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rel.json", "rel.safetensors", "shapes"]
+    record = json.loads((tmp_path / "rel.json").read_text())
+    assert record["fit_command"]["data"]["n"] == 6
+    assert record["weights"]["file"] == "rel.safetensors"
+
+
+@needs_zoo
 def test_fit_mhex_on_an_imagefolder_tree(data, tmp_path):
     out = tmp_path / "cnn-mhex.safetensors"  # a suffix is dropped: the pair is cnn-mhex.*
     args = ["fit", "mhex", "--model", "zoo:shapes-cnn", "--data", str(data["tree"])]

@@ -28,6 +28,9 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +38,7 @@ from captum_ext.cli._common import (
     ZOO_MODELS,
     CLIError,
     HelpFormatter,
+    _sigterm_raises,
     add_device,
     add_quiet,
     check_out_dir,
@@ -215,8 +219,8 @@ def _folder(flag: str, source: str, loaded: LoadedModel, explainer: str, labels:
     if not Path(source).is_dir():
         raise CLIError(f"{flag} {source}: no such folder; give a folder of images or an "
                        "ImageFolder tree (one sub-folder per class)")  # fmt: skip
-    try:
-        data = open_dataset(source, loaded, 0, 0)
+    try:  # "./shapes": a folder named shapes, not the benchmark open_dataset calls "shapes"
+        data = open_dataset(source if source != "shapes" else "./shapes", loaded, 0, 0)
     except CLIError as err:
         raise CLIError(str(err).replace("--dataset", flag, 1)) from err
     if labels != "none" and data.layout != "imagefolder":
@@ -247,11 +251,43 @@ def _out_paths(out: str, overwrite: bool) -> tuple[Path, Path]:
                 f"--out {out}: {path} exists; pass --overwrite to replace it, or choose "
                 "another --out"
             )
+    folder = base.parent
     try:
-        check_out_dir(base.parent, "merge")
+        if folder.is_dir():  # the pair is staged in the folder itself (see _write_pair)
+            os.rmdir(tempfile.mkdtemp(prefix=".captum-ext-", dir=folder))
+        else:
+            check_out_dir(folder, "new")
     except CLIError as err:
-        raise CLIError(str(err).replace(f"--out {base.parent}", f"--out {out}", 1)) from err
+        raise CLIError(str(err).replace(f"--out {folder}", f"--out {out}", 1)) from err
+    except OSError as err:
+        raise CLIError(
+            f"--out {out}: cannot write in {folder} ({err.strerror or first_line(err)})"
+        ) from err
     return pair
+
+
+def _write_pair(explainer: Any, pair: tuple[Path, Path], extra: dict[str, Any]) -> None:
+    """``explainer.save`` into a temporary folder, then both files moved into place.
+
+    In an existing folder the temporary folder sits inside it (a rename each, and no
+    need to write in its parent); a folder that does not exist yet is made by
+    :func:`staged_output`. An error or SIGTERM before the move leaves neither file.
+    """
+    safetensors, record = pair
+    folder = safetensors.parent
+    if not folder.is_dir():
+        with staged_output(folder, "new") as tmp:
+            explainer.save(tmp / safetensors.stem, extra=extra)
+        return
+    with _sigterm_raises() as sigterm:
+        tmp = Path(tempfile.mkdtemp(prefix=".captum-ext-", dir=folder))
+        try:
+            written = explainer.save(tmp / safetensors.stem, extra=extra)
+            sigterm["defer"] = True  # the two renames are not interrupted half-way
+            os.replace(written.weights, safetensors)
+            os.replace(written.record, record)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _check_checkpoint_dir(recipe_kwargs: dict[str, Any]) -> None:
@@ -336,9 +372,8 @@ def run(args: argparse.Namespace) -> int:
             "history": history,
         }
     }
+    _write_pair(explainer, pair, extra)
     safetensors, record = pair
-    with staged_output(safetensors.parent, "merge") as tmp:
-        explainer.save(tmp / safetensors.stem, extra=extra)
     last = history[-1] if history else {}
     loss = f", loss {last['loss']:.4f}" if "loss" in last else ""
     print(
