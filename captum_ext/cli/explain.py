@@ -344,6 +344,7 @@ def _explainers(
     out = build_methods(methods, loaded.model, loaded.spec, skip_unsupported, options)
     trained, sources = _trained(methods, loaded, args, skip_unsupported)
     out.update(trained)
+    out = {m: out[m] for m in methods if m in out}  # in the order asked for
     from captum_ext.registry import TRAINED
 
     left = [m for m in methods if m not in out and m not in TRAINED]
