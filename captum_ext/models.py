@@ -1,4 +1,5 @@
-"""Models to explain, from a spec string: ``timm:ARCH``, ``hf:DIR`` or ``zoo:NAME``.
+"""Models to explain, from a spec string: ``timm:ARCH``, ``torchvision:ARCH``, ``hf:DIR`` or
+``zoo:NAME``.
 
 :func:`load` returns a :class:`LoadedModel`: the module in eval mode on the requested
 device, with the model's own preprocessing (timm ``resolve_data_config``, the HF image
@@ -63,7 +64,7 @@ __all__ = [
     "to_rgb",
 ]
 
-SPEC_HELP = "timm:ARCH (with a weights file), hf:DIR or zoo:NAME"
+SPEC_HELP = "timm:ARCH or torchvision:ARCH (with a weights file), hf:DIR or zoo:NAME"
 """The spec forms, as help texts and error messages name them."""
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 _HF_IMAGE_TYPES = ("vit", "deit")
@@ -328,14 +329,14 @@ def parse_spec(spec: str) -> tuple[str, str]:
         spec: ``"timm:ARCH"``, ``"hf:DIR"`` or ``"zoo:NAME"``.
 
     Returns:
-        ``("timm" | "hf" | "zoo", the rest)``, e.g. ``("zoo", "shapes-vit")``.
+        ``("timm" | "torchvision" | "hf" | "zoo", the rest)``, e.g. ``("zoo", "shapes-vit")``.
 
     Raises:
         ModelLoadError: Not one of the forms, or an unknown zoo model.
         ModelFileNotFoundError: The ``hf:`` folder does not exist.
     """
     kind, sep, value = spec.partition(":")
-    if not sep or kind not in ("timm", "hf", "zoo") or not value:
+    if not sep or kind not in ("timm", "torchvision", "hf", "zoo") or not value:
         raise ModelLoadError(f"unknown model spec {spec!r}; use {SPEC_HELP}")
     if kind == "zoo":
         from captum_ext import zoo
@@ -415,14 +416,18 @@ def load(
 
     Args:
         spec: ``"timm:ARCH"`` (a timm architecture; needs ``weights``, since pretrained
-            weights would need a download), ``"hf:DIR"`` (a folder written by
+            weights would need a download), ``"torchvision:ARCH"`` (a torchvision
+            classification architecture, e.g. ``resnet50``; needs ``weights`` likewise;
+            preprocessing and, for 1000-class heads, class names from the architecture's
+            default torchvision weights entry, read offline), ``"hf:DIR"`` (a folder written by
             ``save_pretrained``: an image classifier, or a text classifier with its
             tokenizer) or ``"zoo:NAME"`` (a model shipped with captum_ext, see
             ``captum_ext.zoo.available()``).
         weights: A local ``.safetensors`` (preferred), ``.pt``, ``.pth`` or ``.bin`` file.
             Required for timm; for hf and zoo it replaces the folder's or shipped weights.
         device: Where to put the model (``"cpu"``, ``"cuda"``, ``"cuda:1"``...).
-        model_kwargs: Keyword arguments of ``timm.create_model`` (timm only), e.g.
+        model_kwargs: Keyword arguments of ``timm.create_model`` (timm) or
+            ``torchvision.models.get_model`` (torchvision), e.g.
             ``{"img_size": 32, "patch_size": 8}``; ``num_classes`` defaults to the number
             of rows of the file's classifier.
         class_names: One name per output, replacing the model's own (a custom head; see
@@ -456,11 +461,13 @@ def load(
         loaded.multi_label   # True: scores are sigmoids
     """
     kind, value = parse_spec(spec)
-    if model_kwargs and kind != "timm":
-        raise ModelLoadError(f"{spec}: model_kwargs apply to timm: models only")
+    if model_kwargs and kind not in ("timm", "torchvision"):
+        raise ModelLoadError(f"{spec}: model_kwargs apply to timm: and torchvision: models only")
     weights = Path(weights) if weights is not None else None
     if kind == "timm":
         loaded = _load_timm(value, weights, dict(model_kwargs or {}))
+    elif kind == "torchvision":
+        loaded = _load_torchvision(value, weights, dict(model_kwargs or {}))
     elif kind == "hf":
         loaded = _load_hf(Path(value), weights)
     else:
@@ -663,6 +670,67 @@ def _timm_class_names(model: nn.Module) -> list[str]:
 
 def _jsonable(config: dict[str, Any]) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()}
+
+
+# --- torchvision --------------------------------------------------------------------------
+
+
+def _load_torchvision(arch: str, weights: Path | None, kwargs: dict[str, Any]) -> LoadedModel:
+    """A torchvision classification model from a local weights file (built with
+    ``weights=None``: nothing is downloaded), with the preprocessing of the architecture's
+    default weights entry (its ``transforms()`` and, for a head of that size, its categories)."""
+    import torchvision
+    from torchvision.models import get_model, get_model_weights, list_models
+
+    spec = f"torchvision:{arch}"
+    archs = list_models(module=torchvision.models)
+    if arch not in archs:
+        close = difflib.get_close_matches(arch, archs, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else " (see torchvision.models)"
+        raise ModelLoadError(f"unknown torchvision classification architecture {arch!r}{hint}")
+    if weights is None:
+        raise ModelLoadError(
+            f"{spec} needs a weights file (weights=FILE): its pretrained weights would need a "
+            "download, and captum_ext never downloads; pass a local .safetensors (or "
+            ".pt/.pth/.bin) file"
+        )
+    state = load_weights_file(weights)
+    heads = [v for k, v in state.items() if k.endswith("weight") and v.ndim == 2]
+    if heads and "num_classes" not in kwargs:  # the classifier is the last matrix
+        kwargs = {"num_classes": int(heads[-1].shape[0]), **kwargs}
+    built = f" built with model_kwargs {kwargs}" if kwargs else ""
+    try:
+        model = get_model(arch, weights=None, **kwargs)
+    except (RuntimeError, TypeError, ValueError, KeyError, AssertionError) as err:
+        raise ModelLoadError(
+            f"{spec}: could not build the model{built} ({_first_line(err)})"
+        ) from err
+    _load_exactly(model, state, spec, weights, built)
+    default = get_model_weights(arch).DEFAULT
+    transform = default.transforms()
+    categories = [str(c) for c in default.meta.get("categories") or []]
+    n = int(kwargs.get("num_classes", len(categories) or 1000))
+    names = categories if len(categories) == n else [f"class {i}" for i in range(n)]
+    crop = list(transform.crop_size)
+    return LoadedModel(
+        model=model,
+        spec=spec,
+        modality="image",
+        class_names=names,
+        multi_label=False,
+        preprocessing={
+            "source": f"torchvision {default}.transforms()",
+            "resize": list(transform.resize_size),
+            "crop": crop,
+            "mean": list(transform.mean),
+            "std": list(transform.std),
+            "interpolation": str(transform.interpolation.value),
+        },
+        image_transform=lambda img: transform(to_rgb(img)),
+        mean=tuple(transform.mean),
+        std=tuple(transform.std),
+        input_size=(int(crop[0]), int(crop[-1])),
+    )
 
 
 # --- HuggingFace --------------------------------------------------------------------------

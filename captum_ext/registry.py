@@ -4,7 +4,10 @@
 :data:`METHODS` holds what callers need to know about each method (whether its
 maps are signed, whether they depend on the target, the paper), :data:`TRAINED`
 the same for the trainable explainers, which are used once fitted (the zoo
-ships them fitted to its models, under the model's name plus ``zoo_suffix``).
+ships them fitted to its models, under the model's name plus ``zoo_suffix``), and
+:data:`REFERENCES` Captum's usual CNN maps (:mod:`captum_ext.references`: Grad-CAM,
+Integrated Gradients), reference rows to compare the package's explainers with.
+:func:`method_spec` finds a name in any of the three groups.
 """
 
 from __future__ import annotations
@@ -23,8 +26,18 @@ from captum_ext.attr import (
     TokenAblation,
 )
 from captum_ext.explainers import MHEX, TTAME
+from captum_ext.references import GradCAM, IntegratedGradientsMap
 
-__all__ = ["METHODS", "TRAINED", "MethodSpec", "available_methods", "make_method"]
+__all__ = [
+    "METHODS",
+    "REFERENCES",
+    "TRAINED",
+    "MethodSpec",
+    "available_methods",
+    "make_method",
+    "method_group",
+    "method_spec",
+]
 
 
 @dataclass(frozen=True)
@@ -43,6 +56,7 @@ class MethodSpec:
             ``load`` before it explains.
         zoo_suffix: For trained explainers, the zoo entry fitted to zoo model ``NAME`` is
             ``NAME + zoo_suffix``.
+        reference: A Captum reference (:data:`REFERENCES`), not one of the package's methods.
     """
 
     name: str
@@ -53,6 +67,7 @@ class MethodSpec:
     paper: str
     trained: bool = False
     zoo_suffix: str = ""
+    reference: bool = False
 
 
 METHODS: dict[str, MethodSpec] = {
@@ -81,21 +96,80 @@ gates and heads); the faithfulness metrics run the plain model, so its deletion/
 IC/ROAD scores rate its maps against the plain model."""
 
 
+REFERENCES: dict[str, MethodSpec] = {
+    s.name: s
+    for s in (
+        MethodSpec(
+            "gradcam",
+            "Captum GradCAM",
+            GradCAM,
+            False,
+            False,
+            "Selvaraju et al. 2017",
+            reference=True,
+        ),
+        MethodSpec(
+            "ig",
+            "Captum IG",
+            IntegratedGradientsMap,
+            True,
+            False,
+            "Sundararajan et al. 2017",
+            reference=True,
+        ),
+    )
+}
+"""Captum's usual CNN maps, as reference rows (CNNs only): ``gradcam`` (``LayerGradCam`` on
+the last feature stage, ReLU, bilinear upsampling) and ``ig`` (``IntegratedGradients``, black
+baseline, channel sum). ``make_method`` builds them like the methods."""
+
+
 def available_methods() -> list[str]:
     """Registry names of every method."""
     return list(METHODS)
 
 
-def make_method(name: str, model: nn.Module, **kwargs) -> Attribution:
-    """Builds method ``name`` for ``model``.
+def method_spec(name: str) -> MethodSpec:
+    """The spec of ``name`` in :data:`METHODS`, :data:`REFERENCES` or :data:`TRAINED`.
 
     Raises:
-        ValueError: ``name`` is not a registered method (the message lists them).
+        ValueError: No group has ``name`` (the message lists every name).
     """
-    try:
-        spec = METHODS[name]
-    except KeyError:
+    for group in (METHODS, REFERENCES, TRAINED):
+        if name in group:
+            return group[name]
+    raise ValueError(
+        f"unknown method {name!r}; methods: {', '.join(METHODS)}; Captum references: "
+        f"{', '.join(REFERENCES)}; trained explainers: {', '.join(TRAINED)}"
+    )
+
+
+def method_group(name: str) -> str:
+    """``"method"``, ``"reference"`` or ``"trained"``: the group of a registered name.
+
+    Raises:
+        ValueError: No group has ``name``.
+    """
+    spec = method_spec(name)
+    return "trained" if spec.trained else "reference" if spec.reference else "method"
+
+
+def make_method(name: str, model: nn.Module, **kwargs) -> Attribution:
+    """Builds method ``name`` (of :data:`METHODS` or :data:`REFERENCES`) for ``model``.
+
+    Raises:
+        ValueError: ``name`` is neither a registered method nor a reference (the message
+            lists them; a trained explainer is built by its class and fitted or loaded).
+        UnsupportedModelError: The method does not explain this kind of model.
+    """
+    spec = METHODS.get(name) or REFERENCES.get(name)
+    if spec is None:
         raise ValueError(
-            f"unknown method {name!r}; available: {', '.join(available_methods())}"
-        ) from None
+            f"unknown method {name!r}; available: {', '.join([*METHODS, *REFERENCES])}"
+            + (
+                f" ({name} is a trained explainer: fit {TRAINED[name].label} or load it)"
+                if name in TRAINED
+                else ""
+            )
+        )
     return spec.build(model, **kwargs)

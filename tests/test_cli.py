@@ -329,7 +329,7 @@ def test_explain_labels_class_agnostic_maps_with_no_class(files, tmp_path, monke
 
 
 ERRORS = {
-    "unknown method": (["--method", "gradcam"], "unknown method 'gradcam'"),
+    "unknown method": (["--method", "lime"], "unknown method 'lime'"),
     "unknown spec": (["--model", "onnx:model.onnx"], "unknown model spec"),
     "spec without kind": (["--model", "vit_small"], "unknown model spec"),
     "missing image": (["--image", "{root}/nope.png"], "no such file"),

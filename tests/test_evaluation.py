@@ -240,7 +240,7 @@ def test_text_model_with_rationale_oracle():
 
 def test_bad_arguments_are_explained(data):
     with pytest.raises(ValueError, match="unknown method"):
-        evaluate(tiny_vit(), methods=["gradcam"], data=data)
+        evaluate(tiny_vit(), methods=["lime"], data=data)
     with pytest.raises(ValueError, match="unknown metric"):
         evaluate(tiny_vit(), data=data, metrics=["accuracy"])
     with pytest.raises(ValueError, match="held-out data"):
@@ -295,7 +295,7 @@ def test_config_checks_every_setting_when_made():
         (dict(batch_size=0), "batch_size"),
         (dict(steps=0), "steps"),
         (dict(bootstrap=-1), "bootstrap"),
-        (dict(methods=["gradcam"]), "unknown method"),
+        (dict(methods=["lime"]), "unknown method"),
         (dict(metrics=["accuracy"]), "unknown metric"),
         (dict(extra_maps={"tam": random_map}), "clash"),
     ]:

@@ -19,7 +19,7 @@ FLOORS: list[set[str]] = [
     {"errors", "_scores", "distributed"},
     {"adapters", "checkpoint", "data", "viz"},
     {"capture", "metrics", "zoo"},
-    {"attr", "explainers"},
+    {"attr", "explainers", "references"},
     {"registry", ""},  # "" = the package's __init__ (public API)
     {"evaluation", "models"},
     {"cli"},

@@ -31,14 +31,17 @@ __all__ = [
     "add_device",
     "add_quiet",
     "as_flags",
+    "build_methods",
     "check_image_file",
     "check_methods",
     "check_out_dir",
     "count",
     "first_line",
     "is_main_process",
+    "model_kind",
     "model_record",
     "open_dataset",
+    "refuse_unsupported",
     "resolve_device",
     "run_metrics",
     "staged_output",
@@ -323,23 +326,105 @@ def write_json(path: Path, data: Any) -> None:
 def check_methods(names: Sequence[str]) -> list[str]:
     """Checks method names against the registry (case-insensitive, ``-`` as ``_``).
 
-    ``all`` stands for every registered method.
+    A name may be one of the package's methods (``registry.METHODS``: cdam, tam, ...), a
+    Captum reference (``registry.REFERENCES``: gradcam, ig; CNNs) or a trained explainer
+    (``registry.TRAINED``: ttame, mhex). ``all`` stands for every name of every group; the
+    caller keeps those that apply to the model (:func:`build_methods`).
 
     Raises:
-        CLIError: A name is not registered (the message lists the methods).
+        CLIError: A name is not registered (the message lists the names by group).
     """
-    from captum_ext.registry import METHODS
+    from captum_ext.registry import METHODS, REFERENCES, TRAINED
 
+    every = [*METHODS, *REFERENCES, *TRAINED]
     out = []
     for name in names:
         if name.lower() == "all":
-            out.extend(METHODS)
+            out.extend(every)
             continue
         key = name.lower().replace("-", "_")
-        if key not in METHODS:
-            raise CLIError(f"unknown method {name!r}; available: {', '.join(METHODS)} or all")
+        if key not in every:
+            raise CLIError(
+                f"unknown method {name!r}; methods: {', '.join(METHODS)}; Captum references "
+                f"(CNNs): {', '.join(REFERENCES)}; trained explainers: {', '.join(TRAINED)}; "
+                "or all"
+            )
         out.append(key)
     return list(dict.fromkeys(out))
+
+
+def model_kind(model: Any) -> str:
+    """``"cnn"``, ``"transformer"`` or ``"other"`` (no adapter recognises the model)."""
+    from captum_ext.adapters import CNNAdapter, adapter_for
+    from captum_ext.errors import UnsupportedModelError
+
+    try:
+        adapter = adapter_for(model)
+    except UnsupportedModelError:
+        return "other"
+    return "cnn" if isinstance(adapter, CNNAdapter) else "transformer"
+
+
+def _offered(kind: str) -> str:
+    """What a model of ``kind`` gets, for a refusal."""
+    from captum_ext.registry import METHODS, REFERENCES, TRAINED
+
+    trained = f"{', '.join(TRAINED)} (trained explainers: the zoo's or --explainer FILE)"
+    if kind == "cnn":
+        return f"CNNs get {', '.join(REFERENCES)} (Captum references) and {trained}"
+    return f"transformers get {', '.join(METHODS)} and {trained}"
+
+
+def refuse_unsupported(name: str, spec: str, kind: str) -> CLIError:
+    """The one-line refusal of method ``name`` on model ``spec`` of ``kind``
+    (:func:`model_kind`), naming what such a model gets."""
+    from captum_ext.registry import REFERENCES
+
+    if kind == "cnn":
+        return CLIError(f"{name} explains transformers, not CNNs ({spec}); {_offered(kind)}")
+    if name in REFERENCES:
+        return CLIError(
+            f"{name} is a Captum reference for CNNs; {spec} is a {kind}: {_offered('transformer')}"
+        )
+    return CLIError(f"{name} does not explain {spec} (no captum_ext adapter recognises it)")
+
+
+def build_methods(
+    names: Sequence[str],
+    model: Any,
+    spec: str,
+    skip_unsupported: bool,
+    options: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The attribution objects of the methods and Captum references among ``names``
+    (trained explainers are left to the caller).
+
+    Args:
+        names: Checked names (:func:`check_methods`).
+        model: The model.
+        spec: Its ``--model`` spec, for messages.
+        skip_unsupported: ``--method all``: a method that does not explain the model is left
+            out (the caller reports what was run); else it is refused.
+        options: Constructor keywords per name (``{"ig": {"n_steps": 64}}``).
+
+    Raises:
+        CLIError: A named method does not explain the model (the message says what it gets).
+    """
+    from captum_ext.errors import UnsupportedModelError
+    from captum_ext.registry import METHODS, REFERENCES, make_method
+
+    out: dict[str, Any] = {}
+    for name in names:
+        if name not in METHODS and name not in REFERENCES:
+            continue
+        try:
+            out[name] = make_method(name, model, **(options or {}).get(name, {}))
+        except UnsupportedModelError as err:
+            if not skip_unsupported:
+                raise refuse_unsupported(name, spec, model_kind(model)) from err
+        except ValueError as err:
+            raise CLIError(f"{name} on {spec}: {first_line(err)}") from err
+    return out
 
 
 def run_metrics(
@@ -353,12 +438,22 @@ def run_metrics(
 ) -> tuple[str, dict[str, Any]]:
     """``captum_ext.evaluation.evaluate`` on zoo models (with its baselines).
 
+    Args:
+        methods: Checked names (:func:`check_methods`): the methods and Captum references
+            among them are evaluated, and the trained explainers among them where the zoo
+            ships one fitted to the model; ``None`` = the evaluation's own set (every method,
+            every trained explainer the zoo ships).
+
     Returns:
         ``(markdown, data)``: the result's tables (one per model) and its JSON dict.
     """
     from captum_ext.evaluation import evaluate
+    from captum_ext.registry import TRAINED
 
     kwargs: dict[str, Any] = {"n": n, "bootstrap": bootstrap, "device": device}
+    if methods is not None:
+        kwargs["explainers"] = [m for m in methods if m in TRAINED]
+        methods = [m for m in methods if m not in TRAINED]
     if seed is not None:
         kwargs["seed"] = seed
     result = evaluate(list(models), methods, show_progress=show_progress, **kwargs)

@@ -50,9 +50,6 @@ DEMO_SEED = 90_210
 IMAGE_MODELS: tuple[str, ...] = ("shapes-vit", "shapes-vit-plain", "shapes-vit-free", "shapes-cnn")
 """Image models drawn by the demo; the first goes to ``explanations.png``."""
 
-IG_STEPS = 32
-"""Steps of Captum ``IntegratedGradients`` in the CNN's grid."""
-
 TEXT_MODEL = "text-bert"
 TEXT_METHODS: tuple[str, ...] = ("cdam", "tam", "relevance")
 
@@ -111,36 +108,6 @@ def pick_images(labels: torch.Tensor, n: int) -> list[int]:
     single = [i for i in range(len(counts)) if counts[i] == 1]
     k = min(len(multi), (n + 1) // 2)
     return sorted(multi[:k] + single[: n - k])
-
-
-def _captum_cnn_peers(model: torch.nn.Module) -> dict[str, tuple[Any, bool]]:
-    """Captum's usual CNN references, ``{label: (fn(x, target) -> (B, 1, H, W), signed)}``:
-    ``LayerGradCam`` on the last feature stage (ReLU, bilinear upsampling) and
-    ``IntegratedGradients`` (:data:`IG_STEPS` steps, black baseline, channel sum)."""
-
-    from captum.attr import IntegratedGradients, LayerAttribution, LayerGradCam
-
-    from captum_ext.adapters import adapter_for
-
-    adapter = adapter_for(model)
-    last = adapter.default_feature_layers()[-1]
-    layer = model.get_submodule(last) if isinstance(last, str) else None
-    peers: dict[str, tuple[Any, bool]] = {}
-    if layer is not None:
-        cam = LayerGradCam(model, layer)
-
-        def gradcam(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            maps = cam.attribute(x, target=t, relu_attributions=True).detach()
-            return LayerAttribution.interpolate(maps, tuple(x.shape[-2:]), "bilinear")
-
-        peers[f"Captum GradCAM\n({last})"] = (gradcam, False)
-    ig = IntegratedGradients(model)
-
-    def integrated(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return ig.attribute(x, target=t, n_steps=IG_STEPS).sum(1, keepdim=True).detach()
-
-    peers[f"Captum IG\n({IG_STEPS} steps)"] = (integrated, True)
-    return peers
 
 
 def image_grid(name: str, n: int, device: str = "cpu", show_progress: bool = False):
@@ -234,12 +201,12 @@ def _grid_columns(
     device: str,
     show_progress: bool,
 ) -> _GridColumns:
-    """Maps of every registered method, zoo explainer and (CNN) Captum peer for ``cls_idx``."""
+    """Maps of every registered method, zoo explainer and (CNN) Captum reference
+    (:data:`captum_ext.registry.REFERENCES`) for ``cls_idx``."""
     from captum_ext._scores import progress
     from captum_ext.errors import UnsupportedModelError
     from captum_ext.evaluation import zoo_explainers
-    from captum_ext.registry import METHODS, make_method
-    from captum_ext.zoo import info
+    from captum_ext.registry import METHODS, REFERENCES, make_method
 
     cols = _GridColumns()
     for method in progress(list(METHODS), show_progress, f"{name}: methods", leave=False):
@@ -256,10 +223,14 @@ def _grid_columns(
     for spec, explainer in zoo_explainers(name, device=device).values():
         cols.maps[spec.label] = explainer.attribute(x, target=cls_idx.to(device)).detach().cpu()
         cols.signed[spec.label] = spec.signed
-    if info(name).get("family") == "cnn":
-        for label, (fn, is_signed) in _captum_cnn_peers(model).items():
-            cols.maps[label] = fn(x, cls_idx.to(device)).cpu()
-            cols.signed[label] = is_signed
+    for spec in REFERENCES.values():  # Captum's references, for CNNs
+        try:
+            ref = make_method(spec.name, model)
+        except UnsupportedModelError:
+            continue
+        label = f"{spec.label}\n({ref.setting})"
+        cols.maps[label] = ref.attribute(x, target=cls_idx.to(device)).cpu()
+        cols.signed[label] = spec.signed
     return cols
 
 

@@ -31,8 +31,10 @@ from captum_ext.cli._common import (
     count,
     first_line,
     is_main_process,
+    model_kind,
     model_record,
     open_dataset,
+    refuse_unsupported,
     resolve_device,
     run_metrics,
     staged_output,
@@ -48,9 +50,15 @@ zoo models:
 examples:
   captum-ext evaluate                                   # every zoo model, default methods
   captum-ext evaluate --models shapes-vit --methods cdam tam --n 32 --out results/
+  captum-ext evaluate --models shapes-cnn --methods gradcam ig ttame mhex --n 32
   captum-ext evaluate --models shapes-vit --dataset shapes --n 4096 --out shards/
   torchrun --nproc_per_node 8 -m captum_ext.cli evaluate --model hf:./my-vit \\
       --dataset imagenet-val/ --methods cdam --device cuda --out shards/
+
+methods: cdam, tam, relevance, rollout, attention_map (transformers); gradcam, ig (Captum
+references for CNNs); ttame, mhex (the zoo's fitted explainers of the model); all. Named
+methods that do not explain the only model are refused; with several models each gets
+those that apply.
 
 writes metrics.md and metrics.json to --out and prints the markdown table.
 --dataset also writes resumable shards and index.json there: run again to resume.
@@ -71,7 +79,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--methods",
         nargs="+",
         metavar="NAME",
-        help="methods, or all (default: the evaluation's own set)",
+        help="methods (cdam ...; gradcam, ig on CNNs; ttame, mhex where the zoo ships them), "
+        "or all (default: the evaluation's own set)",
     )
     add_num_examples(
         p, "examples per model (default: %(default)s; under torchrun write --num-examples)"
@@ -94,7 +103,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         metavar="SPEC",
-        help="--dataset: the model, timm:ARCH, hf:DIR or zoo:NAME (or one --models NAME)",
+        help="--dataset: the model, timm:ARCH, torchvision:ARCH, hf:DIR or zoo:NAME (or one "
+        "--models NAME)",
     )
     p.add_argument("--weights", metavar="PATH", help="--dataset: weights file of --model")
     add_chunk_size(p)
@@ -127,6 +137,10 @@ def run(args: argparse.Namespace) -> int:
     for name in models:
         parse_spec(f"zoo:{name}")  # an unknown name is one line naming the available ones
     methods = check_methods(args.methods) if args.methods else None
+    if methods is not None and len(models) == 1 and "all" not in map(str.lower, args.methods):
+        family = zoo.info(models[0]).get("family")
+        kind = "cnn" if family == "cnn" else "transformer"
+        _check_supported(methods, f"zoo:{models[0]}", kind, zoo_name=models[0])
     show = not args.quiet
     md, data = run_metrics(models, methods, args.n, args.seed, args.bootstrap, device, show)
     with staged_output(out) as tmp:
@@ -156,11 +170,18 @@ def _run_dataset(args: argparse.Namespace, device: str) -> int:
     check_out_dir(out)
     methods = check_methods(args.methods) if args.methods else None
     loaded = load(spec, weights, device)
+    zoo_name = spec[4:] if spec.startswith("zoo:") and weights is None else None
+    if methods is not None:
+        if "all" not in map(str.lower, args.methods):
+            _check_supported(methods, spec, model_kind(loaded.model), zoo_name=zoo_name)
+        explainers = [m for m in methods if m in _trained_names()]
+        methods = [m for m in methods if m not in explainers]
     seed = DEFAULT_SEED if args.seed is None else args.seed
     data = open_dataset(args.dataset, loaded, args.n, seed)
-    zoo_name = spec[4:] if spec.startswith("zoo:") and weights is None else None
     main = is_main_process()
     settings = {"bootstrap": args.bootstrap, "device": device, "seed": seed}
+    if args.methods:
+        settings["explainers"] = explainers
     if args.metrics:
         settings["metrics"] = args.metrics
     if zoo_name is None:
@@ -191,3 +212,29 @@ def _run_dataset(args: argparse.Namespace, device: str) -> int:
         f"wrote {out / 'metrics.md'}, {out / 'metrics.json'} and the shards ({out / 'index.json'})"
     )
     return 0
+
+
+def _trained_names() -> list[str]:
+    from captum_ext.registry import TRAINED
+
+    return list(TRAINED)
+
+
+def _check_supported(methods: list[str], spec: str, kind: str, zoo_name: str | None) -> None:
+    """Refuses, in one line, a named method that does not explain the model: a transformer
+    method on a CNN, a Captum reference on a transformer, or a trained explainer the zoo
+    ships no fitted entry of for the model."""
+    from captum_ext import zoo
+    from captum_ext.registry import METHODS, REFERENCES, TRAINED
+
+    for m in methods:
+        if (m in METHODS and kind == "cnn") or (m in REFERENCES and kind != "cnn"):
+            raise refuse_unsupported(m, spec, kind)
+        if m in TRAINED:
+            entry = (zoo_name or "") + TRAINED[m].zoo_suffix
+            if zoo_name is None or entry not in zoo.available(kind="explainer"):
+                raise CLIError(
+                    f"{m} on {spec}: evaluate runs the zoo's fitted {m} of a zoo model, and "
+                    f"the zoo ships none for it; explain it with captum-ext explain --method "
+                    f"{m} --explainer FILE"
+                )

@@ -17,10 +17,19 @@ process), into resumable shards: ``shard-CCCCC.safetensors`` + ``.json`` per chu
 ``--out`` computes only the missing shards; an ``--out`` written with other settings is
 refused.
 
+Methods by model: transformers get the package's methods (cdam, tam, relevance, rollout,
+attention_map); CNNs get Captum's references ``gradcam`` (``LayerGradCam`` on the last
+feature stage) and ``ig`` (``IntegratedGradients``) from :mod:`captum_ext.references`; both
+get the trained explainers ``ttame`` and ``mhex``, from the zoo (a zoo model with a fitted
+entry) or from a file written by ``TTAME.save`` / ``MHEX.save`` (``--explainer FILE``,
+verified against the model). A method that does not explain the model is refused in one line
+naming what the model gets; ``--method all`` runs everything that applies.
+
 Everything that can be checked is checked before the model runs: the output folder can
 be written (and is empty, unless ``--overwrite``), every image decodes (``--dataset``
 folders too) and reads as RGB (:func:`captum_ext.models.to_rgb`), the weights fit the
-model, the labels file exists, the targets name classes.
+model, the labels file exists, the targets name classes, every ``--explainer`` file
+verifies and belongs to the model.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ from captum_ext.cli._common import (
     add_num_examples,
     add_quiet,
     as_flags,
+    build_methods,
     check_image_file,
     check_methods,
     check_out_dir,
@@ -68,11 +78,26 @@ TOP_K = 5
 
 EPILOG = f"""\
 model specs:
-  timm:ARCH   a timm architecture; weights from --weights FILE (never downloaded)
+  timm:ARCH   a timm architecture (ViT or CNN); weights from --weights FILE (never downloaded)
+  torchvision:ARCH
+              a torchvision classifier (resnet50, vgg16, efficientnet_b0...); weights from
+              --weights FILE; preprocessing from the architecture's default weights entry
   hf:DIR      a HuggingFace folder written by save_pretrained (image or text classifier;
               text models use the tokenizer saved in DIR)
   zoo:NAME    a model shipped with captum_ext (captum_ext.zoo):
               {ZOO_MODELS}
+
+methods:
+  transformers  cdam, tam, relevance, rollout, attention_map
+  CNNs          gradcam (Captum LayerGradCam on the last feature stage, ReLU, bilinear
+                upsampling) and ig (Captum IntegratedGradients, black baseline, channel
+                sum, --ig-steps): reference rows
+  both          ttame, mhex: trained explainers, used once fitted: the zoo's for a zoo
+                model that ships one (shapes-cnn, shapes-vit), else --explainer FILE
+                (written by TTAME.save / MHEX.save, or `captum-ext fit ttame --model SPEC
+                [--weights FILE] --data DIR --out FILE`); a file fitted to another model
+                is refused
+  all           everything that applies to the model
 
 examples:
   captum-ext explain --model timm:vit_small_patch16_224 --weights vit_s16.safetensors \\
@@ -82,6 +107,9 @@ examples:
   captum-ext explain --model timm:vit_small_patch16_224 --weights my_head.safetensors \\
       --labels labels.txt --image 'shots/*.jpg' --method cdam --target tabby
   captum-ext explain --model hf:./my-vit --image x.png --method relevance
+  captum-ext explain --model zoo:shapes-cnn --image shapes.png --method ttame mhex gradcam ig
+  captum-ext explain --model timm:resnet18 --weights resnet18.safetensors --image photos/ \
+      --method gradcam ig ttame --explainer resnet18-ttame.safetensors
   captum-ext explain --model hf:./my-bert --text "a great movie" --method cdam --target 1
   captum-ext explain --model zoo:shapes-vit --image shapes.png --method cdam --target circ
   captum-ext explain --model zoo:shapes-vit --dataset shapes --n 1000 --method cdam \\
@@ -106,15 +134,22 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "explain",
         help="explain your own model on local images or texts",
-        description="Explain a timm, HuggingFace or zoo model on local images or texts "
-        "with one or more methods.",
+        description="Explain a timm, torchvision, HuggingFace or zoo model (transformer or "
+        "CNN) on local images or texts with one or more methods.",
         epilog=EPILOG,
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--model", required=True, metavar="SPEC", help="timm:ARCH, hf:DIR or zoo:NAME")
+    p.add_argument(
+        "--model",
+        required=True,
+        metavar="SPEC",
+        help="timm:ARCH, torchvision:ARCH, hf:DIR or zoo:NAME",
+    )
     p.add_argument("--weights", metavar="PATH", help="weights file (.safetensors preferred)")
     p.add_argument(
-        "--model-kwargs", metavar="JSON", help="timm.create_model keyword arguments, as JSON"
+        "--model-kwargs",
+        metavar="JSON",
+        help="timm.create_model / torchvision get_model keyword arguments, as JSON",
     )
     p.add_argument(
         "--labels",
@@ -135,7 +170,23 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         nargs="+",
         required=True,
         metavar="NAME",
-        help="cdam, tam, relevance, rollout, attention_map, or all (one or more)",
+        help="cdam, tam, relevance, rollout, attention_map (transformers); gradcam, ig "
+        "(CNNs); ttame, mhex (trained); or all (one or more)",
+    )
+    p.add_argument(
+        "--explainer",
+        action="extend",
+        nargs="+",
+        metavar="FILE",
+        help="a fitted T-TAME or MHEX (the .safetensors or .json written by TTAME.save / "
+        "MHEX.save, or their base path); the file says which method it is; one per method",
+    )
+    p.add_argument(
+        "--ig-steps",
+        type=count(1),
+        default=32,
+        metavar="N",
+        help="steps of ig, Captum IntegratedGradients (default: %(default)s)",
     )
     p.add_argument(
         "--target",
@@ -281,23 +332,123 @@ def _top(loaded: LoadedModel, probs: torch.Tensor) -> list[dict[str, Any]]:
     ]
 
 
-def _explainers(methods: list[str], loaded: LoadedModel, skip_unsupported: bool) -> dict[str, Any]:
-    """The attribution objects; with ``skip_unsupported`` (``--method all``) a method that
-    does not support the model is left out with a note instead of stopping the command."""
-    from captum_ext.errors import UnsupportedModelError
-    from captum_ext.registry import make_method
+def _explainers(
+    methods: list[str], loaded: LoadedModel, args: argparse.Namespace, skip_unsupported: bool
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The attribution objects by name, and where each trained explainer came from.
 
-    out = {}
-    for m in methods:
-        try:
-            out[m] = make_method(m, loaded.model)
-        except (UnsupportedModelError, ValueError) as err:
-            if not skip_unsupported:
-                raise CLIError(f"{m} on {loaded.spec}: {first_line(err)}") from err
-            print(f"note: {m} skipped: {first_line(err)}")
+    With ``skip_unsupported`` (``--method all``) what does not apply to the model is left
+    out with a note; otherwise it is refused in one line.
+    """
+    options = {"ig": {"n_steps": args.ig_steps}}
+    out = build_methods(methods, loaded.model, loaded.spec, skip_unsupported, options)
+    trained, sources = _trained(methods, loaded, args, skip_unsupported)
+    out.update(trained)
+    out = {m: out[m] for m in methods if m in out}  # in the order asked for
+    from captum_ext.registry import TRAINED
+
+    left = [m for m in methods if m not in out and m not in TRAINED]
+    unfitted = [m for m in methods if m not in out and m in TRAINED]
+    if skip_unsupported and left:
+        print(f"note: not run on {loaded.spec} (they do not explain it): {', '.join(left)}")
+    if skip_unsupported and unfitted:
+        print(
+            f"note: not run: {', '.join(unfitted)} (no fitted explainer for {loaded.spec}: "
+            "captum-ext fit METHOD ... --out FILE, then --explainer FILE)"
+        )
     if not out:
         raise CLIError(f"no method supports {loaded.spec}")
-    return out
+    return out, sources
+
+
+def _explainer_files(values: list[str] | None) -> dict[str, Path]:
+    """``--explainer`` files by the method their record names (verified, not yet loaded)."""
+    from captum_ext.checkpoint import checkpoint_paths, verify_checkpoint
+    from captum_ext.errors import CheckpointError
+    from captum_ext.registry import TRAINED
+
+    found: dict[str, Path] = {}
+    for value in values or []:
+        paths = checkpoint_paths(value)
+        missing = [p for p in paths if not p.is_file()]
+        if missing:
+            raise CLIError(
+                f"--explainer {value}: no such file {missing[0]} (TTAME.save / MHEX.save "
+                "write a .safetensors and a .json beside it)"
+            )
+        try:
+            method = verify_checkpoint(value).get("method")
+        except CheckpointError as err:
+            raise CLIError(f"--explainer {value}: {err.problem}; {err.remedy}") from err
+        if method not in TRAINED:
+            raise CLIError(
+                f"--explainer {value}: not a fitted {' or '.join(TRAINED)} (its record's "
+                f"method is {method!r})"
+            )
+        if method in found:
+            raise CLIError(f"--explainer: two {method} files ({found[method]}, {value}); give one")
+        found[method] = Path(value)
+    return found
+
+
+def _fit_first(method: str, loaded: LoadedModel, args: argparse.Namespace) -> CLIError:
+    weights = f" --weights {args.weights}" if args.weights else ""
+    return CLIError(
+        f"{method} on {loaded.spec} must be fitted first: captum-ext fit {method} --model "
+        f"{loaded.spec}{weights} --data DIR --out FILE, then pass --explainer FILE"
+    )
+
+
+def _trained(
+    methods: list[str], loaded: LoadedModel, args: argparse.Namespace, skip_unsupported: bool
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """The trained explainers among ``methods``: from ``--explainer`` files, else the zoo's
+    entry fitted to the zoo model (verified against the model: refused when ``--weights``
+    replaced the weights it was fitted to)."""
+    from captum_ext import zoo
+    from captum_ext.errors import CheckpointError, UnsupportedModelError
+    from captum_ext.registry import TRAINED
+
+    files = _explainer_files(args.explainer)
+    for m, path in files.items():
+        if m not in methods:
+            raise CLIError(f"--explainer {path} is a fitted {m}; add --method {m} to use it")
+    shipped = set(zoo.available(kind="explainer"))
+    zoo_model = loaded.spec[4:] if loaded.spec.startswith("zoo:") else None
+    out: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    for m in (m for m in methods if m in TRAINED):
+        spec = TRAINED[m]
+        if m in files:
+            path, source = files[m], str(files[m])
+        elif zoo_model is not None and zoo_model + spec.zoo_suffix in shipped:
+            entry = zoo_model + spec.zoo_suffix
+            path, source = zoo.WEIGHTS_DIR / entry, f"zoo:{entry}"
+        elif skip_unsupported:
+            continue
+        else:
+            raise _fit_first(m, loaded, args)
+        try:
+            out[m] = spec.build.load(path, loaded.model)
+        except CheckpointError as err:
+            if m in files and err.problem.startswith("made for"):
+                raise CLIError(
+                    f"--explainer {path}: {err.problem}: it belongs to another model; pass the "
+                    f"--model (and --weights) it was fitted on, or fit one for {loaded.spec} "
+                    f"(captum-ext fit {m} --model {loaded.spec} ...)"
+                ) from err
+            if m not in files and err.problem.startswith("made for"):
+                raise CLIError(
+                    f"{m} ({source}) was fitted to the zoo's weights of {loaded.spec}, not to "
+                    f"--weights {args.weights}; fit one for them (captum-ext fit {m} --model "
+                    f"{loaded.spec} --weights {args.weights} ...) and pass --explainer FILE"
+                ) from err
+            where = f"--explainer {path}" if m in files else f"{m} ({source})"
+            raise CLIError(f"{where}: {err.problem}; {err.remedy}") from err
+        except (UnsupportedModelError, ValueError) as err:
+            raise CLIError(f"{m} ({source}) on {loaded.spec}: {first_line(err)}") from err
+        sources[m] = source
+    return out, sources
 
 
 def _explain_batch(
@@ -408,12 +559,17 @@ def _entry(item: _Item, class_names: list[str], files: list[str]) -> dict[str, A
 
 
 def _write(
-    out: Path, loaded: LoadedModel, items: list[_Item], methods: list[str], device: str
+    out: Path,
+    loaded: LoadedModel,
+    items: list[_Item],
+    methods: list[str],
+    device: str,
+    sources: dict[str, str] | None = None,
 ) -> list[Path]:
     import numpy as np
     from safetensors.torch import save_file
 
-    from captum_ext.registry import METHODS
+    from captum_ext.registry import method_group, method_spec
     from captum_ext.viz import TextRow, html_text, save_overlay, text_figure, text_record
 
     tensors: dict[str, torch.Tensor] = {}
@@ -422,7 +578,7 @@ def _write(
     for item in items:
         files = []
         for (m, k), attr in item.maps.items():
-            spec = METHODS[m]
+            spec = method_spec(m)
             stem = f"{item.name}_{m}_class{k}"
             tensors[f"{item.name}/{m}/class{k}"] = attr.contiguous()
             raw = attr[0] if item.display is not None else attr  # (H, W) or (T,)
@@ -457,7 +613,13 @@ def _write(
             "device": device,
             "score": "sigmoid (multi-label)" if loaded.multi_label else "softmax",
             "methods": {
-                m: {"label": METHODS[m].label, "signed": METHODS[m].signed} for m in methods
+                m: {
+                    "label": method_spec(m).label,
+                    "signed": method_spec(m).signed,
+                    "group": method_group(m),
+                    **({"explainer": (sources or {})[m]} if m in (sources or {}) else {}),
+                }
+                for m in methods
             },
             "preprocessing": loaded.preprocessing,
             "notes": loaded.notes,
@@ -489,7 +651,8 @@ def run(args: argparse.Namespace) -> int:
     targets = _parse_targets(args.target, loaded.class_names)
     for note in loaded.notes:
         print(f"note: {note}")
-    explainers = _explainers(methods, loaded, skip_unsupported="all" in map(str.lower, args.method))
+    every = "all" in map(str.lower, args.method)
+    explainers, sources = _explainers(methods, loaded, args, every)
     methods = list(explainers)
     inputs: list[Any] = images if images else args.text
     total = len(inputs) * len(methods) * len(targets or [None])
@@ -497,7 +660,7 @@ def run(args: argparse.Namespace) -> int:
         explain = _explain_images if images else _explain_texts
         items = explain(loaded, inputs, explainers, targets, args.batch_size, bar.update)
     with staged_output(out, mode) as tmp:
-        files = _write(tmp, loaded, items, methods, device)
+        files = _write(tmp, loaded, items, methods, device, sources)
     for item in items:
         best = item.top[0]
         print(f"{item.name}: top class {best['class']} {best['label']!r} ({best['score']:.3f})")
@@ -541,7 +704,20 @@ def _run_dataset(args: argparse.Namespace, methods: list[str], device: str) -> i
         targets: str | list[int] = "label"
     else:
         targets = _parse_targets(args.target, loaded.class_names) or "top"
-    explainers = _explainers(methods, loaded, skip_unsupported="all" in map(str.lower, args.method))
+    from captum_ext.registry import TRAINED
+
+    every = "all" in map(str.lower, args.method)
+    trained = [m for m in methods if m in TRAINED]
+    if (trained and not every) or args.explainer:
+        raise CLIError(
+            f"--dataset runs the methods and Captum references ({', '.join(trained) or 'ttame, mhex'}"
+            " not yet); explain --image FILES with a trained explainer"
+        )
+    explainers = build_methods(
+        methods, loaded.model, loaded.spec, every, {"ig": {"n_steps": args.ig_steps}}
+    )
+    if not explainers:
+        raise CLIError(f"no method supports {loaded.spec}")
     main = is_main_process()
     try:
         run = explain_dataset(

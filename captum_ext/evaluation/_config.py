@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from captum_ext.registry import METHODS
+from captum_ext.registry import METHODS, REFERENCES
 
 from ._baselines import BASELINES
 from ._maps import MapFn
@@ -41,9 +41,11 @@ class EvalConfig:
     ``extra_maps`` as a read-only mapping.
 
     Attributes:
-        methods: Registry names (:data:`captum_ext.registry.METHODS`); ``None`` = all.
-            Methods that do not support a model (e.g. transformer methods on a CNN) are
-            skipped with a note.
+        methods: Registry names (:data:`captum_ext.registry.METHODS`, and the Captum
+            references of :data:`captum_ext.registry.REFERENCES`, ``"gradcam"`` and ``"ig"``,
+            which run only when named); ``None`` = every method of ``METHODS``.
+            Methods that do not support a model (e.g. transformer methods on a CNN, the
+            references on a transformer) are skipped with a note.
         metrics: Metric names to compute (a subset of :data:`IMAGE_METRICS` +
             :data:`TEXT_METRICS`); ``None`` = all that apply but the slow ones
             (:data:`~captum_ext.evaluation.OPTIONAL_METRICS`: ROAD), which run only when named.
@@ -100,15 +102,21 @@ class EvalConfig:
         for name, least in (("n", 1), ("steps", 1), ("batch_size", 1), ("bootstrap", 0)):
             if getattr(self, name) < least:
                 raise ValueError(f"{name} must be >= {least}, got {getattr(self, name)}")
-        unknown = [m for m in self.methods or () if m not in METHODS]
+        unknown = [m for m in self.methods or () if m not in METHODS and m not in REFERENCES]
         if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(METHODS)}")
+            raise ValueError(
+                f"unknown method(s) {unknown}; available: {', '.join([*METHODS, *REFERENCES])}"
+            )
         unknown = [e for e in self.explainers or () if e not in TRAINED]
         if unknown:
             raise ValueError(
                 f"unknown trained explainer(s) {unknown}; available: {', '.join(TRAINED)}"
             )
-        clash = [k for k in self.extra_maps if k in METHODS or k in BASELINES or k in TRAINED]
+        clash = [
+            k
+            for k in self.extra_maps
+            if k in METHODS or k in REFERENCES or k in BASELINES or k in TRAINED
+        ]
         if clash:
             raise ValueError(
                 f"extra_maps names {clash} clash with methods or baselines; rename them"

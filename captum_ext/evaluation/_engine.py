@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from captum_ext._scores import progress
 from captum_ext.data import ShapesBatch, TextBatch, shapes, text_rationales
 from captum_ext.errors import UnsupportedModelError
-from captum_ext.registry import METHODS, MethodSpec, make_method
+from captum_ext.registry import MethodSpec, make_method, method_spec
 
 from ._baselines import BASELINE_LABELS
 from ._config import EvalConfig
@@ -101,17 +101,19 @@ def _items(subject: _Subject, config: EvalConfig) -> ImageSet | TextSet:
 
 def _build_methods(
     model: nn.Module, names: Sequence[str], notes: list[str]
-) -> list[tuple[str, Any, bool]]:
-    """``(name, attribution, class_agnostic)`` of every method that supports the model."""
+) -> list[tuple[str, Any, MethodSpec]]:
+    """``(name, attribution, spec)`` of every method (or Captum reference) that supports
+    the model."""
     built, skipped, reason = [], [], ""
     for name in names:
+        spec = method_spec(name)
         try:
             attr = make_method(name, model)
         except UnsupportedModelError as err:
-            skipped.append(METHODS[name].label)
+            skipped.append(spec.label)
             reason = reason or str(err)
             continue
-        built.append((name, attr, METHODS[name].class_agnostic))
+        built.append((name, attr, spec))
     if skipped:
         notes.append(f"Skipped {', '.join(skipped)}: the model is not supported ({reason})")
     return built
@@ -130,8 +132,15 @@ def _score(
     refs = {m.reference for m in items.table if m.reference}
     methods = sorted(config.method_names, key=lambda m: m not in refs)  # references first
     todo: list[tuple[str, str, Callable[[], Any]]] = [
-        (name, METHODS[name].label, items.method_map(attr, agnostic))
-        for name, attr, agnostic in _build_methods(items.model, methods, notes)
+        (
+            name,
+            spec.label,
+            # references give pixel maps (no patch grid): read like custom maps
+            items.extra_map(name, attr.attribute)
+            if spec.reference
+            else items.method_map(attr, spec.class_agnostic),
+        )
+        for name, attr, spec in _build_methods(items.model, methods, notes)
     ]
     todo += [
         (n, spec.label, items.trained_map(n, explainer))
@@ -205,8 +214,9 @@ def evaluate(
             (evaluated one after another), a model (then ``data`` is required), or a
             ``(model, data)`` pair. Image models take ``(B, C, H, W)`` and return ``(B, K)``
             logits; text models are called as ``model(input_ids, attention_mask)``.
-        methods: Registry names (:data:`captum_ext.registry.METHODS`); ``None`` = those of
-            ``config`` (by default all).
+        methods: Registry names (:data:`captum_ext.registry.METHODS`, or the Captum references
+            ``"gradcam"`` / ``"ig"`` of :data:`captum_ext.registry.REFERENCES`, which explain
+            CNNs); ``None`` = those of ``config`` (by default every method of ``METHODS``).
         config: The settings (:class:`EvalConfig`); default ``EvalConfig()``.
         data: A ``ShapesBatch`` (``.images`` ``(N, 3, H, W)``, ``.labels`` ``(N, K)``,
             ``.masks`` ``(N, K, H, W)``) or a ``TextBatch``; overrides the generated set (of

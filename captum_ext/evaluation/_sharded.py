@@ -52,7 +52,7 @@ from captum_ext.checkpoint import (
 from captum_ext.distributed import World, local_device
 from captum_ext.distributed import world as process_world
 from captum_ext.errors import CheckpointError
-from captum_ext.registry import METHODS, make_method
+from captum_ext.registry import METHODS, REFERENCES, make_method
 
 from ._config import EvalConfig
 from ._datasets import ChunkBatch, load_items
@@ -432,7 +432,8 @@ def explain_dataset(
 
     Args:
         model: The model (moved to ``device``, eval mode).
-        methods: Registry names (:data:`captum_ext.registry.METHODS`).
+        methods: Registry names (:data:`captum_ext.registry.METHODS`, or the Captum
+            references of :data:`captum_ext.registry.REFERENCES` for a CNN).
         dataset: A dataset of :mod:`~captum_ext.evaluation._datasets` (items ``(image, label,
             masks)``, with ``ids`` and ``describe()``).
         out: Output folder (created; resumed when it holds this configuration's index).
@@ -495,9 +496,11 @@ class _ExplainChunks:
         device: str | torch.device,
     ) -> _ExplainChunks:
         """Checks ``methods``, moves ``model`` to the process's device and builds them."""
-        unknown = [m for m in methods if m not in METHODS]
+        unknown = [m for m in methods if m not in METHODS and m not in REFERENCES]
         if unknown:
-            raise ValueError(f"unknown method(s) {unknown}; available: {', '.join(METHODS)}")
+            raise ValueError(
+                f"unknown method(s) {unknown}; available: {', '.join([*METHODS, *REFERENCES])}"
+            )
         dev = local_device(device)
         model = model.to(dev).eval()
         explainers = {m: make_method(m, model) for m in methods}
