@@ -353,12 +353,22 @@ def run_metrics(
 ) -> tuple[str, dict[str, Any]]:
     """``captum_ext.evaluation.evaluate`` on zoo models (with its baselines).
 
+    Args:
+        methods: Checked names (:func:`check_methods`): the methods and Captum references
+            among them are evaluated, and the trained explainers among them where the zoo
+            ships one fitted to the model; ``None`` = the evaluation's own set (every method,
+            every trained explainer the zoo ships).
+
     Returns:
         ``(markdown, data)``: the result's tables (one per model) and its JSON dict.
     """
     from captum_ext.evaluation import evaluate
+    from captum_ext.registry import TRAINED
 
     kwargs: dict[str, Any] = {"n": n, "bootstrap": bootstrap, "device": device}
+    if methods is not None:
+        kwargs["explainers"] = [m for m in methods if m in TRAINED]
+        methods = [m for m in methods if m not in TRAINED]
     if seed is not None:
         kwargs["seed"] = seed
     result = evaluate(list(models), methods, show_progress=show_progress, **kwargs)

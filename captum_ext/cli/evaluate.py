@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from captum_ext.cli._common import (
     DATASET_HELP,
@@ -39,21 +40,32 @@ from captum_ext.cli._common import (
     write_json,
 )
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "requested_methods", "run", "shards_line"]
 
 EPILOG = f"""\
 zoo models:
   --models    {ZOO_MODELS}
 
 examples:
-  captum-ext evaluate                                   # every zoo model, default methods
+  captum-ext evaluate                                   # every zoo model, --methods all
   captum-ext evaluate --models shapes-vit --methods cdam tam --n 32 --out results/
+  captum-ext evaluate --models shapes-cnn --methods ttame mhex     # the zoo's trained ones
   captum-ext evaluate --models shapes-vit --dataset shapes --n 4096 --out shards/
+  captum-ext evaluate --models shapes-vit --dataset my-photos/ --methods cdam --out ev/
   torchrun --nproc_per_node 8 -m captum_ext.cli evaluate --model hf:./my-vit \\
       --dataset imagenet-val/ --methods cdam --device cuda --out shards/
 
-writes metrics.md and metrics.json to --out and prints the markdown table.
---dataset also writes resumable shards and index.json there: run again to resume.
+methods: only those named are scored, next to the random and centre-Gaussian baselines.
+  Trained explainers (ttame, mhex: the zoo's, fitted to the zoo model) are scored only when
+  named or with all, the default.
+
+writes metrics.md and metrics.json to --out and prints the markdown table. Its header says
+what the data is: the zoo's benchmark (with the zoo's recorded held-out accuracy, on that
+benchmark), or a folder (how many images, labels or not, no object masks; with labels, the
+top-1 accuracy measured on these images). Metrics that could not be computed are listed
+under the table, one line per reason.
+--dataset also writes resumable shards and index.json there: run again to resume; the last
+line says how many shards were computed and how many reused.
 """
 
 
@@ -71,7 +83,8 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
         "--methods",
         nargs="+",
         metavar="NAME",
-        help="methods, or all (default: the evaluation's own set)",
+        help="methods (cdam, tam, ...) and trained explainers (ttame, mhex) to score, or all: "
+        "every method and every trained explainer the zoo ships for the model (default: all)",
     )
     add_num_examples(
         p, "examples per model (default: %(default)s; under torchrun write --num-examples)"
@@ -126,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     models = list(args.models or zoo.available())
     for name in models:
         parse_spec(f"zoo:{name}")  # an unknown name is one line naming the available ones
-    methods = check_methods(args.methods) if args.methods else None
+    methods = requested_methods(args.methods)
     show = not args.quiet
     md, data = run_metrics(models, methods, args.n, args.seed, args.bootstrap, device, show)
     with staged_output(out) as tmp:
@@ -154,13 +167,14 @@ def _run_dataset(args: argparse.Namespace, device: str) -> int:
         raise CLIError(f"--weights {weights}: no such file")
     out = Path(args.out)
     check_out_dir(out)
-    methods = check_methods(args.methods) if args.methods else None
+    methods, explainers = _split_trained(requested_methods(args.methods))
     loaded = load(spec, weights, device)
     seed = DEFAULT_SEED if args.seed is None else args.seed
     data = open_dataset(args.dataset, loaded, args.n, seed)
     zoo_name = spec[4:] if spec.startswith("zoo:") and weights is None else None
     main = is_main_process()
     settings = {"bootstrap": args.bootstrap, "device": device, "seed": seed}
+    settings["explainers"] = explainers
     if args.metrics:
         settings["metrics"] = args.metrics
     if zoo_name is None:
@@ -187,7 +201,46 @@ def _run_dataset(args: argparse.Namespace, device: str) -> int:
     meta = {"n": len(data), "seed": seed, "dataset": data.describe()}
     write_json(out / "metrics.json", {**meta, **result.to_dict()})
     print(md)
-    print(
-        f"wrote {out / 'metrics.md'}, {out / 'metrics.json'} and the shards ({out / 'index.json'})"
-    )
+    print(f"wrote {out / 'metrics.md'}, {out / 'metrics.json'}, {shards_line(result, out)}")
     return 0
+
+
+def requested_methods(names: list[str] | None) -> list[str]:
+    """The checked names of ``--methods``: methods (:func:`check_methods`) and trained
+    explainers (``registry.TRAINED``: ``ttame``, ``mhex``; ``t-tame`` too); ``all``, and no
+    ``--methods``, stand for every method and every trained explainer.
+
+    Raises:
+        CLIError: An unknown name (from :func:`check_methods`).
+    """
+    from captum_ext.registry import TRAINED
+
+    by_key = {k.replace("_", "").replace("-", ""): k for k in TRAINED}
+    trained, rest = [], []
+    for name in names or ["all"]:
+        key = name.lower().replace("_", "").replace("-", "")
+        if key in by_key:
+            trained.append(by_key[key])
+            continue
+        rest.append(name)
+        if key == "all":
+            trained.extend(TRAINED)
+    checked = check_methods(rest) if rest else []
+    return list(dict.fromkeys([*checked, *trained]))
+
+
+def _split_trained(names: list[str]) -> tuple[list[str], list[str]]:
+    """``(methods, trained explainers)`` of checked names."""
+    from captum_ext.registry import TRAINED
+
+    return [m for m in names if m not in TRAINED], [m for m in names if m in TRAINED]
+
+
+def shards_line(result: Any, out: Path) -> str:
+    """How many shards a ``--dataset`` run wrote, computed and reused, as ``explain
+    --dataset`` says it: ``"4 shards in OUT/ (1 computed, 3 reused) and OUT/index.json"``."""
+    computed, reused = len(result.shards["computed"]), len(result.shards["reused"])
+    return (
+        f"{computed + reused} shards in {out}/ ({computed} computed, {reused} reused) "
+        f"and {out / 'index.json'}"
+    )
