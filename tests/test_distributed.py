@@ -354,7 +354,7 @@ def test_plain_folder_label_targets_are_refused_and_evaluation_skips_mask_metric
     )
     metrics = {r["metric"] for r in result.rows}
     assert metrics == {"sparsity", "deletion_auc"}  # no masks: no pointing game, no D
-    assert any("No object masks" in n for n in result.notes[MODEL])
+    assert any("no object masks" in n for n in result.notes[MODEL])
     assert result.meta[MODEL]["n_images"] == 5
 
 

@@ -343,6 +343,7 @@ def check_methods(names: Sequence[str]) -> list[str]:
             out.extend(every)
             continue
         key = name.lower().replace("-", "_")
+        key = {k.replace("_", ""): k for k in every}.get(key.replace("_", ""), key)  # t-tame
         if key not in every:
             raise CLIError(
                 f"unknown method {name!r}; methods: {', '.join(METHODS)}; Captum references "

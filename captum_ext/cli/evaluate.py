@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from captum_ext.cli._common import (
     DATASET_HELP,
@@ -41,27 +42,35 @@ from captum_ext.cli._common import (
     write_json,
 )
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser", "run", "shards_line"]
 
 EPILOG = f"""\
 zoo models:
   --models    {ZOO_MODELS}
 
 examples:
-  captum-ext evaluate                                   # every zoo model, default methods
+  captum-ext evaluate                                   # every zoo model, --methods all
   captum-ext evaluate --models shapes-vit --methods cdam tam --n 32 --out results/
   captum-ext evaluate --models shapes-cnn --methods gradcam ig ttame mhex --n 32
   captum-ext evaluate --models shapes-vit --dataset shapes --n 4096 --out shards/
+  captum-ext evaluate --models shapes-vit --dataset my-photos/ --methods cdam --out ev/
   torchrun --nproc_per_node 8 -m captum_ext.cli evaluate --model hf:./my-vit \\
       --dataset imagenet-val/ --methods cdam --device cuda --out shards/
 
 methods: cdam, tam, relevance, rollout, attention_map (transformers); gradcam, ig (Captum
-references for CNNs); ttame, mhex (the zoo's fitted explainers of the model); all. Named
-methods that do not explain the only model are refused; with several models each gets
-those that apply.
+references for CNNs); ttame, mhex (the zoo's fitted explainers of the model); all. Only
+the named methods are scored, next to the random and centre-Gaussian baselines; without
+--methods, every method of the package and every trained explainer the zoo ships for the
+model. Named methods that do not explain the only model are refused; with several models
+each gets those that apply.
 
-writes metrics.md and metrics.json to --out and prints the markdown table.
---dataset also writes resumable shards and index.json there: run again to resume.
+writes metrics.md and metrics.json to --out and prints the markdown table. Its header says
+what the data is: the zoo's benchmark (with the zoo's recorded held-out accuracy, on that
+benchmark), or a folder (how many images, labels or not, no object masks; with labels, the
+top-1 accuracy measured on these images). Metrics that could not be computed are listed
+under the table, one line per reason.
+--dataset also writes resumable shards and index.json there: run again to resume; the last
+line says how many shards were computed and how many reused.
 """
 
 
@@ -169,6 +178,7 @@ def _run_dataset(args: argparse.Namespace, device: str) -> int:
     out = Path(args.out)
     check_out_dir(out)
     methods = check_methods(args.methods) if args.methods else None
+    explainers: list[str] = []
     loaded = load(spec, weights, device)
     zoo_name = spec[4:] if spec.startswith("zoo:") and weights is None else None
     if methods is not None:
@@ -208,9 +218,7 @@ def _run_dataset(args: argparse.Namespace, device: str) -> int:
     meta = {"n": len(data), "seed": seed, "dataset": data.describe()}
     write_json(out / "metrics.json", {**meta, **result.to_dict()})
     print(md)
-    print(
-        f"wrote {out / 'metrics.md'}, {out / 'metrics.json'} and the shards ({out / 'index.json'})"
-    )
+    print(f"wrote {out / 'metrics.md'}, {out / 'metrics.json'}, {shards_line(result, out)}")
     return 0
 
 
@@ -238,3 +246,13 @@ def _check_supported(methods: list[str], spec: str, kind: str, zoo_name: str | N
                     f"the zoo ships none for it; explain it with captum-ext explain --method "
                     f"{m} --explainer FILE"
                 )
+
+
+def shards_line(result: Any, out: Path) -> str:
+    """How many shards a ``--dataset`` run wrote, computed and reused, as ``explain
+    --dataset`` says it: ``"4 shards in OUT/ (1 computed, 3 reused) and OUT/index.json"``."""
+    computed, reused = len(result.shards["computed"]), len(result.shards["reused"])
+    return (
+        f"{computed + reused} shards in {out}/ ({computed} computed, {reused} reused) "
+        f"and {out / 'index.json'}"
+    )

@@ -18,9 +18,11 @@ __all__ = ["ImageSet", "images_part"]
 
 
 def images_part(n_images: int, n_pairs: int, n_two: int, layout: str | None) -> str:
-    """The summary's first part: how many images, maps and two-object images."""
+    """The summary's first part: how many images, maps and two-object images (and that the
+    images are the shapes benchmark's, for its layouts)."""
+    bench = " of the shapes benchmark" if layout in ("aligned", "free") else ""
     return (
-        f"{n_images} images ({n_pairs} image–class maps, {n_two} two-object images"
+        f"{n_images} images{bench} ({n_pairs} image–class maps, {n_two} two-object images"
         + (f", {layout} layout" if layout else "")
         + ")"
     )
@@ -158,7 +160,9 @@ class ImageSet:
             "methods": methods,
             "summary_parts": [
                 images_part(n_images, n_pairs, n_two, layout),
-                f"localisation, sparsity, D and r on {where}",
+                # no masks (a folder of images): no localisation, no D
+                f"{'localisation, sparsity, D' if self.masks is not None else 'sparsity'} "
+                f"and r on {where}",
                 f"RISE deletion (zero) / insertion (blur) with {self.steps} steps on "
                 f"{self.score} scores",
                 *(

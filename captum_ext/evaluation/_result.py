@@ -45,6 +45,9 @@ class EvalResult:
         meta: Per model, the settings (data, seed, resolution, steps, run time).
         values: ``(model, method, metric) -> (values, groups)``: the per-item values and the
             image each belongs to (kept in memory, not written by :meth:`to_json`).
+        shards: Of a whole-dataset run (:func:`~captum_ext.evaluation.evaluate_dataset`), the
+            chunks this run ``"computed"`` and those it found complete and ``"reused"``;
+            empty otherwise. Not written by :meth:`to_json` (the table does not depend on it).
     """
 
     rows: list[dict[str, Any]] = field(default_factory=list)
@@ -53,6 +56,7 @@ class EvalResult:
     values: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = field(
         default_factory=dict, repr=False
     )
+    shards: dict[str, list[int]] = field(default_factory=dict, repr=False)
 
     def __add__(self, other: EvalResult) -> EvalResult:
         return EvalResult(

@@ -56,10 +56,10 @@ from captum_ext.registry import METHODS, REFERENCES, make_method
 
 from ._config import EvalConfig
 from ._datasets import ChunkBatch, load_items
-from ._engine import _score, _Subject, _subject
+from ._engine import _score, _Subject, _subject, benchmark_part
 from ._images import ImageSet, images_part
 from ._result import Collector, EvalResult
-from ._table import IMAGE_TABLE
+from ._table import IMAGE_TABLE, missing_notes
 
 __all__ = [
     "INDEX",
@@ -645,7 +645,8 @@ def evaluate_dataset(
         **settings: Fields of :class:`EvalConfig`.
 
     Returns:
-        The :class:`EvalResult` (the same on every process).
+        The :class:`EvalResult` (the same on every process), with the chunks this run
+        computed and reused in :attr:`EvalResult.shards`.
 
     Raises:
         ShardedOutputError: ``out`` holds another configuration's output.
@@ -659,7 +660,7 @@ def evaluate_dataset(
     options = _RunOptions(overwrite, gather=True, show_progress=job.cfg.show_progress, desc=desc)
     with process_world(job.device, distributed, keep=True) as world:
         result = run_sharded(out, record, len(dataset), chunk_size, job, world, options=options)
-    return _aggregate(result, job.subject, job.cfg, job.masks)
+    return _aggregate(result, job.subject, job.cfg, job.masks, job.dataset)
 
 
 @dataclass(frozen=True)
@@ -706,7 +707,7 @@ class _EvaluateChunks:
     def __call__(self, chunk: int, examples: range) -> tuple[dict[str, Tensor], dict[str, Any]]:
         """The values and groups of every (method, metric) on ``examples``, and their labels."""
         subject = self.subject
-        batch = self._batch(examples)
+        batch, top1 = self._batch(examples)
         chunk_cfg = self.cfg.replace(seed=self.cfg.seed + chunk)
         items = ImageSet(subject.model, batch, chunk_cfg, subject.score)
         notes: list[str] = []
@@ -715,21 +716,59 @@ class _EvaluateChunks:
         for (method, metric), (v, g) in col.values.items():
             tensors[f"values/{method}/{metric}"] = torch.from_numpy(v).double()
             tensors[f"groups/{method}/{metric}"] = torch.from_numpy(g).long() + examples.start
-        return tensors, {"labels": col.labels, "notes": notes, "meta": meta}
+        record = {"labels": col.labels, "notes": notes, "meta": meta}
+        if top1 is not None:
+            record["top1"] = top1
+        return tensors, record
 
-    def _batch(self, examples: range) -> ChunkBatch:
-        """The chunk's images with the classes to explain (the masks' or the folder's)."""
+    def _batch(self, examples: range) -> tuple[ChunkBatch, list[int] | None]:
+        """The chunk's images with the classes to explain (the masks' or the folder's), and
+        on an ``ImageFolder`` tree ``[correct, labelled]``: how many of its labelled images
+        the model's top class gets right (else ``None``)."""
         images, labels, mask = _stack(load_items(self.dataset, examples))
+        top1 = None
         if self.masks:
             multi = torch.stack(labels).float()
         else:
             bs = self.cfg.batch_size
-            multi = _one_hot(labels, _forward(self.subject.model, images, bs, self.device).cpu())
+            probs = _forward(self.subject.model, images, bs, self.device).cpu()
+            multi = _one_hot(labels, probs)
+            known = [(int(y), int(p.argmax())) for y, p in zip(labels, probs) if int(y) >= 0]
+            if known:
+                top1 = [sum(y == k for y, k in known), len(known)]
         layout = self.dataset.kwargs.get("layout") if self.masks else self.dataset.layout
-        return ChunkBatch(images, multi, mask, layout, self.patch)
+        return ChunkBatch(images, multi, mask, layout, self.patch), top1
 
 
-def _aggregate(run: ShardedOutput, subject: Any, cfg: EvalConfig, masks: bool) -> EvalResult:
+def folder_part(dataset: Any, n_images: int, top1: Sequence[int] | None) -> str:
+    """The summary's first part for images without object masks: how many, whether they
+    have labels (an ``ImageFolder`` tree) and which class each is explained for, and the
+    top-1 accuracy ``top1 = (correct, labelled)`` when it was measured on them."""
+    layout = getattr(dataset, "layout", None)
+    if layout == "imagefolder":
+        k = len(getattr(dataset, "classes", ()))
+        text = (
+            f"{n_images} images of an ImageFolder tree (labels: {k} class folders; each image "
+            "explained for its folder's class; no object masks)"
+        )
+        if top1:
+            correct, labelled = top1
+            text += (
+                f"; top-1 accuracy on these images {correct / labelled:.3f} "
+                f"({correct}/{labelled}, measured in this run)"
+            )
+        return text
+    if layout == "folder":
+        return (
+            f"{n_images} images of a folder (no labels: each image explained for the model's "
+            "top class; no object masks)"
+        )
+    return f"{n_images} images (no object masks)"
+
+
+def _aggregate(
+    run: ShardedOutput, subject: Any, cfg: EvalConfig, masks: bool, dataset: Any
+) -> EvalResult:
     """The table of the gathered shards: values concatenated in chunk order, then bootstrap."""
     labels: dict[str, str] = {}
     notes: list[str] = []
@@ -754,16 +793,11 @@ def _aggregate(run: ShardedOutput, subject: Any, cfg: EvalConfig, masks: bool) -
             if f"groups/{method}/{metric}" in t
         ]
         col.add(method, metric, torch.cat(vs), torch.cat(gs))
-    missing = {m.missing for m in IMAGE_TABLE if m.missing}
-    notes = [n for n in notes if n not in missing]
-    notes += [
-        m.missing for m in IMAGE_TABLE if m.missing and cfg.wants(m.name) and not col.has(m.name)
-    ]
-    if not masks:
-        notes.append(
-            "No object masks (a folder of images): pointing game, relevance mass / rank "
-            "accuracy and D are not computed."
-        )
+    # one note per reason, from the whole run (a chunk without two-object images notes D
+    # missing, a chunk's own mask notes are the same reason again): drop the chunks' notes
+    # on missing metrics and state them once here
+    notes = [n for n in notes if " not computed: " not in n and not n.startswith("No object")]
+    notes += missing_notes([m for m in IMAGE_TABLE if cfg.wants(m.name)], col.has, masks)
     meta = dict(metas[0])
     for key in ("n_images", "n_pairs", "n_two_object"):
         meta[key] = sum(int(m[key]) for m in metas)
@@ -771,16 +805,30 @@ def _aggregate(run: ShardedOutput, subject: Any, cfg: EvalConfig, masks: bool) -
     meta["chunks"] = len(run.payloads)
     meta["chunk_size"] = run.index["chunk_size"]
     b = cfg.bootstrap
+    if masks:  # the zoo's benchmark: what the zoo records of the model on it
+        data = [
+            images_part(meta["n_images"], meta["n_pairs"], meta["n_two_object"], meta.get("layout"))
+        ]
+        record = benchmark_part(meta)
+        if record:
+            data.insert(0, record)
+    else:  # the user's images: what is known of them; no accuracy measured on other data
+        meta.pop("heldout", None)
+        meta.pop("heldout_accuracy", None)
+        counts = [r.get("top1") for _, r in run.payloads]
+        if counts and all(c is not None for c in counts):  # labelled: measured in this run
+            correct, labelled = (sum(c[i] for c in counts) for i in (0, 1))
+            meta["top1_accuracy"] = correct / labelled
+            meta["top1_counts"] = [correct, labelled]
+        data = [folder_part(dataset, meta["n_images"], meta.get("top1_counts"))]
     parts = [
-        images_part(meta["n_images"], meta["n_pairs"], meta["n_two_object"], meta.get("layout")),
+        *data,
         *meta.pop("summary_parts")[1:],
         f"{len(run.payloads)} shard(s) of {run.index['chunk_size']} images (seed + shard index)",
         f"seed {cfg.seed}",
         *([f"95 % percentile bootstrap over images ({b} resamples)"] if b else []),
     ]
-    if "heldout_accuracy" in meta:
-        parts.insert(
-            0, f"{meta.get('family') or 'model'}, held-out accuracy {meta['heldout_accuracy']:.3f}"
-        )
     meta["summary"] = "; ".join(parts) + "."
-    return col.result(b, cfg.bootstrap_seed, notes, meta)
+    result = col.result(b, cfg.bootstrap_seed, notes, meta)
+    result.shards = {"computed": list(run.computed), "reused": list(run.reused)}
+    return result

@@ -8,7 +8,7 @@ come from the registry's :class:`~captum_ext.metrics.MetricInfo`; ``pearson_tam`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,12 +19,14 @@ from captum_ext.metrics import METRICS, ROAD_TTAME_PERCENTAGES, TTAME_KEEP
 __all__ = [
     "IMAGE_METRICS",
     "IMAGE_TABLE",
+    "NO_MASKS",
     "OPTIONAL_METRICS",
     "TEXT_METRICS",
     "TEXT_TABLE",
     "EvalMetric",
     "MapContext",
     "direction",
+    "missing_notes",
     "short_name",
 ]
 
@@ -67,7 +69,11 @@ class EvalMetric:
         higher_is_better: Better direction; ``None`` when it depends on the use.
         category: Category of the registry entry.
         reference: A method whose maps this metric compares against (evaluated first).
-        missing: Note written when the metric was asked for but is defined for no map.
+        missing: Why the metric has no value when it was asked for but is defined for no map
+            (a reason only, e.g. ``"no image with two objects"``; :func:`missing_notes`
+            names the metrics).
+        needs_masks: Read against the object masks: not computed on data without them
+            (a folder of images), for that reason.
         default: Computed when ``EvalConfig.metrics`` is ``None``; ``False`` for metrics
             too slow for every run (ROAD), which are computed only when named.
     """
@@ -80,6 +86,7 @@ class EvalMetric:
     category: str
     reference: str | None = None
     missing: str = ""
+    needs_masks: bool = False
     default: bool = True
 
     def values(self, context: MapContext) -> Values:
@@ -95,6 +102,7 @@ def _registered(
     *,
     column: str | None = None,
     higher_is_better: bool | None = None,
+    needs_masks: bool = False,
     default: bool = True,
 ):
     """An entry computed by registry function ``name``; ``column`` names the table column when
@@ -109,6 +117,7 @@ def _registered(
         better,
         info.category,
         missing=missing,
+        needs_masks=needs_masks,
         default=default,
     )
 
@@ -188,12 +197,16 @@ def _against_rationale(fn: Callable[..., Tensor], c: MapContext) -> Values:
 _PEARSON = METRICS["pearson"]
 
 IMAGE_TABLE: tuple[EvalMetric, ...] = (
-    _registered("pointing_game", "pointing", _against_masks),
-    _registered("relevance_mass_accuracy", "mass acc.", _against_masks),
-    _registered("relevance_rank_accuracy", "rank acc.", _against_masks),
+    _registered("pointing_game", "pointing", _against_masks, needs_masks=True),
+    _registered("relevance_mass_accuracy", "mass acc.", _against_masks, needs_masks=True),
+    _registered("relevance_rank_accuracy", "rank acc.", _against_masks, needs_masks=True),
     _registered("sparsity", "sparsity", _alone),
     _registered(
-        "discrimination_score", "D", _two_objects, "D not computed: no image with two objects."
+        "discrimination_score",
+        "D",
+        _two_objects,
+        "no image with two objects",
+        needs_masks=True,
     ),
     _registered("deletion_auc", "deletion", _rise),
     _registered("insertion_auc", "insertion", _rise),
@@ -232,7 +245,7 @@ IMAGE_TABLE: tuple[EvalMetric, ...] = (
         higher_is_better=None,  # agreement with TAM, not a quality in itself
         category=_PEARSON.category,
         reference="tam",
-        missing="r(TAM) not computed: TAM was not evaluated on this model.",
+        missing="TAM was not evaluated on this model",
     ),
 )
 """Image metrics, in column order."""
@@ -263,6 +276,40 @@ def direction(metric: str) -> bool | None:
         return _BY_NAME[metric].higher_is_better
     info = METRICS.get(metric)
     return None if info is None else info.higher_is_better
+
+
+NO_MASKS = "these images have no object masks"
+"""Why the metrics read against the masks (:attr:`EvalMetric.needs_masks`) are missing on data
+without ground truth."""
+
+
+def _and(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
+def missing_notes(
+    table: Sequence[EvalMetric], computed: Callable[[str], bool], masks: bool
+) -> list[str]:
+    """One note per reason for the metrics of ``table`` that have no value.
+
+    Metrics missing for the same reason share one line, which names them by their column
+    header and gives the reason once (``"pointing, mass acc., rank acc. and D not computed:
+    these images have no object masks."``).
+
+    Args:
+        table: The metrics that were asked for.
+        computed: ``computed(name)``: whether any map has values of the metric.
+        masks: Whether the data has object masks (else the mask metrics are missing for that
+            reason, whatever their own).
+    """
+    reasons: dict[str, list[str]] = {}
+    for m in table:
+        if computed(m.name):
+            continue
+        reason = NO_MASKS if m.needs_masks and not masks else m.missing
+        if reason:
+            reasons.setdefault(reason, []).append(m.short)
+    return [f"{_and(shorts)} not computed: {reason}." for reason, shorts in reasons.items()]
 
 
 def short_name(metric: str) -> str:
