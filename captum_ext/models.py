@@ -12,6 +12,10 @@ Nothing is downloaded and nothing is unpickled: timm weights come from a local f
 HuggingFace models from a local folder (``from_pretrained(DIR, local_files_only=True)``),
 zoo models from the safetensors files shipped with the package.
 
+Bare encoders (a sentence-transformers folder, or an HF ``BertModel``/``ViTModel``... folder)
+load with :func:`load_encoder`: the model then returns one pooled latent per input, as
+:class:`~captum_ext.attr.cdam.ConceptCDAM` reads it (:class:`PooledEncoder`).
+
 Weights load exactly or not at all (no random classifier, no resampled position
 embeddings), and images of every Pillow mode are read as the picture they show
 (:func:`to_rgb`: 16-bit and float images scaled, not clipped).
@@ -52,12 +56,17 @@ from captum_ext._scores import model_output_to_tensor
 from captum_ext.errors import ModelFileNotFoundError, ModelLoadError
 
 __all__ = [
+    "POOLINGS",
     "SPEC_HELP",
+    "EncoderLayout",
     "LoadedModel",
     "ModelFileNotFoundError",
     "ModelLoadError",
+    "PooledEncoder",
     "TokenizedText",
+    "encoder_layout",
     "load",
+    "load_encoder",
     "load_weights_file",
     "parse_spec",
     "read_class_names",
@@ -275,6 +284,9 @@ class LoadedModel:
         tokenize: A text to :class:`TokenizedText`; texts only.
         input_size: ``(H, W)`` of the model's inputs (``image_transform`` gives this size);
             images only.
+        encoder: For a bare encoder (:func:`load_encoder`), what its folder holds (pooling,
+            normalisation); ``model`` then returns latents ``(B, D)``, not class scores, and
+            ``class_names`` is empty. ``None`` for classifiers.
     """
 
     model: nn.Module
@@ -289,6 +301,7 @@ class LoadedModel:
     std: Sequence[float] = (1.0, 1.0, 1.0)
     tokenize: Callable[[str], TokenizedText] | None = None
     input_size: tuple[int, int] | None = None
+    encoder: EncoderLayout | None = None
 
     @property
     def device(self) -> torch.device:
@@ -451,7 +464,8 @@ def load(
             ``img_size``, one the file lacks or one the model has not: the message names the
             tensor and both shapes); an HF folder whose weights do not fit its config (a
             classifier missing or sized for other labels); a folder holding a model
-            that is neither an image nor a text classifier; a timm ``img_size`` that is not
+            that is neither an image nor a text classifier (a bare encoder: the message
+            names :func:`load_encoder`); a timm ``img_size`` that is not
             a multiple of the patch size; ``class_names`` of the wrong length.
 
     Example::
@@ -828,6 +842,12 @@ def _hf_auto_class(spec: str, config: Any) -> tuple[Literal["image", "text"], An
         from transformers import AutoModelForSequenceClassification
 
         return "text", AutoModelForSequenceClassification
+    if _bare_encoder({"architectures": archs, "model_type": config.model_type}):
+        raise ModelLoadError(
+            f"{spec}: holds a {archs[0]} encoder (no classifier head); load it with "
+            "load_encoder and explain it against a concept with ConceptCDAM, or save a "
+            "classifier (e.g. BertForSequenceClassification)"
+        )
     raise ModelLoadError(
         f"{spec}: holds {', '.join(archs) or config.model_type}; captum_ext needs an image "
         "classifier (e.g. ViTForImageClassification) or a text classifier "
@@ -909,7 +929,9 @@ def _hf_image_preprocessing(loaded: LoadedModel, folder: Path, config: Any) -> N
     loaded.input_size = (h, w)
 
 
-def _hf_tokenizer(loaded: LoadedModel, folder: Path, config: Any) -> None:
+def _hf_tokenizer(
+    loaded: LoadedModel, folder: Path, config: Any, max_length: int | None = None
+) -> None:
     from transformers import AutoTokenizer
 
     try:
@@ -919,7 +941,7 @@ def _hf_tokenizer(loaded: LoadedModel, folder: Path, config: Any) -> None:
             f"{loaded.spec}: no usable tokenizer in the folder (save one there with "
             f"tokenizer.save_pretrained): {_first_line(err)}"
         ) from err
-    max_len = int(getattr(config, "max_position_embeddings", 512))
+    max_len = max_length or int(getattr(config, "max_position_embeddings", 512))
 
     def tokenize(text: str) -> TokenizedText:
         enc = tok(text, return_tensors="pt", truncation=True, max_length=max_len)
@@ -987,3 +1009,335 @@ def _zoo_tokenizer(loaded: LoadedModel, info: dict[str, Any], model: nn.Module) 
 
     loaded.tokenize = tokenize
     loaded.preprocessing = {"source": "zoo", "tokenizer": "lower-case words over TEXT_VOCAB"}
+
+
+# --- encoders (concept CDAM) --------------------------------------------------------------
+
+POOLINGS = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
+"""Poolings of :class:`PooledEncoder`, in the order sentence-transformers concatenates them."""
+
+_ST_POOLING_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+_ST_MODULES = ("Transformer", "Pooling", "Normalize")
+
+
+@dataclass
+class EncoderLayout:
+    """What an ``hf:`` folder holding a bare encoder is, read from its JSON files only.
+
+    Attributes:
+        folder: The folder of the spec.
+        model_dir: The folder holding the HF model (``config.json``, weights, tokenizer):
+            ``folder`` itself, or the sentence-transformers Transformer module's sub-folder.
+        architecture: The model class ``config.json`` names (e.g. ``"BertModel"``).
+        modality: ``"text"`` (BERT-family) or ``"image"`` (ViT).
+        pooling: The pooling modes, concatenated in this order (see :data:`POOLINGS`).
+        normalize: The latent is scaled to unit length (a sentence-transformers
+            ``Normalize`` module).
+        sentence_transformers: The folder is a sentence-transformers model
+            (``modules.json``).
+        max_length: Tokens kept per text (sentence-transformers ``max_seq_length``, else
+            the model's position limit); ``None`` for images.
+    """
+
+    folder: Path
+    model_dir: Path
+    architecture: str
+    modality: Literal["image", "text"]
+    pooling: tuple[str, ...]
+    normalize: bool = False
+    sentence_transformers: bool = False
+    max_length: int | None = None
+
+
+def _read_json(path: Path, spec: str) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ModelLoadError(f"{spec}: cannot read {path.name} ({_first_line(err)})") from err
+
+
+def _bare_encoder(config: dict[str, Any]) -> Literal["image", "text"] | None:
+    """The modality of a ``config.json`` naming a bare encoder of a supported family
+    (``BertModel``, ``RobertaModel``, ``DistilBertModel``, ``ViTModel``...), else ``None``."""
+    archs = [str(a) for a in config.get("architectures") or []]
+    model_type = str(config.get("model_type", ""))
+    if not archs or not all(a.endswith("Model") and "For" not in a for a in archs):
+        return None
+    if model_type in _HF_TEXT_TYPES:
+        return "text"
+    if model_type in _HF_IMAGE_TYPES:
+        return "image"
+    return None
+
+
+def encoder_layout(folder: str | Path, pooling: str | Sequence[str] | None = None) -> EncoderLayout:
+    """Reads what encoder an ``hf:`` folder holds, from its JSON files (no weights, no torch).
+
+    Two layouts are read:
+
+    * a sentence-transformers folder: ``modules.json`` lists a ``Transformer`` module (the
+      HF model in the folder itself, ``"path": ""``, or in a sub-folder such as
+      ``0_Transformer``), a ``Pooling`` module whose ``config.json`` sets the
+      ``pooling_mode_*_tokens`` flags, and optionally a ``Normalize`` module;
+      ``sentence_bert_config.json`` gives ``max_seq_length``. The latent is what
+      ``SentenceTransformer.encode`` returns for that folder.
+    * a plain HF folder written by ``save_pretrained`` whose ``config.json`` names a bare
+      encoder (``BertModel``, ``RobertaModel``, ``DistilBertModel``, ``ViTModel``): texts
+      are mean-pooled over the attended tokens (sentence-transformers' default for a plain
+      HF model), images give the CLS token of ``last_hidden_state`` (after the final
+      LayerNorm: what ``ViTForImageClassification`` reads).
+
+    Args:
+        folder: The folder.
+        pooling: Replaces the pooling (one of :data:`POOLINGS`, or several, concatenated).
+
+    Raises:
+        ModelLoadError: Not an encoder folder (e.g. a classifier), unreadable JSON, a
+            sentence-transformers module other than Transformer, Pooling and Normalize,
+            or an unknown pooling.
+    """
+    folder = Path(folder)
+    spec = f"hf:{folder}"
+    modules_file = folder / "modules.json"
+    st = modules_file.is_file()
+    model_dir, pool, normalize = folder, None, False
+    if st:
+        modules = _read_json(modules_file, spec)
+        if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+            raise ModelLoadError(f"{spec}: modules.json is not a list of modules")
+        kinds = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
+        other = [str(m.get("type")) for m, k in zip(modules, kinds) if k not in _ST_MODULES]
+        if other or kinds.count("Transformer") != 1 or kinds[0] != "Transformer":
+            what = f"module {other[0]}" if other else f"modules {kinds}"
+            raise ModelLoadError(
+                f"{spec}: a sentence-transformers folder with {what}; captum_ext loads one "
+                "Transformer module followed by Pooling and Normalize modules"
+            )
+        for module, kind in zip(modules, kinds):
+            path = folder / str(module.get("path", ""))
+            if kind == "Transformer":
+                model_dir = path
+            elif kind == "Pooling":
+                cfg = _read_json(path / "config.json", f"{spec} ({module.get('path')})")
+                pool = tuple(mode for key, mode in _ST_POOLING_KEYS.items() if cfg.get(key))
+                if isinstance(cfg.get("pooling_mode"), str) and not pool:
+                    pool = (cfg["pooling_mode"],)
+                if not pool:
+                    raise ModelLoadError(
+                        f"{spec}: {module.get('path')}/config.json sets no pooling_mode_* flag"
+                    )
+            else:
+                normalize = True
+    if st and pool is None:
+        raise ModelLoadError(
+            f"{spec}: a sentence-transformers folder without a Pooling module: its output are "
+            "token embeddings, not one latent per text"
+        )
+    if not (model_dir / "config.json").is_file():
+        raise ModelLoadError(
+            f"{spec}: no config.json in {model_dir}; save the model with save_pretrained"
+        )
+    config = _read_json(model_dir / "config.json", spec)
+    modality = _bare_encoder(config) if isinstance(config, dict) else None
+    if modality is None:
+        archs = ", ".join(config.get("architectures") or []) if isinstance(config, dict) else ""
+        raise ModelLoadError(
+            f"{spec}: {model_dir / 'config.json'} names {archs or 'no architecture'}, not a bare "
+            "encoder; load_encoder takes a BertModel, RobertaModel, DistilBertModel or ViTModel "
+            "folder, or a sentence-transformers folder holding one"
+        )
+    if st and modality != "text":
+        raise ModelLoadError(f"{spec}: a sentence-transformers folder of an image model")
+    if pooling is not None:
+        pool = (pooling,) if isinstance(pooling, str) else tuple(pooling)
+    pool = pool or (("mean",) if modality == "text" else ("cls",))
+    unknown = [p for p in pool if p not in POOLINGS]
+    if unknown:
+        raise ModelLoadError(
+            f"{spec}: unknown pooling {unknown[0]!r}; use one of {', '.join(POOLINGS)}"
+        )
+    max_length = None
+    if modality == "text":
+        max_length = int(config.get("max_position_embeddings", 512))
+        st_config = model_dir / "sentence_bert_config.json"
+        if st_config.is_file():
+            seq = _read_json(st_config, spec).get("max_seq_length")
+            max_length = min(int(seq), max_length) if isinstance(seq, int) else max_length
+    return EncoderLayout(
+        folder=folder,
+        model_dir=model_dir,
+        architecture=str((config.get("architectures") or [""])[0]),
+        modality=modality,
+        pooling=pool,
+        normalize=normalize,
+        sentence_transformers=st,
+        max_length=max_length,
+    )
+
+
+class PooledEncoder(nn.Module):
+    """A HuggingFace encoder whose forward returns one latent per input ``(B, D)``.
+
+    ``forward(input_ids, attention_mask=None)`` for text encoders, ``forward(pixel_values)``
+    for ViTs. The latent pools ``last_hidden_state`` as sentence-transformers' ``Pooling``
+    does (padding never counts): ``"cls"`` the first token, ``"mean"`` the mean of the
+    attended tokens, ``"max"`` their element-wise maximum, ``"mean_sqrt_len_tokens"`` their
+    sum over the square root of their count, ``"weightedmean"`` the mean weighted by
+    position (1, 2, ...), ``"lasttoken"`` the last attended token; several modes are
+    concatenated. With ``normalize`` the latent is scaled to unit length. The encoder's
+    ``pooler_output`` is never used.
+
+    This is the ``embed_model`` :class:`~captum_ext.attr.cdam.ConceptCDAM` takes.
+
+    Args:
+        encoder: A bare HF encoder (``BertModel``, ``ViTModel``...).
+        pooling: Modes of :data:`POOLINGS`, concatenated in this order.
+        normalize: Scale the latent to unit length.
+    """
+
+    def __init__(
+        self, encoder: nn.Module, pooling: Sequence[str] = ("mean",), normalize: bool = False
+    ) -> None:
+        super().__init__()
+        unknown = [p for p in pooling if p not in POOLINGS]
+        if not pooling or unknown:
+            raise ValueError(
+                f"PooledEncoder: pooling must be modes of {POOLINGS}; got {tuple(pooling)!r}."
+            )
+        self.encoder = encoder
+        self.pooling = tuple(pooling)
+        self.normalize = bool(normalize)
+
+    def forward(
+        self, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        if attention_mask is None:
+            out = self.encoder(inputs)
+        else:
+            out = self.encoder(inputs, attention_mask)
+        hidden = out.last_hidden_state  # (B, N, D)
+        if attention_mask is None:
+            mask = hidden.new_ones(hidden.shape[:2])
+        else:
+            mask = attention_mask.to(hidden.dtype)
+        z = torch.cat([_pool(hidden, mask, mode) for mode in self.pooling], dim=-1)
+        return nn.functional.normalize(z, p=2, dim=-1) if self.normalize else z
+
+
+def _pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """sentence-transformers' pooling of ``hidden (B, N, D)`` over ``mask (B, N)``."""
+    m = mask[..., None]  # (B, N, 1)
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "max":
+        return hidden.masked_fill(m == 0, torch.finfo(hidden.dtype).min).amax(1)
+    if mode == "lasttoken":
+        last = mask.shape[1] - 1 - mask.flip(1).argmax(1)  # the last attended position
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+    if mode == "weightedmean":
+        pos = torch.arange(1, hidden.shape[1] + 1, device=hidden.device, dtype=hidden.dtype)
+        m = m * pos[None, :, None]
+    total = (hidden * m).sum(1)
+    count = m.sum(1).clamp_min(1e-9)
+    return total / count.sqrt() if mode == "mean_sqrt_len_tokens" else total / count
+
+
+def load_encoder(
+    spec: str, device: str | torch.device = "cpu", *, pooling: str | Sequence[str] | None = None
+) -> LoadedModel:
+    """Loads a bare encoder from an ``hf:DIR`` spec, to explain against a concept.
+
+    The folder is a sentence-transformers model or a bare HF encoder saved with
+    ``save_pretrained`` (see :func:`encoder_layout` for both layouts and the pooling each
+    gets). The returned ``model`` is a :class:`PooledEncoder`: its forward returns the
+    latent ``(B, D)`` that :class:`~captum_ext.attr.cdam.ConceptCDAM` reads, so::
+
+        loaded = load_encoder("hf:./all-MiniLM-L6-v2")
+        enc = loaded.tokenize("a photo of a dog")
+        cdam = ConceptCDAM(loaded.model, readout="mean")
+        concept = cdam.concept_from_examples(enc.input_ids, (enc.attention_mask,))
+
+    Weights are read from the folder only (``from_pretrained(local_files_only=True)``,
+    ``weights_only=True`` for ``.bin`` files: nothing is downloaded or unpickled), and
+    must hold every tensor of the encoder except its unused pooler (``pooler_output`` is
+    never read; a pooler missing from the file is noted in ``notes``).
+
+    Args:
+        spec: ``"hf:DIR"``.
+        device: Where to put the model.
+        pooling: Replaces the folder's pooling (see :data:`POOLINGS`).
+
+    Returns:
+        A :class:`LoadedModel` with ``encoder=True``, no classes, ``pooling`` and
+        ``normalize`` as the folder says; ``logits`` returns the latents.
+
+    Raises:
+        ModelFileNotFoundError: The folder does not exist.
+        ModelLoadError: Not an ``hf:`` spec, not an encoder folder (:func:`encoder_layout`),
+            weights that do not fit the config, a pickled ``.bin``, no usable tokenizer.
+    """
+    kind, value = parse_spec(spec)
+    if kind != "hf":
+        raise ModelLoadError(
+            f"{spec}: load_encoder takes hf:DIR (a sentence-transformers or bare HF encoder folder)"
+        )
+    layout = encoder_layout(value, pooling)
+    from transformers import AutoConfig, AutoModel
+
+    folder = layout.model_dir
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as err:
+        raise ModelLoadError(f"{spec}: cannot read config.json ({_first_line(err)})") from err
+    try:
+        with _quiet_transformers():
+            encoder, info = AutoModel.from_pretrained(
+                folder,
+                local_files_only=True,
+                weights_only=True,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reported below, in one line, and refused
+            )
+    except pickle.UnpicklingError as err:
+        raise ModelLoadError(
+            f"{spec}: the .bin weights hold more than tensors (a pickled {_pickled(err)}); "
+            "nothing was unpickled; save the model with save_pretrained (safetensors)"
+        ) from err
+    except Exception as err:
+        mismatch = _mismatch(err)
+        what = f"its weights do not fit: {mismatch}" if mismatch else _first_line(err)
+        raise ModelLoadError(f"{spec}: could not load the encoder ({what})") from err
+    notes = []
+    missing = list(info.get("missing_keys") or ())
+    pooler = [k for k in missing if str(k).startswith("pooler.")]
+    if pooler:  # never read: PooledEncoder pools last_hidden_state
+        info = {**info, "missing_keys": [k for k in missing if k not in pooler]}
+        notes.append(
+            f"{spec}: the weights hold no pooler; it is not used (the latent pools "
+            "last_hidden_state)"
+        )
+    _check_hf_loading(spec, encoder, info)
+    model = PooledEncoder(encoder, layout.pooling, layout.normalize)
+    loaded = LoadedModel(
+        model=model,
+        spec=spec,
+        modality=layout.modality,
+        class_names=[],
+        multi_label=False,
+        preprocessing={},
+        notes=notes,
+        encoder=layout,
+    )
+    if layout.modality == "image":
+        _hf_image_preprocessing(loaded, folder, config)
+    else:
+        _hf_tokenizer(loaded, folder, config, layout.max_length)
+    model.to(device).eval()
+    return loaded

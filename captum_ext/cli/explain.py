@@ -131,12 +131,15 @@ Weights: .safetensors preferred; .pt/.pth/.bin are read with torch.load(weights_
 
 def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Adds the ``explain`` subcommand to ``sub``."""
+    from captum_ext.cli import _concept
+
     p = sub.add_parser(
         "explain",
         help="explain your own model on local images or texts",
         description="Explain a timm, torchvision, HuggingFace or zoo model (transformer or "
-        "CNN) on local images or texts with one or more methods.",
-        epilog=EPILOG,
+        "CNN) on local images or texts with one or more methods, or an encoder against a "
+        "concept.",
+        epilog=EPILOG + _concept.EPILOG,
         formatter_class=HelpFormatter,
     )
     p.add_argument(
@@ -165,13 +168,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     )
     inputs.add_argument("--text", nargs="+", metavar="TEXT", help="texts to classify and explain")
     inputs.add_argument("--dataset", metavar="SOURCE", help=DATASET_HELP)
+    _concept.add_arguments(p)
     p.add_argument(
         "--method",
         nargs="+",
         required=True,
         metavar="NAME",
         help="cdam, tam, relevance, rollout, attention_map (transformers); gradcam, ig "
-        "(CNNs); ttame, mhex (trained); or all (one or more)",
+        "(CNNs); ttame, mhex (trained); or all (one or more); encoders (--concept): cdam only",
     )
     p.add_argument(
         "--explainer",
@@ -631,6 +635,10 @@ def _write(
 
 def run(args: argparse.Namespace) -> int:
     """Runs ``captum-ext explain`` (see the module docstring for the outputs)."""
+    from captum_ext.cli import _concept
+
+    if _concept.handles(args):  # a bare encoder, or --concept: concept CDAM
+        return _concept.run(args)
     from captum_ext._scores import progress
 
     methods = check_methods(args.method)
