@@ -321,8 +321,8 @@ def figure_grid(
             ``−max, 0, +max``); ``"column"``: one scale per method over all rows (colour
             bars in the map's units).
         title: Figure title.
-        note: A sentence appended to the caption; each further line of it (``"\n"``)
-            is a line of its own under the caption (the figure grows to hold them).
+        note: A sentence appended to the caption; text after a line break in it goes on
+            lines of its own under the caption (the figure grows to hold them).
         units: Method name to its unit (``captum_ext.registry.METHODS[name].unit``), the
             label of the method's colour bar; a method not named has an unlabelled bar.
 
