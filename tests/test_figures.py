@@ -159,3 +159,15 @@ def test_figure_grid_caption_lines_and_units():
     assert _colour_bar_labels(fig) == ["logit drop", ""]
     caption = fig.texts[-1].get_text().split("\n")
     assert caption[0].endswith("; first") and caption[1] == "second line"
+
+
+@pytest.mark.parametrize(
+    ("argv", "n"),
+    [([], 8), (["--full"], 32), (["--eval-n", "5"], 5), (["--full", "--eval-n", "3"], 3)],
+)
+def test_demo_metrics_are_on_a_few_examples_unless_full(argv, n):
+    from captum_ext.cli import build_parser
+    from captum_ext.cli.demo import EVAL_N, FULL_EVAL_N, eval_examples
+
+    assert (EVAL_N, FULL_EVAL_N) == (8, 32)
+    assert eval_examples(build_parser().parse_args(["demo", *argv])) == n

@@ -38,6 +38,7 @@ __all__ = [
     "TEXT_METHODS",
     "TEXT_MODEL",
     "add_parser",
+    "eval_examples",
     "image_grid",
     "pick_images",
     "reliance_notes",
@@ -172,7 +173,10 @@ def image_grid(name: str, n: int, device: str = "cpu", show_progress: bool = Fal
     (green = for the class, red = against, white = 0; a colour bar per column). A CNN, which
     no transformer method supports, also gets Captum's ``LayerGradCam`` (last stage) and
     ``IntegratedGradients``. Class-agnostic methods (rollout, the attention map) are titled
-    so: the row's class does not apply to them.
+    so: the row's class does not apply to them. Each method's colour bar is labelled with its
+    unit (``MethodSpec.unit``). A row whose model relies on a cell outside the object
+    (:func:`reliance_notes`) says so in its label, and the caption gives the logit drops of
+    removing that cell and the object's own.
 
     Args:
         name: A zoo image model (e.g. ``"shapes-vit"``, see :data:`IMAGE_MODELS`).
@@ -182,8 +186,10 @@ def image_grid(name: str, n: int, device: str = "cpu", show_progress: bool = Fal
 
     Returns:
         ``(figure, summary)``: a ``matplotlib.figure.Figure`` and a dict naming the model,
-        the seed, the image indices, the rows (``{"image": i, "class": name}``), the
-        methods drawn and those skipped (the model is not of a family they support).
+        the seed, the image indices, the rows (``{"image": i, "class": name}``, plus
+        ``"relies_on"``: :meth:`Reliance.as_dict` where the model relies on a cell outside the
+        object), the methods drawn and those skipped (the model is not of a family they
+        support).
 
     Raises:
         ModelLoadError: ``name`` is not a zoo model.
@@ -512,6 +518,14 @@ def _text_rows(
     return records, rows
 
 
+def eval_examples(args: argparse.Namespace) -> int:
+    """Examples per model of the demo's metrics table: ``--eval-n``, else :data:`FULL_EVAL_N`
+    with ``--full``, else :data:`EVAL_N`."""
+    if args.eval_n is not None:
+        return args.eval_n
+    return FULL_EVAL_N if args.full else EVAL_N
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs ``captum-ext demo``."""
     from captum_ext import zoo
@@ -547,7 +561,7 @@ def run(args: argparse.Namespace) -> int:
             summary["text"] = info
             written.append(("text.html", f"{TEXT_MODEL}: Captum visualize_text, {args.n} texts"))
             written.append(("text.png", f"{TEXT_MODEL}: tokens coloured by score"))
-        eval_n = args.eval_n or (FULL_EVAL_N if args.full else EVAL_N)
+        eval_n = eval_examples(args)
         md, data = run_metrics(available, None, eval_n, None, 200, device, show)
         header = (
             f"# captum-ext demo metrics\n\nzoo models on {eval_n} held-out examples each "
