@@ -186,8 +186,16 @@ def progress(
     """A tqdm bar over ``iterable`` (or a manual one when it is ``None``), disabled unless ``show``.
 
     Always returns a tqdm object, so callers may use ``update`` and the
-    context manager whether or not the bar is shown.
+    context manager whether or not the bar is shown. A shown bar is ``tqdm.auto``'s (a widget
+    in Jupyter) when ipywidgets is installed (the ``tutorials`` extra), else the plain text bar
+    of ``tqdm.std``, which Jupyter shows as well: ``tqdm.auto`` without ipywidgets would warn
+    "IProgress not found" in every notebook; a hidden bar never imports ``tqdm.auto``.
     """
-    from tqdm.auto import tqdm
+    import importlib.util
+
+    if show and importlib.util.find_spec("ipywidgets") is not None:
+        from tqdm.auto import tqdm
+    else:
+        from tqdm.std import tqdm
 
     return tqdm(iterable, desc=desc, total=total, disable=not show, **kwargs)

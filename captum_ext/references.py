@@ -9,8 +9,8 @@ the demo and the evaluation use them the same way:
   (``adapter_for(model).default_feature_layers()[-1]``, e.g. ``layer4``), ReLU applied,
   upsampled bilinearly to the input (``LayerAttribution.interpolate``): ``(B, 1, H, W)``,
   non-negative;
-* :class:`IntegratedGradientsMap` — ``captum.attr.IntegratedGradients`` from a black
-  (all-zero) baseline with ``n_steps`` steps, summed over the colour channels:
+* :class:`IntegratedGradientsMap` — ``captum.attr.IntegratedGradients`` from the all-zero
+  baseline (black for unnormalised images, the mean colour for normalised ones) with ``n_steps`` steps, summed over the colour channels:
   ``(B, 1, H, W)``, signed.
 
 Both accept only models :class:`~captum_ext.adapters.CNNAdapter` recognises (transformers
@@ -160,7 +160,7 @@ class GradCAM(Reference):
 
 
 class IntegratedGradientsMap(Reference):
-    """Captum ``IntegratedGradients`` from a black baseline, summed over the channels.
+    """Captum ``IntegratedGradients`` from the all-zero baseline, summed over the channels.
 
     Args:
         model: A CNN (timm or torchvision ResNet, VGG, EfficientNet, ConvNeXt...).

@@ -57,6 +57,9 @@ class MethodSpec:
         zoo_suffix: For trained explainers, the zoo entry fitted to zoo model ``NAME`` is
             ``NAME + zoo_suffix``.
         reference: A Captum reference (:data:`REFERENCES`), not one of the package's methods.
+        unit: What one value of the map is, as the colour bars of
+            :func:`captum_ext.viz.save_overlay` and the demo's grids are labelled
+            (``docs/methods.md``, "What the numbers mean"); ``"map value"`` when unstated.
     """
 
     name: str
@@ -68,18 +71,51 @@ class MethodSpec:
     trained: bool = False
     zoo_suffix: str = ""
     reference: bool = False
+    unit: str = "map value"
 
 
 METHODS: dict[str, MethodSpec] = {
     s.name: s
     for s in (
-        MethodSpec("cdam", "CDAM", CDAM, True, False, "Brocki & Chung 2023"),
-        MethodSpec("tam", "TAM", TokenAblation, True, False, "token ablation (CDAM paper)"),
         MethodSpec(
-            "relevance", "Relevance", RelevancePropagation, False, False, "Chefer et al. 2021"
+            "cdam", "CDAM", CDAM, True, False, "Brocki & Chung 2023", unit="logit × activation"
         ),
-        MethodSpec("rollout", "Rollout", AttentionRollout, False, True, "Abnar & Zuidema 2020"),
-        MethodSpec("attention_map", "Attention map", AttentionMap, False, True, "baseline"),
+        MethodSpec(
+            "tam",
+            "TAM",
+            TokenAblation,
+            True,
+            False,
+            "token ablation (CDAM paper)",
+            unit="logit drop",
+        ),
+        MethodSpec(
+            "relevance",
+            "Relevance",
+            RelevancePropagation,
+            False,
+            False,
+            "Chefer et al. 2021",
+            unit="share of relevance",
+        ),
+        MethodSpec(
+            "rollout",
+            "Rollout",
+            AttentionRollout,
+            False,
+            True,
+            "Abnar & Zuidema 2020",
+            unit="attention weight",
+        ),
+        MethodSpec(
+            "attention_map",
+            "Attention map",
+            AttentionMap,
+            False,
+            True,
+            "baseline",
+            unit="attention weight",
+        ),
     )
 }
 """The registered methods by name (the names ``make_method`` takes; the command offers the same)."""
@@ -87,8 +123,28 @@ METHODS: dict[str, MethodSpec] = {
 TRAINED: dict[str, MethodSpec] = {
     s.name: s
     for s in (
-        MethodSpec("ttame", "T-TAME", TTAME, False, False, "Ntrougkas et al. 2024", True, "-ttame"),
-        MethodSpec("mhex", "MHEX", MHEX, False, False, "Sun & Liò (reconstruction)", True, "-mhex"),
+        MethodSpec(
+            "ttame",
+            "T-TAME",
+            TTAME,
+            False,
+            False,
+            "Ntrougkas et al. 2024",
+            True,
+            "-ttame",
+            unit="normalised score [0, 1]",
+        ),
+        MethodSpec(
+            "mhex",
+            "MHEX",
+            MHEX,
+            False,
+            False,
+            "Sun & Liò (reconstruction)",
+            True,
+            "-mhex",
+            unit="normalised score [0, 1]",
+        ),
     )
 }
 """The trainable explainers by name. MHEX explains its gated network (the model with trained
@@ -107,6 +163,7 @@ REFERENCES: dict[str, MethodSpec] = {
             False,
             "Selvaraju et al. 2017",
             reference=True,
+            unit="ReLU(gradient-weighted activation)",
         ),
         MethodSpec(
             "ig",
@@ -116,6 +173,7 @@ REFERENCES: dict[str, MethodSpec] = {
             False,
             "Sundararajan et al. 2017",
             reference=True,
+            unit="logit change from zero input",
         ),
     )
 }

@@ -16,9 +16,11 @@ One colour convention for every figure, Captum's own (:data:`SIGNED_CMAP`,
   (the largest value), Captum's ``"Greens"`` for ``sign="positive"``; negative
   values, if any, are drawn as 0.
 
-Each figure states its scale: :func:`figure_grid` has a colour bar under each map
-column and a caption, :func:`overlay_figure` (:func:`save_overlay`) a colour bar in
-the map's own units and a caption, :func:`text_figure` a legend and a caption,
+Each figure states its scale and unit: :func:`figure_grid` has a colour bar under each
+map column (labelled with the method's unit, ``units``) and a caption,
+:func:`overlay_figure` (:func:`save_overlay`) a colour bar in the map's own units, labelled
+with the unit (``unit``: ``captum_ext.registry.METHODS[name].unit``, e.g. ``"logit drop"``
+for TAM), and a caption, :func:`text_figure` a legend and a caption,
 :func:`html_text` Captum's legend and a caption.
 """
 
@@ -287,6 +289,7 @@ def figure_grid(
     scale: Literal["cell", "column"] = "cell",
     title: str | None = None,
     note: str | None = None,
+    units: Mapping[str, str] | None = None,
 ):
     """A matplotlib figure: one row per image, columns input, mask and each method.
 
@@ -318,7 +321,10 @@ def figure_grid(
             ``−max, 0, +max``); ``"column"``: one scale per method over all rows (colour
             bars in the map's units).
         title: Figure title.
-        note: A sentence appended to the caption.
+        note: A sentence appended to the caption; text after a line break in it goes on
+            lines of its own under the caption (the figure grows to hold them).
+        units: Method name to its unit (``captum_ext.registry.METHODS[name].unit``), the
+            label of the method's colour bar; a method not named has an unlabelled bar.
 
     Returns:
         The ``matplotlib.figure.Figure``.
@@ -327,10 +333,19 @@ def figure_grid(
         raise ValueError(f'scale must be "cell" or "column"; got {scale!r}')
     drawn = _grid_maps(images, maps, interpolation)
     grid = _Grid(
-        images, drawn, masks, row_labels, dict(signed or {}), set(class_agnostic), overlay, scale
+        images,
+        drawn,
+        masks,
+        row_labels,
+        dict(signed or {}),
+        set(class_agnostic),
+        overlay,
+        scale,
+        dict(units or {}),
     )
-    fig = _grid_figure(grid, cell)
-    _grid_caption(fig, grid, cell, title, note)
+    lines = _grid_caption_lines(grid, note)
+    fig = _grid_figure(grid, cell, len(lines))
+    _grid_caption(fig, grid, cell, title, lines)
     return fig
 
 
@@ -346,6 +361,7 @@ class _Grid:
     agnostic: set[str]
     overlay: bool
     scale: str
+    units: dict[str, str]
 
     @property
     def columns(self) -> list[str]:
@@ -365,13 +381,24 @@ def _grid_maps(
     }
 
 
-def _grid_figure(grid: _Grid, cell: float):
+_CAPTION_LINE_IN = 0.14  # height of one 7 pt caption line, in inches
+
+
+def _grid_height(cell: float, rows: int, caption_lines: int) -> float:
+    """Height in inches of a :func:`figure_grid` of ``rows`` rows and its caption lines."""
+    return cell * rows + 0.6 + _CAPTION_LINE_IN * max(caption_lines - 1, 0)
+
+
+def _grid_figure(grid: _Grid, cell: float, caption_lines: int):
     """The figure of :func:`figure_grid` with every column drawn, before its caption."""
     import matplotlib.pyplot as plt
 
     rows, cols = grid.images.shape[0], grid.columns
     fig, axes = plt.subplots(
-        rows, len(cols), figsize=(cell * len(cols), cell * rows + 0.6), squeeze=False
+        rows,
+        len(cols),
+        figsize=(cell * len(cols), _grid_height(cell, rows, caption_lines)),
+        squeeze=False,
     )
     for c, name in enumerate(cols):
         _grid_column(fig, axes[:, c], name, grid)
@@ -401,21 +428,32 @@ def _grid_column(fig: Any, axes: Any, name: str, grid: _Grid) -> None:
             _draw_map(ax, m, image_to_hwc(images, r) if grid.overlay else None, is_signed, lim)
     if name in drawn:
         cax = axes[-1].inset_axes((0.08, -0.16, 0.84, 0.07))
-        _colourbar(fig, cax, is_signed, column_lim if grid.scale == "column" else None)
+        _colourbar(
+            fig,
+            cax,
+            is_signed,
+            column_lim if grid.scale == "column" else None,
+            grid.units.get(name),
+        )
 
 
-def _grid_caption(fig: Any, grid: _Grid, cell: float, title: str | None, note: str | None):
-    """Caption, title and layout of :func:`figure_grid`."""
-    rows = grid.images.shape[0]
+def _grid_caption_lines(grid: _Grid, note: str | None) -> list[str]:
+    """The caption of :func:`figure_grid`: the colour convention, then ``note``, by line."""
     kinds = {grid.signed.get(name, True) for name in grid.drawn}
     caption = colour_note(kinds.pop() if len(kinds) == 1 else None, grid.scale)
     if note:
         caption += f"; {note}"
-    fig.text(0.5, 0.005, caption, ha="center", va="bottom", fontsize=7, color="0.3")
+    return caption.split("\n")
+
+
+def _grid_caption(fig: Any, grid: _Grid, cell: float, title: str | None, lines: list[str]):
+    """Caption (``lines``), title and layout of :func:`figure_grid`."""
+    height = _grid_height(cell, grid.images.shape[0], len(lines))
+    fig.text(0.5, 0.005, "\n".join(lines), ha="center", va="bottom", fontsize=7, color="0.3")
     if title:
         fig.suptitle(title, fontsize=8)
-    bottom = 0.3 / (cell * rows + 0.6)
-    top = 1 - (0.3 / (cell * rows + 0.6) if title else 0.0)
+    bottom = (0.3 + _CAPTION_LINE_IN * (len(lines) - 1)) / height
+    top = 1 - (0.3 / height if title else 0.0)
     fig.tight_layout(rect=(0, bottom, 1, top))
 
 
@@ -426,6 +464,7 @@ def overlay_figure(
     title: str,
     note: str | None = None,
     interpolation: Interpolation = "nearest",
+    unit: str = "map value",
 ):
     """One map over its greyscale image, with a colour bar in the map's units and a caption.
 
@@ -442,9 +481,12 @@ def overlay_figure(
         title: Figure title.
         note: A sentence appended to the caption.
         interpolation: ``"nearest"`` or ``"bilinear"``.
+        unit: The label of the colour bar: what one value of the map is
+            (``captum_ext.registry.METHODS[name].unit``, e.g. ``"logit drop"`` for TAM).
 
     Returns:
-        A ``matplotlib.figure.Figure`` of :data:`OVERLAY_INCHES` square.
+        A ``matplotlib.figure.Figure`` of :data:`OVERLAY_INCHES` square; its colour bar is
+        its second axes (``fig.axes[1]``, label ``unit``).
     """
     from matplotlib.figure import Figure
 
@@ -457,7 +499,7 @@ def overlay_figure(
     ax.set_yticks([])
     ax.set_title(title, fontsize=10)
     _draw_map(ax, m, picture, signed, lim)
-    _colourbar(fig, fig.add_axes((0.1, 0.15, 0.8, 0.03)), signed, lim, "map value")
+    _colourbar(fig, fig.add_axes((0.1, 0.15, 0.8, 0.03)), signed, lim, unit)
     caption = colour_note(signed, "map") + (f"; {note}" if note else "")
     fig.text(0.5, 0.02, caption, ha="center", va="bottom", fontsize=7, color="0.3", wrap=True)
     return fig
@@ -470,7 +512,8 @@ def save_overlay(
     signed: bool,
     title: str,
     note: str | None = None,
-) -> None:
+    unit: str = "map value",
+):
     """Saves :func:`overlay_figure` of one map as a PNG of 400 x 400 pixels.
 
     Args:
@@ -480,8 +523,14 @@ def save_overlay(
         signed: Signed map (green for the class, red against) or non-negative.
         title: Figure title.
         note: A sentence appended to the caption.
+        unit: The label of the colour bar (``captum_ext.registry.METHODS[name].unit``).
+
+    Returns:
+        The saved ``matplotlib.figure.Figure``.
     """
-    overlay_figure(attr, image, signed, title, note).savefig(path, dpi=OVERLAY_DPI)
+    fig = overlay_figure(attr, image, signed, title, note, unit=unit)
+    fig.savefig(path, dpi=OVERLAY_DPI)
+    return fig
 
 
 @dataclass

@@ -304,9 +304,9 @@ def test_explain_labels_class_agnostic_maps_with_no_class(files, tmp_path, monke
     titles = []
     real = viz.save_overlay
 
-    def recording(path, attr, image, signed, title, *args):
+    def recording(path, attr, image, signed, title, *args, **kwargs):
         titles.append(title)
-        real(path, attr, image, signed, title, *args)
+        return real(path, attr, image, signed, title, *args, **kwargs)
 
     monkeypatch.setattr(viz, "save_overlay", recording)
     out = tmp_path / "img"

@@ -8,8 +8,13 @@ final cell, whose assertions print "tutorial N checks passed".
 
 from __future__ import annotations
 
+import ast
+import configparser
 import importlib.util
+import io
 import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -85,6 +90,103 @@ def test_notebook_is_in_sync_with_its_script(name):
     assert "Run time on CPU" in first, f"{name}: the first cell states the CPU run time"
 
 
+# --- what a notebook shows: no stray reprs, no tqdm warning; instructions name a real extra ----
+
+SHOWN = ("print", "display", "show")  # calls a cell may end on: they print or draw, return None
+REPR = re.compile(r"<(Figure|Axes|matplotlib)[ .]|\(<Figure")
+
+
+def _bare_last_expression(source: str) -> str | None:
+    """The cell's last statement when Jupyter would print its value (an expression that is
+    not a call of print/display/show and does not end in ``;``), else ``None``."""
+    tree = ast.parse(source)
+    if not tree.body or not isinstance(tree.body[-1], ast.Expr):
+        return None
+    if source.rstrip().endswith(";"):
+        return None
+    value = tree.body[-1].value
+    if isinstance(value, ast.Call):
+        name = value.func.attr if isinstance(value.func, ast.Attribute) else None
+        name = name or (value.func.id if isinstance(value.func, ast.Name) else None)
+        if name in SHOWN:
+            return None
+    return ast.unparse(tree.body[-1])[:80]
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_notebook_cells_do_not_end_on_a_value_jupyter_would_print(name):
+    """A cell ending on ``visualize_image_attr(...)`` prints ``(<Figure ...>, <Axes ...>)``."""
+    import nbformat
+
+    nb = nbformat.read(ROOT / "tutorials" / f"{name}.ipynb", as_version=4)
+    bare = [
+        (i, found)
+        for i, cell in enumerate(nb.cells)
+        if cell.cell_type == "code" and (found := _bare_last_expression(cell.source))
+    ]
+    assert not bare, f"{name}: cells whose value Jupyter prints (end them with ; or _ =): {bare}"
+
+
+def test_the_repr_check_sees_a_figure_call():
+    assert _bare_last_expression("visualization.visualize_image_attr(a, b)")
+    assert _bare_last_expression("fig.tight_layout()")
+    assert not _bare_last_expression("_ = visualization.visualize_image_attr(a, b)")
+    assert not _bare_last_expression("fig.tight_layout();")
+    assert not _bare_last_expression("x = 1\nplt.show()")
+
+
+def _extras() -> dict[str, list[str]]:
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "setup.cfg")
+    extras = cfg["options.extras_require"]
+    return {k: [r.strip() for r in v.strip().splitlines() if r.strip()] for k, v in extras.items()}
+
+
+def test_tutorial_instructions_name_an_extra_that_installs_jupyter():
+    extras = _extras()
+    assert "tutorials" in extras, sorted(extras)
+    names = {re.split(r"[<>=!~\[ ]", r, maxsplit=1)[0].lower() for r in extras["tutorials"]}
+    assert {"jupyterlab", "nbconvert", "ipykernel", "ipywidgets"} <= names, names
+    docs = (ROOT / "docs" / "tutorials.md").read_text()
+    first_cells = {}
+    for name in NOTEBOOKS:
+        import nbformat
+
+        nb = nbformat.read(ROOT / "tutorials" / f"{name}.ipynb", as_version=4)
+        first_cells[name] = nb.cells[0].source
+    for where, text in {"docs/tutorials.md": docs, **first_cells}.items():
+        named = set(re.findall(r'pip install -e "\.\[([a-z,]+)\]"', text))
+        assert named, f'{where}: no pip install -e ".[EXTRA]" instruction'
+        for group in named:
+            for extra in group.split(","):
+                assert extra in extras, f"{where} names the extra {extra!r}, not in setup.cfg"
+
+
+def test_a_hidden_progress_bar_never_imports_tqdm_auto():
+    """tqdm.auto warns "IProgress not found" in a notebook without ipywidgets."""
+    code = (
+        "import sys; from captum_ext._scores import progress\n"
+        "assert sum(progress(range(3), False)) == 3\n"
+        "assert 'tqdm.autonotebook' not in sys.modules, 'tqdm.auto imported'\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_shown_progress_bar_is_plain_text_without_ipywidgets(monkeypatch):
+    import importlib.util as iu
+
+    from tqdm.std import tqdm as plain
+
+    from captum_ext._scores import progress
+
+    real = iu.find_spec
+    monkeypatch.setattr(iu, "find_spec", lambda n, *a: None if n == "ipywidgets" else real(n, *a))
+    with progress(range(2), True, file=io.StringIO()) as bar:
+        assert type(bar) is plain
+
+
 @pytest.fixture
 def python_kernel(tmp_path, monkeypatch):
     """A ``python3`` kernelspec that runs this interpreter (the venv's), found first."""
@@ -151,3 +253,13 @@ def test_notebook_runs_and_passes_its_checks(name, python_kernel, tmp_path):
     assert f"tutorial {number} checks passed" in text, text[-2000:]
     kind, count = EXPECTED[name]
     assert len(_outputs(nb, kind)) >= count, f"{name}: fewer than {count} {kind} outputs"
+    values = [  # a cell's value printed under it (a drawn figure's text alternative is not)
+        str(out.get("data", {}).get("text/plain", ""))
+        for cell in nb.cells
+        for out in cell.get("outputs", [])
+        if out.get("output_type") == "execute_result"
+    ]
+    assert not [v for v in values if REPR.search(v)], f"{name}: a figure's repr is shown: {values}"
+    # huggingface_hub imports tqdm.auto, which warns in a kernel without ipywidgets: the
+    # tutorials and dev extras install it
+    assert "IProgress" not in text and "TqdmWarning" not in text, text[-2000:]

@@ -13,6 +13,11 @@
 # 2 threads; most of it is importing torch and drawing the figures). The test suite runs it with
 # `CAPTUM_EXT_TUTORIAL_TINY=1` (fewer images and noise samples).
 #
+# **Setup:** from the repository root, `pip install -e ".[tutorials]"` (the package with
+# JupyterLab, nbconvert, ipykernel and ipywidgets), then `jupyter lab tutorials/` and open
+# this notebook, or run it whole to an HTML page: `jupyter nbconvert --to html --execute
+# tutorials/01_cdam_vit.ipynb --output-dir tutorial-output`.
+#
 # CDAM (Brocki & Chung 2023) scores each token by `S_i = Σ_j T_ij · ∂f/∂T_ij`, with `T`
 # the tokens entering the last self-attention and `f` the raw logit of the class you
 # ask about. The sign matters: `S_i > 0` is evidence **for** the class, `S_i < 0`
@@ -144,7 +149,7 @@ print(f"CDAM class discrimination D: {d_score.mean():.2f} (0.5 = class-agnostic)
 
 # %%
 smooth = CDAM(model, variant="smooth", n_samples=N_SMOOTH).attribute(x, target=class_a)
-visualization.visualize_image_attr(
+_ = visualization.visualize_image_attr(  # returns (figure, axes): kept out of the output
     to_hwc(smooth, 0),
     image_to_hwc(x, 0),
     method="blended_heat_map",
@@ -177,7 +182,7 @@ print(f"{len(examples)} circle examples -> concept {tuple(concept.shape)}")
 with_circle = data.labels[:, circle] == 1
 xc = x[with_circle]
 concept_maps = ccdam.attribute(xc, concept)  # (M, 1, 32, 32)
-visualization.visualize_image_attr(
+_ = visualization.visualize_image_attr(  # returns (figure, axes): kept out of the output
     to_hwc(concept_maps, 0),
     image_to_hwc(xc, 0),
     method="blended_heat_map",

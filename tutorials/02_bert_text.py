@@ -12,6 +12,11 @@
 # **Run time on CPU:** about 10 s with the full settings below (measured: 10 s of CPU
 # time, 2 threads; most of it imports). The test suite runs it with `CAPTUM_EXT_TUTORIAL_TINY=1` (fewer sentences).
 #
+# **Setup:** from the repository root, `pip install -e ".[tutorials]"` (the package with
+# JupyterLab, nbconvert, ipykernel and ipywidgets), then `jupyter lab tutorials/` and open
+# this notebook, or run it whole to an HTML page: `jupyter nbconvert --to html --execute
+# tutorials/02_bert_text.ipynb --output-dir tutorial-output`.
+#
 # The model is `text-bert`, a tiny HuggingFace `BertForSequenceClassification` shipped with
 # the package and trained on planted-rationale sentences (`captum_ext.data.text_rationales`):
 # each sentence is positive or negative because of a few sentiment words (the

@@ -16,6 +16,11 @@
 # run every step but not to learn good maps, so the comparisons with a random map are
 # asserted for the full settings only.
 #
+# **Setup:** from the repository root, `pip install -e ".[tutorials]"` (the package with
+# JupyterLab, nbconvert, ipykernel and ipywidgets), then `jupyter lab tutorials/` and open
+# this notebook, or run it whole to an HTML page: `jupyter nbconvert --to html --execute
+# tutorials/03_trainable_explainers.ipynb --output-dir tutorial-output`.
+#
 # Both explainers are *trained* once and then explain a batch in about one forward pass:
 #
 # - **T-TAME** (Ntrougkas et al. 2024) trains a small attention mechanism on three feature
@@ -40,6 +45,7 @@ import torch.nn.functional as F
 from captum_ext import MHEX, TTAME, TrainingRecipe, zoo
 from captum_ext.data import SHAPE_CLASSES, ShapesDataset, shapes
 from captum_ext.metrics import discrimination_score, pointing_game
+from captum_ext.registry import TRAINED
 from captum_ext.viz import figure_grid
 
 TINY = os.environ.get("CAPTUM_EXT_TUTORIAL_TINY") == "1"  # set by the test suite
@@ -127,6 +133,7 @@ fig = figure_grid(
     masks=evald.masks[rows, row_cls],
     signed=dict.fromkeys(maps, False),
     overlay=True,
+    units=dict.fromkeys(maps, TRAINED["ttame"].unit),  # the colour bars' label
 )
 plt.show()
 

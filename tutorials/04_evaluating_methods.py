@@ -13,6 +13,11 @@
 # time, 2 threads; 32 images, deletion/insertion curves of 16 steps, randomisation check). The test suite runs it with
 # `CAPTUM_EXT_TUTORIAL_TINY=1` (4 images, 4 steps, no randomisation check).
 #
+# **Setup:** from the repository root, `pip install -e ".[tutorials]"` (the package with
+# JupyterLab, nbconvert, ipykernel and ipywidgets), then `jupyter lab tutorials/` and open
+# this notebook, or run it whole to an HTML page: `jupyter nbconvert --to html --execute
+# tutorials/04_evaluating_methods.ipynb --output-dir tutorial-output`.
+#
 # A map is only as good as what it lets you check. This tutorial scores the package's
 # methods, and a random map as the floor, on the zoo ViT with:
 #

@@ -12,6 +12,11 @@
 # **Run time on CPU:** about 10 s (2 cores, most of it imports); the tiny settings of the
 # test suite (`CAPTUM_EXT_TUTORIAL_TINY=1`) explain fewer images.
 #
+# **Setup:** from the repository root, `pip install -e ".[tutorials]"` (the package with
+# JupyterLab, nbconvert, ipykernel and ipywidgets), then `jupyter lab tutorials/` and open
+# this notebook, or run it whole to an HTML page: `jupyter nbconvert --to html --execute
+# tutorials/05_local_weights.ipynb --output-dir tutorial-output`.
+#
 # captum_ext never downloads: a model comes from files on your disk. This tutorial writes
 # such files itself (there is no internet here), from two models shipped with the package,
 # and loads them back the three ways you would load yours:
@@ -42,8 +47,8 @@ from captum_ext.data import SHAPE_CLASSES, TEXT_VOCAB, shapes
 
 TINY = os.environ.get("CAPTUM_EXT_TUTORIAL_TINY") == "1"  # set by the test suite
 N_IMAGES = 2 if TINY else 8
-folder = Path(tempfile.mkdtemp(prefix="captum-ext-weights-"))
 hf_logging.disable_progress_bar()  # no download/shard bars in the notebook
+folder = Path(tempfile.mkdtemp(prefix="captum-ext-weights-"))
 
 # %% [markdown]
 # ## 1. A timm checkpoint
@@ -55,9 +60,9 @@ hf_logging.disable_progress_bar()  # no download/shard bars in the notebook
 # %%
 info = zoo.info("shapes-vit-plain")
 arch, model_kwargs = info["arch"], dict(info["model_kwargs"])
-print(arch, model_kwargs)
 weights = folder / "my_vit.safetensors"
 save_file(zoo.load("shapes-vit-plain").state_dict(), str(weights))
+print(arch, model_kwargs, "->", weights.name)
 
 # %% [markdown]
 # timm reads a local file through `pretrained_cfg_overlay=dict(file=...)`. When your head

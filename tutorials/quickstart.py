@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         masks=data.masks[pairs[:, 0], pairs[:, 1]],
         signed={spec.label: spec.signed for spec in METHODS.values()},
         class_agnostic=[spec.label for spec in METHODS.values() if spec.class_agnostic],
+        units={spec.label: spec.unit for spec in METHODS.values()},  # colour-bar labels
         overlay=True,
         interpolation="bilinear",
     )

@@ -38,8 +38,10 @@ __all__ = [
     "TEXT_METHODS",
     "TEXT_MODEL",
     "add_parser",
+    "eval_examples",
     "image_grid",
     "pick_images",
+    "reliance_notes",
     "run",
     "text_outputs",
 ]
@@ -50,6 +52,11 @@ DEMO_SEED = 90_210
 IMAGE_MODELS: tuple[str, ...] = ("shapes-vit", "shapes-vit-plain", "shapes-vit-free", "shapes-cnn")
 """Image models drawn by the demo; the first goes to ``explanations.png``."""
 
+EVAL_N = 8
+"""Held-out examples per model in the demo's metrics table (``--full``: :data:`FULL_EVAL_N`)."""
+FULL_EVAL_N = 32
+"""Held-out examples per model in the demo's metrics table with ``--full``."""
+
 TEXT_MODEL = "text-bert"
 TEXT_METHODS: tuple[str, ...] = ("cdam", "tam", "relevance")
 
@@ -58,13 +65,17 @@ examples:
   captum-ext demo                          # CPU, offline, writes ./captum-ext-demo/
   captum-ext demo --out /tmp/demo --n 6    # six held-out images per model
   captum-ext demo --device cuda
+  captum-ext demo --full                   # the metrics table on 32 examples per model
 
 writes explanations.png (shapes-vit: rows = image x present class, columns = input,
 ground-truth mask, every method over the image, T-TAME and MHEX where the zoo ships them
 fitted to the model; green = for the row's class, red = against, white = 0, a colour bar
-per method), the same for shapes-vit-plain, shapes-vit-free and shapes-cnn (T-TAME, MHEX,
+per method labelled with its unit; where the model relies on a cell outside the object,
+the row label and the caption say so, with the logit drops of removing that cell and the
+object's own), the same for shapes-vit-plain, shapes-vit-free and shapes-cnn (T-TAME, MHEX,
 Captum GradCAM and IntegratedGradients; explanations-NAME.png), text.html and text.png
-(text-bert), metrics.md and metrics.json (captum_ext.evaluation).
+(text-bert), metrics.md and metrics.json (captum_ext.evaluation on 8 held-out examples
+per model; --full: 32, the slower full table; --eval-n: any number).
 """
 
 
@@ -89,8 +100,14 @@ def add_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p.add_argument(
         "--eval-n",
         type=count(1),
-        default=32,
-        help="images (texts) per model for the metrics table (default: %(default)s)",
+        default=None,
+        help=f"images (texts) per model for the metrics table (default: {EVAL_N}; "
+        f"{FULL_EVAL_N} with --full)",
+    )
+    p.add_argument(
+        "--full",
+        action="store_true",
+        help=f"the full metrics table: {FULL_EVAL_N} examples per model (slower)",
     )
     add_quiet(p)
     return p
@@ -123,7 +140,10 @@ def image_grid(name: str, n: int, device: str = "cpu", show_progress: bool = Fal
     (green = for the class, red = against, white = 0; a colour bar per column). A CNN, which
     no transformer method supports, also gets Captum's ``LayerGradCam`` (last stage) and
     ``IntegratedGradients``. Class-agnostic methods (rollout, the attention map) are titled
-    so: the row's class does not apply to them.
+    so: the row's class does not apply to them. Each method's colour bar is labelled with its
+    unit (``MethodSpec.unit``). A row whose model relies on a cell outside the object
+    (:func:`reliance_notes`) says so in its label, and the caption gives the logit drops of
+    removing that cell and the object's own.
 
     Args:
         name: A zoo image model (e.g. ``"shapes-vit"``, see :data:`IMAGE_MODELS`).
@@ -133,8 +153,10 @@ def image_grid(name: str, n: int, device: str = "cpu", show_progress: bool = Fal
 
     Returns:
         ``(figure, summary)``: a ``matplotlib.figure.Figure`` and a dict naming the model,
-        the seed, the image indices, the rows (``{"image": i, "class": name}``), the
-        methods drawn and those skipped (the model is not of a family they support).
+        the seed, the image indices, the rows (``{"image": i, "class": name}``, plus
+        ``"relies_on"``: :meth:`Reliance.as_dict` where the model relies on a cell outside the
+        object), the methods drawn and those skipped (the model is not of a family they
+        support).
 
     Raises:
         ModelLoadError: ``name`` is not a zoo model.
@@ -156,18 +178,140 @@ def image_grid(name: str, n: int, device: str = "cpu", show_progress: bool = Fal
     masks = batch.masks[img_idx, cls_idx].float()
     probs = loaded.probabilities(loaded.logits(x)).cpu()
     cols = _grid_columns(loaded.model, name, x, cls_idx, device, show_progress)
+    reliance = reliance_notes(loaded.model, x, cls_idx, masks, [i for i, _ in rows])
+    labels = _row_labels(loaded, rows, probs)
+    notes = []
+    for r, found in enumerate(reliance):
+        if found is not None:
+            labels[r] += "\n" + found.row_label()
+            notes.append(found.caption(loaded.class_names[rows[r][1]]))
     fig = figure_grid(
         x.cpu(),
         cols.maps,
-        _row_labels(loaded, rows, probs),
+        labels,
         masks=masks,
         signed=cols.signed,
         class_agnostic=cols.agnostic,
         overlay=True,
         title=f"{name}: held-out images (seed {DEMO_SEED}), one row per present class "
         "and its score",
+        note="\n".join([f"rows labelled '{RELIANCE_MARK}':", *notes]) if notes else None,
+        units=cols.units,
     )
-    return fig, _grid_summary(name, idx, rows, loaded.class_names, cols)
+    summary = _grid_summary(name, idx, rows, loaded.class_names, cols)
+    for row, found in zip(summary["rows"], reliance):
+        if found is not None:
+            row["relies_on"] = found.as_dict(row["class"])
+    return fig, summary
+
+
+RELIANCE_MARK = "model relies on a cell outside the object"
+"""Added to the label of a row :func:`reliance_notes` flags; the caption explains each."""
+
+
+@dataclass(frozen=True)
+class Reliance:
+    """A row whose model relies on a cell outside the explained object (:func:`reliance_notes`).
+
+    Attributes:
+        image: The image's index in the demo's data (the row label's ``#i``).
+        cell: ``(row, column)`` of the cell with the largest logit drop, 0-based.
+        drop: The target logit's drop when that cell's token is removed.
+        object_cell: ``(row, column)`` of the object's own cell with the largest drop.
+        object_drop: That drop.
+        neighbour: ``cell`` touches the object (a side or a corner).
+    """
+
+    image: int
+    cell: tuple[int, int]
+    drop: float
+    object_cell: tuple[int, int]
+    object_drop: float
+    neighbour: bool
+
+    def row_label(self) -> str:
+        """The line added to the row's label: :data:`RELIANCE_MARK`, in two lines."""
+        return RELIANCE_MARK.replace(" on ", " on\n", 1)
+
+    def caption(self, class_name: str) -> str:
+        """The caption line: ``"#0 square: the model relies on the neighbouring cell ..."``."""
+        where = "the neighbouring cell" if self.neighbour else "a cell away from it"
+        r, c = self.cell
+        return (
+            f"#{self.image} {class_name}: the model relies on {where} (row {r + 1}, column "
+            f"{c + 1}), not the {class_name}'s own: removing it drops the logit by "
+            f"{self.drop:.2f}, removing the {class_name}'s cell by {self.object_drop:.2f} "
+            "(TAM); maps that light that cell show the model, not a plotting error"
+        )
+
+    def as_dict(self, class_name: str) -> dict[str, Any]:
+        """The row's entry in ``demo.json``."""
+        return {
+            "cell": list(self.cell),
+            "drop": self.drop,
+            "object_cell": list(self.object_cell),
+            "object_drop": self.object_drop,
+            "neighbour": self.neighbour,
+            "caption": self.caption(class_name),
+        }
+
+
+def reliance_notes(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    masks: torch.Tensor,
+    images: list[int],
+) -> list[Reliance | None]:
+    """Per row, whether the model relies on a cell outside the explained object.
+
+    Each patch-grid cell's token is removed in turn and the drop of the target's raw logit
+    measured (:class:`captum_ext.attr.TokenAblation` at ``output="grid"``, the TAM
+    column's own numbers). A row is flagged when the cell of the largest drop lies outside
+    the object (no pixel of ``masks`` in it) and drops the logit by more than twice as much
+    as the object's own best cell: TAM, relevance, rollout or T-TAME then light that cell,
+    which is what the model does and no misplaced overlay.
+
+    Args:
+        model: The classifier (a transformer: a model TAM does not support gives no notes).
+        x: Images ``(R, 3, H, W)``, one per row.
+        targets: The row's class ``(R,)``.
+        masks: The object of the row's class ``(R, H, W)``.
+        images: The image index of each row (for the caption).
+
+    Returns:
+        One :class:`Reliance` or ``None`` per row.
+    """
+    import torch
+
+    from captum_ext.attr import TokenAblation
+    from captum_ext.errors import UnsupportedModelError
+
+    try:
+        tam = TokenAblation(model)
+        drops = tam.attribute(x, target=targets.to(x.device), output="grid").detach().cpu()
+    except UnsupportedModelError:
+        return [None] * len(images)
+    drops = drops[:, 0].double()  # (R, h, w)
+    h, w = drops.shape[-2:]
+    on_object = torch.nn.functional.adaptive_max_pool2d(masks.float()[:, None].cpu(), (h, w))
+    on_object = on_object[:, 0] > 0
+    notes: list[Reliance | None] = []
+    for r, i in enumerate(images):
+        d, obj = drops[r], on_object[r]
+        if not obj.any():
+            notes.append(None)
+            continue
+        peak = divmod(int(d.argmax()), w)
+        own = d.masked_fill(~obj, float("-inf"))
+        own_cell = divmod(int(own.argmax()), w)
+        peak_drop, own_drop = float(d[peak]), float(d[own_cell])
+        if obj[peak] or peak_drop <= 0 or peak_drop <= 2 * max(own_drop, 0.0):
+            notes.append(None)
+            continue
+        near = obj[max(peak[0] - 1, 0) : peak[0] + 2, max(peak[1] - 1, 0) : peak[1] + 2]
+        notes.append(Reliance(i, peak, peak_drop, own_cell, own_drop, bool(near.any())))
+    return notes
 
 
 def _grid_rows(
@@ -191,6 +335,7 @@ class _GridColumns:
     signed: dict[str, bool] = field(default_factory=dict)
     agnostic: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
+    units: dict[str, str] = field(default_factory=dict)
 
 
 def _grid_columns(
@@ -218,11 +363,13 @@ def _grid_columns(
             continue
         cols.maps[spec.label] = explainer.attribute(x, target=cls_idx.to(device)).detach().cpu()
         cols.signed[spec.label] = spec.signed
+        cols.units[spec.label] = spec.unit
         if spec.class_agnostic:
             cols.agnostic.append(spec.label)
     for spec, explainer in zoo_explainers(name, device=device).values():
         cols.maps[spec.label] = explainer.attribute(x, target=cls_idx.to(device)).detach().cpu()
         cols.signed[spec.label] = spec.signed
+        cols.units[spec.label] = spec.unit
     for spec in REFERENCES.values():  # Captum's references, for CNNs
         try:
             ref = make_method(spec.name, model)
@@ -231,6 +378,7 @@ def _grid_columns(
         label = f"{spec.label}\n({ref.setting})"
         cols.maps[label] = ref.attribute(x, target=cls_idx.to(device)).cpu()
         cols.signed[label] = spec.signed
+        cols.units[label] = spec.unit
     return cols
 
 
@@ -342,6 +490,14 @@ def _text_rows(
     return records, rows
 
 
+def eval_examples(args: argparse.Namespace) -> int:
+    """Examples per model of the demo's metrics table: ``--eval-n``, else :data:`FULL_EVAL_N`
+    with ``--full``, else :data:`EVAL_N`."""
+    if args.eval_n is not None:
+        return args.eval_n
+    return FULL_EVAL_N if args.full else EVAL_N
+
+
 def run(args: argparse.Namespace) -> int:
     """Runs ``captum-ext demo``."""
     from captum_ext import zoo
@@ -377,13 +533,16 @@ def run(args: argparse.Namespace) -> int:
             summary["text"] = info
             written.append(("text.html", f"{TEXT_MODEL}: Captum visualize_text, {args.n} texts"))
             written.append(("text.png", f"{TEXT_MODEL}: tokens coloured by score"))
-        md, data = run_metrics(available, None, args.eval_n, None, 200, device, show)
+        eval_n = eval_examples(args)
+        md, data = run_metrics(available, None, eval_n, None, 200, device, show)
         header = (
-            f"# captum-ext demo metrics\n\nzoo models on {args.eval_n} held-out examples each "
-            "(captum_ext.evaluation.evaluate, 200 bootstrap resamples)\n\n"
+            f"# captum-ext demo metrics\n\nzoo models on {eval_n} held-out examples each "
+            "(captum_ext.evaluation.evaluate, 200 bootstrap resamples"
+            + ("" if eval_n >= FULL_EVAL_N else f"; `captum-ext demo --full`: {FULL_EVAL_N}")
+            + ")\n\n"
         )
         (tmp / "metrics.md").write_text(header + md)
-        write_json(tmp / "metrics.json", {"n": args.eval_n, **data})
+        write_json(tmp / "metrics.json", {"n": eval_n, **data})
         written.append(("metrics.md", f"evaluation of {', '.join(available)}"))
         written.append(("metrics.json", "the same, as JSON"))
         write_json(tmp / "demo.json", summary)

@@ -596,7 +596,9 @@ def _write(
                 )
                 attr_class = f"{loaded.class_names[k]} ({spec.label})"
             if item.display is not None:
-                save_overlay(out / f"{stem}.png", attr, item.display, spec.signed, label)
+                save_overlay(
+                    out / f"{stem}.png", attr, item.display, spec.signed, label, unit=spec.unit
+                )
                 files.append(f"{stem}.png")
             else:
                 pred = item.top[0]
