@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import shutil
 import subprocess
 import sys
 import typing
@@ -128,6 +129,19 @@ def test_fit_ttame_on_a_timm_vit(data, tmp_path):
     explainer = TTAME.load(out, loaded.model)
     maps = explainer.attribute(torch.rand(2, 3, 32, 32), target=0)
     assert maps.shape == (2, 1, 32, 32) and torch.isfinite(maps).all()
+
+
+@needs_zoo
+def test_fit_ttame_takes_a_tree_whose_folders_are_not_the_models_classes(data, tmp_path):
+    """T-TAME ignores labels, so a tree of other class names (ImageNet-style folders for a
+    model with other classes) was refused as if the labels mattered."""
+    tree = tmp_path / "tree"
+    for name in ("n01440764", "n01443537"):
+        shutil.copytree(data["flat"], tree / name)
+    out = tmp_path / "t"
+    args = ["fit", "ttame", "--model", "zoo:shapes-cnn", "--data", str(tree)]
+    assert main([*args, "--out", str(out), "--epochs", "1", "--batch-size", "4", "-q"]) == 0
+    assert json.loads(out.with_suffix(".json").read_text())["fit_command"]["data"]["n"] == 12
 
 
 @needs_zoo

@@ -40,10 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
         description="Class-discriminative explanations for Captum, on vision and text "
-        "transformers (timm and HuggingFace ViTs, BERT-family classifiers) and CNNs (ResNet, "
-        "VGG, EfficientNet): CDAM, TAM (token ablation), relevance propagation, attention "
-        "rollout, the attention map, and the trainable T-TAME and MHEX (the only two that "
-        "explain CNNs; `fit` trains them for your model).",
+        "transformers (timm and HuggingFace ViTs, BERT-family classifiers, sentence encoders "
+        "against a concept) and CNNs (timm and torchvision ResNet, VGG, EfficientNet): CDAM, "
+        "TAM (token ablation), relevance propagation, attention rollout, the attention map, "
+        "and the trainable T-TAME and MHEX (`fit` trains them for your model); on CNNs also "
+        "Captum's GradCAM and IntegratedGradients as reference rows.",
         epilog="run `captum-ext COMMAND --help` for the options and examples of each command; "
         "`captum-ext demo` runs every method on the shipped trained models",
     )

@@ -538,12 +538,15 @@ def check_image_file(path: Path, flag: str) -> None:
         raise CLIError(f"{flag} {path}: {line.removeprefix(f'{path}: ')}") from err
 
 
-def open_dataset(source: str, loaded: Any, n: int, seed: int) -> Any:
+def open_dataset(
+    source: str, loaded: Any, n: int, seed: int, *, match_classes: bool = True
+) -> Any:
     """The dataset of ``--dataset`` for a loaded image model.
 
     ``shapes`` is the benchmark at the model's input size (a zoo model's own data settings);
     a folder is read with the model's transform, and an ``ImageFolder`` tree's classes are
-    matched with the model's.
+    matched with the model's (unless ``match_classes`` is false: a caller that ignores the
+    labels, such as fitting T-TAME, takes any tree).
 
     Every image of a folder is read once here (:func:`check_image_file`): an empty, broken
     or ambiguous file stops the command, naming the file, before anything is computed or
@@ -570,7 +573,7 @@ def open_dataset(source: str, loaded: Any, n: int, seed: int) -> Any:
         raise CLIError(f"--dataset {source}: no such folder; use 'shapes' or an image folder")
     try:
         data = image_dataset(source, loaded.image_transform, n=n, seed=seed, shapes_kwargs=kwargs)
-        if hasattr(data, "map_classes"):
+        if match_classes and hasattr(data, "map_classes"):
             data.map_classes(loaded.class_names)
     except ValueError as err:
         raise CLIError(first_line(err)) from err

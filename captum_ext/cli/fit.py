@@ -220,7 +220,13 @@ def _folder(flag: str, source: str, loaded: LoadedModel, explainer: str, labels:
         raise CLIError(f"{flag} {source}: no such folder; give a folder of images or an "
                        "ImageFolder tree (one sub-folder per class)")  # fmt: skip
     try:  # "./shapes": a folder named shapes, not the benchmark open_dataset calls "shapes"
-        data = open_dataset(source if source != "shapes" else "./shapes", loaded, 0, 0)
+        data = open_dataset(
+            source if source != "shapes" else "./shapes",
+            loaded,
+            0,
+            0,
+            match_classes=labels != "none",
+        )
     except CLIError as err:
         raise CLIError(str(err).replace("--dataset", flag, 1)) from err
     if labels != "none" and data.layout != "imagefolder":
