@@ -395,12 +395,25 @@ def _explainer_files(values: list[str] | None) -> dict[str, Path]:
     return found
 
 
-def _fit_first(method: str, loaded: LoadedModel, args: argparse.Namespace) -> CLIError:
+def _fit_first(method: str, spec: str, args: argparse.Namespace) -> CLIError:
     weights = f" --weights {args.weights}" if args.weights else ""
     return CLIError(
-        f"{method} on {loaded.spec} must be fitted first: captum-ext fit {method} --model "
-        f"{loaded.spec}{weights} --data DIR --out FILE, then pass --explainer FILE"
+        f"{method} on {spec} must be fitted first: captum-ext fit {method} --model "
+        f"{spec}{weights} --data DIR --out FILE, then pass --explainer FILE"
     )
+
+
+def _check_fitted_before_loading(methods: list[str], args: argparse.Namespace) -> None:
+    """Refuses a trained explainer named for a model outside the zoo without its
+    ``--explainer`` file, before the model is loaded (``all`` skips what is missing)."""
+    from captum_ext.registry import TRAINED
+
+    if "all" in map(str.lower, args.method) or args.model.startswith("zoo:"):
+        return
+    files = _explainer_files(args.explainer)
+    for m in methods:
+        if m in TRAINED and m not in files:
+            raise _fit_first(m, args.model, args)
 
 
 def _trained(
@@ -431,7 +444,7 @@ def _trained(
         elif skip_unsupported:
             continue
         else:
-            raise _fit_first(m, loaded, args)
+            raise _fit_first(m, loaded.spec, args)
         try:
             out[m] = spec.build.load(path, loaded.model)
         except CheckpointError as err:
@@ -653,6 +666,7 @@ def run(args: argparse.Namespace) -> int:
     images = _expand_images(args.image) if args.image else None
     if images:
         _check_images(images)
+    _check_fitted_before_loading(methods, args)
     loaded = _load_model(args, device)
     wanted = "image" if images else "text"
     if loaded.modality != wanted:
