@@ -9,8 +9,8 @@
 # %% [markdown]
 # # Tutorial 2: explaining a BERT classifier (CDAM, TAM, relevance) with `visualize_text`
 #
-# **Run time on CPU:** about 10 s with the full settings below (measured: 10 s of CPU
-# time, 2 threads; most of it imports). The test suite runs it with `CAPTUM_EXT_TUTORIAL_TINY=1` (fewer sentences).
+# **Run time on CPU:** about 7 s with the full settings below (the script, measured on an
+# idle 2-core machine; most of it imports). The test suite runs it with `CAPTUM_EXT_TUTORIAL_TINY=1` (fewer sentences).
 #
 # **Setup:** from the repository root, `pip install -e ".[tutorials]"` (the package with
 # JupyterLab, nbconvert, ipykernel and ipywidgets), then `jupyter lab tutorials/` and open

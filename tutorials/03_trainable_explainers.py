@@ -9,8 +9,8 @@
 # %% [markdown]
 # # Tutorial 3: training T-TAME and MHEX, and reading their maps
 #
-# **Run time on CPU:** about 3 minutes with the full settings below (measured: 187 s of CPU
-# time, 2 threads; T-TAME trains on 1024 images for 4 epochs, MHEX on 2048 images for 4
+# **Run time on CPU:** about 50 s with the full settings below (the script, measured on an
+# idle 2-core machine; T-TAME trains on 1024 images for 4 epochs, MHEX on 2048 images for 4
 # epochs). The test suite
 # runs it with `CAPTUM_EXT_TUTORIAL_TINY=1`: 64 images, one epoch each, which is enough to
 # run every step but not to learn good maps, so the comparisons with a random map are

@@ -9,7 +9,8 @@
 # %% [markdown]
 # # Tutorial 5: your own timm / HuggingFace weights, from local files
 #
-# **Run time on CPU:** about 10 s (2 cores, most of it imports); the tiny settings of the
+# **Run time on CPU:** about 8 s (the script, measured on an idle 2-core machine; most of it
+# imports); the tiny settings of the
 # test suite (`CAPTUM_EXT_TUTORIAL_TINY=1`) explain fewer images.
 #
 # **Setup:** from the repository root, `pip install -e ".[tutorials]"` (the package with
