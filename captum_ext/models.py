@@ -88,6 +88,43 @@ def _first_line(err: BaseException) -> str:
     return type(err).__name__
 
 
+def _hf_config(spec: str, folder: Path) -> Any:
+    """``AutoConfig`` of a local folder; a malformed or unknown ``config.json`` in one line."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(folder, local_files_only=True)
+    except Exception as err:
+        raise ModelLoadError(f"{spec}: cannot read config.json ({_first_line(err)})") from err
+
+
+def _hf_from_pretrained(spec: str, folder: Path, auto: Any, what: str) -> tuple[Any, Any]:
+    """``auto.from_pretrained(folder)`` offline, tensors only (``.bin`` files are read with
+    ``weights_only=True``), with its loading info; every failure one :class:`ModelLoadError`
+    line (``what``: "model" or "encoder")."""
+    try:
+        with _quiet_transformers():
+            return auto.from_pretrained(
+                folder,
+                local_files_only=True,
+                weights_only=True,
+                output_loading_info=True,
+                ignore_mismatched_sizes=True,  # reported by the caller, in one line, and refused
+            )
+    except pickle.UnpicklingError as err:
+        bins = sorted(f.name for f in folder.glob("*.bin"))
+        file = bins[0] if len(bins) == 1 else "the .bin weights"
+        raise ModelLoadError(
+            f"{spec}: {file} holds more than tensors (a pickled {_pickled(err)}); it was read "
+            "with torch.load(weights_only=True) and nothing was unpickled; save the model "
+            "with save_pretrained (safetensors)"
+        ) from err
+    except Exception as err:
+        mismatch = _mismatch(err)
+        reason = f"its weights do not fit: {mismatch}" if mismatch else _first_line(err)
+        raise ModelLoadError(f"{spec}: could not load the {what} ({reason})") from err
+
+
 def _pickled(err: BaseException) -> str:
     """What ``torch.load(weights_only=True)`` refused, e.g. ``"argparse.Namespace"``."""
     found = re.search(r"GLOBAL ([\w.]+)", str(err))
@@ -756,34 +793,9 @@ def _load_hf(folder: Path, weights: Path | None) -> LoadedModel:
         raise ModelLoadError(
             f"{spec}: no config.json in the folder; save the model with save_pretrained"
         )
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    except Exception as err:  # a malformed or unknown config.json
-        raise ModelLoadError(f"{spec}: cannot read config.json ({_first_line(err)})") from err
+    config = _hf_config(spec, folder)
     modality, auto = _hf_auto_class(spec, config)
-    try:
-        with _quiet_transformers():
-            model, info = auto.from_pretrained(
-                folder,
-                local_files_only=True,
-                weights_only=True,
-                output_loading_info=True,
-                ignore_mismatched_sizes=True,  # reported below, in one line, and refused
-            )
-    except pickle.UnpicklingError as err:
-        bins = sorted(f.name for f in folder.glob("*.bin"))
-        file = bins[0] if len(bins) == 1 else "the .bin weights"
-        raise ModelLoadError(
-            f"{spec}: {file} holds more than tensors (a pickled {_pickled(err)}); it was read "
-            "with torch.load(weights_only=True) and nothing was unpickled; save the model "
-            "with save_pretrained (safetensors)"
-        ) from err
-    except Exception as err:
-        mismatch = _mismatch(err)
-        what = f"its weights do not fit: {mismatch}" if mismatch else _first_line(err)
-        raise ModelLoadError(f"{spec}: could not load the model ({what})") from err
+    model, info = _hf_from_pretrained(spec, folder, auto, "model")
     _check_hf_loading(spec, model, info)
     if weights is not None:
         _apply_weights(model, weights, spec)
@@ -1289,31 +1301,11 @@ def load_encoder(
             f"{spec}: load_encoder takes hf:DIR (a sentence-transformers or bare HF encoder folder)"
         )
     layout = encoder_layout(value, pooling)
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoModel
 
     folder = layout.model_dir
-    try:
-        config = AutoConfig.from_pretrained(folder, local_files_only=True)
-    except Exception as err:
-        raise ModelLoadError(f"{spec}: cannot read config.json ({_first_line(err)})") from err
-    try:
-        with _quiet_transformers():
-            encoder, info = AutoModel.from_pretrained(
-                folder,
-                local_files_only=True,
-                weights_only=True,
-                output_loading_info=True,
-                ignore_mismatched_sizes=True,  # reported below, in one line, and refused
-            )
-    except pickle.UnpicklingError as err:
-        raise ModelLoadError(
-            f"{spec}: the .bin weights hold more than tensors (a pickled {_pickled(err)}); "
-            "nothing was unpickled; save the model with save_pretrained (safetensors)"
-        ) from err
-    except Exception as err:
-        mismatch = _mismatch(err)
-        what = f"its weights do not fit: {mismatch}" if mismatch else _first_line(err)
-        raise ModelLoadError(f"{spec}: could not load the encoder ({what})") from err
+    config = _hf_config(spec, folder)  # a malformed config.json: one line, before the weights
+    encoder, info = _hf_from_pretrained(spec, folder, AutoModel, "encoder")
     notes = []
     missing = list(info.get("missing_keys") or ())
     pooler = [k for k in missing if str(k).startswith("pooler.")]
