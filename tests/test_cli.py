@@ -864,6 +864,10 @@ def test_timm_img_size_not_a_multiple_of_the_patch_suggests_sizes_that_work(
         ["explain"],
         ["fit", "--help"],
         ["fit"],
+        ["fit", "ttame", "--help"],
+        ["fit", "mhex", "--help"],
+        ["fit", "ttame"],
+        ["fit", "x"],
     ],
 )
 def test_help_and_usage_errors_import_no_torch(argv):
@@ -879,6 +883,8 @@ def test_help_and_usage_errors_import_no_torch(argv):
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert out.strip().splitlines()[-1] == f"HEAVY [] {0 if '--help' in argv else 2}", out
+    if argv[:1] == ["fit"] and len(argv) == 3:  # a fit explainer's help lists its recipe
+        assert "--checkpoint-dir" in out and "examples" not in out.split("usage:")[0]
 
 
 def test_package_import_is_lazy_but_complete():
