@@ -538,9 +538,7 @@ def check_image_file(path: Path, flag: str) -> None:
         raise CLIError(f"{flag} {path}: {line.removeprefix(f'{path}: ')}") from err
 
 
-def open_dataset(
-    source: str, loaded: Any, n: int, seed: int, *, match_classes: bool = True
-) -> Any:
+def open_dataset(source: str, loaded: Any, n: int, seed: int, *, match_classes: bool = True) -> Any:
     """The dataset of ``--dataset`` for a loaded image model.
 
     ``shapes`` is the benchmark at the model's input size (a zoo model's own data settings);
