@@ -194,6 +194,83 @@ def test_pointing_game_empty_mask_is_nan_and_batch():
     assert out[0].item() == 1.0 and math.isnan(out[1].item())
 
 
+def test_standard_tolerance_is_15_px_at_224_scaled_by_the_shorter_side():
+    # 15 * s / 224, rounded half up: 7.5 -> 8, 2.14 -> 2, 0.47 -> 0, 0.54 -> 1
+    cases = {224: 15, 448: 30, 112: 8, 32: 2, 64: 4, 7: 0, 8: 1, (32, 48): 2, (300, 224): 15}
+    for size, px in cases.items():
+        assert M.standard_tolerance(size) == px, size
+    assert (M.STANDARD_TOLERANCE_PX, M.STANDARD_TOLERANCE_SIZE) == (15, 224)
+    for bad, err in ((0, ValueError), (32.0, TypeError), ((32,), ValueError), (True, TypeError)):
+        with pytest.raises(err):
+            M.standard_tolerance(bad)
+    with pytest.raises(ValueError, match="'standard'"):
+        M.pointing_game(RAMP, mask_of((1, 1)), tolerance="15px")
+
+
+def _peak_at(size: int, y: int, x: int) -> torch.Tensor:
+    a = torch.zeros(1, size, size, dtype=torch.float64)
+    a[0, y, x] = 1.0
+    return a
+
+
+@pytest.mark.parametrize(
+    ("size", "inside", "outside"),
+    [
+        # 224 px, tolerance 15: straight (15 / 16 px) and diagonal (9, 12) -> 15 / (11, 11) -> 15.6
+        (224, [(100, 115), (85, 100), (109, 112), (100, 100)], [(100, 116), (84, 100), (111, 111)]),
+        # 32 px, tolerance 2: (2, 0) and (1, 1) -> 1.41 hit; (3, 0) and (2, 1) -> 2.24 miss
+        (32, [(10, 12), (8, 10), (9, 11), (10, 10)], [(10, 13), (7, 10), (8, 11)]),
+    ],
+)
+def test_standard_pointing_game_literal_reference(size, inside, outside):
+    # One-pixel object at (100, 100) / (10, 10) and a single-pixel peak: a hit is a peak
+    # within Euclidean distance standard_tolerance(size) of the object (Zhang et al. 2016).
+    c = 100 if size == 224 else 10
+    tol = 15 if size == 224 else 2
+    m = mask_of((c, c), size=size)
+    for (y, x), want in [*((p, 1.0) for p in inside), *((p, 0.0) for p in outside)]:
+        d2 = (y - c) ** 2 + (x - c) ** 2
+        assert (d2 <= tol**2) == (want == 1.0), (y, x)  # the case is what it claims
+        got = M.pointing_game(_peak_at(size, y, x), m, tolerance="standard")
+        assert got.dtype == torch.float64 and got.item() == want, (size, y, x)
+        assert M.pointing_game(_peak_at(size, y, x), m, tolerance=tol).item() == want
+    # A block-shaped object: the distance counts from its nearest pixel, not its centre.
+    block = torch.zeros(1, size, size, dtype=torch.bool)
+    block[0, c : c + 4, c : c + 6] = True
+    assert M.pointing_game(_peak_at(size, c + 3, c + 5 + tol), block, "standard").item() == 1.0
+    assert M.pointing_game(_peak_at(size, c + 3, c + 6 + tol), block, "standard").item() == 0.0
+
+
+def test_standard_pointing_game_uses_the_map_size_and_shares_ties():
+    # 32 x 48 map: the shorter side (32) sets the tolerance (2 px), not the longer (3 px).
+    m = torch.zeros(1, 32, 48, dtype=torch.bool)
+    m[0, 10, 20] = True
+    a = torch.zeros(1, 32, 48, dtype=torch.float64)
+    a[0, 10, 23] = 1.0
+    assert M.pointing_game(a, m, tolerance="standard").item() == 0.0
+    a[0, 10, 22] = 1.0  # two tied maxima, one within 2 px: half a hit
+    assert M.pointing_game(a, m, tolerance="standard").item() == 0.5
+    assert math.isnan(M.pointing_game(a, torch.zeros_like(m), tolerance="standard").item())
+
+
+def test_peak_offset_literal():
+    # Object: rows 10..13, columns 4..9 -> centroid (x, y) = (6.5, 11.5).
+    m = torch.zeros(3, 32, 32, dtype=torch.bool)
+    m[:, 10:14, 4:10] = True
+    m[2] = False  # empty mask -> NaN
+    a = torch.zeros(3, 32, 32, dtype=torch.float64)
+    a[0, 8, 9] = 2.0  # peak (x, y) = (9, 8)
+    a[1, 12, 3] = a[1, 14, 7] = 1.0  # two tied maxima: mean position (5, 13)
+    out = M.peak_offset(a, m)
+    assert out.dtype == torch.float64 and out.shape == (3, 2)
+    assert out[0].tolist() == [2.5, -3.5]
+    assert out[1].tolist() == [-1.5, 1.5]
+    assert torch.isnan(out[2]).all()
+    # A map equal to a symmetric mask peaks (on average) at its centre.
+    assert M.peak_offset(m[:1].double(), m[:1]).tolist() == [[0.0, 0.0]]
+    assert M.peak_offset(torch.zeros(0, 4, 4), torch.zeros(0, 4, 4, dtype=bool)).shape == (0, 2)
+
+
 def test_pointing_game_random_maps_score_chance():
     g = torch.Generator().manual_seed(0)
     n = 2000

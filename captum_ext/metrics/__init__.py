@@ -31,7 +31,15 @@ from .faithfulness import (
     insertion_auc,
     token_perturbation_auc,
 )
-from .localisation import pointing_game, relevance_mass_accuracy, relevance_rank_accuracy
+from .localisation import (
+    STANDARD_TOLERANCE_PX,
+    STANDARD_TOLERANCE_SIZE,
+    peak_offset,
+    pointing_game,
+    relevance_mass_accuracy,
+    relevance_rank_accuracy,
+    standard_tolerance,
+)
 from .road import ROAD_TTAME_PERCENTAGES, noisy_linear_imputation, road
 from .sanity import model_randomisation
 from .similarity import pearson, spearman
@@ -41,6 +49,8 @@ __all__ = [
     "ERASER_FRACTIONS",
     "METRICS",
     "ROAD_TTAME_PERCENTAGES",
+    "STANDARD_TOLERANCE_PX",
+    "STANDARD_TOLERANCE_SIZE",
     "TTAME_KEEP",
     "MetricInfo",
     "average_drop",
@@ -54,6 +64,7 @@ __all__ = [
     "metric_info",
     "model_randomisation",
     "noisy_linear_imputation",
+    "peak_offset",
     "pearson",
     "pointing_game",
     "relevance_mass_accuracy",
@@ -61,6 +72,7 @@ __all__ = [
     "road",
     "sparsity",
     "spearman",
+    "standard_tolerance",
     "sufficiency",
     "token_auprc",
     "token_perturbation_auc",

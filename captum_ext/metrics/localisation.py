@@ -7,10 +7,18 @@ one float64 value per example, shape ``(B,)``.
 
 An **empty mask** has no defined answer: every metric here returns ``NaN`` for that example
 (use ``torch.nanmean`` to aggregate). An empty batch gives an empty ``(0,)`` result.
+
+**The standard pointing game.** Zhang et al. (2016) count a hit when the map's maximum lies
+within 15 pixels of the object at 224-pixel input. ``pointing_game(..., tolerance="standard")``
+computes that protocol at any image size: the tolerance scales with the image's shorter side,
+:func:`standard_tolerance` ``= round(15 * min(H, W) / 224)`` pixels (2 px at 32 px). The map
+and the masks must then be at the input resolution.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -19,7 +27,45 @@ from torch import Tensor
 
 from ._common import as_masks, check_int, register_metric, resolve_map, stable_order
 
-__all__ = ["pointing_game", "relevance_mass_accuracy", "relevance_rank_accuracy"]
+__all__ = [
+    "STANDARD_TOLERANCE_PX",
+    "STANDARD_TOLERANCE_SIZE",
+    "peak_offset",
+    "pointing_game",
+    "relevance_mass_accuracy",
+    "relevance_rank_accuracy",
+    "standard_tolerance",
+]
+
+STANDARD_TOLERANCE_PX = 15
+"""Zhang et al.'s pointing-game tolerance in pixels, at :data:`STANDARD_TOLERANCE_SIZE`."""
+
+STANDARD_TOLERANCE_SIZE = 224
+"""The input size (pixels) at which Zhang et al.'s 15-pixel tolerance is defined."""
+
+
+def standard_tolerance(image_size: int | Sequence[int]) -> int:
+    """Zhang et al.'s pointing-game tolerance scaled to an image size, in whole pixels.
+
+    ``15 * s / 224`` with ``s`` the image's shorter side, rounded to the nearest integer
+    (halves round up): 15 px at 224, 30 at 448, 8 at 112, 2 at 32, 0 below 8 px.
+
+    Args:
+        image_size: The side ``s`` of a square image, or its ``(H, W)``.
+
+    Raises:
+        TypeError, ValueError: Not an integer ``>= 1`` or a pair of them.
+    """
+    if isinstance(image_size, Sequence) and not isinstance(image_size, str):
+        if len(image_size) != 2:
+            raise ValueError(f"image_size must be an integer or (H, W), got {image_size!r}")
+        side = min(check_int(v, "image_size", 1) for v in image_size)
+    else:
+        side = check_int(image_size, "image_size", 1)
+    # exact rational arithmetic, then round half up (not Python's round-half-even)
+    return math.floor(
+        (2 * STANDARD_TOLERANCE_PX * side + STANDARD_TOLERANCE_SIZE) / (2 * STANDARD_TOLERANCE_SIZE)
+    )
 
 
 def _disk(radius: int, device: torch.device) -> Tensor:
@@ -50,7 +96,7 @@ def dilate(masks: Tensor, tolerance: int) -> Tensor:
 def pointing_game(
     attributions: Any,
     masks: Any,
-    tolerance: int = 0,
+    tolerance: int | str = 0,
     *,
     inputs: Tensor | None = None,
     target: Any = None,
@@ -59,8 +105,10 @@ def pointing_game(
     """Pointing game hit per example (Zhang et al. 2016).
 
     The maximum of the map is a *hit* when it lies inside the ground-truth mask dilated by
-    ``tolerance`` pixels (Zhang et al. use a 15-pixel tolerance; the dilation is a Euclidean
-    disk of that radius).
+    ``tolerance`` pixels (the dilation is a Euclidean disk of that radius: a hit is a maximum
+    within ``tolerance`` pixels of a mask pixel). Zhang et al.'s protocol is
+    ``tolerance="standard"``: 15 px at 224-pixel input, scaled to the map's size
+    (:func:`standard_tolerance`; 2 px at 32 px), for maps and masks at the input resolution.
 
     **Ties.** When several pixels share the maximal value the result is the *fraction of the
     tied maxima that lie inside the (dilated) mask* (exact float equality defines a tie). This
@@ -72,8 +120,8 @@ def pointing_game(
         attributions: Map ``(B, H, W)`` / ``(B, 1, H, W)`` / ``(B, C, H, W)`` (summed over
             channels), or a Captum ``Attribution`` object.
         masks: Bool masks ``(B, H, W)``.
-        tolerance: Dilation radius in pixels, an integer >= 0; ``0`` means the maximum must be
-            in the mask.
+        tolerance: Dilation radius in pixels, an integer >= 0 (``0``: the maximum must be in
+            the mask), or ``"standard"``: :func:`standard_tolerance` of the map's ``(H, W)``.
         inputs: Model inputs, only needed when ``attributions`` is an ``Attribution`` object.
         target: Target class passed to ``.attribute``.
         attribute_kwargs: Extra keyword arguments for ``.attribute``.
@@ -83,17 +131,70 @@ def pointing_game(
 
     Raises:
         ValueError: On NaN/infinite maps or mismatched shapes.
-        TypeError, ValueError: ``tolerance`` is not an integer >= 0.
+        TypeError, ValueError: ``tolerance`` is not an integer >= 0 or ``"standard"``.
     """
+    if isinstance(tolerance, str) and tolerance != "standard":
+        raise ValueError(f"tolerance must be an integer >= 0 or 'standard', got {tolerance!r}")
     a = resolve_map(attributions, inputs, target, attribute_kwargs).double()
     m = as_masks(masks, a.shape)
     if m.device != a.device:
         m = m.to(a.device)
+    if isinstance(tolerance, str):  # "standard": Zhang et al.'s 15 px at 224, scaled
+        tolerance = standard_tolerance(tuple(a.shape[-2:])) if min(a.shape[-2:]) else 0
     dm = dilate(m, tolerance)
     tied = a == a.amax(dim=(1, 2), keepdim=True)
     hits = (tied & dm).sum(dim=(1, 2)).double() / tied.sum(dim=(1, 2)).double()
     empty = ~m.any(dim=2).any(dim=1)
     return hits.masked_fill(empty, float("nan"))
+
+
+def peak_offset(
+    attributions: Any,
+    masks: Any,
+    *,
+    inputs: Tensor | None = None,
+    target: Any = None,
+    attribute_kwargs: dict[str, Any] | None = None,
+) -> Tensor:
+    """Signed offset ``(dx, dy)`` in pixels of the map's peak from the object's centre.
+
+    The peak is the map's maximum; the centre is the mask's centroid (the mean position of its
+    pixels). Pixel ``(row i, column j)`` sits at ``x = j``, ``y = i``: ``dx > 0`` means the
+    peak lies right of the centre, ``dy > 0`` below it. When several pixels share the maximal
+    value (exact float equality) the peak is their mean position, as the pointing game counts
+    the tied maxima together. Average over examples for a systematic shift of the maps (a
+    mean ``dy`` of ``-3`` means the maps peak 3 px above the objects' centres).
+
+    Not a quality score (no better direction), so not in :data:`METRICS`.
+
+    Args:
+        attributions: Map or ``Attribution`` object (see :func:`pointing_game`).
+        masks: Bool masks ``(B, H, W)``.
+        inputs: Model inputs, only for the ``Attribution`` path.
+        target: Target class passed to ``.attribute``.
+        attribute_kwargs: Extra keyword arguments for ``.attribute``.
+
+    Returns:
+        ``(B, 2)`` float64, columns ``(dx, dy)``; ``NaN`` rows where the mask is empty.
+    """
+    a = resolve_map(attributions, inputs, target, attribute_kwargs).double()
+    m = as_masks(masks, a.shape).to(a.device)
+    h, w = a.shape[-2:]
+    ys = torch.arange(h, device=a.device, dtype=torch.float64).view(1, -1, 1)
+    xs = torch.arange(w, device=a.device, dtype=torch.float64).view(1, 1, -1)
+
+    def centre(sel: Tensor) -> Tensor:
+        n = sel.sum(dim=(1, 2)).double()
+        cx = (sel * xs).sum(dim=(1, 2)) / n
+        cy = (sel * ys).sum(dim=(1, 2)) / n
+        return torch.stack([cx, cy], dim=1)
+
+    if a.shape[0] == 0 or h == 0 or w == 0:
+        return torch.empty(a.shape[0], 2, dtype=torch.float64, device=a.device)
+    tied = a == a.amax(dim=(1, 2), keepdim=True)
+    out = centre(tied) - centre(m)
+    empty = ~m.flatten(1).any(dim=1)
+    return out.masked_fill(empty.view(-1, 1), float("nan"))
 
 
 @register_metric(
