@@ -20,6 +20,7 @@ MODEL = "shapes-vit"
 FAST = ["--n", "2", "--bootstrap", "0", "-q"]
 MASK_METRICS = [
     "pointing_game",
+    "pointing_game_grid",
     "relevance_mass_accuracy",
     "relevance_rank_accuracy",
     "discrimination_score",
@@ -169,7 +170,8 @@ def test_metrics_missing_for_one_reason_share_one_line(photos, tmp_path, capsys)
                  "--out", str(tmp_path / "a")]) == 0  # fmt: skip
     notes = _notes(capsys.readouterr().out)
     assert notes == [
-        "pointing, mass acc., rank acc. and D not computed: these images have no object masks."
+        "pointing (15 px @224), pointing (patch grid), mass acc., rank acc. and D not "
+        "computed: these images have no object masks."
     ]
 
 

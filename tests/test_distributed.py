@@ -34,7 +34,13 @@ from captum_ext.evaluation._sharded import shard_chunks
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "shapes-vit-plain"  # no trained explainers in the zoo: the fastest full evaluation
 N, CHUNK = 7, 2  # 4 chunks, the last one short; 2 ranks get 2 chunks each
-METRICS = ["pointing_game", "sparsity", "discrimination_score", "deletion_auc"]
+METRICS = [
+    "pointing_game",
+    "pointing_game_grid",
+    "sparsity",
+    "discrimination_score",
+    "deletion_auc",
+]
 
 
 def _explain_args(folder: Path, out: Path) -> list[str]:

@@ -96,6 +96,7 @@ def test_one_map_per_present_class(result, data):
     n_pairs = int(data.labels.sum())
     n_two = int((data.labels.sum(1) == 2).sum())
     assert result.get("tiny-vit", "cdam", "pointing_game")["n"] == n_pairs
+    assert result.get("tiny-vit", "cdam", "pointing_game_grid")["n"] == n_pairs
     assert result.get("tiny-vit", "cdam", "discrimination_score")["n"] == n_two
     assert result.meta["tiny-vit"]["n_pairs"] == n_pairs
 
@@ -112,7 +113,12 @@ def test_class_discriminative_method_is_not_half(result):
 
 
 def test_oracle_localises_perfectly(result):
-    for metric in ("pointing_game", "relevance_mass_accuracy", "relevance_rank_accuracy"):
+    for metric in (
+        "pointing_game",
+        "pointing_game_grid",
+        "relevance_mass_accuracy",
+        "relevance_rank_accuracy",
+    ):
         assert result.get("tiny-vit", "oracle", metric)["mean"] == 1.0, metric
     assert result.get("tiny-vit", "oracle", "discrimination_score")["mean"] == 1.0
     assert result.get("tiny-vit", "random", "pointing_game")["mean"] < 1.0
@@ -174,13 +180,52 @@ def test_evaluate_is_deterministic(data):
     assert [r["lo"] for r in c.rows] != [r["lo"] for r in a.rows]
 
 
+def _peak_beside_object(data, k: int):
+    """A custom map: one pixel ``k`` px beside the object (right of its rightmost column, or
+    left of its leftmost one near the edge), so its distance to the object is exactly ``k``."""
+
+    def fn(images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(len(images), 1, *images.shape[-2:])
+        for i, (x, t) in enumerate(zip(images, targets.tolist())):
+            (j,) = [j for j in range(len(data)) if torch.equal(data.images[j], x.cpu())]
+            ys, xs = torch.nonzero(data.masks[j, t], as_tuple=True)
+            edge = xs.max() if xs.max() + k < x.shape[-1] else xs.min()
+            col = edge + k if edge == xs.max() else edge - k
+            assert 0 <= col < x.shape[-1]
+            out[i, 0, ys[xs == edge][0], col] = 1.0
+        return out
+
+    return fn
+
+
+def test_pointing_columns_standard_tolerance_and_patch_grid(data):
+    # 32-px images: the standard protocol's tolerance is 2 px, so a peak 2 px beside the
+    # object hits and one 3 px beside it misses; both columns have bootstrap intervals.
+    maps = {"near2": _peak_beside_object(data, 2), "near3": _peak_beside_object(data, 3)}
+    metrics = ["pointing_game", "pointing_game_grid"]
+    res = evaluate(tiny_vit(), methods=[], data=data, metrics=metrics, extra_maps=maps)
+    assert res.get("VisionTransformer", "near2", "pointing_game")["mean"] == 1.0
+    assert res.get("VisionTransformer", "near3", "pointing_game")["mean"] == 0.0
+    for method in ("near2", "near3", "random"):
+        for metric in metrics:
+            row = res.get("VisionTransformer", method, metric)
+            assert row["higher_is_better"] is True and row["n"] == int(data.labels.sum())
+            assert row["lo"] <= row["mean"] <= row["hi"], (method, metric)
+    # the grid column is the pooled pointing game, not the pixel one: a peak 3 px beside
+    # the object still hits some of the time on the 4 x 4 grid (the object's cells)
+    assert res.get("VisionTransformer", "near3", "pointing_game_grid")["mean"] > 0.0
+    summary = res.meta["VisionTransformer"]["summary"]
+    assert "pointing (15 px @224): peak within 2 px of the object at 32 px" in summary
+
+
 def test_markdown_lists_every_method(result):
     md = result.to_markdown()
     for name in [*METHODS, "oracle"]:
         label = METHODS[name].label if name in METHODS else name
         assert f"| {label} |" in md, label
     assert "| random |" in md and "| centre Gaussian |" in md
-    assert "pointing ↑" in md and "deletion ↓" in md and "| r(TAM) |" in md
+    assert "| pointing (15 px @224) ↑ | pointing (patch grid) ↑ |" in md
+    assert "deletion ↓" in md and "| r(TAM) |" in md
     assert "### tiny-vit" in md
 
 
@@ -314,9 +359,21 @@ def test_metric_table_reads_the_metrics_registry():
     assert tuple(m.name for m in IMAGE_TABLE) == IMAGE_METRICS
     assert tuple(m.name for m in TEXT_TABLE) == TEXT_METRICS
     # Columns computed by a registry function under its own name, or a per-call column of one
-    # (AD / IC at one share kept, ROAD in one order) with that call's direction.
-    columns = {"ad": "average_drop", "ic": "increase_in_confidence", "road": "road"}
-    directions = {"ad": False, "ic": True, "road_morf": False, "road_lerf": True}
+    # (AD / IC at one share kept, ROAD in one order, the pointing game on the patch grid) with
+    # that call's direction.
+    columns = {
+        "ad": "average_drop",
+        "ic": "increase_in_confidence",
+        "road": "road",
+        "pointing": "pointing_game",
+    }
+    directions = {
+        "ad": False,
+        "ic": True,
+        "road_morf": False,
+        "road_lerf": True,
+        "pointing": True,
+    }
     for m in IMAGE_TABLE + TEXT_TABLE:
         if m.name == "pearson_tam":
             continue
@@ -369,7 +426,7 @@ def test_zoo_trained_explainer_is_a_method_row():
 
     if "shapes-cnn-ttame" not in zoo.available(kind="explainer"):
         pytest.skip("the zoo of this installation ships no shapes-cnn-ttame")
-    kw = dict(n=4, metrics=["pointing_game", "ad100"], bootstrap=0)
+    kw = dict(n=4, metrics=["pointing_game", "pointing_game_grid", "ad100"], bootstrap=0)
     res = evaluate("shapes-cnn", **kw)
     trained = {
         n
@@ -382,7 +439,8 @@ def test_zoo_trained_explainer_is_a_method_row():
     assert not {"ttame", "mhex"} & {
         r["method"] for r in evaluate("shapes-cnn", explainers=(), **kw).rows
     }
-    # The same maps, asked for directly and pooled to the 4x4 grid, give the same pointing game.
+    # The same maps, asked for directly, give the same pointing games: in pixels with the
+    # standard tolerance (2 px at 32 px), and pooled to the 4x4 grid.
     from captum_ext.metrics import pointing_game
 
     data = shapes(4, DEFAULT_SEED, **zoo.data_kwargs("shapes-cnn"))
@@ -391,6 +449,9 @@ def test_zoo_trained_explainer_is_a_method_row():
     grid = torch.nn.functional.adaptive_avg_pool2d(maps.float(), (4, 4))[:, 0]
     masks = torch.nn.functional.adaptive_max_pool2d(data.masks[pi, pc][:, None].float(), (4, 4))
     want = pointing_game(grid, masks[:, 0] > 0).double().mean()
+    got = res.get("shapes-cnn", "ttame", "pointing_game_grid")["mean"]
+    assert got == pytest.approx(float(want))
+    want = pointing_game(maps.float()[:, 0], data.masks[pi, pc], tolerance=2).double().mean()
     assert res.get("shapes-cnn", "ttame", "pointing_game")["mean"] == pytest.approx(float(want))
 
 

@@ -5,7 +5,8 @@ class-agnostic baselines and any custom maps) on a held-out set of the procedura
 (:mod:`captum_ext.data`) and scores them with :mod:`captum_ext.metrics`:
 
 * images (``shapes``): one map per present class of every image (a two-object image gives two
-  maps); pointing game, relevance mass and rank accuracy against that class's mask, sparsity,
+  maps); pointing game (two columns, below), relevance mass and rank accuracy against that
+  class's mask, sparsity,
   class-discrimination ``D`` on two-object images, RISE deletion / insertion AUC for the class,
   Average Drop / Increase in Confidence at 100/50/15 % kept (T-TAME preset), ROAD MoRF / LeRF
   (T-TAME preset; only when asked: :data:`OPTIONAL_METRICS`) and the Pearson correlation with
@@ -21,6 +22,14 @@ maps) are average-pooled over each patch, and a patch belongs to a class's mask 
 any pixel of the object. On the patch-aligned layout this is the exact token ground truth;
 at pixel resolution a perfect token map could not exceed the share of its patch the object
 covers. RISE always runs at pixel resolution on the upsampled maps.
+
+The pointing game has two columns. ``pointing_game`` ("pointing (15 px @224)") is Zhang et
+al.'s (2016) protocol, the one published numbers use: on the pixel maps and masks, a hit when
+the map's maximum lies within 15 px of the object at 224-px input, the tolerance scaled with
+the image's shorter side (:func:`captum_ext.metrics.standard_tolerance`: 2 px on the 32-px
+benchmark). ``pointing_game_grid`` ("pointing (patch grid)") is the maximum on the evaluation
+grid inside the pooled mask, without tolerance (at pixel resolution with
+``resolution="pixel"``). Tied maxima count as the share of them that hits, in both.
 
 Every value is aggregated into its mean and a percentile bootstrap 95 % interval (Efron &
 Tibshirani 1993) that resamples *images* (a cluster bootstrap: the two maps of a two-object

@@ -59,7 +59,8 @@ class EvalConfig:
         bootstrap: Bootstrap resamples; ``0`` skips the intervals.
         bootstrap_seed: Seed of the bootstrap resampling.
         resolution: ``"grid"`` (localisation, sparsity, ``D`` and correlation on the model's
-            patch grid; see :mod:`captum_ext.evaluation`) or ``"pixel"``.
+            patch grid; see :mod:`captum_ext.evaluation`) or ``"pixel"``. The standard
+            pointing game (``pointing_game``) is read in pixels either way.
         steps: Steps of the deletion / insertion curves.
         score: Class score of the RISE curves: ``"sigmoid"`` (multi-label models),
             ``"softmax"`` or ``"logit"``; zoo models whose record says they are not

@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from captum_ext.metrics import standard_tolerance
+
 from ._baselines import BASELINES, baseline_map
 from ._config import EvalConfig
 from ._maps import MapFn, chunks, method_grids, model_grid, pixel_map, to_grid, to_pixels
@@ -37,7 +39,7 @@ class ImageSet:
 
     Attributes read by the metric table: ``model``, ``inputs`` (the image of each pair,
     ``(Np, C, H, W)``), ``targets`` (its class, ``(Np,)``), ``masks`` (its class's mask at the
-    evaluation resolution), ``groups`` (its image), ``pair_a`` / ``pair_b`` (positions of the
+    evaluation resolution), ``pixel_masks`` (the same in pixels, ``(Np, H, W)``), ``groups`` (its image), ``pair_a`` / ``pair_b`` (positions of the
     two pairs of each two-object image), ``steps`` and ``score`` (RISE settings).
     """
 
@@ -66,8 +68,10 @@ class ImageSet:
         self.grid = model_grid(model, self.images, data)
         self.resolution = config.resolution
         self.masks: Tensor | None = None
+        self.pixel_masks: Tensor | None = None
         if masks is not None:
             pair_masks = masks[self.pi, self.pc].to(device)  # (Np, H, W)
+            self.pixel_masks = pair_masks
             if self.resolution == "grid":
                 pooled = F.adaptive_max_pool2d(pair_masks[:, None].float(), self.grid)[:, 0]
                 self.masks = pooled > 0
@@ -161,7 +165,15 @@ class ImageSet:
             "summary_parts": [
                 images_part(n_images, n_pairs, n_two, layout),
                 # no masks (a folder of images): no localisation, no D
-                f"{'localisation, sparsity, D' if self.masks is not None else 'sparsity'} "
+                *(
+                    [
+                        f"pointing (15 px @224): peak within {standard_tolerance(self.size)} "
+                        f"px of the object at {min(self.size)} px (Zhang et al.), in pixels"
+                    ]
+                    if self.masks is not None and self.wants("pointing_game")
+                    else []
+                ),
+                f"{'other localisation, sparsity, D' if self.masks is not None else 'sparsity'} "
                 f"and r on {where}",
                 f"RISE deletion (zero) / insertion (blur) with {self.steps} steps on "
                 f"{self.score} scores",

@@ -700,6 +700,9 @@ class _EvaluateChunks:
             "score": self.subject.score,
             "seed": cfg.seed,
             "extra_maps": sorted(cfg.extra_maps),
+            # the columns (and so what each one measures): a run of an older table is not
+            # resumed with values of another protocol under the same name
+            "columns": [m.name for m in IMAGE_TABLE],
             "dataset": self.dataset.describe(),
             "chunk_size": chunk_size,
         }

@@ -14,13 +14,21 @@ from typing import Any
 
 from torch import Tensor
 
-from captum_ext.metrics import METRICS, ROAD_TTAME_PERCENTAGES, TTAME_KEEP
+from captum_ext.metrics import (
+    METRICS,
+    ROAD_TTAME_PERCENTAGES,
+    STANDARD_TOLERANCE_PX,
+    STANDARD_TOLERANCE_SIZE,
+    TTAME_KEEP,
+)
 
 __all__ = [
     "IMAGE_METRICS",
     "IMAGE_TABLE",
     "NO_MASKS",
     "OPTIONAL_METRICS",
+    "POINTING_GRID",
+    "POINTING_STANDARD",
     "TEXT_METRICS",
     "TEXT_TABLE",
     "EvalMetric",
@@ -131,6 +139,15 @@ def _against_masks(fn: Callable[..., Tensor], c: MapContext) -> Values:
     return fn(c.maps, c.items.masks), c.items.groups
 
 
+def _pointing_standard(fn: Callable[..., Tensor], c: MapContext) -> Values:
+    """Zhang et al.'s protocol on the pixel maps and masks: the maximum within 15 px of the
+    object at 224 px, scaled to the image (2 px at 32 px; :func:`standard_tolerance`)."""
+    masks = getattr(c.items, "pixel_masks", None)
+    if masks is None:
+        return None
+    return fn(c.pixels, masks, tolerance="standard"), c.items.groups
+
+
 def _alone(fn: Callable[..., Tensor], c: MapContext) -> Values:
     return fn(c.maps), c.items.groups
 
@@ -196,8 +213,23 @@ def _against_rationale(fn: Callable[..., Tensor], c: MapContext) -> Values:
 
 _PEARSON = METRICS["pearson"]
 
+POINTING_STANDARD = f"pointing ({STANDARD_TOLERANCE_PX} px @{STANDARD_TOLERANCE_SIZE})"
+"""Header of ``pointing_game``: Zhang et al.'s protocol, in pixels with the tolerance scaled."""
+
+POINTING_GRID = "pointing (patch grid)"
+"""Header of ``pointing_game_grid``: the maximum of the map on the evaluation grid in the
+(pooled) mask, no tolerance; with ``resolution="pixel"`` the same at pixel resolution."""
+
 IMAGE_TABLE: tuple[EvalMetric, ...] = (
-    _registered("pointing_game", "pointing", _against_masks, needs_masks=True),
+    _registered("pointing_game", POINTING_STANDARD, _pointing_standard, needs_masks=True),
+    _registered(
+        "pointing_game",
+        POINTING_GRID,
+        _against_masks,
+        column="pointing_game_grid",
+        higher_is_better=True,
+        needs_masks=True,
+    ),
     _registered("relevance_mass_accuracy", "mass acc.", _against_masks, needs_masks=True),
     _registered("relevance_rank_accuracy", "rank acc.", _against_masks, needs_masks=True),
     _registered("sparsity", "sparsity", _alone),
@@ -293,8 +325,8 @@ def missing_notes(
     """One note per reason for the metrics of ``table`` that have no value.
 
     Metrics missing for the same reason share one line, which names them by their column
-    header and gives the reason once (``"pointing, mass acc., rank acc. and D not computed:
-    these images have no object masks."``).
+    header and gives the reason once (``"pointing (15 px @224), pointing (patch grid), mass
+    acc., rank acc. and D not computed: these images have no object masks."``).
 
     Args:
         table: The metrics that were asked for.
