@@ -121,6 +121,9 @@ def test_oracle_localises_perfectly(result):
     ):
         assert result.get("tiny-vit", "oracle", metric)["mean"] == 1.0, metric
     assert result.get("tiny-vit", "oracle", "discrimination_score")["mean"] == 1.0
+    # the mask as map: its tied maxima are the mask, so the peak is the object's centre
+    for metric in ("peak_dx", "peak_dy"):
+        assert result.get("tiny-vit", "oracle", metric)["mean"] == 0.0, metric
     assert result.get("tiny-vit", "random", "pointing_game")["mean"] < 1.0
 
 
@@ -203,7 +206,9 @@ def test_pointing_columns_standard_tolerance_and_patch_grid(data):
     # object hits and one 3 px beside it misses; both columns have bootstrap intervals.
     maps = {"near2": _peak_beside_object(data, 2), "near3": _peak_beside_object(data, 3)}
     metrics = ["pointing_game", "pointing_game_grid"]
-    res = evaluate(tiny_vit(), methods=[], data=data, metrics=metrics, extra_maps=maps)
+    res = evaluate(
+        tiny_vit(), methods=[], data=data, metrics=[*metrics, "peak_dx"], extra_maps=maps
+    )
     assert res.get("VisionTransformer", "near2", "pointing_game")["mean"] == 1.0
     assert res.get("VisionTransformer", "near3", "pointing_game")["mean"] == 0.0
     for method in ("near2", "near3", "random"):
@@ -214,6 +219,9 @@ def test_pointing_columns_standard_tolerance_and_patch_grid(data):
     # the grid column is the pooled pointing game, not the pixel one: a peak 3 px beside
     # the object still hits some of the time on the 4 x 4 grid (the object's cells)
     assert res.get("VisionTransformer", "near3", "pointing_game_grid")["mean"] > 0.0
+    # peaks beside the object: never at its centre, further out at 3 px than at 2 px
+    (d2, _), (d3, _) = (res.values[("VisionTransformer", m, "peak_dx")] for m in maps)
+    assert np.all(d2 != 0) and np.all(np.abs(d3) == np.abs(d2) + 1)
     summary = res.meta["VisionTransformer"]["summary"]
     assert "pointing (15 px @224): peak within 2 px of the object at 32 px" in summary
 
@@ -354,7 +362,7 @@ def test_config_checks_every_setting_when_made():
 
 def test_metric_table_reads_the_metrics_registry():
     from captum_ext.evaluation._table import IMAGE_TABLE, TEXT_TABLE
-    from captum_ext.metrics import METRICS
+    from captum_ext.metrics import METRICS, peak_offset
 
     assert tuple(m.name for m in IMAGE_TABLE) == IMAGE_METRICS
     assert tuple(m.name for m in TEXT_TABLE) == TEXT_METRICS
@@ -376,6 +384,9 @@ def test_metric_table_reads_the_metrics_registry():
     }
     for m in IMAGE_TABLE + TEXT_TABLE:
         if m.name == "pearson_tam":
+            continue
+        if m.name in ("peak_dx", "peak_dy"):  # a signed shift, not a registered score
+            assert m.fn is peak_offset and m.higher_is_better is None and m.needs_masks
             continue
         stem = m.name.rstrip("0123456789").split("_")[0] if m.name not in METRICS else None
         info = METRICS[m.name if stem is None else columns[stem]]

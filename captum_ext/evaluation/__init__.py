@@ -30,6 +30,10 @@ the image's shorter side (:func:`captum_ext.metrics.standard_tolerance`: 2 px on
 benchmark). ``pointing_game_grid`` ("pointing (patch grid)") is the maximum on the evaluation
 grid inside the pooled mask, without tolerance (at pixel resolution with
 ``resolution="pixel"``). Tied maxima count as the share of them that hits, in both.
+``peak_dx`` / ``peak_dy`` ("peak dx (px)", "peak dy (px)") are the signed offset of the map's
+peak from the object's centre (mask centroid) in pixels (:func:`captum_ext.metrics.peak_offset`;
+``dx > 0``: right of the centre, ``dy > 0``: below it); their mean is a systematic shift of the
+maps, which a tolerance-free grid protocol punishes and the 15-px one forgives.
 
 Every value is aggregated into its mean and a percentile bootstrap 95 % interval (Efron &
 Tibshirani 1993) that resamples *images* (a cluster bootstrap: the two maps of a two-object

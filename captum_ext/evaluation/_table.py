@@ -20,6 +20,7 @@ from captum_ext.metrics import (
     STANDARD_TOLERANCE_PX,
     STANDARD_TOLERANCE_SIZE,
     TTAME_KEEP,
+    peak_offset,
 )
 
 __all__ = [
@@ -148,6 +149,19 @@ def _pointing_standard(fn: Callable[..., Tensor], c: MapContext) -> Values:
     return fn(c.pixels, masks, tolerance="standard"), c.items.groups
 
 
+def _peak_offset(axis: int) -> Callable[..., Values]:
+    """One coordinate (``0``: x, ``1``: y) of the signed offset of the map's peak from the
+    mask's centroid, in pixels (:func:`~captum_ext.metrics.peak_offset`)."""
+
+    def compute(fn: Callable[..., Tensor], c: MapContext) -> Values:
+        masks = getattr(c.items, "pixel_masks", None)
+        if masks is None:
+            return None
+        return fn(c.pixels, masks)[:, axis], c.items.groups
+
+    return compute
+
+
 def _alone(fn: Callable[..., Tensor], c: MapContext) -> Values:
     return fn(c.maps), c.items.groups
 
@@ -232,6 +246,18 @@ IMAGE_TABLE: tuple[EvalMetric, ...] = (
     ),
     _registered("relevance_mass_accuracy", "mass acc.", _against_masks, needs_masks=True),
     _registered("relevance_rank_accuracy", "rank acc.", _against_masks, needs_masks=True),
+    *(
+        EvalMetric(
+            f"peak_d{axis}",
+            f"peak d{axis} (px)",
+            peak_offset,
+            _peak_offset(i),
+            higher_is_better=None,  # a signed shift: 0 is best, neither direction
+            category="localisation",
+            needs_masks=True,
+        )
+        for i, axis in enumerate("xy")
+    ),
     _registered("sparsity", "sparsity", _alone),
     _registered(
         "discrimination_score",
