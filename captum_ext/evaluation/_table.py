@@ -140,13 +140,17 @@ def _against_masks(fn: Callable[..., Tensor], c: MapContext) -> Values:
     return fn(c.maps, c.items.masks), c.items.groups
 
 
+def _against_pixel_masks(fn: Callable[..., Tensor], c: MapContext, **kw: Any) -> Tensor | None:
+    """``fn`` on the pixel maps and the pixel masks; ``None`` for images without masks."""
+    masks = getattr(c.items, "pixel_masks", None)
+    return None if masks is None else fn(c.pixels, masks, **kw)
+
+
 def _pointing_standard(fn: Callable[..., Tensor], c: MapContext) -> Values:
     """Zhang et al.'s protocol on the pixel maps and masks: the maximum within 15 px of the
     object at 224 px, scaled to the image (2 px at 32 px; :func:`standard_tolerance`)."""
-    masks = getattr(c.items, "pixel_masks", None)
-    if masks is None:
-        return None
-    return fn(c.pixels, masks, tolerance="standard"), c.items.groups
+    hits = _against_pixel_masks(fn, c, tolerance="standard")
+    return None if hits is None else (hits, c.items.groups)
 
 
 def _peak_offset(axis: int) -> Callable[..., Values]:
@@ -154,10 +158,8 @@ def _peak_offset(axis: int) -> Callable[..., Values]:
     mask's centroid, in pixels (:func:`~captum_ext.metrics.peak_offset`)."""
 
     def compute(fn: Callable[..., Tensor], c: MapContext) -> Values:
-        masks = getattr(c.items, "pixel_masks", None)
-        if masks is None:
-            return None
-        return fn(c.pixels, masks)[:, axis], c.items.groups
+        offsets = _against_pixel_masks(fn, c)
+        return None if offsets is None else (offsets[:, axis], c.items.groups)
 
     return compute
 
