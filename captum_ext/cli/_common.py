@@ -44,6 +44,7 @@ __all__ = [
     "refuse_unsupported",
     "resolve_device",
     "run_metrics",
+    "split_trained",
     "staged_output",
     "write_json",
     "zoo_models_text",
@@ -428,6 +429,14 @@ def build_methods(
     return out
 
 
+def split_trained(names: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``(methods and references, trained explainers)`` of checked names (:func:`check_methods`),
+    as the evaluation takes them (``methods``, ``explainers``)."""
+    from captum_ext.registry import TRAINED
+
+    return [m for m in names if m not in TRAINED], [m for m in names if m in TRAINED]
+
+
 def run_metrics(
     models: Sequence[str],
     methods: Sequence[str] | None,
@@ -449,12 +458,10 @@ def run_metrics(
         ``(markdown, data)``: the result's tables (one per model) and its JSON dict.
     """
     from captum_ext.evaluation import evaluate
-    from captum_ext.registry import TRAINED
 
     kwargs: dict[str, Any] = {"n": n, "bootstrap": bootstrap, "device": device}
     if methods is not None:
-        kwargs["explainers"] = [m for m in methods if m in TRAINED]
-        methods = [m for m in methods if m not in TRAINED]
+        methods, kwargs["explainers"] = split_trained(methods)
     if seed is not None:
         kwargs["seed"] = seed
     result = evaluate(list(models), methods, show_progress=show_progress, **kwargs)

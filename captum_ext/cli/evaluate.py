@@ -38,6 +38,7 @@ from captum_ext.cli._common import (
     refuse_unsupported,
     resolve_device,
     run_metrics,
+    split_trained,
     staged_output,
     write_json,
 )
@@ -178,20 +179,16 @@ def _run_dataset(args: argparse.Namespace, device: str) -> int:
     out = Path(args.out)
     check_out_dir(out)
     methods = check_methods(args.methods) if args.methods else None
-    explainers: list[str] = []
     loaded = load(spec, weights, device)
     zoo_name = spec[4:] if spec.startswith("zoo:") and weights is None else None
+    seed = DEFAULT_SEED if args.seed is None else args.seed
+    settings: dict[str, Any] = {"bootstrap": args.bootstrap, "device": device, "seed": seed}
     if methods is not None:
         if "all" not in map(str.lower, args.methods):
             _check_supported(methods, spec, model_kind(loaded.model), zoo_name=zoo_name)
-        explainers = [m for m in methods if m in _trained_names()]
-        methods = [m for m in methods if m not in explainers]
-    seed = DEFAULT_SEED if args.seed is None else args.seed
+        methods, settings["explainers"] = split_trained(methods)
     data = open_dataset(args.dataset, loaded, args.n, seed)
     main = is_main_process()
-    settings = {"bootstrap": args.bootstrap, "device": device, "seed": seed}
-    if args.methods:
-        settings["explainers"] = explainers
     if args.metrics:
         settings["metrics"] = args.metrics
     if zoo_name is None:
@@ -220,12 +217,6 @@ def _run_dataset(args: argparse.Namespace, device: str) -> int:
     print(md)
     print(f"wrote {out / 'metrics.md'}, {out / 'metrics.json'}, {shards_line(result, out)}")
     return 0
-
-
-def _trained_names() -> list[str]:
-    from captum_ext.registry import TRAINED
-
-    return list(TRAINED)
 
 
 def _check_supported(methods: list[str], spec: str, kind: str, zoo_name: str | None) -> None:
