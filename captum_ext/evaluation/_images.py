@@ -6,14 +6,22 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from captum_ext.metrics import standard_tolerance
 
 from ._baselines import BASELINES, baseline_map
 from ._config import EvalConfig
-from ._maps import MapFn, chunks, method_grids, model_grid, pixel_map, to_grid, to_pixels
+from ._maps import (
+    MapFn,
+    chunks,
+    method_grids,
+    model_grid,
+    model_patch,
+    pixel_map,
+    to_grid,
+    to_pixels,
+)
 from ._table import IMAGE_TABLE, MapContext
 
 __all__ = ["ImageSet", "images_part"]
@@ -66,6 +74,7 @@ class ImageSet:
         two = torch.nonzero(counts[self.pi] == 2).squeeze(1)
         self.pair_a, self.pair_b = two[0::2], two[1::2]
         self.grid = model_grid(model, self.images, data)
+        self.patch = model_patch(model)  # a transformer's token: its exact pixels
         self.resolution = config.resolution
         self.masks: Tensor | None = None
         self.pixel_masks: Tensor | None = None
@@ -73,8 +82,7 @@ class ImageSet:
             pair_masks = masks[self.pi, self.pc].to(device)  # (Np, H, W)
             self.pixel_masks = pair_masks
             if self.resolution == "grid":
-                pooled = F.adaptive_max_pool2d(pair_masks[:, None].float(), self.grid)[:, 0]
-                self.masks = pooled > 0
+                self.masks = to_grid(pair_masks, self.grid, self.patch, reduce="max") > 0
             else:
                 self.masks = pair_masks
         self.inputs = self.images[self.pi.to(device)]
@@ -90,7 +98,7 @@ class ImageSet:
         def run() -> RawMap:
             g = method_grids(attr, class_agnostic, self.images, self.pi, self.pc, self.batch_size)
             g = g.to(self.device)
-            return to_pixels(g, self.size), g
+            return to_pixels(g, self.size, self.patch), g
 
         return run
 
@@ -138,7 +146,7 @@ class ImageSet:
         pixels = pixels.to(self.device)
         maps = pixels
         if self.resolution == "grid":
-            maps = grids if grids is not None else to_grid(pixels, self.grid)
+            maps = grids if grids is not None else to_grid(pixels, self.grid, self.patch)
         return MapContext(name, maps, pixels, self, references)
 
     def meta(self, methods: list[str]) -> dict[str, Any]:

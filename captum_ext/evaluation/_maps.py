@@ -10,9 +10,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from captum_ext.adapters import TransformerAdapter, adapter_for
+from captum_ext.attr.base import upsample_nearest
 from captum_ext.errors import UnsupportedModelError
 
-__all__ = ["MapFn", "chunks", "method_grids", "model_grid", "pixel_map", "to_grid", "to_pixels"]
+__all__ = [
+    "MapFn",
+    "chunks",
+    "method_grids",
+    "model_grid",
+    "model_patch",
+    "pixel_map",
+    "to_grid",
+    "to_pixels",
+]
 
 MapFn = Callable[[Tensor, Tensor], Tensor]
 """``fn(inputs, targets) -> maps``: images ``(B, C, H, W)`` and targets ``(B,)`` give maps
@@ -46,6 +56,25 @@ def model_grid(model: nn.Module, images: Tensor, data: Any) -> tuple[int, int]:
         return adapter.grid_size(images)
     patch = int(getattr(data, "patch", 8))
     return images.shape[-2] // patch, images.shape[-1] // patch
+
+
+def model_patch(model: nn.Module) -> tuple[int, int] | None:
+    """The ``(ph, pw)`` pixels of one token of a transformer, ``None`` for any other model.
+
+    With it, :func:`to_pixels` and :func:`to_grid` put token ``(i, j)`` over exactly the pixels
+    ``[i * ph, (i + 1) * ph) x [j * pw, (j + 1) * pw)`` of the image, also when the model pads
+    an image whose size is not a multiple of the patch (timm ``dynamic_img_pad``: the last
+    row and column of tokens then hold fewer image pixels). ``None`` (a CNN, or a model
+    without an adapter): the maps are pooled to the benchmark's cells (:func:`model_grid`)
+    by adaptive pooling.
+    """
+    try:
+        adapter = adapter_for(model)
+    except UnsupportedModelError:
+        return None
+    if isinstance(adapter, TransformerAdapter) and adapter.modality == "image":
+        return tuple(int(p) for p in adapter.patch_size)  # type: ignore[return-value]
+    return None
 
 
 def method_grids(
@@ -85,17 +114,84 @@ def method_grids(
     return torch.cat(out).detach().float()
 
 
-def to_grid(maps: Tensor, grid: tuple[int, int]) -> Tensor:
-    """Average-pools pixel maps ``(B, [1,] H, W)`` to the patch grid ``(B, h, w)``."""
-    m = maps if maps.dim() == 3 else maps.sum(dim=1)
-    return F.adaptive_avg_pool2d(m[:, None].float(), grid)[:, 0]
+def _cells(
+    grid: tuple[int, int], size: tuple[int, int], patch: tuple[int, int] | None, fn: str
+) -> tuple[int, int]:
+    """The ``(ph, pw)`` of a ``grid`` of tokens over an image of ``size``; checked."""
+    (h, w), (H, W) = grid, size
+    if patch is None:
+        if h < 1 or w < 1 or H % h or W % w:
+            raise ValueError(
+                f"{fn}: a {H}x{W} image is not a whole number of cells of a {h}x{w} grid; "
+                "pass patch=(ph, pw), the model's patch size in pixels"
+            )
+        return H // h, W // w
+    ph, pw = (int(v) for v in patch)
+    if ph < 1 or pw < 1 or not ((h - 1) * ph < H <= h * ph and (w - 1) * pw < W <= w * pw):
+        raise ValueError(
+            f"{fn}: a {h}x{w} grid of {ph}x{pw}-pixel patches does not cover a {H}x{W} image "
+            "(every token but the last row and column must lie wholly inside it)"
+        )
+    return ph, pw
 
 
-def to_pixels(grids: Tensor, size: tuple[int, int]) -> Tensor:
-    """Nearest upsampling of ``(B, h, w)`` patch maps to ``(B, H, W)`` (as the methods do)."""
-    h, w = grids.shape[-2:]
-    ph, pw = -(-size[0] // h), -(-size[1] // w)
-    up = grids.repeat_interleave(ph, dim=-2).repeat_interleave(pw, dim=-1)
+def to_grid(
+    maps: Tensor,
+    grid: tuple[int, int],
+    patch: tuple[int, int] | None = None,
+    reduce: str = "mean",
+) -> Tensor:
+    """Pools pixel maps ``(B, [C,] H, W)`` (summed over ``C``) to the grid ``(B, h, w)``.
+
+    Args:
+        maps: Pixel maps.
+        grid: ``(h, w)``.
+        patch: The model's ``(ph, pw)`` (:func:`model_patch`): cell ``(i, j)`` is the mean
+            (or max) of the image pixels of token ``(i, j)``, ``[i * ph, (i + 1) * ph) x
+            [j * pw, (j + 1) * pw)`` cropped to the image. ``None``: adaptive pooling
+            (``F.adaptive_avg_pool2d`` / ``F.adaptive_max_pool2d``), the benchmark's cells of
+            a model without tokens.
+        reduce: ``"mean"`` or ``"max"``.
+
+    Raises:
+        ValueError: ``reduce`` is neither, or the patches do not cover the image.
+    """
+    if reduce not in ("mean", "max"):
+        raise ValueError(f"to_grid: reduce must be 'mean' or 'max', got {reduce!r}")
+    m = (maps if maps.dim() == 3 else maps.sum(dim=1))[:, None].float()
+    size = (m.shape[-2], m.shape[-1])
+    exact = patch is None or (grid[0] * patch[0], grid[1] * patch[1]) == size
+    if exact:  # the cells are the adaptive bins: the same numbers as ever
+        pool = F.adaptive_avg_pool2d if reduce == "mean" else F.adaptive_max_pool2d
+        return pool(m, grid)[:, 0]
+    ph, pw = _cells(grid, size, patch, "to_grid")
+    pad = (0, grid[1] * pw - size[1], 0, grid[0] * ph - size[0])  # the model pads right/bottom
+    if reduce == "max":
+        return F.max_pool2d(F.pad(m, pad, value=float("-inf")), (ph, pw))[:, 0]
+    total = F.avg_pool2d(F.pad(m, pad), (ph, pw), divisor_override=1)
+    count = F.avg_pool2d(F.pad(torch.ones_like(m[:1]), pad), (ph, pw), divisor_override=1)
+    return (total / count)[:, 0]
+
+
+def to_pixels(grids: Tensor, size: tuple[int, int], patch: tuple[int, int] | None = None) -> Tensor:
+    """Nearest upsampling of ``(B, h, w)`` token maps to ``(B, H, W)``, as the methods do.
+
+    Token ``(i, j)`` covers exactly the pixels ``[i * ph, (i + 1) * ph) x [j * pw,
+    (j + 1) * pw)``, cropped to the image (the methods' own ``output="input"``,
+    :func:`captum_ext.attr.base.upsample_nearest`).
+
+    Args:
+        grids: Token maps ``(B, h, w)``.
+        size: The image's ``(H, W)``.
+        patch: The model's ``(ph, pw)`` (:func:`model_patch`); ``None``: ``(H / h, W / w)``,
+            which must then be whole numbers.
+
+    Raises:
+        ValueError: ``patch=None`` and the image is not a whole number of cells, or the
+            patches do not cover the image.
+    """
+    ph, pw = _cells(tuple(grids.shape[-2:]), tuple(size), patch, "to_pixels")
+    up = upsample_nearest(grids[:, None], ph, pw)[:, 0]
     return up[..., : size[0], : size[1]]
 
 
