@@ -18,7 +18,7 @@ from captum_ext.data import shapes
 from captum_ext.evaluation import EvalConfig, _maps
 from captum_ext.evaluation._images import ImageSet
 from captum_ext.explainers.ttame import _format
-from captum_ext.metrics import peak_offset
+from captum_ext.metrics import peak_offset, pointing_game
 from captum_ext.registry import make_method
 
 
@@ -163,3 +163,63 @@ def test_bilinear_upsampling_of_a_cell_peaks_at_the_cell_centre(c):
     # align_corners=True would stretch the grid: the cell's peak moves off its centre
     shifted = F.interpolate(grid, size=(32, 32), mode="bilinear", align_corners=True)
     assert peak_offset(shifted[:, 0], cell).abs().max().item() > 0.5
+
+
+def _bilinear_loop(grid: torch.Tensor, ph: int, pw: int, H: int, W: int) -> torch.Tensor:
+    """Literal reference: pixel (i, j) samples the grid at ((i + 0.5) / ph - 0.5, (j + 0.5) /
+    pw - 0.5), clamped to the grid, with bilinear weights (align_corners=False)."""
+    h, w = grid.shape[-2:]
+    out = torch.zeros(grid.shape[0], H, W, dtype=torch.float64)
+    for i in range(H):
+        y = min(max((i + 0.5) / ph - 0.5, 0.0), h - 1)
+        y0 = int(y)
+        y1, ly = min(y0 + 1, h - 1), y - y0
+        for j in range(W):
+            x = min(max((j + 0.5) / pw - 0.5, 0.0), w - 1)
+            x0 = int(x)
+            x1, lx = min(x0 + 1, w - 1), x - x0
+            out[:, i, j] = (
+                (1 - ly) * (1 - lx) * grid[:, y0, x0]
+                + (1 - ly) * lx * grid[:, y0, x1]
+                + ly * (1 - lx) * grid[:, y1, x0]
+                + ly * lx * grid[:, y1, x1]
+            )
+    return out
+
+
+def test_bilinear_token_maps_for_pixel_localisation_literal():
+    """The standard pointing game and the peak offset read token maps upsampled bilinearly,
+    token centres at patch centres, cropped like ``to_pixels`` when the model pads."""
+    g = torch.Generator().manual_seed(3)
+    for (h, w), (ph, pw), (H, W) in [((4, 4), (8, 8), (32, 32)), ((5, 3), (8, 6), (33, 14))]:
+        grid = torch.rand(2, h, w, generator=g, dtype=torch.float64)
+        up = _maps.to_pixels_bilinear(grid, (H, W), (ph, pw))
+        assert up.shape == (2, H, W) and up.dtype == torch.float64
+        torch.testing.assert_close(up, _bilinear_loop(grid, ph, pw, H, W), rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="pass patch"):
+        _maps.to_pixels_bilinear(torch.zeros(1, 5, 5), (33, 33))
+
+
+def test_standard_pointing_reads_every_token_method_through_one_upsampling():
+    """A token method's nearest-upsampled map ties a whole patch at its maximum; the pixel
+    localisation columns read the bilinear map instead, which T-TAME's own output already is:
+    one upsampling for every method on the transformer."""
+    from captum_ext.evaluation._table import IMAGE_TABLE
+
+    model = _padding_vit()
+    data = shapes(4, 0, layout="free", size=33)
+    items = ImageSet(model, data, EvalConfig(n=4), "sigmoid")
+    tam = make_method("tam", model)
+    raw = items.method_map(tam, False)()
+    ctx = items.context("tam", raw, {})
+    assert torch.equal(ctx.pixels, raw[0].to(ctx.pixels.device))  # faithfulness: own maps
+    want = _maps.to_pixels_bilinear(raw[1], (33, 33), (8, 8))
+    assert torch.equal(ctx.point_pixels, want)
+    assert not torch.equal(ctx.point_pixels, ctx.pixels)
+    column = {m.name: m for m in IMAGE_TABLE}["pointing_game"]
+    hits, _ = column.compute(column.fn, ctx)
+    ref = pointing_game(want, items.pixel_masks, tolerance="standard")
+    torch.testing.assert_close(hits.double(), ref, rtol=0, atol=0, equal_nan=True)
+    # a map without a token grid (a baseline, a custom pixel map) is read as it is
+    base = items.context("random", items.baselines()["random"](), {})
+    assert torch.equal(base.point_pixels, base.pixels)

@@ -21,6 +21,7 @@ from ._maps import (
     pixel_map,
     to_grid,
     to_pixels,
+    to_pixels_bilinear,
 )
 from ._table import IMAGE_TABLE, MapContext
 
@@ -147,7 +148,10 @@ class ImageSet:
         maps = pixels
         if self.resolution == "grid":
             maps = grids if grids is not None else to_grid(pixels, self.grid, self.patch)
-        return MapContext(name, maps, pixels, self, references)
+        point = pixels  # pixel-level localisation: token grids upsampled bilinearly
+        if grids is not None and self.patch is not None:
+            point = to_pixels_bilinear(grids.to(self.device), self.size, self.patch)
+        return MapContext(name, maps, pixels, self, references, point_pixels=point)
 
     def meta(self, methods: list[str]) -> dict[str, Any]:
         """Settings and sizes of this set (``summary_parts`` become the table's summary)."""

@@ -22,6 +22,7 @@ __all__ = [
     "pixel_map",
     "to_grid",
     "to_pixels",
+    "to_pixels_bilinear",
 ]
 
 MapFn = Callable[[Tensor, Tensor], Tensor]
@@ -193,6 +194,33 @@ def to_pixels(grids: Tensor, size: tuple[int, int], patch: tuple[int, int] | Non
     ph, pw = _cells(tuple(grids.shape[-2:]), tuple(size), patch, "to_pixels")
     up = upsample_nearest(grids[:, None], ph, pw)[:, 0]
     return up[..., : size[0], : size[1]]
+
+
+def to_pixels_bilinear(
+    grids: Tensor, size: tuple[int, int], patch: tuple[int, int] | None = None
+) -> Tensor:
+    """Bilinear upsampling of ``(B, h, w)`` token maps to ``(B, H, W)``.
+
+    The grid is upsampled to ``(h * ph, w * pw)`` with ``align_corners=False`` (the value of
+    token ``(i, j)`` sits at the centre of its patch, pixel ``((i + 0.5) ph - 0.5,
+    (j + 0.5) pw - 0.5)``, and the image's borders repeat the outer tokens), then cropped to
+    the image, as :func:`to_pixels` crops.
+
+    Args:
+        grids: Token maps ``(B, h, w)``.
+        size: The image's ``(H, W)``.
+        patch: The model's ``(ph, pw)`` (:func:`model_patch`); ``None``: ``(H / h, W / w)``.
+
+    Raises:
+        ValueError: As :func:`to_pixels`.
+    """
+    h, w = grids.shape[-2:]
+    ph, pw = _cells((h, w), tuple(size), patch, "to_pixels_bilinear")
+    g = grids[:, None] if grids.is_floating_point() else grids[:, None].float()
+    up = F.interpolate(
+        g, size=(h * ph, w * pw), mode="bilinear", align_corners=False
+    )
+    return up[:, 0, : size[0], : size[1]]
 
 
 def pixel_map(maps: Tensor, size: tuple[int, int], name: str) -> Tensor:

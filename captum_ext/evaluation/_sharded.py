@@ -703,6 +703,7 @@ class _EvaluateChunks:
             # the columns (and so what each one measures): a run of an older table is not
             # resumed with values of another protocol under the same name
             "columns": [m.name for m in IMAGE_TABLE],
+            "pixel_localisation": "token grids bilinear",
             "dataset": self.dataset.describe(),
             "chunk_size": chunk_size,
         }

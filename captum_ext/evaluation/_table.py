@@ -49,6 +49,12 @@ class MapContext:
         maps: The maps at the evaluation resolution: images ``(Np, h, w)`` on the patch grid or
             ``(Np, H, W)`` in pixels, one per (image, class) pair; text ``(N, T)``.
         pixels: Images: the maps ``(Np, H, W)`` in pixels (what RISE perturbs); text: ``maps``.
+        point_pixels: Images: the maps in pixels as the pixel-level localisation columns
+            (standard pointing game, peak offset) read them: a map given on a vision
+            transformer's token grid upsampled bilinearly (``align_corners=False``, token
+            centres at patch centres), as T-TAME and Captum's GradCAM upsample their own maps
+            and as the literature's pointing-game code upsamples token maps; any other map as
+            ``pixels``. Text: ``maps``.
         items: The held-out set as the metrics read it (``ImageSet`` or ``TextSet``: model,
             inputs, targets, masks or rationales, and ``groups``, the image or sequence each
             value belongs to).
@@ -60,6 +66,11 @@ class MapContext:
     pixels: Tensor
     items: Any
     references: Mapping[str, Tensor]
+    point_pixels: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.point_pixels is None:
+            object.__setattr__(self, "point_pixels", self.pixels)
 
 
 Values = tuple[Tensor, Tensor] | None
@@ -141,9 +152,10 @@ def _against_masks(fn: Callable[..., Tensor], c: MapContext) -> Values:
 
 
 def _against_pixel_masks(fn: Callable[..., Tensor], c: MapContext, **kw: Any) -> Tensor | None:
-    """``fn`` on the pixel maps and the pixel masks; ``None`` for images without masks."""
+    """``fn`` on the pixel maps as localisation reads them (``point_pixels``) and the pixel
+    masks; ``None`` for images without masks."""
     masks = getattr(c.items, "pixel_masks", None)
-    return None if masks is None else fn(c.pixels, masks, **kw)
+    return None if masks is None else fn(c.point_pixels, masks, **kw)
 
 
 def _pointing_standard(fn: Callable[..., Tensor], c: MapContext) -> Values:
