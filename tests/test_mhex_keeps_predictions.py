@@ -93,7 +93,7 @@ def test_step_measures_agreement_against_the_plain_model_before_the_update(data)
 
 
 def test_training_the_backbone_fits_labels_and_reports_no_agreement(data):
-    model, x, _, y = data
+    _, x, _, y = data
     mhex = MHEX(timm.create_model("resnet18", num_classes=1000).eval())
     history = mhex.fit(
         (x[:4], y[:4]), TrainingRecipe(epochs=1, batch_size=4, show_progress=False),
