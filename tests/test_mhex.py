@@ -167,7 +167,7 @@ def test_gates_lie_in_0_1_and_gate_the_features(case, gate):
 
 @pytest.mark.parametrize("case", [CNN_CASE, tiny_models.IMAGE_MODELS[0]], ids=["cnn", "vit"])
 def test_gated_features_continue_through_the_backbone(case):
-    gated = _build(case)
+    gated = _build(case, gated_backbone=True)
     x, extra = _inputs(case)
     p = gated.network.run(x, *extra)
     a0, f0 = p.gates[0], p.features[0]
@@ -181,7 +181,7 @@ def test_gated_features_continue_through_the_backbone(case):
 
 def test_gates_start_near_one_so_a_trained_model_keeps_its_function():
     model = zoo.load("shapes-vit")
-    mhex = MHEX(model)
+    mhex = MHEX(model, gated_backbone=True)
     x = shapes(64, FRESH_SEED, **zoo.data_kwargs("shapes-vit")).images
     p = mhex.network.run(x)
     for a in p.gates:

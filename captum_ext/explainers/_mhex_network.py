@@ -253,7 +253,7 @@ class MHEXNetwork(nn.Module):
         adapter: ModelAdapter,
         stages: Sequence[Stage],
         num_classes: int,
-        gated_backbone: bool = True,
+        gated_backbone: bool = False,
         gate: GateKind = "spatial",
         gate_bias: float = 3.0,
         head_channels: Sequence[int | None] | None = None,
@@ -472,19 +472,42 @@ def _correct(logits: torch.Tensor, labels: torch.Tensor, objective: Objective) -
     return (logits.argmax(1) == labels.reshape(-1)).sum()
 
 
+def _same_prediction(
+    logits: torch.Tensor, plain: torch.Tensor, objective: Objective
+) -> torch.Tensor:
+    """Per example, whether two score tensors predict the same: the same class (``"ce"``,
+    argmax) or the same set of classes (``"bce"``, sigmoid > 0.5). Bool ``(B,)``."""
+    if objective == "bce":
+        return ((logits > 0) == (plain > 0)).all(dim=1)
+    return logits.argmax(1) == plain.argmax(1)
+
+
+def _plain_logits(
+    module: nn.Module, p_logits: torch.Tensor, inputs: torch.Tensor, extra: Sequence[Any]
+) -> torch.Tensor:
+    """The wrapped model's own scores without the gates: the pass's own when the gates feed
+    the heads only, else one more forward pass of the model (no gradient)."""
+    net = getattr(module, "module", module)  # a DDP wrapper's network
+    if not net.gated_backbone:
+        return p_logits.detach()
+    with torch.no_grad():
+        return model_output_to_tensor(net.model(inputs, *extra)).detach()
+
+
 def mhex_step(
     module: nn.Module,
     batch: Sequence[torch.Tensor],
     *,
     objective: Objective = "ce",
     head_weights: Sequence[float],
+    agreement: bool = False,
 ) -> dict[str, torch.Tensor]:
     """One training step's loss terms: ``L(final) + sum_l lambda_l L(head_l)``.
 
     The step of the shared training loop (``step(module, batch) -> {"loss": total, ...}``).
 
     Args:
-        module: The :class:`MHEXNetwork` (or a DDP wrapper of it), called once.
+        module: The :class:`MHEXNetwork` (or a DDP wrapper of it).
         batch: ``(inputs, *extra_args, labels)``: images and labels, or ``input_ids``,
             ``attention_mask`` and labels. Labels are class indices ``(B,)`` or multi-hot
             ``(B, K)`` (``objective="bce"``).
@@ -492,14 +515,23 @@ def mhex_step(
             (sigmoid binary cross-entropy per class, multi-label; index labels are one-hot
             encoded).
         head_weights: ``lambda_l`` of every head, in stage order.
+        agreement: Also return ``agreement``: the share of the batch on which the network
+            predicts what the plain model predicts (the same class for ``"ce"``, the same set
+            for ``"bce"``), measured before the step's update. With ``gated_backbone`` this
+            costs one more forward pass of the model (no gradient); without, the network's
+            scores are the model's and the share is 1.
 
     Returns:
-        ``{"loss": total, "final": L(final), "head0": L(head_0), ...}``.
+        ``{"loss": total, "final": L(final), "head0": L(head_0), ...}`` (and ``agreement``).
     """
     inputs, *extra, labels = batch
     logits, heads = module(inputs, *extra, return_heads=True)
     final = _objective_loss(logits, labels, objective)
     terms = {"final": final}
+    if agreement:
+        plain = _plain_logits(module, logits, inputs, extra)
+        same = _same_prediction(logits.detach(), plain, objective)
+        terms["agreement"] = same.to(logits.dtype).mean()
     total = final
     for i, (lam, h) in enumerate(zip(head_weights, heads, strict=True)):
         terms[f"head{i}"] = _objective_loss(h, labels, objective)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import numbers
 import os
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
@@ -71,7 +72,11 @@ from captum_ext.explainers.base import (
     check_backbone_layout,
 )
 
-__all__ = ["MHEX", "MHEXNetwork", "mhex_step"]
+__all__ = ["AGREEMENT_WARNING", "MHEX", "MHEXNetwork", "mhex_step"]
+
+AGREEMENT_WARNING = 0.99
+"""``MHEX.fit`` warns when, with the model frozen, the gated network predicts what the plain
+model predicts on less than this share of the last epoch's examples."""
 
 
 class MHEX(TrainableExplainer):
@@ -88,9 +93,14 @@ class MHEX(TrainableExplainer):
       convolution (to ``head_channels`` channels, default ``C``) -> global average pooling ->
       linear; tokens: one linear layer on every token, pooled (``pooling``).
 
-    With ``gated_backbone=True`` the gated features replace the stage's output and continue
-    through the network; with ``gated_backbone=False`` the gates only feed the heads and the
-    model computes exactly what it computes without MHEX.
+    With ``gated_backbone=False`` (default) the gates only feed the heads and the network
+    computes exactly what the model computes without MHEX: fitting MHEX to a trained model
+    keeps its predictions whatever the data, learning rate or number of steps. With
+    ``gated_backbone=True`` (the paper's architecture) the gated features replace the stage's
+    output and continue through the network; that is meant for a model trained with its gates
+    (``fit(train_backbone=True)``): fitted gates in a frozen model's path change what the
+    frozen layers after them see, and a short fit with untrained heads can change its
+    predictions (``fit`` then reports the agreement and warns).
 
     **Equivalent matrix.** A head is affine in ``F'``: it collapses to
     ``W_eq = W_fc W_conv`` ``(K, C)`` and ``b_eq = W_fc b_conv + b_fc`` (token heads: the
@@ -118,8 +128,9 @@ class MHEX(TrainableExplainer):
     softmax cross-entropy (``objective="ce"``, class indices) or sigmoid binary cross-entropy
     per class (``"bce"``, multi-hot labels), ``lambda_l = 1`` by default, with the package's
     one training loop. By default the model's own weights are frozen and it stays in eval
-    mode (the gates, which sit in the model's path, still learn from ``L(final)``);
-    ``train_backbone=True`` trains everything together.
+    mode, and the gates and heads learn from the heads' losses (``L(final)`` reaches the
+    gates only with ``gated_backbone=True``); ``train_backbone=True`` trains everything
+    together.
 
     **Collaboration analysis** (:meth:`gradient_similarity`): the cosine similarity of the
     gradients each head's loss sends into the shared backbone parameters.
@@ -143,7 +154,8 @@ class MHEX(TrainableExplainer):
             tokens); default ``["embeddings", 0]``.
         num_classes: ``K``; default read from the model (``num_classes``,
             ``config.num_labels``, or its last linear layer).
-        gated_backbone: Whether the gated features continue through the network.
+        gated_backbone: Whether the gated features continue through the network (``True``)
+            or feed the heads only (``False``, default: the model's function is unchanged).
         gate: ``"spatial"`` or ``"elementwise"`` gate coefficients.
         gate_bias: Initial bias of every gate's layer (its weights start at zero).
         head_channels: Output channels of each map head's 1x1 convolution (one per stage, or
@@ -180,7 +192,7 @@ class MHEX(TrainableExplainer):
         layers: Sequence[str | int] | None = None,
         num_classes: int | None = None,
         *,
-        gated_backbone: bool = True,
+        gated_backbone: bool = False,
         gate: GateKind = "spatial",
         gate_bias: float = 3.0,
         head_channels: int | Sequence[int | None] | None = None,
@@ -364,12 +376,15 @@ class MHEX(TrainableExplainer):
         batch: Any,
         objective: Objective,
         head_weights: list[float],
+        agreement: bool = False,
     ) -> dict[str, torch.Tensor]:
         """:func:`mhex_step` on a batch checked to be ``(inputs, *extra_args, labels)``."""
         _check_batch(batch, "MHEX.fit: each batch")
         inputs, *extra, _ = batch
         self.adapter.check_inputs(inputs, "MHEX.fit", tuple(extra) or None)
-        return mhex_step(module, batch, objective=objective, head_weights=head_weights)
+        return mhex_step(
+            module, batch, objective=objective, head_weights=head_weights, agreement=agreement
+        )
 
     def fit(
         self,
@@ -391,10 +406,15 @@ class MHEX(TrainableExplainer):
         training: checkpointed blocks would run around the gates) are restored afterwards,
         also when training raises.
 
-        By default the model's own weights stay as they are and it stays in eval mode: with
-        the gates in the backbone (``gated_backbone``) the gates still learn from
-        ``L(final)``. ``train_backbone=True`` trains everything together (e.g. a model trained
-        with MHEX from the start); its weights then change.
+        By default the model's own weights stay as they are and it stays in eval mode. The
+        network then keeps the model's predictions: by construction with the default
+        ``gated_backbone=False`` (the gates feed the heads only); with ``gated_backbone=True``
+        the gates sit in the frozen model's path and also learn from ``L(final)``, and ``fit``
+        measures, at every step, the share of the batch on which the gated network predicts
+        what the plain model predicts (``agreement`` in the history, the epoch's mean) and
+        warns in one line when the last epoch's is below :data:`AGREEMENT_WARNING` (0.99).
+        ``train_backbone=True`` trains everything together (e.g. a model trained with MHEX
+        from the start); its weights then change, and no agreement is reported.
 
         Args:
             data: ``Dataset``, ``DataLoader`` or tuple of tensors yielding
@@ -413,8 +433,8 @@ class MHEX(TrainableExplainer):
 
         Returns:
             One dict per epoch: ``epoch``, ``loss``, ``final``, ``head0``, ... (epoch means,
-            unweighted terms), ``lr``, ``steps``, ``images``, ``time_s`` and the validation
-            numbers.
+            unweighted terms), ``agreement`` (frozen model only), ``lr``, ``steps``,
+            ``images``, ``time_s`` and the validation numbers.
 
         Raises:
             ValueError: A bad ``objective``, ``head_weights`` or ``train_backbone``; batches
@@ -450,7 +470,9 @@ class MHEX(TrainableExplainer):
             "loss": loss,
             "train_backbone": bool(train_backbone),
         }
-        step = functools.partial(self._step, objective=objective, head_weights=lam)
+        step = functools.partial(
+            self._step, objective=objective, head_weights=lam, agreement=not train_backbone
+        )
         validate = None
         if val_data is not None:
             validate = functools.partial(self._validate, val_data, recipe.batch_size, objective)
@@ -473,6 +495,14 @@ class MHEX(TrainableExplainer):
                 net.backbone_trainable = True
                 for m, mode in modes:
                     m.training = mode
+        agreement = history[-1].get("agreement") if history else None
+        if agreement is not None and agreement < AGREEMENT_WARNING:
+            warnings.warn(
+                f"MHEX.fit: the gated network predicts what the plain model predicts on only "
+                f"{agreement:.1%} of the last epoch's examples (gates in the frozen model's "
+                "path); fit with gated_backbone=False to keep its predictions, or a lower lr.",
+                stacklevel=2,
+            )
         self.backbone_trained = self.backbone_trained or bool(train_backbone)
         self.training_record = {
             "recipe": schedule(recipe),
