@@ -10,7 +10,7 @@ from typing import Any
 from _suite_cases import METHODS, MULTI, SIZING, model_label
 
 IMAGE_QUALITY = (
-    ("pointing_game", "pointing ↑"),
+    ("pointing_game", "pointing (15 px @224) ↑"),
     ("deletion_auc", "deletion ↓"),
     ("insertion_auc", "insertion ↑"),
 )

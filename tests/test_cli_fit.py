@@ -166,7 +166,11 @@ def test_fit_mhex_on_an_imagefolder_tree(data, tmp_path):
     args += ["--val-data", str(data["tree"]), "--objective", "bce", "--head-weights", "0.5"]
     assert main([*args, "--out", str(out), "--epochs", "1", "--batch-size", "4", "-q"]) == 0
     record = json.loads((tmp_path / "cnn-mhex.json").read_text())
-    assert record["training"]["loss"] == {"objective": "bce", "head_weights": [0.5] * 3}
+    assert record["training"]["loss"] == {
+        "objective": "bce",
+        "head_weights": [0.5] * 3,
+        "targets": "labels",
+    }
     assert "val_final" in record["training"]["history"][0]  # --val-data was scored
     assert record["fit_command"]["data"]["classes"] == sorted(SHAPES)
     explainer = MHEX.load(tmp_path / "cnn-mhex", _shapes_cnn().model)
@@ -199,6 +203,20 @@ def test_mhex_refuses_a_folder_without_labels_in_one_line(data, tmp_path, capsys
     assert main([*args, "--out", str(out), "-q"]) == 2
     _one_line_error(capsys, f"--data {data['flat']}", "MHEX trains on labels", "ImageFolder")
     assert list(tmp_path.iterdir()) == []
+
+
+@needs_zoo
+def test_fit_mhex_on_the_models_own_predictions_takes_any_folder(data, tmp_path):
+    out = tmp_path / "mhex"
+    args = ["fit", "mhex", "--model", "zoo:shapes-cnn", "--data", str(data["flat"])]
+    args += ["--val-data", str(data["flat"]), "--targets", "predictions", "--objective", "bce"]
+    assert main([*args, "--out", str(out), "--epochs", "1", "--batch-size", "4", "-q"]) == 0
+    record = json.loads((tmp_path / "mhex.json").read_text())
+    assert record["training"]["loss"]["targets"] == "predictions"
+    last = record["training"]["history"][-1]
+    assert last["agreement"] == 1.0 and last["val_final"] == 1.0
+    explainer = MHEX.load(out, _shapes_cnn().model)
+    assert explainer.attribute(torch.rand(2, 3, 32, 32), target=[0, 3]).shape == (2, 1, 32, 32)
 
 
 # --- resume, existing output, errors --------------------------------------------------------

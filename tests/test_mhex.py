@@ -568,8 +568,9 @@ def _train_script():
 def test_full_run_of_the_shipped_recipe_keeps_the_accuracy_and_reaches_the_targets(name):
     """The zoo entry's recipe from scratch (gates and heads): accuracy and benchmark targets.
 
-    Accuracy: the gated network against the plain model on the zoo's 2048 held-out images, at
-    most one example worse (measured: ViT 0.9966 vs 0.9961, CNN 0.9839 vs 0.9844).
+    Accuracy: the network's scores are the plain model's (gates beside the path), so its
+    held-out accuracy is the model's exactly. Localisation: the standard pointing game (2 px at
+    32 px) at least 0.85 (measured: CNN 0.984, ViT 0.900), the cell-grid one at least 0.8.
     """
     script = _train_script()
     entry = script.ENTRIES[name]
@@ -582,9 +583,10 @@ def test_full_run_of_the_shipped_recipe_keeps_the_accuracy_and_reaches_the_targe
     with torch.no_grad():
         acc = script.heldout_accuracy(mhex.network.eval(), False, dk)
         base = script.heldout_accuracy(plain, False, dk)
-    assert acc >= base - 1 / 2048
+    assert acc == base
     loc = script.image_metrics(mhex, dk)
     assert loc["pointing_game"] >= 0.8 and loc["discrimination"] > 0.8
+    assert loc["pointing_game_standard"] >= 0.85
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,9 +13,12 @@ from __future__ import annotations
 import warnings
 
 import pytest
+import tiny_models
 import torch
+from method_table import TINY_CNN
 
 from captum_ext import MHEX, TrainingRecipe
+from captum_ext.adapters import adapter_for
 from captum_ext.explainers._mhex_network import _same_prediction, mhex_step
 
 timm = pytest.importorskip("timm")
@@ -101,3 +104,53 @@ def test_training_the_backbone_fits_labels_and_reports_no_agreement(data):
     )  # fmt: skip
     assert "agreement" not in history[-1]
     assert mhex.backbone_trained and mhex.training_record["train_backbone"]
+
+
+# ---------------------------------------------------------------------------------------------
+# no labels: the plain model's own predictions as targets
+
+
+@pytest.mark.parametrize(
+    "case", [TINY_CNN, tiny_models.IMAGE_MODELS[0], tiny_models.TEXT_MODELS[0]]
+)
+@pytest.mark.parametrize("objective", ["ce", "bce"])
+@pytest.mark.parametrize("gated", [False, True])
+def test_predictions_as_targets_are_the_plain_models_top1_or_set(case, objective, gated):
+    model = tiny_models.build(case, torch.float64, 0)
+    mhex = MHEX(model, gated_backbone=gated)
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # gates that change the scores: the targets must be the plain ones
+        for p in mhex.network.gates.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype))
+    x, extra = tiny_models.make_inputs(case, 5, torch.float64)
+    with torch.no_grad():
+        plain = adapter_for(model).forward(x, extra or None)
+    want = plain.argmax(1) if objective == "ce" else (plain > 0).double()
+    lam = [1.0] * len(mhex.stages)
+    got = mhex_step(mhex.network, (x, *extra), objective=objective, head_weights=lam,
+                    targets="predictions")  # fmt: skip
+    ref = mhex_step(mhex.network, (x, *extra, want), objective=objective, head_weights=lam)
+    assert got.keys() == ref.keys()
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=0)
+
+
+def test_fit_without_labels_explains_what_the_model_predicts(data):
+    """A folder of unlabelled photos is enough: images only, or (images, anything) as an
+    ImageFolder yields; validation scores the heads against the model's predictions."""
+    model, x, held_out, y = data
+    torch.manual_seed(3)
+    mhex = MHEX(model)
+    recipe = TrainingRecipe(epochs=1, batch_size=4, show_progress=False)
+    history = mhex.fit(x, recipe, targets="predictions", val_data=held_out)
+    assert history[-1]["steps"] == 2 and history[-1]["agreement"] == 1.0
+    assert history[-1]["val_final"] == 1.0  # the network's scores are the model's
+    assert 0.0 <= history[-1]["val_layer4"] <= 1.0
+    assert mhex.training_record["loss"]["targets"] == "predictions"
+    # labels after the images are ignored, as T-TAME ignores them
+    torch.manual_seed(3)
+    again = MHEX(model)
+    other = again.fit((x, y), recipe, targets="predictions", val_data=(held_out, y))
+    assert other[-1]["loss"] == history[-1]["loss"]
+    with pytest.raises(ValueError, match="targets must be 'labels' or 'predictions'"):
+        MHEX(model).fit(x, recipe, targets="model")

@@ -8,7 +8,8 @@ sub-folder per class), trains the explainer with ``fit`` and writes what ``save`
 ``MHEX.load(PATH, model)`` (and ``captum-ext explain --explainer PATH``) read back.
 
 T-TAME trains on the model's own top-1 predictions: any folder will do, labels are ignored.
-MHEX trains on labels: it needs an ``ImageFolder`` tree (a plain folder is refused).
+MHEX trains on labels: it needs an ``ImageFolder`` tree (a plain folder is refused), unless
+``--targets predictions`` trains it on the model's own predictions as T-TAME trains.
 
 The training options are the flags: every keyword argument of ``TTAME.fit`` / ``MHEX.fit``
 and every field of ``TrainingRecipe`` (:mod:`captum_ext.cli._fit_options` reads them from
@@ -68,7 +69,8 @@ data (--data DIR, read with the model's preprocessing; every image is decoded fi
   ttame   trains on the model's own top-1 predictions: a folder of images, or an
           ImageFolder tree (its labels are ignored)
   mhex    trains on labels: an ImageFolder tree, one sub-folder per class, named as the
-          model's classes (or as many sub-folders as classes, in order)
+          model's classes (or as many sub-folders as classes, in order); with
+          --targets predictions on the model's own predictions, any folder (as ttame)
 """
 
 _WRITES = """\
@@ -92,6 +94,8 @@ examples:
   captum-ext fit ttame --model zoo:shapes-cnn --data images/ --epochs 2 --batch-size 16 \\
       --checkpoint-dir ckpt/ --resume --out shapes-cnn-ttame    # after an interruption
   captum-ext fit mhex --model hf:./my-vit --data train/ --objective ce --out my-vit-mhex
+  captum-ext fit mhex --model timm:resnet50 --weights resnet50.safetensors \
+      --data photos/ --targets predictions --out resnet50-mhex
   torchrun --nproc_per_node 8 -m captum_ext.cli fit ttame --model timm:vit_small_patch16_224 \\
       --weights vit_s16.safetensors --data train/ --device cuda --out vit-ttame
   captum-ext explain --model zoo:shapes-cnn --explainer shapes-cnn-ttame --image x.png
@@ -233,7 +237,8 @@ def _folder(flag: str, source: str, loaded: LoadedModel, explainer: str, labels:
         raise CLIError(
             f"{flag} {source}: {EXPLAINERS[explainer][1]} trains on labels and this folder "
             "has none (its images are at the top level); give an ImageFolder tree, one "
-            "sub-folder of images per class"
+            "sub-folder of images per class, or train on the model's own predictions with "
+            "--targets predictions"
         )
     return _examples(data, labels, len(loaded.class_names))
 
@@ -346,7 +351,11 @@ def run(args: argparse.Namespace) -> int:
     if name == "mhex":
         default = next(o.default for o in options(name) if o.name == "objective")
         objective = fit_kwargs.get("objective", default)
-        labels = "onehot" if objective == "bce" else "index"
+        targets = fit_kwargs.get(
+            "targets", next(o.default for o in options(name) if o.name == "targets")
+        )
+        if targets == "labels":
+            labels = "onehot" if objective == "bce" else "index"
         if loaded.multi_label and objective == "ce" and main:
             print(f"note: {loaded.spec} scores classes with sigmoids (multi-label); "
                   "--objective bce trains the heads the same way")  # fmt: skip

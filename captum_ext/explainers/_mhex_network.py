@@ -41,16 +41,19 @@ __all__ = [
     "Pass",
     "Pooling",
     "Stage",
+    "Targets",
     "TokenGate",
     "TokenHead",
     "make_gate",
     "make_head",
     "mhex_step",
+    "predicted_targets",
 ]
 
 GateKind = Literal["spatial", "elementwise"]
 Layout = Literal["map", "tokens"]
 Objective = Literal["ce", "bce"]
+Targets = Literal["labels", "predictions"]
 Pooling = Literal["model", "mean"]
 _METHOD = "MHEX"
 EMBEDDINGS = "embeddings"
@@ -472,6 +475,14 @@ def _correct(logits: torch.Tensor, labels: torch.Tensor, objective: Objective) -
     return (logits.argmax(1) == labels.reshape(-1)).sum()
 
 
+def predicted_targets(plain: torch.Tensor, objective: Objective) -> torch.Tensor:
+    """Training targets from the plain model's scores ``(B, K)``: its top-1 class ``(B,)``
+    (``"ce"``) or its predicted set, multi-hot ``(B, K)`` with sigmoid > 0.5 (``"bce"``)."""
+    if objective == "bce":
+        return (plain > 0).to(plain.dtype)
+    return plain.argmax(1)
+
+
 def _same_prediction(
     logits: torch.Tensor, plain: torch.Tensor, objective: Objective
 ) -> torch.Tensor:
@@ -501,6 +512,7 @@ def mhex_step(
     objective: Objective = "ce",
     head_weights: Sequence[float],
     agreement: bool = False,
+    targets: Targets = "labels",
 ) -> dict[str, torch.Tensor]:
     """One training step's loss terms: ``L(final) + sum_l lambda_l L(head_l)``.
 
@@ -510,7 +522,8 @@ def mhex_step(
         module: The :class:`MHEXNetwork` (or a DDP wrapper of it).
         batch: ``(inputs, *extra_args, labels)``: images and labels, or ``input_ids``,
             ``attention_mask`` and labels. Labels are class indices ``(B,)`` or multi-hot
-            ``(B, K)`` (``objective="bce"``).
+            ``(B, K)`` (``objective="bce"``). With ``targets="predictions"``:
+            ``(inputs, *extra_args)``, no labels.
         objective: ``"ce"`` (softmax cross-entropy, one class per example) or ``"bce"``
             (sigmoid binary cross-entropy per class, multi-label; index labels are one-hot
             encoded).
@@ -520,16 +533,25 @@ def mhex_step(
             for ``"bce"``), measured before the step's update. With ``gated_backbone`` this
             costs one more forward pass of the model (no gradient); without, the network's
             scores are the model's and the share is 1.
+        targets: ``"labels"`` (the batch's last item) or ``"predictions"``: the plain model's
+            own predictions on the batch (:func:`predicted_targets`), as T-TAME trains.
 
     Returns:
         ``{"loss": total, "final": L(final), "head0": L(head_0), ...}`` (and ``agreement``).
     """
-    inputs, *extra, labels = batch
+    if targets == "predictions":
+        inputs, *extra = batch
+    else:
+        inputs, *extra, labels = batch
     logits, heads = module(inputs, *extra, return_heads=True)
+    plain = None
+    if targets == "predictions" or agreement:
+        plain = _plain_logits(module, logits, inputs, extra)
+    if targets == "predictions":
+        labels = predicted_targets(plain, objective)
     final = _objective_loss(logits, labels, objective)
     terms = {"final": final}
     if agreement:
-        plain = _plain_logits(module, logits, inputs, extra)
         same = _same_prediction(logits.detach(), plain, objective)
         terms["agreement"] = same.to(logits.dtype).mean()
     total = final

@@ -43,11 +43,14 @@ from captum_ext.explainers._mhex_network import (
     Objective,
     Pass,
     Pooling,
+    Targets,
     _correct,
     _num_classes,
     _objective_loss,
+    _plain_logits,
     _stages,
     mhex_step,
+    predicted_targets,
 )
 from captum_ext.explainers._mhex_network import Stage as Stage
 from captum_ext.explainers._mhex_network import make_gate as make_gate
@@ -124,7 +127,8 @@ class MHEX(TrainableExplainer):
     ``window x window`` mean over the patch grid; ``window=1``: no smoothing). Values lie in
     ``[0, 1]`` (``[-1, 1]`` with ``nonneg=False``).
 
-    **Training** (:meth:`fit`): ``L(final) + sum_l lambda_l L(head_l)`` on labels, ``L``
+    **Training** (:meth:`fit`): ``L(final) + sum_l lambda_l L(head_l)`` on labels (or, with
+    ``targets="predictions"``, on the plain model's own predictions, no labels needed), ``L``
     softmax cross-entropy (``objective="ce"``, class indices) or sigmoid binary cross-entropy
     per class (``"bce"``, multi-hot labels), ``lambda_l = 1`` by default, with the package's
     one training loop. By default the model's own weights are frozen and it stays in eval
@@ -377,14 +381,42 @@ class MHEX(TrainableExplainer):
         objective: Objective,
         head_weights: list[float],
         agreement: bool = False,
+        targets: Targets = "labels",
     ) -> dict[str, torch.Tensor]:
-        """:func:`mhex_step` on a batch checked to be ``(inputs, *extra_args, labels)``."""
-        _check_batch(batch, "MHEX.fit: each batch")
-        inputs, *extra, _ = batch
+        """:func:`mhex_step` on a batch checked to be ``(inputs, *extra_args, labels)`` (or,
+        with ``targets="predictions"``, the model's inputs: :meth:`_model_inputs`)."""
+        if targets == "predictions":
+            batch = self._model_inputs(batch, "MHEX.fit: each batch")
+            inputs, *extra = batch
+        else:
+            _check_batch(batch, "MHEX.fit: each batch")
+            inputs, *extra, _ = batch
         self.adapter.check_inputs(inputs, "MHEX.fit", tuple(extra) or None)
         return mhex_step(
-            module, batch, objective=objective, head_weights=head_weights, agreement=agreement
+            module,
+            batch,
+            objective=objective,
+            head_weights=head_weights,
+            agreement=agreement,
+            targets=targets,
         )
+
+    def _model_inputs(self, batch: Any, what: str) -> tuple[torch.Tensor, ...]:
+        """A batch without labels as the model's inputs: images (of an image model only the
+        first item is used, labels or paths after it are ignored, as T-TAME reads batches), or
+        text ``(input_ids, *extra_args)`` (every item goes to the model)."""
+        items = (batch,) if isinstance(batch, torch.Tensor) else batch
+        if not isinstance(items, tuple | list) or not items:
+            raise ValueError(f"{what} must be a tensor or a tuple of tensors; got {batch!r}.")
+        if self.adapter.modality == "image":
+            items = items[:1]
+        if not all(isinstance(t, torch.Tensor) and t.dim() for t in items):
+            kinds = ", ".join(type(t).__name__ for t in items)
+            raise ValueError(f"{what} must hold the model's input tensors; got ({kinds}).")
+        if len({t.shape[0] for t in items}) != 1:
+            shapes = ", ".join(str(tuple(t.shape)) for t in items)
+            raise ValueError(f"{what}: the inputs differ in batch size; got shapes {shapes}.")
+        return tuple(items)
 
     def fit(
         self,
@@ -395,8 +427,9 @@ class MHEX(TrainableExplainer):
         objective: Objective = "ce",
         head_weights: Sequence[float] | float | None = None,
         train_backbone: bool = False,
+        targets: Targets = "labels",
     ) -> list[dict[str, Any]]:
-        """Trains the gates and heads (and, with ``train_backbone``, the model) on labels.
+        """Trains the gates and heads (and, with ``train_backbone``, the model).
 
         Loss ``L(final) + sum_l lambda_l L(head_l)`` (:func:`mhex_step`), trained with the
         package's one training loop (:class:`~captum_ext.explainers.TrainingRecipe`: SGD with
@@ -416,20 +449,30 @@ class MHEX(TrainableExplainer):
         ``train_backbone=True`` trains everything together (e.g. a model trained with MHEX
         from the start); its weights then change, and no agreement is reported.
 
+        Targets: the data's labels (``targets="labels"``), or the plain model's own
+        predictions (``"predictions"``: its top-1 class for ``"ce"``, its predicted set for
+        ``"bce"``), computed on every batch as T-TAME trains, so that no labels are needed --
+        e.g. for a pretrained 1000-class network and a folder of unlabelled photos. The heads
+        then learn to explain what the model predicts.
+
         Args:
             data: ``Dataset``, ``DataLoader`` or tuple of tensors yielding
                 ``(inputs, *extra_args, labels)``: images and labels, or ``input_ids``,
-                ``attention_mask`` and labels.
+                ``attention_mask`` and labels. With ``targets="predictions"``: images (a
+                tensor, or a tuple whose first item is the images; the rest, e.g. labels, is
+                ignored), or ``(input_ids, *extra_args)`` for text.
             recipe: The training options; unset ``epochs``, ``batch_size`` and ``lr`` come
                 from :attr:`default_recipe` (4, 128, 0.05).
             val_data: ``(inputs, *extra_args, labels)`` tensors (or a ``Dataset``) scored after
                 every epoch: ``val_final`` and ``val_<layer>`` accuracies (set accuracy for
-                ``"bce"``, argmax accuracy for ``"ce"``).
+                ``"bce"``, argmax accuracy for ``"ce"``); with ``targets="predictions"`` laid
+                out as ``data`` and scored against the plain model's predictions.
             objective: ``"ce"`` (softmax cross-entropy; class indices ``(B,)``) or ``"bce"``
                 (sigmoid binary cross-entropy per class; multi-hot labels ``(B, K)``).
             head_weights: ``lambda_l`` per head (or one value for all), finite and ``>= 0``;
                 default 1.
             train_backbone: Train the model's parameters too (model in train mode).
+            targets: ``"labels"`` or ``"predictions"`` (see above).
 
         Returns:
             One dict per epoch: ``epoch``, ``loss``, ``final``, ``head0``, ... (epoch means,
@@ -456,12 +499,19 @@ class MHEX(TrainableExplainer):
             raise ValueError(
                 f"MHEX.fit: train_backbone must be True or False; got {train_backbone!r}."
             )
+        if targets not in ("labels", "predictions"):
+            raise ValueError(
+                f"MHEX.fit: targets must be 'labels' or 'predictions'; got {targets!r}."
+            )
         lam = self._lambdas(head_weights)
+        if isinstance(data, torch.Tensor) and targets == "predictions":
+            data = TensorDataset(data)
         if isinstance(data, tuple) and all(isinstance(t, torch.Tensor) for t in data):
             data = TensorDataset(*data)
-        _check_val_data(val_data)
+        if targets == "labels":
+            _check_val_data(val_data)
         recipe = self._recipe(recipe)
-        loss = {"objective": objective, "head_weights": lam}
+        loss = {"objective": objective, "head_weights": lam, "targets": targets}
         identity = {
             "method": "mhex",
             "format": self._format,
@@ -471,11 +521,17 @@ class MHEX(TrainableExplainer):
             "train_backbone": bool(train_backbone),
         }
         step = functools.partial(
-            self._step, objective=objective, head_weights=lam, agreement=not train_backbone
+            self._step,
+            objective=objective,
+            head_weights=lam,
+            agreement=not train_backbone,
+            targets=targets,
         )
         validate = None
         if val_data is not None:
-            validate = functools.partial(self._validate, val_data, recipe.batch_size, objective)
+            validate = functools.partial(
+                self._validate, val_data, recipe.batch_size, objective, targets
+            )
         net = self.network
         own = [*net.gates.parameters(), *net.heads.parameters()]
         backbone = list(net.model.parameters())
@@ -513,9 +569,17 @@ class MHEX(TrainableExplainer):
         return history
 
     def _validate(
-        self, val_data: Any, batch_size: int, objective: Objective, module: nn.Module
+        self,
+        val_data: Any,
+        batch_size: int,
+        objective: Objective,
+        targets: Targets,
+        module: nn.Module,
     ) -> dict[str, float]:
-        """Accuracy of the final classifier and of every head on ``val_data``."""
+        """Accuracy of the final classifier and of every head on ``val_data`` (against its
+        labels, or the plain model's predictions)."""
+        if isinstance(val_data, torch.Tensor):
+            val_data = TensorDataset(val_data)
         if isinstance(val_data, tuple | list) and all(
             isinstance(t, torch.Tensor) for t in val_data
         ):
@@ -526,8 +590,16 @@ class MHEX(TrainableExplainer):
         n = 0
         with torch.no_grad():
             for batch in loader:
-                inputs, *extra, labels = [t.to(device) for t in batch]
-                logits, heads = module(inputs, *extra, return_heads=True)
+                if targets == "predictions":
+                    batch = self._model_inputs(batch, "MHEX.fit: val_data")
+                    inputs, *extra = [t.to(device) for t in batch]
+                    logits, heads = module(inputs, *extra, return_heads=True)
+                    labels = predicted_targets(
+                        _plain_logits(module, logits, inputs, extra), objective
+                    )
+                else:
+                    inputs, *extra, labels = [t.to(device) for t in batch]
+                    logits, heads = module(inputs, *extra, return_heads=True)
                 for i, lg in enumerate([*heads, logits]):
                     hits[i] += _correct(lg, labels, objective)
                 n += labels.shape[0]
