@@ -4,7 +4,8 @@
 
 Every entry wraps a shipped zoo model (its ``backbone_model``) in :class:`captum_ext.MHEX` with
 the class's defaults (CNN: gates and heads after ``layer2``, ``layer3``, ``layer4``;
-transformers: after the embeddings and block 0; mean-pooled token heads; geometric fusion),
+transformers: after the embeddings and block 0, the ViT entry after the embeddings only;
+mean-pooled token heads; geometric fusion),
 trains gates and heads with ``MHEX.fit`` (the package's one training loop; the model's own
 weights frozen, its BatchNorm statistics untouched) on a fixed procedurally generated training
 set whose seed no other entry or test uses, and measures, on data generated with seeds never
@@ -34,7 +35,9 @@ computed.
 ViT-S/16 and a BERT-base-sized model (batch 8, one thread).
 
 Recipe: ``MHEX.fit`` defaults (4 epochs of 8192 examples, batch 128, SGD Nesterov one-cycle,
-peak lr 0.05, model frozen) except lr 0.01 for the ViT.
+peak lr 0.05, model frozen, gates feeding the heads only: the gated network's scores are the
+model's) except lr 0.01 and the embeddings as the only stage for the ViT (with block 0 fused in,
+the standard pointing game on this script's data was 0.834 against 0.900).
 
 Measured results (accuracy, localisation, AD, cost, train time, per stage, collaboration):
 ``benchmarks/results/training.md``; each entry's record holds its own.
@@ -110,7 +113,14 @@ ENTRIES: dict[str, Entry] = {
     e.name: e
     for e in (
         Entry("shapes-cnn-mhex", "shapes-cnn", "bce", 41, fit=_RECIPE),
-        Entry("shapes-vit-mhex", "shapes-vit", "bce", 42, fit={**_RECIPE, "lr": 0.01}),
+        Entry(
+            "shapes-vit-mhex",
+            "shapes-vit",
+            "bce",
+            42,
+            fit={**_RECIPE, "lr": 0.01},
+            mhex={"layers": ["embeddings"]},
+        ),
         Entry("text-bert-mhex", "text-bert", "ce", 43, fit=_RECIPE),
     )
 }
@@ -159,13 +169,17 @@ def _cells(maps: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
 
 
 def _localisation(maps: torch.Tensor, masks: torch.Tensor, grid: tuple[int, int]) -> dict:
-    """Pointing game (cells, pixels) and D (cells) of pair-ordered maps ``(2P, 1, H, W)``."""
+    """Pointing game (cells; pixels at 0 px and at the standard 2-px tolerance) and D (cells)
+    of pair-ordered maps ``(2P, 1, H, W)``."""
     cells = _cells(maps, grid)
     cmask = F.adaptive_max_pool2d(masks[:, None].float(), grid)[:, 0] > 0
     d = discrimination_score(cells[0::2], cells[1::2], cmask[0::2], cmask[1::2])
     return {
         "pointing_game": round(pointing_game(cells, cmask).nanmean().item(), 4),
         "pointing_game_pixels": round(pointing_game(maps, masks).nanmean().item(), 4),
+        "pointing_game_standard": round(
+            pointing_game(maps, masks, tolerance="standard").nanmean().item(), 4
+        ),
         "discrimination": round(d.mean().item(), 4),
     }
 

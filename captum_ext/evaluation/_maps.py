@@ -217,9 +217,7 @@ def to_pixels_bilinear(
     h, w = grids.shape[-2:]
     ph, pw = _cells((h, w), tuple(size), patch, "to_pixels_bilinear")
     g = grids[:, None] if grids.is_floating_point() else grids[:, None].float()
-    up = F.interpolate(
-        g, size=(h * ph, w * pw), mode="bilinear", align_corners=False
-    )
+    up = F.interpolate(g, size=(h * ph, w * pw), mode="bilinear", align_corners=False)
     return up[:, 0, : size[0], : size[1]]
 
 
