@@ -60,7 +60,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from captum_ext import MHEX, TAM, TTAME, TrainingRecipe, zoo  # noqa: E402
 from captum_ext.data import shapes  # noqa: E402
 from captum_ext.evaluation._bootstrap import bootstrap_ci  # noqa: E402
+from captum_ext.evaluation._maps import model_patch, to_pixels_bilinear  # noqa: E402
 from captum_ext.metrics import pointing_game  # noqa: E402
 from captum_ext.references import GradCAM  # noqa: E402
 
@@ -241,10 +242,24 @@ def _eval_pairs(model: str, n_eval: int) -> tuple[torch.Tensor, ...]:
     return b.images[pi], pc, b.masks[pi, pc], pi
 
 
-def _maps(explain: Callable[..., torch.Tensor], x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return torch.cat(
-        [explain(x[i : i + 256], target=t[i : i + 256]) for i in range(0, len(x), 256)]
-    ).float()
+def _maps(explainer: Any, x: torch.Tensor, t: torch.Tensor, model: str) -> torch.Tensor:
+    """Pixel maps ``(B, 1, H, W)``; a vision transformer's token maps upsampled bilinearly, as
+    the evaluation's standard pointing game reads every method's token grid."""
+    patch = model_patch(zoo.load(model))
+    if patch is None:
+        return torch.cat(
+            [
+                explainer.attribute(x[i : i + 256], target=t[i : i + 256])
+                for i in range(0, len(x), 256)
+            ]
+        ).float()
+    grids = torch.cat(
+        [
+            explainer.attribute(x[i : i + 256], target=t[i : i + 256], output="grid")
+            for i in range(0, len(x), 256)
+        ]
+    )
+    return to_pixels_bilinear(grids[:, 0].float(), tuple(x.shape[-2:]), patch)[:, None]
 
 
 def part_a(
@@ -301,7 +316,7 @@ def part_a(
         explainer.eval()
         x, t, masks, groups = evals[model]
         with torch.no_grad():
-            maps = _maps(explainer.attribute, x, t)
+            maps = _maps(explainer, x, t, model)
         fits.append({
             "model": model, "method": method, "n_images": n, "target_steps": s,
             "steps": actual, "epochs": epochs, "batch": batch, "lr": spec.lr,
@@ -314,12 +329,12 @@ def part_a(
             ref = GradCAM(backbone) if zoo.info(model)["family"] == "cnn" else TAM(backbone)
             name = "GradCAM" if isinstance(ref, GradCAM) else "TAM"
             refs.append({"model": model, "method": name, "kind": "no training",
-                         **score_maps(_maps(ref.attribute, x, t), masks, groups, n_boot)})  # fmt: skip
+                         **score_maps(_maps(ref, x, t, model), masks, groups, n_boot)})  # fmt: skip
             for method in methods:
                 spec = FitSpec(method, model)
                 fitted = zoo.load(f"{model}-{method}").eval()
                 with torch.no_grad():
-                    maps = _maps(fitted.attribute, x, t)
+                    maps = _maps(fitted, x, t, model)
                 refs.append({"model": model, "method": method, "kind": "zoo (full recipe)",
                              **spec.full, **score_maps(maps, masks, groups, n_boot)})  # fmt: skip
             refs.append({"model": model, "method": "constant map", "kind": "chance",
