@@ -290,8 +290,13 @@ def main() -> None:
         f"{torch.get_num_threads()} thread(s), {platform.machine()}. Main evaluation per "
         "model: " + ", ".join(f"{m} {result.meta[m]['seconds']:.0f} s" for m in models) + ".\n",
         "Every method explains every present class of every held-out image (a two-object "
-        "image gives two maps). Columns: pointing game, relevance mass and rank accuracy "
-        "against the class's mask, sparsity (share of tokens below 5 % of the max), class "
+        "image gives two maps). Columns: the pointing game of Zhang et al. (`pointing (15 px "
+        "@224)`: the map's maximum within 15 px of the object at 224 px, scaled to the image: "
+        "2 px at 32 px; maps and masks in pixels, every token-grid map upsampled bilinearly) "
+        "and on the patch grid (`pointing (patch grid)`: the maximum cell inside the pooled "
+        "mask, no tolerance; not comparable with published numbers), relevance mass and rank "
+        "accuracy against the class's mask, the signed offset of the map's peak from the "
+        "object's centre (`peak dx`, `peak dy`, px; > 0: right of / below it), sparsity (share of tokens below 5 % of the max), class "
         "discrimination D on two-object images (0.5 = class-agnostic), RISE deletion / "
         "insertion AUC, Average Drop (AD) / Increase in Confidence (IC) in % keeping 100/50/15 % "
         "of the min-max normalised map (T-TAME preset; target = the map's class, sigmoid "
@@ -306,8 +311,9 @@ def main() -> None:
         "Cells are `mean [95 % bootstrap interval]`; ↑/↓ mark the better direction. "
         "Baselines: `random` (uniform noise) and `centre Gaussian`. Captum peers on the same "
         f"model: `IntegratedGradients` ({IG_STEPS} steps, black baseline, channel sum) on every "
-        "image model, `LayerGradCam` on the CNN's last stage. T-TAME: the zoo's trained "
-        "explainer for the model (`NAME-ttame`, Ntrougkas et al. 2024), maps in [0, 1].\n",
+        "image model, `LayerGradCam` on the CNN's last stage. T-TAME and MHEX: the zoo's "
+        "trained explainers for the model (`NAME-ttame`, Ntrougkas et al. 2024; `NAME-mhex`, "
+        "Sun & Liò, this package's reconstruction), maps in [0, 1].\n",
         "## Results\n",
     ]
     parts = ["\n".join(header), result.to_markdown()]
