@@ -19,7 +19,7 @@ from method_table import TINY_CNN
 
 from captum_ext import MHEX, TrainingRecipe
 from captum_ext.adapters import adapter_for
-from captum_ext.explainers._mhex_network import _same_prediction, mhex_step
+from captum_ext.explainers._mhex_network import _correct, mhex_step, predicted_targets
 
 timm = pytest.importorskip("timm")
 
@@ -77,9 +77,11 @@ def test_agreement_is_the_share_of_same_class_or_same_set():
     a = torch.tensor([[2.0, -1.0, 0.5], [0.1, 0.3, -2.0], [-1.0, -1.0, 3.0], [1.0, 1.0, 1.0]])
     b = torch.tensor([[1.0, -3.0, -0.5], [0.2, 0.1, -1.0], [-2.0, -1.0, 1.0], [1.0, 2.0, 3.0]])
     # ce: argmax 0,1,2,0 vs 0,0,2,2 -> same, differ, same, differ
-    assert _same_prediction(a, b, "ce").tolist() == [True, False, True, False]
+    assert predicted_targets(b, "ce").tolist() == [0, 0, 2, 2]
+    assert _correct(a, predicted_targets(b, "ce"), "ce").item() == 2
     # bce: sets {0,2},{0,1},{2},{0,1,2} vs {0},{0,1},{2},{0,1,2}
-    assert _same_prediction(a, b, "bce").tolist() == [False, True, True, True]
+    assert predicted_targets(b, "bce").tolist() == [[1, 0, 0], [1, 1, 0], [0, 0, 1], [1, 1, 1]]
+    assert _correct(a, predicted_targets(b, "bce"), "bce").item() == 3
 
 
 def test_step_measures_agreement_against_the_plain_model_before_the_update(data):
@@ -154,3 +156,7 @@ def test_fit_without_labels_explains_what_the_model_predicts(data):
     assert other[-1]["loss"] == history[-1]["loss"]
     with pytest.raises(ValueError, match="targets must be 'labels' or 'predictions'"):
         MHEX(model).fit(x, recipe, targets="model")
+    with pytest.raises(ValueError, match="with train_backbone=True the model changes"):
+        MHEX(model).fit(x, recipe, targets="predictions", train_backbone=True)
+    with pytest.raises(TypeError, match="val_data must be image tensors"):
+        MHEX(model).fit(x, recipe, targets="predictions", val_data="held-out/")

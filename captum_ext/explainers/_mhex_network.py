@@ -483,16 +483,6 @@ def predicted_targets(plain: torch.Tensor, objective: Objective) -> torch.Tensor
     return plain.argmax(1)
 
 
-def _same_prediction(
-    logits: torch.Tensor, plain: torch.Tensor, objective: Objective
-) -> torch.Tensor:
-    """Per example, whether two score tensors predict the same: the same class (``"ce"``,
-    argmax) or the same set of classes (``"bce"``, sigmoid > 0.5). Bool ``(B,)``."""
-    if objective == "bce":
-        return ((logits > 0) == (plain > 0)).all(dim=1)
-    return logits.argmax(1) == plain.argmax(1)
-
-
 def _plain_logits(
     module: nn.Module, p_logits: torch.Tensor, inputs: torch.Tensor, extra: Sequence[Any]
 ) -> torch.Tensor:
@@ -551,9 +541,9 @@ def mhex_step(
         labels = predicted_targets(plain, objective)
     final = _objective_loss(logits, labels, objective)
     terms = {"final": final}
-    if agreement:
-        same = _same_prediction(logits.detach(), plain, objective)
-        terms["agreement"] = same.to(logits.dtype).mean()
+    if agreement:  # the network predicts the plain model's class (ce) or set (bce)
+        same = _correct(logits.detach(), predicted_targets(plain, objective), objective)
+        terms["agreement"] = same.to(logits.dtype) / logits.shape[0]
     total = final
     for i, (lam, h) in enumerate(zip(head_weights, heads, strict=True)):
         terms[f"head{i}"] = _objective_loss(h, labels, objective)

@@ -480,7 +480,8 @@ class MHEX(TrainableExplainer):
             ``images``, ``time_s`` and the validation numbers.
 
         Raises:
-            ValueError: A bad ``objective``, ``head_weights`` or ``train_backbone``; batches
+            ValueError: A bad ``objective``, ``head_weights``, ``train_backbone`` or
+                ``targets`` (``"predictions"`` with ``train_backbone=True``); batches
                 or ``val_data`` that are not ``(inputs, *extra_args, labels)``; images that
                 are not floating point (MHEX trains on float images as the model takes them,
                 e.g. normalised: convert uint8 images first) or hold NaN or inf; empty data.
@@ -503,6 +504,12 @@ class MHEX(TrainableExplainer):
             raise ValueError(
                 f"MHEX.fit: targets must be 'labels' or 'predictions'; got {targets!r}."
             )
+        if targets == "predictions" and train_backbone:
+            raise ValueError(
+                "MHEX.fit: targets='predictions' trains on the frozen model's own predictions; "
+                "with train_backbone=True the model changes while it sets the targets: give "
+                "labels (targets='labels')."
+            )
         lam = self._lambdas(head_weights)
         if isinstance(data, torch.Tensor) and targets == "predictions":
             data = TensorDataset(data)
@@ -510,6 +517,13 @@ class MHEX(TrainableExplainer):
             data = TensorDataset(*data)
         if targets == "labels":
             _check_val_data(val_data)
+        elif val_data is not None and not isinstance(
+            val_data, torch.Tensor | tuple | list | Dataset | DataLoader
+        ):
+            raise TypeError(
+                "MHEX.fit: val_data must be image tensors, a tuple of tensors, a Dataset or a "
+                f"DataLoader; got {type(val_data).__name__}."
+            )
         recipe = self._recipe(recipe)
         loss = {"objective": objective, "head_weights": lam, "targets": targets}
         identity = {
