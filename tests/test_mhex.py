@@ -509,7 +509,7 @@ def test_zoo_lists_the_mhex_entries_as_explainers():
         rec = zoo.info(name)
         assert rec["kind"] == "explainer" and rec["method"] == "mhex"
         assert rec["backbone_model"] == name.removesuffix("-mhex")
-        assert rec["command"] == f"python benchmarks/train_mhex.py --only {name}"
+        assert rec["command"] == f"python benchmarks/training/train_mhex.py --only {name}"
         assert rec["data"]["train"]["seed"] != FRESH_SEED
         assert rec["weights"]["bytes"] < 3_000_000
         plain = zoo.info(rec["backbone_model"])["heldout"]["accuracy"]
