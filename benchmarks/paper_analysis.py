@@ -74,6 +74,7 @@ __all__ = [
     "sign_agreement",
     "sparsity_share",
     "without_example",
+    "write_outputs",
 ]
 
 SEED = 20261206
@@ -112,8 +113,8 @@ MAP_LABELS = {
 PAPER_SOURCE = (
     "Brocki & Chung, *Class-discriminative attention maps for vision transformers*, "
     "arXiv:2312.02364v1 (2023): ImageNet validation images, DINO ViT-S/8 with a linear "
-    "head. Values as quoted in the issue; not re-checked against the paper's text (not in "
-    "the stored material searched); `None` = not found."
+    "head. Values cited secondhand, not re-checked against v1's text (not in the material "
+    "searched); not found = not in that material either (docs/cdam_paper.md)."
 )
 
 PAPER: dict[str, dict[str, float | None]] = {
@@ -140,7 +141,7 @@ ROWS: tuple[tuple[str, str, str], ...] = (
     ("sparsity", "relevance", "sparsity RP"),
     ("sparsity", "cdam", "sparsity CDAM"),
     ("object_mass", "attention_map", "object mass AM"),
-    ("object_mass", "cdam", "object mass |CDAM|"),
+    ("object_mass", "cdam", "object mass CDAM (absolute values)"),
 )
 """The rows of the paper table: (quantity, map, label)."""
 
@@ -297,8 +298,9 @@ def _grids(
     concept: tuple[Any, dict[int, Tensor]] | None,
     batch: int,
     progress: bool,
-) -> dict[str, Tensor]:
-    """Token maps ``(Np, h, w)`` of every analysed method, one per (image, class) pair."""
+) -> tuple[dict[str, Tensor], dict[str, float]]:
+    """Token maps ``(Np, h, w)`` of every analysed method, one per (image, class) pair, and
+    the seconds each method took."""
     jobs: list[tuple[str, Callable[[], Tensor]]] = []
     for name in ("cdam", "tam", "relevance", "attention_map"):
         spec = METHODS[name]
@@ -325,11 +327,12 @@ def _grids(
         cc, concepts = concept
         jobs.append(("cdam_concept", lambda: _concept_grids(cc, concepts, items, batch)))
     out: dict[str, Tensor] = {}
+    seconds: dict[str, float] = {}
     for name, fn in tqdm(jobs, desc="maps", leave=False, disable=not progress):
         t = time.perf_counter()
         out[name] = fn().detach().float().cpu()
-        out[name + "@seconds"] = torch.tensor(time.perf_counter() - t)
-    return out
+        seconds[name] = round(time.perf_counter() - t, 2)
+    return out, seconds
 
 
 # ------------------------------------------------------------------------------ analysis
@@ -374,9 +377,7 @@ def analyse_model(
         concept = (cc, concepts)
     except (TypeError, ValueError) as err:
         notes.append(f"concept CDAM skipped: {err}")
-    grids = _grids(model, items, variant_samples, concept, batch, progress)
-    seconds = {k[: -len("@seconds")]: round(float(v), 2) for k, v in grids.items() if "@" in k}
-    grids = {k: v for k, v in grids.items() if "@" not in k}
+    grids, seconds = _grids(model, items, variant_samples, concept, batch, progress)
     groups = items.groups.cpu().numpy()
     g = {k: v.reshape(v.shape[0], -1).double() for k, v in grids.items()}
     objects = _object_tokens(items).reshape(len(items.pi), -1).cpu()
@@ -560,8 +561,8 @@ CLAIMS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ),
     (
         "inherits_segmentation",
-        "CDAM inherits AM's object segmentation (|CDAM| puts no less of its mass on the "
-        "objects than AM)",
+        "CDAM inherits AM's object segmentation (CDAM's absolute values put no less of their "
+        "mass on the objects than AM)",
         ("object_mass cdam-attention_map",),
     ),
 )
@@ -697,6 +698,9 @@ def figure(result: dict[str, Any], path: Path) -> Path:
     from captum_ext.viz import cmap_for
 
     ex = result["models"][0]["example"]
+    image = ex.get("image")
+    if image is None:  # a result read back from JSON: the image is rendered again
+        image = _example_image(result["models"][0])
     panels = [
         m
         for m in (
@@ -714,7 +718,7 @@ def figure(result: dict[str, Any], path: Path) -> Path:
     fig = plt.figure(figsize=(2.0 * (len(panels) + 1), 6.2))
     gs = fig.add_gridspec(2, len(panels) + 1, height_ratios=[1.0, 1.1], hspace=0.55)
     ax = fig.add_subplot(gs[0, 0])
-    ax.imshow(np.asarray(ex["image"]), interpolation="nearest")
+    ax.imshow(np.asarray(image), interpolation="nearest")
     ax.set_title(f"image (class {ex['class']})", fontsize=8)
     ax.axis("off")
     for i, m in enumerate(panels):
@@ -787,6 +791,15 @@ def figure(result: dict[str, Any], path: Path) -> Path:
     fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)
     return path
+
+
+def _example_image(model_result: dict[str, Any]) -> list:
+    """The example's image ``(H, W, 3)`` rendered again from the model's data settings."""
+    m = model_result
+    data = shapes(m["n_images"], m["seed"], **m["data_kwargs"])
+    pi, _ = torch.nonzero(torch.as_tensor(data.labels) > 0.5, as_tuple=True)
+    img = data.images[pi[m["example"]["pair"]]]
+    return img.permute(1, 2, 0).clamp(0, 1).tolist()
 
 
 def _finite(x: Any) -> Any:
@@ -888,7 +901,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     p.add_argument("--out", default="benchmarks/results", help="output folder")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--from-json",
+        metavar="PATH",
+        help="re-render the markdown and figure of a written run (with this script's paper "
+        "values and source), without computing",
+    )
     args = p.parse_args(argv)
+    if args.from_json:
+        path = Path(args.from_json)
+        result = {**json.loads(path.read_text()), "paper": PAPER, "paper_source": PAPER_SOURCE}
+        write_outputs(result, path.parent, path.stem)
+        return result
     torch.set_num_threads(args.threads)
     if args.quick:
         args.n, args.bootstrap, args.steps, args.samples = 16, 100, 8, 4
@@ -907,9 +931,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         sys.exit(f"paper_analysis: {err}")
     argv_s = " ".join(sys.argv[1:] if argv is None else argv)
     result["run"]["command"] = f"python benchmarks/paper_analysis.py {argv_s}".rstrip()
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     stem = "paper_analysis_quick" if args.quick else "paper_analysis"
+    write_outputs(result, Path(args.out), stem)
+    print(markdown_section(result))
+    return result
+
+
+def write_outputs(result: dict[str, Any], out: Path, stem: str) -> None:
+    """Writes ``stem.md``, ``stem.json`` and ``stem.png`` into ``out`` (created if needed)."""
+    out.mkdir(parents=True, exist_ok=True)
     header = (
         f"# The CDAM paper's analysis on the zoo's ViTs\n\nCommand: `HF_HUB_OFFLINE=1 "
         f"{result['run']['command']}`  \nRun time: {result['run']['seconds']:.0f} s, CPU, "
@@ -920,8 +950,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     text = json.dumps(_json_ready(result), indent=1, ensure_ascii=False, allow_nan=False)
     (out / f"{stem}.json").write_text(text + "\n")
     figure(result, out / f"{stem}.png")
-    print(markdown_section(result))
-    return result
 
 
 if __name__ == "__main__":

@@ -203,6 +203,15 @@ def test_tiny_run_writes_markdown_json_and_figure(tiny):
     assert (out / "paper_analysis.png").stat().st_size > 10_000
 
 
+def test_from_json_renders_the_same_markdown_and_the_figure(tiny, tmp_path):
+    out, _ = tiny
+    copy = tmp_path / "paper_analysis.json"
+    copy.write_text((out / "paper_analysis.json").read_text())
+    pa.main(["--from-json", str(copy)])
+    assert (tmp_path / "paper_analysis.md").read_text() == (out / "paper_analysis.md").read_text()
+    assert (tmp_path / "paper_analysis.png").stat().st_size > 10_000
+
+
 def test_run_refuses_unknown_and_non_vit_models():
     with pytest.raises(ValueError, match="not found"):
         pa.run(["no-such-model"], n=2)
