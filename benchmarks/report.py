@@ -10,6 +10,11 @@ and prints the markdown.
 
     HF_HUB_OFFLINE=1 python benchmarks/report.py [--n 256] [--models shapes-vit ...]
         [--methods cdam tam ...] [--out benchmarks/results] [--seeds 2] [--threads 1]
+        [--paper-models shapes-vit-dino shapes-vit-fine --paper-n 512]
+
+``--paper-models`` appends the CDAM paper's analysis (``benchmarks/paper_analysis.py``) of
+those zoo ViTs on ``--paper-n`` fresh images to ``report.md`` (a section) and ``report.json``
+(``paper_analysis``), and writes its figure ``paper_analysis.png``; by default it is not run.
 
 ROAD (noisy linear imputation of every map and order) dominates the run time; ``--no-road``
 skips it, and the committed report was made with ``--n 64``. The header of ``report.md`` and
@@ -208,6 +213,24 @@ def seeds_markdown(runs: list[tuple[int, int, EvalResult]], main: EvalResult) ->
     return "\n".join(lines)
 
 
+def paper_part(
+    models: list[str], n: int, bootstrap: int, steps: int, out: Path, **settings: Any
+) -> tuple[str, dict[str, Any]]:
+    """The CDAM paper's analysis of ``models`` (``benchmarks/paper_analysis.py``): its
+    markdown section and its JSON payload (without the example image), and its figure
+    written to ``out / "paper_analysis.png"``. ``settings``: further arguments of
+    ``paper_analysis.run`` (``variant_samples``, ``concept_examples``, ``progress``)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import paper_analysis
+
+    result = paper_analysis.run(models, n=n, bootstrap=bootstrap, steps=steps, **settings)
+    out.mkdir(parents=True, exist_ok=True)
+    paper_analysis.figure(result, out / "paper_analysis.png")
+    section = paper_analysis.markdown_section(result) + "\nFigure: `paper_analysis.png`.\n"
+    payload = {**result, "models": [paper_analysis.without_example(m) for m in result["models"]]}
+    return section, payload
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=256, help="held-out items per model (main run)")
@@ -225,6 +248,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (0: leave as is)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--progress", action="store_true", help="tqdm progress bars")
+    p.add_argument(
+        "--paper-models",
+        nargs="*",
+        default=None,
+        help="zoo ViTs for the CDAM paper's analysis, appended to the report (default: none)",
+    )
+    p.add_argument("--paper-n", type=int, default=512, help="fresh images per paper model")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -279,6 +309,16 @@ def main() -> None:
     san = None
     if not args.no_sanity and SANITY_MODEL in models:
         san = sanity(SANITY_MODEL, args.sanity_images, args.device)
+    paper = None
+    if args.paper_models:
+        paper = paper_part(
+            args.paper_models,
+            args.paper_n,
+            args.bootstrap,
+            args.steps,
+            Path(args.out),
+            progress=args.progress,
+        )
     total = time.perf_counter() - t0
 
     argv = " ".join(sys.argv[1:])
@@ -321,6 +361,8 @@ def main() -> None:
         parts.append(seeds_markdown(runs, result))
     if san is not None:
         parts.append(sanity_markdown(san))
+    if paper is not None:
+        parts.append(paper[0])
     md = "\n".join(parts)
 
     out = Path(args.out)
@@ -330,6 +372,7 @@ def main() -> None:
         **result.to_dict(),
         "seeds": [{"seed": s, "n": n, **r.to_dict()} for s, n, r in runs],
         "sanity": san,
+        **({"paper_analysis": paper[1]} if paper is not None else {}),
         "run": {
             "command": f"python benchmarks/report.py {argv}".rstrip(),
             "seconds": round(total, 1),
