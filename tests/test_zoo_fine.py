@@ -1,7 +1,10 @@
 """The fine-resolution zoo entries: shapes-vit-dino (DINO backbone) and shapes-vit-fine (twin).
 
 Both are 96 px, patch-8 plain timm ViTs (a 12 x 12 token grid) with a frozen backbone and a
-linear head trained alone; they differ only in how the backbone was trained.
+linear head trained alone; they differ only in how the backbone was trained. They are built by
+``benchmarks/training/train_dino.py``; the first CPU runs missed the zoo's 0.95 bar (0.000 and
+0.687, ``benchmarks/results/training.md``), so the entries are not shipped yet and the tests
+of their files skip, saying so, until they are.
 """
 
 from __future__ import annotations
@@ -24,6 +27,10 @@ STATED = {"shapes-vit-dino": 0.95, "shapes-vit-fine": 0.95}
 FRESH_SEED = 987654  # never a training seed
 
 _MODELS: dict[str, torch.nn.Module] = {}
+SHIPPED = pytest.mark.skipif(
+    not set(NAMES) <= set(zoo.available()),
+    reason="shapes-vit-dino / shapes-vit-fine not shipped yet (train_dino.py runs below 0.95)",
+)
 
 
 def _model(name: str) -> torch.nn.Module:
@@ -41,6 +48,7 @@ def _script():
     return train_dino
 
 
+@SHIPPED
 @pytest.mark.parametrize("name", NAMES)
 def test_fine_entry_loads_as_a_96px_patch8_vit_in_eval_mode(name):
     assert name in zoo.available()
@@ -51,6 +59,7 @@ def test_fine_entry_loads_as_a_96px_patch8_vit_in_eval_mode(name):
     assert zoo.data_kwargs(name) == FINE == _script().FINE
 
 
+@SHIPPED
 @pytest.mark.parametrize("name", NAMES)
 def test_record_states_a_frozen_backbone_and_a_head_only_probe(name):
     rec = zoo.info(name)
@@ -73,6 +82,7 @@ def test_record_states_a_frozen_backbone_and_a_head_only_probe(name):
         assert rec["backbone_training"] == "supervised"
 
 
+@SHIPPED
 def test_the_twins_differ_only_in_how_the_backbone_was_trained():
     dino, fine = (zoo.info(n) for n in NAMES)
     for key in ("library", "arch", "model_kwargs", "data", "classes", "params"):
@@ -89,6 +99,7 @@ def test_the_twins_differ_only_in_how_the_backbone_was_trained():
     assert not torch.equal(a["blocks.0.attn.qkv.weight"], b["blocks.0.attn.qkv.weight"])
 
 
+@SHIPPED
 @pytest.mark.parametrize("name", NAMES)
 def test_heldout_accuracy_remeasured_on_a_slice_agrees_with_the_record(name):
     rec = zoo.info(name)
@@ -103,6 +114,7 @@ def test_heldout_accuracy_remeasured_on_a_slice_agrees_with_the_record(name):
     assert abs(acc - p) <= tol, (acc, p, tol)
 
 
+@SHIPPED
 @pytest.mark.parametrize("name", NAMES)
 def test_fresh_data_accuracy_reaches_the_stated_value_within_sampling_error(name):
     batch = shapes(256, FRESH_SEED, **zoo.data_kwargs(name))
@@ -112,6 +124,7 @@ def test_fresh_data_accuracy_reaches_the_stated_value_within_sampling_error(name
     assert acc >= STATED[name] - 4 * math.sqrt(0.05 * 0.95 / 256), acc
 
 
+@SHIPPED
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("method", [CDAM, TAM])
 def test_maps_come_out_as_12x12_grids(name, method):

@@ -122,6 +122,7 @@ class DINOConfig:
     out_dim: int = 512
     hidden_dim: int = 256
     bottleneck_dim: int = 64
+    head_bn: bool = True
     n_local: int = 4
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_scale: tuple[float, float] = (0.1, 0.4)
@@ -133,8 +134,8 @@ class DINOConfig:
 class SupervisedConfig:
     """End-to-end supervised recipe of the twin's backbone (AdamW, one-cycle cosine, flips)."""
 
-    steps: int = 1000
-    batch_size: int = 64
+    steps: int = 3000
+    batch_size: int = 32
     lr: float = 2e-3
     weight_decay: float = 0.05
 
@@ -237,14 +238,20 @@ class DINOHead(nn.Module):
         out_dim: Number of prototypes ``K`` (softmax width).
         hidden_dim: Width of the MLP's hidden layers.
         bottleneck_dim: Output width of the MLP (the normalised embedding).
+        bn: BatchNorm after the hidden linear layers (DINO's ``use_bn`` option).
     """
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int, bottleneck_dim: int) -> None:
+    def __init__(
+        self, in_dim: int, out_dim: int, hidden_dim: int, bottleneck_dim: int, bn: bool = False
+    ) -> None:
         super().__init__()
+        norm = (lambda: nn.BatchNorm1d(hidden_dim)) if bn else nn.Identity
         self.mlp = nn.Sequential(
             nn.Linear(in_dim, hidden_dim),
+            norm(),
             nn.GELU(),
             nn.Linear(hidden_dim, hidden_dim),
+            norm(),
             nn.GELU(),
             nn.Linear(hidden_dim, bottleneck_dim),
         )
@@ -445,7 +452,9 @@ def train_dino(
     import copy
 
     steps = cfg.steps if steps is None else steps
-    head = DINOHead(model.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim)
+    head = DINOHead(
+        model.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, bn=cfg.head_bn
+    )
     t_model, t_head = copy.deepcopy(model).eval(), copy.deepcopy(head)
     for p in [*t_model.parameters(), *t_head.parameters()]:
         p.requires_grad_(False)
