@@ -16,6 +16,9 @@ Two layouts are supported:
 * ``"free"``: objects of extent 6 to ``size // 2`` pixels at any position; they may straddle
   patch borders but never overlap (their bounding boxes keep a gap of at least one pixel).
 
+``min_extent`` and ``max_extent`` narrow the extent range, e.g. ``size=96, layout="free",
+min_extent=16, max_extent=40`` for objects spanning several tokens of a 12 x 12 grid.
+
 Image ``i`` depends only on ``seed`` and ``i`` (never on ``n``), and everything needed to render
 it again (background corners, noise seed, objects) is kept in ``ShapesBatch.params``, so
 :func:`render_without` can remove one object and leave every other pixel bit-identical.
@@ -178,6 +181,7 @@ def _check_args(
     min_objects: int,
     noise_std: float,
     max_extent: int | None = None,
+    min_extent: int | None = None,
 ) -> None:
     k = len(SHAPE_CLASSES)
     _check_int("n", n, 0)
@@ -232,6 +236,18 @@ def _check_args(
             raise ValueError(
                 f"max_extent must be an integer in {lo}..{hi} for layout={layout!r} "
                 f"(size={size}, patch={patch}), got {max_extent!r}"
+            )
+    if min_extent is not None:
+        lo, hi = _extent_range(layout, size, patch)
+        top = hi if max_extent is None else int(max_extent)
+        if (
+            isinstance(min_extent, bool)
+            or not isinstance(min_extent, (int, np.integer))
+            or not (lo <= min_extent <= top)
+        ):
+            raise ValueError(
+                f"min_extent must be an integer in {lo}..{top} for layout={layout!r} "
+                f"(size={size}, patch={patch}, max_extent={max_extent}), got {min_extent!r}"
             )
 
 
@@ -568,6 +584,7 @@ def _sample_chunk(
     patch: int,
     noise_std: float,
     max_extent: int | None = None,
+    min_extent: int | None = None,
 ) -> tuple[ImageParams, ...]:
     """Sample the parameters of one chunk of ``_CHUNK`` images.
 
@@ -583,6 +600,8 @@ def _sample_chunk(
     lo, hi = _extent_range(layout, size, patch)
     if max_extent is not None:
         hi = int(max_extent)
+    if min_extent is not None:
+        lo = int(min_extent)
     if layout == "aligned":
         boxes = _place_aligned(rng, n, max_objects, size, patch, lo, hi)
     else:
@@ -635,6 +654,7 @@ def shapes(
     min_objects: int = 1,
     noise_std: float = 0.03,
     max_extent: int | None = None,
+    min_extent: int | None = None,
 ) -> ShapesBatch:
     """Generate a batch of shape images with exact per-class masks.
 
@@ -658,6 +678,10 @@ def shapes(
             layout, ``size // 2`` for the free one). ``patch - 1`` on the aligned layout keeps
             a rim of background inside every cell, so that no object fills its cell (a
             plain patchifying ViT cannot tell a cell-filling square from background).
+        min_extent: Smallest object extent in pixels (default: ``min(5, patch)`` for the
+            aligned layout, 6 for the free one); at most ``max_extent``. Left at None, every
+            image renders exactly as without the argument. E.g. ``size=96, layout="free",
+            min_extent=16, max_extent=40``: objects spanning 2 to 5 tokens of a patch-8 ViT.
 
     Returns:
         The batch; ``images`` (N, 3, H, W), ``labels`` (N, K), ``masks`` (N, K, H, W).
@@ -665,12 +689,23 @@ def shapes(
     Raises:
         ValueError: If an argument is out of its supported range.
     """
-    _check_args(n, seed, layout, max_objects, size, patch, min_objects, noise_std, max_extent)
+    _check_args(
+        n, seed, layout, max_objects, size, patch, min_objects, noise_std, max_extent, min_extent
+    )
     params: list[ImageParams] = []
     for chunk in range(math.ceil(n / _CHUNK)):
         count = min(_CHUNK, n - chunk * _CHUNK)
         chunk_params = _sample_chunk(
-            seed, chunk, layout, max_objects, min_objects, size, patch, float(noise_std), max_extent
+            seed,
+            chunk,
+            layout,
+            max_objects,
+            min_objects,
+            size,
+            patch,
+            float(noise_std),
+            max_extent,
+            min_extent,
         )
         params += chunk_params[:count]
     return _batch_from_params(params, size, seed, layout, patch)
@@ -745,6 +780,7 @@ class ShapesDataset(Dataset):
         min_objects: Smallest number of objects per image.
         noise_std: Standard deviation of the pixel noise.
         max_extent: Largest object extent; see :func:`shapes`.
+        min_extent: Smallest object extent; see :func:`shapes`.
     """
 
     def __init__(
@@ -758,12 +794,24 @@ class ShapesDataset(Dataset):
         min_objects: int = 1,
         noise_std: float = 0.03,
         max_extent: int | None = None,
+        min_extent: int | None = None,
     ) -> None:
-        _check_args(n, seed, layout, max_objects, size, patch, min_objects, noise_std, max_extent)
+        _check_args(
+            n,
+            seed,
+            layout,
+            max_objects,
+            size,
+            patch,
+            min_objects,
+            noise_std,
+            max_extent,
+            min_extent,
+        )
         self.n, self.seed, self.layout = n, seed, layout
         self.max_objects, self.min_objects = max_objects, min_objects
         self.size, self.patch, self.noise_std = size, patch, noise_std
-        self.max_extent = max_extent
+        self.max_extent, self.min_extent = max_extent, min_extent
         self.classes = SHAPE_CLASSES
         self._chunks: dict[int, tuple[ImageParams, ...]] = {}
 
@@ -786,6 +834,7 @@ class ShapesDataset(Dataset):
                 self.patch,
                 float(self.noise_std),
                 self.max_extent,
+                self.min_extent,
             )
         return self._chunks[chunk][index % _CHUNK]
 

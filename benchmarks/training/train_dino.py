@@ -1,0 +1,828 @@
+"""Train the fine-resolution zoo ViTs: a DINO self-supervised backbone and its supervised twin.
+
+    python benchmarks/training/train_dino.py [--only NAME ...] [--out captum_ext/zoo/weights]
+
+Two entries on the fine benchmark data (``FINE``: 96 x 96 px, patch 8, a 12 x 12 token grid,
+free layout, 1 or 2 objects of extent 16..40 px):
+
+* ``shapes-vit-dino``: a plain patchifying timm ViT trained self-supervised with DINO
+  (Caron et al. 2021, "Emerging Properties in Self-Supervised Vision Transformers",
+  arXiv:2104.14294) on the unlabelled training images, then frozen, with a linear head trained
+  as the CDAM paper trains its head (Adam, random resized crop and horizontal flip, 10 epochs;
+  BCE on the four classes, as every shapes model).
+* ``shapes-vit-fine``: the same architecture, initialisation and training images, the
+  backbone trained end to end with the labels instead, then frozen and given a fresh linear
+  head with the same recipe. The two entries differ only in how the backbone was trained.
+
+DINO, written here (``dino_loss``, ``DINOHead``, ``train_dino``) rather than taken from a
+library: the loss and head are a few lines each, tested against the paper's equations in
+float64 (``tests/test_dino_loss.py``), and lightly would bring pytorch-lightning and its own
+augmentation stack into the training environment for nothing the zoo ships. Student and
+teacher share the architecture; the teacher is an exponential moving average of the student
+(momentum cosine from ``momentum`` to 1), its outputs are centred (centre an EMA of the batch
+mean of teacher outputs) and sharpened (temperature ``teacher_temp`` < ``student_temp``); the
+loss is the cross-entropy between teacher and student softmaxes over every pair of different
+views, the teacher seeing the 2 global crops (96 px) and the student those plus ``n_local``
+local crops (32 px, position embeddings resampled). Augmentations are batched tensor ops
+(random resized crop and flip by ``grid_sample``, colour jitter, channel permutation,
+greyscale, solarisation of the second global view), chosen so that colour, which carries no
+class information in this data, is useless for matching views.
+
+Measured accuracies, times and file sizes: ``benchmarks/results/training.md``; every record
+holds its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from train_zoo import (
+    DEFAULT_OUT,
+    HELDOUT_N,
+    HELDOUT_SEED,
+    set_accuracy,
+    whiten_patch_embed,
+)
+
+from captum_ext.checkpoint import save_checkpoint, verify_checkpoint
+from captum_ext.data import SHAPE_CLASSES, ShapesDataset
+from captum_ext.zoo._build import build_model
+
+__all__ = [
+    "ENTRIES",
+    "FINE",
+    "DINOConfig",
+    "DINOHead",
+    "FineEntry",
+    "ProbeConfig",
+    "augment_colour",
+    "dino_loss",
+    "forward_tokens",
+    "linear_probe",
+    "main",
+    "random_resized_crop",
+    "train_dino",
+    "train_entry",
+    "train_supervised",
+]
+
+FINE: dict[str, Any] = dict(
+    layout="free", max_objects=2, size=96, patch=8, min_extent=16, max_extent=40
+)
+"""Data of the fine benchmark: a 12 x 12 token grid, objects spanning 2 to 5 tokens."""
+
+_VIT = dict(
+    img_size=96,
+    patch_size=8,
+    embed_dim=64,
+    depth=4,
+    num_heads=2,
+    mlp_ratio=4.0,
+    num_classes=len(SHAPE_CLASSES),
+)
+_WHITEN = {"name": "patch-whitening", "eps": 1e-3, "n_images": 1024, "data_seed": 7}
+TRAIN_SEED = 11
+"""Data seed of the backbones' training images (unlabelled for DINO, labelled for the twin)."""
+TRAIN_N = 16384
+PROBE_SEED = 13
+PROBE_N = 4096
+
+
+@dataclass(frozen=True)
+class DINOConfig:
+    """The DINO recipe (defaults: the shipped entry's)."""
+
+    steps: int = 600
+    batch_size: int = 64
+    lr: float = 1e-3
+    min_lr: float = 1e-5
+    warmup_frac: float = 0.1
+    weight_decay: float = 0.04
+    clip_grad: float = 3.0
+    momentum: float = 0.99
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    center_momentum: float = 0.9
+    out_dim: int = 512
+    hidden_dim: int = 256
+    bottleneck_dim: int = 64
+    head_bn: bool = True
+    n_local: int = 4
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_scale: tuple[float, float] = (0.1, 0.4)
+    local_size: int = 32
+    freeze_last_layer_steps: int = 50
+
+
+@dataclass(frozen=True)
+class SupervisedConfig:
+    """End-to-end supervised recipe of the twin's backbone (AdamW, one-cycle cosine, flips)."""
+
+    steps: int = 3000
+    batch_size: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    """The linear head's recipe, as the CDAM paper trains its head.
+
+    Adam, random resized crop (``scale``) and horizontal flip, ``epochs`` epochs over
+    ``n_train`` images, BCE on the four classes. The crop scale is narrower than torchvision's
+    default (0.08..1) because the labels of a multi-object image stay true only while the crop
+    keeps every object.
+    """
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 3e-3
+    scale: tuple[float, float] = (0.6, 1.0)
+    n_train: int = PROBE_N
+    data_seed: int = PROBE_SEED
+
+
+@dataclass(frozen=True)
+class FineEntry:
+    """A fine-resolution zoo entry: backbone training (``"dino"`` or ``"supervised"``) + probe."""
+
+    name: str
+    backbone: str
+    seed: int = 0
+    dino: DINOConfig = DINOConfig()
+    supervised: SupervisedConfig = SupervisedConfig()
+    probe: ProbeConfig = ProbeConfig()
+    notes: str = ""
+
+
+ENTRIES: dict[str, FineEntry] = {
+    e.name: e
+    for e in (
+        FineEntry(
+            "shapes-vit-dino",
+            "dino",
+            notes=(
+                "Self-supervised (DINO) plain patchifying ViT at 96 px, patch 8 (12x12 tokens), "
+                "frozen, with a linear head trained alone (Adam, random resized crop + flip, "
+                "10 epochs), as in the CDAM paper. Twin: shapes-vit-fine (same architecture, "
+                "init and images, backbone trained with labels)."
+            ),
+        ),
+        FineEntry(
+            "shapes-vit-fine",
+            "supervised",
+            notes=(
+                "Supervised twin of shapes-vit-dino: same architecture, patch-whitening init, "
+                "seed and training images; the backbone trained end to end with the labels "
+                "(its head then discarded), frozen, and a fresh linear head trained with the "
+                "same recipe as shapes-vit-dino's. The two differ only in how the backbone "
+                "was trained."
+            ),
+        ),
+    )
+}
+
+
+# --------------------------------------------------------------------------------------------
+# model pieces
+
+
+def forward_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Pre-logit features ``(B, D)`` of a timm ViT for images of any size divisible by the patch.
+
+    At the model's own size this is ``forward_head(forward_features(x), pre_logits=True)``;
+    for other sizes (the local crops) the absolute position embeddings are resampled
+    (bicubic, timm's ``resample_abs_pos_embed``) to the smaller grid.
+    """
+    from timm.layers import resample_abs_pos_embed
+
+    pe = model.patch_embed
+    if tuple(x.shape[-2:]) == tuple(pe.img_size):
+        return model.forward_head(model.forward_features(x), pre_logits=True)
+    p = pe.patch_size[0]
+    grid = (x.shape[-2] // p, x.shape[-1] // p)
+    tokens = pe.proj(x).flatten(2).transpose(1, 2)
+    tokens = pe.norm(tokens)
+    prefix = model.num_prefix_tokens
+    pos = resample_abs_pos_embed(
+        model.pos_embed, grid, old_size=pe.grid_size, num_prefix_tokens=prefix
+    )
+    cls = model.cls_token.expand(x.shape[0], -1, -1)
+    tokens = torch.cat([cls, tokens], dim=1) + pos
+    tokens = model.norm_pre(model.patch_drop(model.pos_drop(tokens)))
+    tokens = model.norm(model.blocks(tokens))
+    return model.forward_head(tokens, pre_logits=True)
+
+
+class DINOHead(nn.Module):
+    """DINO projection head: a 3-layer MLP, L2 normalisation, a weight-normalised linear layer.
+
+    Args:
+        in_dim: Backbone feature width.
+        out_dim: Number of prototypes ``K`` (softmax width).
+        hidden_dim: Width of the MLP's hidden layers.
+        bottleneck_dim: Output width of the MLP (the normalised embedding).
+        bn: BatchNorm after the hidden linear layers (DINO's ``use_bn`` option).
+    """
+
+    def __init__(
+        self, in_dim: int, out_dim: int, hidden_dim: int, bottleneck_dim: int, bn: bool = False
+    ) -> None:
+        super().__init__()
+        norm = (lambda: nn.BatchNorm1d(hidden_dim)) if bn else nn.Identity
+        self.mlp = nn.Sequential(
+            nn.Linear(in_dim, hidden_dim),
+            norm(),
+            nn.GELU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            norm(),
+            nn.GELU(),
+            nn.Linear(hidden_dim, bottleneck_dim),
+        )
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        # Weight normalisation with the norm fixed at 1: the prototypes are unit vectors.
+        self.last_v = nn.Parameter(torch.empty(out_dim, bottleneck_dim))
+        nn.init.trunc_normal_(self.last_v, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits ``(B, K)`` of features ``(B, in_dim)``."""
+        z = F.normalize(self.mlp(x), dim=-1)
+        return z @ F.normalize(self.last_v, dim=-1).T
+
+
+def dino_loss(
+    student: Sequence[torch.Tensor],
+    teacher: Sequence[torch.Tensor],
+    center: torch.Tensor,
+    student_temp: float,
+    teacher_temp: float,
+) -> torch.Tensor:
+    """The DINO loss of one batch (Caron et al. 2021, eq. 2 and 3).
+
+    ``P_t = softmax((g_t - c) / tau_t)`` for every teacher view (centred and sharpened, no
+    gradient), ``P_s = softmax(g_s / tau_s)`` for every student view, and the loss is the mean
+    over the pairs of different views (teacher view ``i``, student view ``j != i``) of the
+    batch mean of ``-sum_k P_t[k] log P_s[k]``. The teacher views are the first
+    ``len(teacher)`` student views (the global crops).
+
+    Args:
+        student: Student logits per view, each ``(B, K)``; global views first.
+        teacher: Teacher logits per global view, each ``(B, K)``.
+        center: The centre ``c``, shape ``(K,)``.
+        student_temp: ``tau_s``.
+        teacher_temp: ``tau_t``.
+
+    Returns:
+        The scalar loss.
+    """
+    if len(student) < 2 or len(teacher) > len(student):
+        raise ValueError(
+            f"dino_loss needs at least 2 student views and at most as many teacher views, got "
+            f"{len(student)} student and {len(teacher)} teacher views"
+        )
+    log_s = [F.log_softmax(s / student_temp, dim=-1) for s in student]
+    p_t = [F.softmax((t - center) / teacher_temp, dim=-1).detach() for t in teacher]
+    total, terms = 0.0, 0
+    for i, pt in enumerate(p_t):
+        for j, ls in enumerate(log_s):
+            if i == j:
+                continue
+            total = total + (-(pt * ls).sum(dim=-1)).mean()
+            terms += 1
+    return total / terms
+
+
+# --------------------------------------------------------------------------------------------
+# augmentations (batched)
+
+
+def _uniform(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
+    return lo + (hi - lo) * torch.rand(n, generator=g)
+
+
+def random_resized_crop(
+    x: torch.Tensor,
+    out: int,
+    scale: tuple[float, float],
+    generator: torch.Generator,
+    ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    flip: bool = True,
+) -> torch.Tensor:
+    """Batched random resized crop (and horizontal flip with probability 1/2).
+
+    Per image: an area fraction uniform in ``scale`` and a log-uniform aspect ratio in
+    ``ratio`` (clipped to fit the image), a uniform position, resampled bilinearly to
+    ``out`` x ``out`` with ``grid_sample``.
+
+    Args:
+        x: Images ``(B, C, H, W)`` with ``H == W``.
+        out: Output side in pixels.
+        scale: Range of the crop's area as a fraction of the image.
+        generator: Random source.
+        ratio: Range of the crop's width / height.
+        flip: Mirror each crop left-right with probability 1/2.
+
+    Returns:
+        Crops ``(B, C, out, out)``.
+    """
+    b = x.shape[0]
+    area = _uniform(b, *scale, generator)
+    log_r = _uniform(b, math.log(ratio[0]), math.log(ratio[1]), generator)
+    r = log_r.exp()
+    w = (area * r).sqrt().clamp(max=1.0)  # fractions of the side
+    h = (area / r).sqrt().clamp(max=1.0)
+    cx = (torch.rand(b, generator=generator) * (1 - w) + w / 2) * 2 - 1
+    cy = (torch.rand(b, generator=generator) * (1 - h) + h / 2) * 2 - 1
+    sign = torch.ones(b)
+    if flip:
+        sign = torch.where(torch.rand(b, generator=generator) < 0.5, -1.0, 1.0)
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = w * sign
+    theta[:, 0, 2] = cx
+    theta[:, 1, 1] = h
+    theta[:, 1, 2] = cy
+    grid = F.affine_grid(theta, [b, x.shape[1], out, out], align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def augment_colour(
+    x: torch.Tensor, generator: torch.Generator, solarize: float = 0.0
+) -> torch.Tensor:
+    """Batched colour augmentation for DINO views (images in [0, 1]).
+
+    Random channel permutation, brightness and contrast jitter (factors in 0.6..1.4),
+    saturation jitter (0.8..1.2), greyscale with probability 0.2 and solarisation
+    (``1 - x`` above 0.5) with probability ``solarize``.
+    """
+    b = x.shape[0]
+    perm = torch.argsort(torch.rand(b, 3, generator=generator), dim=1)
+    x = torch.gather(x, 1, perm[:, :, None, None].expand_as(x))
+    bright = _uniform(b, 0.6, 1.4, generator)[:, None, None, None]
+    x = (x * bright).clamp(0, 1)
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    contrast = _uniform(b, 0.6, 1.4, generator)[:, None, None, None]
+    x = ((x - mean) * contrast + mean).clamp(0, 1)
+    grey = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
+    sat = _uniform(b, 0.8, 1.2, generator)[:, None, None, None]
+    x = ((x - grey) * sat + grey).clamp(0, 1)
+    to_grey = (torch.rand(b, generator=generator) < 0.2)[:, None, None, None]
+    x = torch.where(to_grey, grey.expand_as(x), x)
+    if solarize > 0:
+        sol = (torch.rand(b, generator=generator) < solarize)[:, None, None, None]
+        x = torch.where(sol & (x > 0.5), 1 - x, x)
+    return x
+
+
+def _views(x: torch.Tensor, cfg: DINOConfig, g: torch.Generator) -> list[torch.Tensor]:
+    size = x.shape[-1]
+    views = [
+        augment_colour(random_resized_crop(x, size, cfg.global_scale, g), g),
+        augment_colour(random_resized_crop(x, size, cfg.global_scale, g), g, solarize=0.2),
+    ]
+    views += [
+        augment_colour(random_resized_crop(x, cfg.local_size, cfg.local_scale, g), g)
+        for _ in range(cfg.n_local)
+    ]
+    return views
+
+
+# --------------------------------------------------------------------------------------------
+# training
+
+
+def _cosine(step: int, steps: int, base: float, final: float, warmup: int = 0) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return final + 0.5 * (base - final) * (1 + math.cos(math.pi * t))
+
+
+def _images(data: ShapesDataset, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    items = data.__getitems__(idx.tolist())
+    return torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items])
+
+
+def train_dino(
+    model: nn.Module,
+    data: ShapesDataset,
+    cfg: DINOConfig,
+    generator: torch.Generator,
+    *,
+    steps: int | None = None,
+    progress: bool = True,
+    desc: str = "dino",
+) -> list[float]:
+    """DINO self-distillation of ``model``'s backbone on the (unlabelled) images of ``data``.
+
+    The student is ``model`` (trained in place) with a :class:`DINOHead`; the teacher a copy
+    of both, updated as an EMA of the student. Labels of ``data`` are never read. The head
+    is discarded afterwards.
+
+    Args:
+        model: A timm ViT (its classifier is ignored).
+        data: The training images.
+        cfg: The recipe.
+        generator: Random source of batch order and augmentations.
+        steps: Overrides ``cfg.steps`` (tests); the schedules are stretched to it.
+        progress: Show a tqdm bar.
+        desc: Progress bar label.
+
+    Returns:
+        The loss of every step.
+    """
+    import copy
+
+    steps = cfg.steps if steps is None else steps
+    head = DINOHead(
+        model.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, bn=cfg.head_bn
+    )
+    t_model, t_head = copy.deepcopy(model).eval(), copy.deepcopy(head)
+    for p in [*t_model.parameters(), *t_head.parameters()]:
+        p.requires_grad_(False)
+    params = [p for p in [*model.parameters(), *head.parameters()] if p.requires_grad]
+    s_params = [*model.parameters(), *head.parameters()]
+    t_params = [*t_model.parameters(), *t_head.parameters()]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    opt = torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0},
+        ],
+        lr=cfg.lr,
+    )
+    center = torch.zeros(cfg.out_dim)
+    warmup = int(cfg.warmup_frac * steps)
+    freeze = min(cfg.freeze_last_layer_steps, steps // 10)
+    n = len(data)
+    order, pos = torch.randperm(n, generator=generator), 0
+    model.train()
+    losses: list[float] = []
+    bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)
+    for step in bar:
+        if pos + cfg.batch_size > n:
+            order, pos = torch.randperm(n, generator=generator), 0
+        x, _ = _images(data, order[pos : pos + cfg.batch_size])
+        pos += cfg.batch_size
+        lr = _cosine(step, steps, cfg.lr, cfg.min_lr, warmup)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        views = _views(x, cfg, generator)
+        with torch.no_grad():
+            t_out = [t_head(forward_tokens(t_model, v)) for v in views[:2]]
+        s_out = [head(forward_tokens(model, v)) for v in views]
+        loss = dino_loss(s_out, t_out, center, cfg.student_temp, cfg.teacher_temp)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if step < freeze:
+            head.last_v.grad = None
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+        opt.step()
+        m = 1 - (1 - cfg.momentum) * (math.cos(math.pi * step / steps) + 1) / 2
+        with torch.no_grad():
+            for ps, pt in zip(s_params, t_params, strict=True):
+                pt.mul_(m).add_(ps.detach(), alpha=1 - m)
+            batch_center = torch.cat(t_out).mean(0)
+            center.mul_(cfg.center_momentum).add_(batch_center, alpha=1 - cfg.center_momentum)
+        losses.append(loss.item())
+        if len(losses) % 20 == 0:
+            # Teacher entropy: ln(out_dim) = uniform collapse, 0 = one-hot collapse.
+            with torch.no_grad():
+                pt = F.softmax((t_out[0] - center) / cfg.teacher_temp, dim=-1)
+                ent = -(pt * pt.clamp_min(1e-12).log()).sum(-1).mean().item()
+                used = pt.argmax(-1).unique().numel()
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / 20:.4f}", t_ent=f"{ent:.2f}", used=used)
+    model.load_state_dict(t_model.state_dict())  # the teacher is the backbone DINO keeps
+    model.eval()
+    return losses
+
+
+def train_supervised(
+    model: nn.Module,
+    data: ShapesDataset,
+    cfg: SupervisedConfig,
+    generator: torch.Generator,
+    *,
+    steps: int | None = None,
+    progress: bool = True,
+    desc: str = "supervised",
+) -> list[float]:
+    """End-to-end BCE training (AdamW, one-cycle cosine, random horizontal flips)."""
+    steps = cfg.steps if steps is None else steps
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.1, anneal_strategy="cos"
+    )
+    n = len(data)
+    order, pos = torch.randperm(n, generator=generator), 0
+    model.train()
+    losses: list[float] = []
+    bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)
+    for _ in bar:
+        if pos + cfg.batch_size > n:
+            order, pos = torch.randperm(n, generator=generator), 0
+        x, y = _images(data, order[pos : pos + cfg.batch_size])
+        pos += cfg.batch_size
+        mirrored = torch.rand(len(x), generator=generator) < 0.5
+        x[mirrored] = x[mirrored].flip(-1)
+        loss = F.binary_cross_entropy_with_logits(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if len(losses) % 20 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / 20:.4f}")
+    model.eval()
+    return losses
+
+
+def linear_probe(
+    model: nn.Module,
+    cfg: ProbeConfig,
+    generator: torch.Generator,
+    *,
+    n_train: int | None = None,
+    epochs: int | None = None,
+    progress: bool = True,
+    desc: str = "linear-probe",
+) -> list[float]:
+    """Freeze ``model``, re-initialise its head and train the head alone (the paper's recipe).
+
+    Adam at ``cfg.lr``, batches of ``cfg.batch_size`` labelled images (seed
+    ``cfg.data_seed``), each randomly resized-cropped (``cfg.scale``) and flipped, for
+    ``cfg.epochs`` epochs; BCE on the multi-hot labels. The backbone runs in eval mode under
+    ``no_grad`` and its parameters keep ``requires_grad=False``.
+
+    Returns:
+        The loss of every step.
+    """
+    n = cfg.n_train if n_train is None else n_train
+    epochs = cfg.epochs if epochs is None else epochs
+    data = ShapesDataset(n, cfg.data_seed, **FINE)
+    model.reset_classifier(len(SHAPE_CLASSES))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    head = model.get_classifier()
+    for p in head.parameters():
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(head.parameters(), lr=cfg.lr)
+    model.eval()
+    losses: list[float] = []
+    size = FINE["size"]
+    steps_per_epoch = max(1, n // cfg.batch_size)
+    bar = tqdm(range(epochs * steps_per_epoch), desc=desc, disable=not progress, dynamic_ncols=True)
+    order, pos = torch.randperm(n, generator=generator), 0
+    for _ in bar:
+        if pos + cfg.batch_size > n:
+            order, pos = torch.randperm(n, generator=generator), 0
+        x, y = _images(data, order[pos : pos + cfg.batch_size])
+        pos += cfg.batch_size
+        x = random_resized_crop(x, size, cfg.scale, generator)
+        with torch.no_grad():
+            feats = model.forward_head(model.forward_features(x), pre_logits=True)
+        loss = F.binary_cross_entropy_with_logits(head(feats), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if len(losses) % 20 == 0:
+            bar.set_postfix(loss=f"{sum(losses[-20:]) / 20:.4f}")
+    return losses
+
+
+@torch.no_grad()
+def heldout_accuracy(model: nn.Module, seed: int = HELDOUT_SEED, n: int = HELDOUT_N) -> float:
+    """Exact-set accuracy on ``n`` fresh fine-benchmark images of ``seed``."""
+    model.eval()
+    correct = 0.0
+    for start in range(0, n, 512):
+        b = ShapesDataset(n, seed, **FINE).__getitems__(list(range(start, min(n, start + 512))))
+        x = torch.stack([i[0] for i in b])
+        y = torch.stack([i[1] for i in b])
+        correct += set_accuracy(model(x), y) * len(b)
+    return correct / n
+
+
+def _tail(losses: list[float]) -> float:
+    tail = losses[-50:]
+    return round(sum(tail) / len(tail), 5)
+
+
+def train_entry(
+    entry: FineEntry,
+    out: Path,
+    progress: bool = True,
+    cache: Path | None = None,
+    *,
+    heldout_n: int = HELDOUT_N,
+    whiten_images: int | None = None,
+) -> dict[str, Any]:
+    """Train one entry (backbone, then the linear head) and write its checkpoint.
+
+    Args:
+        entry: The entry.
+        out: Output folder of ``<name>.safetensors`` and ``<name>.json``.
+        progress: Show progress bars.
+        cache: Folder where the trained backbone is kept (``<name>.backbone.safetensors``)
+            and reused on a rerun, or None.
+        heldout_n: Held-out images (tests use fewer).
+        whiten_images: Overrides the patch-whitening image count (tests).
+
+    Returns:
+        The verified JSON record.
+    """
+    from safetensors.torch import load_file, save_file
+
+    start = time.perf_counter()
+    torch.manual_seed(entry.seed)
+    record: dict[str, Any] = {
+        "name": entry.name,
+        "family": "vit",
+        "library": "timm",
+        "arch": "vit_tiny_patch16_224",
+        "model_kwargs": _VIT,
+        "modality": "image",
+        "task": "multilabel",
+        "classes": list(SHAPE_CLASSES),
+        "data": {"generator": "shapes", "kwargs": FINE},
+    }
+    model = build_model(record)
+    whiten = _WHITEN if whiten_images is None else dict(_WHITEN, n_images=whiten_images)
+    whiten_patch_embed(model, whiten, FINE)
+    generator = torch.Generator().manual_seed(entry.seed)
+    data = ShapesDataset(TRAIN_N, TRAIN_SEED, **FINE)
+    cached = None if cache is None else cache / f"{entry.name}.backbone.safetensors"
+    t0 = time.perf_counter()
+    backbone: dict[str, Any] = {
+        "name": "backbone",
+        "data": {"kwargs": FINE, "seed": TRAIN_SEED, "n_train": TRAIN_N},
+        "init": whiten,
+    }
+    if cached is not None and cached.is_file():
+        model.load_state_dict(load_file(cached))
+        backbone["cached"] = str(cached.name)
+        losses: list[float] = []
+    elif entry.backbone == "dino":
+        losses = train_dino(model, data, entry.dino, generator, progress=progress)
+    else:
+        losses = train_supervised(model, data, entry.supervised, generator, progress=progress)
+    if cached is not None and not cached.is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, cached)
+    if entry.backbone == "dino":
+        backbone.update(
+            objective="DINO self-distillation (labels unused)",
+            trainable="all (student; the EMA teacher is kept, the DINO head discarded)",
+            recipe=asdict(entry.dino),
+            optimizer={
+                "name": "AdamW",
+                "lr": entry.dino.lr,
+                "weight_decay": entry.dino.weight_decay,
+            },
+            schedule="linear warmup, cosine to min_lr; teacher momentum cosine to 1",
+            augmentation=(
+                "2 global crops (96 px, scale 0.4..1) + n_local local crops (32 px, scale "
+                "0.1..0.4), flip, channel permutation, brightness/contrast 0.6..1.4, "
+                "saturation 0.8..1.2, greyscale p=0.2, solarisation p=0.2 (2nd global)"
+            ),
+        )
+    else:
+        backbone.update(
+            objective="multilabel (sigmoid/BCE), end to end",
+            trainable="all (its head then discarded)",
+            recipe=asdict(entry.supervised),
+            optimizer={
+                "name": "AdamW",
+                "lr": entry.supervised.lr,
+                "weight_decay": entry.supervised.weight_decay,
+            },
+            schedule={"name": "OneCycleLR", "pct_start": 0.1, "anneal_strategy": "cos"},
+            augmentation="random horizontal flip",
+        )
+    backbone["time_s"] = round(time.perf_counter() - t0, 1)
+    if losses:
+        backbone["final_loss"] = _tail(losses)
+        backbone["first_loss"] = round(losses[0], 5)
+    backbone_acc = None
+    if entry.backbone == "supervised":
+        backbone_acc = round(heldout_accuracy(model, n=heldout_n), 5)
+        backbone["heldout_accuracy_own_head"] = backbone_acc
+
+    t0 = time.perf_counter()
+    probe_losses = linear_probe(model, entry.probe, generator, progress=progress)
+    probe = {
+        "name": "linear-probe",
+        "objective": "multilabel (sigmoid/BCE)",
+        "trainable": "head only (backbone frozen, head re-initialised)",
+        "data": {"kwargs": FINE, "seed": entry.probe.data_seed, "n_train": entry.probe.n_train},
+        "epochs": entry.probe.epochs,
+        "batch_size": entry.probe.batch_size,
+        "optimizer": {"name": "Adam", "lr": entry.probe.lr},
+        "schedule": None,
+        "augmentation": f"random resized crop (scale {entry.probe.scale[0]}..{entry.probe.scale[1]}, "
+        "ratio 3/4..4/3) + random horizontal flip",
+        "final_loss": _tail(probe_losses),
+        "time_s": round(time.perf_counter() - t0, 1),
+    }
+    for p in model.parameters():
+        p.requires_grad_(False)
+    accuracy = heldout_accuracy(model, n=heldout_n)
+    seconds = time.perf_counter() - start
+    state = {k: v.detach().contiguous().float() for k, v in model.state_dict().items()}
+    import timm
+
+    record.update(
+        {
+            "params": sum(p.numel() for p in model.parameters()),
+            "backbone_frozen": True,
+            "backbone_training": entry.backbone,
+            "training": {
+                "seed": entry.seed,
+                "data_seeds": sorted({TRAIN_SEED, entry.probe.data_seed, _WHITEN["data_seed"]}),
+                "init": whiten,
+                "steps": (entry.dino.steps if entry.backbone == "dino" else entry.supervised.steps)
+                + entry.probe.epochs * (entry.probe.n_train // entry.probe.batch_size),
+                "phases": [backbone, probe],
+                "notes": entry.notes,
+            },
+            "heldout": {
+                "seed": HELDOUT_SEED,
+                "n": heldout_n,
+                "metric": "set_accuracy",
+                "accuracy": round(accuracy, 5),
+            },
+            "train_time_s": round(seconds, 1),
+            "train_threads": torch.get_num_threads(),
+            "command": f"python benchmarks/training/train_dino.py --only {entry.name}",
+            "versions": {"torch": torch.__version__, "timm": timm.__version__},
+        }
+    )
+    paths = save_checkpoint(out / entry.name, state, record)
+    return verify_checkpoint(paths.record, expect={"name": entry.name})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns 1 if an entry misses 0.95 held-out accuracy."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--only", nargs="+", choices=list(ENTRIES), help="train these entries only")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
+    p.add_argument("--cache", type=Path, default=None, help="keep/reuse trained backbones here")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument(
+        "--dino",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override DINOConfig fields (experiments; the shipped entry uses the defaults)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    failed = []
+    for name in args.only or list(ENTRIES):
+        entry = ENTRIES[name]
+        if args.dino:
+            fields = {f: type(getattr(entry.dino, f)) for f in asdict(entry.dino)}
+            over = {}
+            for item in args.dino:
+                key, value = item.split("=", 1)
+                kind = fields[key]
+                over[key] = tuple(map(float, value.split(","))) if kind is tuple else kind(value)
+            entry = replace(entry, dino=replace(entry.dino, **over))
+        rec = train_entry(entry, args.out, not args.no_progress, args.cache)
+        acc = rec["heldout"]["accuracy"]
+        print(
+            f"{name}: {rec['params']:,} params, held-out set accuracy {acc:.4f}, "
+            f"{rec['train_time_s']:.0f} s, {rec['weights']['bytes'] / 1e6:.2f} MB",
+            flush=True,
+        )
+        if acc < 0.95:
+            failed.append(name)
+    if failed:
+        print(f"below 0.95 held-out accuracy: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
