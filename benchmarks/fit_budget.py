@@ -73,6 +73,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "training"))
 sys.path.insert(0, str(HERE))
 
+from _suite_measure import _hwm_bytes, _reset_hwm  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from captum_ext import MHEX, TAM, TTAME, TrainingRecipe, zoo  # noqa: E402
@@ -355,29 +356,6 @@ def part_a(
 # part B
 
 
-def _reset_peak_rss() -> bool:
-    """Resets the process's peak RSS (``VmHWM``) where Linux allows it."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss_mb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _b_images(n: int, size: int) -> torch.Tensor:
     """``n`` procedural images (56 px free-layout shapes) upsampled bilinearly to ``size``."""
     b = shapes(n, B_SEED, layout="free", size=56)
@@ -437,14 +415,14 @@ def part_b(
                 explainer = TTAME(model) if method == "ttame" else MHEX(model)
             recipe = TrainingRecipe(epochs=epochs, batch_size=batch, show_progress=False)
             steps = epochs * -(-n // batch)
-            reset = _reset_peak_rss()
+            reset = _reset_hwm()
             t0 = time.perf_counter()
             if method == "ttame":
                 explainer.fit(images[:n], recipe)
             else:
                 explainer.fit((images[:n], labels[:n]), recipe, objective="ce")
             fit_s = time.perf_counter() - t0
-            peak = _peak_rss_mb()
+            peak = _hwm_bytes() / 2**20
         finally:
             torch.set_num_threads(base_threads)
         row: dict[str, Any] = {
