@@ -39,7 +39,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -421,6 +421,20 @@ def _images(data: ShapesDataset, idx: torch.Tensor) -> tuple[torch.Tensor, torch
     return torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items])
 
 
+def _batches(
+    data: ShapesDataset, batch_size: int, generator: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless ``(images, labels)`` batches of ``data`` in random order: a fresh permutation
+    (from ``generator``) whenever fewer than ``batch_size`` images are left in the current one."""
+    n = len(data)
+    order, pos = torch.randperm(n, generator=generator), 0
+    while True:
+        if pos + batch_size > n:
+            order, pos = torch.randperm(n, generator=generator), 0
+        yield _images(data, order[pos : pos + batch_size])
+        pos += batch_size
+
+
 def train_dino(
     model: nn.Module,
     data: ShapesDataset,
@@ -473,16 +487,11 @@ def train_dino(
     center = torch.zeros(cfg.out_dim)
     warmup = int(cfg.warmup_frac * steps)
     freeze = min(cfg.freeze_last_layer_steps, steps // 10)
-    n = len(data)
-    order, pos = torch.randperm(n, generator=generator), 0
+    batches = _batches(data, cfg.batch_size, generator)
     model.train()
     losses: list[float] = []
     bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)
-    for step in bar:
-        if pos + cfg.batch_size > n:
-            order, pos = torch.randperm(n, generator=generator), 0
-        x, _ = _images(data, order[pos : pos + cfg.batch_size])
-        pos += cfg.batch_size
+    for step, (x, _) in zip(bar, batches):
         lr = _cosine(step, steps, cfg.lr, cfg.min_lr, warmup)
         for group in opt.param_groups:
             group["lr"] = lr
@@ -532,16 +541,11 @@ def train_supervised(
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=cfg.lr, total_steps=steps, pct_start=0.1, anneal_strategy="cos"
     )
-    n = len(data)
-    order, pos = torch.randperm(n, generator=generator), 0
+    batches = _batches(data, cfg.batch_size, generator)
     model.train()
     losses: list[float] = []
     bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)
-    for _ in bar:
-        if pos + cfg.batch_size > n:
-            order, pos = torch.randperm(n, generator=generator), 0
-        x, y = _images(data, order[pos : pos + cfg.batch_size])
-        pos += cfg.batch_size
+    for _, (x, y) in zip(bar, batches):
         mirrored = torch.rand(len(x), generator=generator) < 0.5
         x[mirrored] = x[mirrored].flip(-1)
         loss = F.binary_cross_entropy_with_logits(model(x), y)
@@ -591,12 +595,7 @@ def linear_probe(
     size = FINE["size"]
     steps_per_epoch = max(1, n // cfg.batch_size)
     bar = tqdm(range(epochs * steps_per_epoch), desc=desc, disable=not progress, dynamic_ncols=True)
-    order, pos = torch.randperm(n, generator=generator), 0
-    for _ in bar:
-        if pos + cfg.batch_size > n:
-            order, pos = torch.randperm(n, generator=generator), 0
-        x, y = _images(data, order[pos : pos + cfg.batch_size])
-        pos += cfg.batch_size
+    for _, (x, y) in zip(bar, _batches(data, cfg.batch_size, generator)):
         x = random_resized_crop(x, size, cfg.scale, generator)
         with torch.no_grad():
             feats = model.forward_head(model.forward_features(x), pre_logits=True)
