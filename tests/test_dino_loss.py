@@ -123,3 +123,116 @@ def test_a_few_dino_steps_run_and_keep_the_teacher_as_backbone():
     after = model.state_dict()
     moved = [k for k in before if not torch.equal(before[k], after[k])]
     assert moved  # the EMA teacher moved towards the student
+
+
+def _convstem(td, size=32):
+    from captum_ext.zoo._build import build_model
+
+    kw = dict(td._VIT, img_size=size, embed_dim=16, depth=1, stem_chs=[8, 8, 16, 16])
+    return build_model({"arch": "zoo_vit_convstem", "library": "timm", "model_kwargs": kw})
+
+
+def test_whiten_conv_stem_gives_centred_decorrelated_unit_variance_tokens():
+    from captum_ext.data import ShapesDataset
+
+    td = _script()
+    torch.manual_seed(0)
+    model = _convstem(td)
+    data_kwargs = dict(layout="free", size=32, patch=8)
+    init = {"eps": 1e-6, "n_images": 64, "data_seed": 5}
+    td.whiten_conv_stem(model, init, data_kwargs)
+    data = ShapesDataset(64, 5, **data_kwargs)
+    x = torch.stack([data[i][0] for i in range(64)])
+    with torch.no_grad():
+        model.eval()
+        f = model.patch_embed.proj(x).permute(0, 2, 3, 1).reshape(-1, 16).double()
+    assert f.mean(0).abs().max() < 1e-4
+    cov = torch.cov(f.T)
+    assert torch.allclose(cov, torch.eye(16, dtype=torch.float64), atol=1e-2)
+    # the BatchNorm momenta are restored after the statistics pass
+    assert all(m.momentum == 0.1 for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+
+
+def test_whiten_conv_stem_refuses_a_patchifying_vit():
+    import timm
+
+    td = _script()
+    kw = dict(img_size=32, patch_size=8, embed_dim=16, depth=1, num_heads=2, num_classes=4)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, **kw)
+    with pytest.raises(ValueError, match="conv stem ending in a 1x1 Conv2d"):
+        td.whiten_conv_stem(model, {"eps": 1e-3, "n_images": 4, "data_seed": 0}, {"size": 32})
+
+
+def test_forward_tokens_on_a_conv_stem_vit_at_its_size_and_on_local_crops():
+    td = _script()
+    torch.manual_seed(0)
+    model = _convstem(td).eval()
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        own = model.forward_head(model.forward_features(x), pre_logits=True)
+        assert torch.equal(td.forward_tokens(model, x), own)
+        assert td.forward_tokens(model, torch.rand(2, 3, 16, 16)).shape == (2, 16)
+
+
+def _literal_sinkhorn(logits, temp, iterations):
+    """Sinkhorn-Knopp by explicit loops over rows and columns (float64)."""
+    n, k = logits.shape
+    q = [[math.exp(logits[i, j].item() / temp) for i in range(n)] for j in range(k)]  # K x N
+    total = sum(map(sum, q))
+    q = [[v / total for v in row] for row in q]
+    for _ in range(iterations):
+        q = [[v / sum(row) / k for v in row] for row in q]
+        cols = [sum(q[j][i] for j in range(k)) for i in range(n)]
+        q = [[q[j][i] / cols[i] / n for i in range(n)] for j in range(k)]
+    return [[q[j][i] * n for j in range(k)] for i in range(n)]
+
+
+def test_sinkhorn_knopp_matches_the_literal_loops_and_equalises_prototypes():
+    td = _script()
+    logits = torch.randn(6, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    got = td.sinkhorn_knopp(logits, temp=0.5, iterations=3)
+    want = torch.tensor(_literal_sinkhorn(logits, 0.5, 3), dtype=torch.float64)
+    assert torch.allclose(got, want, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(got.sum(1), torch.ones(6, dtype=torch.float64))
+    # Many rounds: every prototype receives the same share of the batch.
+    many = td.sinkhorn_knopp(logits, temp=0.5, iterations=200)
+    assert torch.allclose(many.sum(0), torch.full((4,), 6 / 4, dtype=torch.float64), atol=1e-6)
+
+
+def test_dino_loss_with_sinkhorn_centring_uses_the_joint_teacher_batch():
+    td = _script()
+    g = torch.Generator().manual_seed(3)
+    student = [torch.randn(3, 5, generator=g, dtype=torch.float64) for _ in range(3)]
+    teacher = [torch.randn(3, 5, generator=g, dtype=torch.float64) for _ in range(2)]
+    got = td.dino_loss(student, teacher, None, student_temp=0.1, teacher_temp=0.04)
+    p_t = td.sinkhorn_knopp(torch.cat(teacher), 0.04).split(3)
+    want, terms = 0.0, 0
+    for i, pt in enumerate(p_t):
+        for j, s in enumerate(student):
+            if i != j:
+                want += -(pt * torch.log_softmax(s / 0.1, dim=-1)).sum(-1).mean().item()
+                terms += 1
+    assert abs(got.item() - want / terms) < 1e-10
+
+
+def test_train_dino_refuses_an_unknown_centring():
+    td = _script()
+    with pytest.raises(ValueError, match="centering must be 'centre' or 'sinkhorn'"):
+        td.train_dino(None, None, td.DINOConfig(centering="mean"), torch.Generator(), steps=1)
+
+
+def test_koleo_loss_matches_the_nearest_neighbour_formula():
+    td = _script()
+    f = torch.randn(5, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    x = [row / row.norm() for row in f]
+    want = 0.0
+    for i in range(5):
+        nearest = min((x[i] - x[j]).norm().item() for j in range(5) if j != i)
+        want -= math.log(nearest + 1e-8)
+    assert abs(td.koleo_loss(f).item() - want / 5) < 1e-10
+    # Two identical rows make it large; spreading them lowers it.
+    same = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    apart = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0]])
+    assert td.koleo_loss(same) > td.koleo_loss(apart)
+    with pytest.raises(ValueError, match="at least 2 rows"):
+        td.koleo_loss(torch.ones(1, 3))

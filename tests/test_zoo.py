@@ -21,8 +21,16 @@ from captum_ext.zoo._build import WEIGHTS_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 HELDOUT_SEED = 987654
-IMAGE = ("shapes-cnn", "shapes-vit", "shapes-vit-free", "shapes-vit-linear", "shapes-vit-plain")
+IMAGE = (
+    "shapes-cnn",
+    "shapes-vit",
+    "shapes-vit-fine",
+    "shapes-vit-free",
+    "shapes-vit-linear",
+    "shapes-vit-plain",
+)
 ENTRIES = (*IMAGE, "text-bert")
+FINE = ("shapes-vit-fine",)  # 96 px, 12 x 12 tokens (benchmarks/training/train_dino.py)
 TRANSFORMERS = (*IMAGE[1:], "text-bert")
 
 _MODELS: dict[str, torch.nn.Module] = {}
@@ -75,7 +83,8 @@ def test_info_and_data_kwargs_match_the_shipped_json(name):
     assert zoo.data_kwargs(name) == shipped["data"]["kwargs"]
 
     assert rec["name"] == name
-    assert rec["command"] == f"python benchmarks/train_zoo.py --only {name}"
+    script = "training/train_dino.py" if name in FINE else "train_zoo.py"
+    assert rec["command"] == f"python benchmarks/{script} --only {name}"
     assert rec["train_time_s"] > 0
     assert rec["heldout"]["accuracy"] >= 0.95
     assert HELDOUT_SEED not in rec["training"]["data_seeds"]
@@ -136,11 +145,12 @@ def test_cdam_runs_on_every_transformer_entry(name):
         assert maps.shape == b.input_ids.shape
     else:
         assert adapter.patch_size == (8, 8)
+        size = zoo.data_kwargs(name)["size"]
         b = shapes(2, HELDOUT_SEED, **zoo.data_kwargs(name))
         maps = CDAM(model).attribute(b.images, target=0)
-        assert maps.shape == (2, 1, 32, 32)
+        assert maps.shape == (2, 1, size, size)
         grid = CDAM(model).attribute(b.images, target=0, output="grid")
-        assert grid.shape == (2, 1, 4, 4)
+        assert grid.shape == (2, 1, size // 8, size // 8)
     assert torch.isfinite(maps).all() and maps.abs().sum() > 0
 
 

@@ -5,11 +5,12 @@
 Two entries on the fine benchmark data (``FINE``: 96 x 96 px, patch 8, a 12 x 12 token grid,
 free layout, 1 or 2 objects of extent 16..40 px):
 
-* ``shapes-vit-dino``: a plain patchifying timm ViT trained self-supervised with DINO
-  (Caron et al. 2021, "Emerging Properties in Self-Supervised Vision Transformers",
-  arXiv:2104.14294) on the unlabelled training images, then frozen, with a linear head trained
-  as the CDAM paper trains its head (Adam, random resized crop and horizontal flip, 10 epochs;
-  BCE on the four classes, as every shapes model).
+* ``shapes-vit-dino``: a conv-stem timm ViT (``zoo_vit_convstem``, as ``shapes-vit``; Xiao
+  et al. 2021) trained self-supervised with DINO (Caron et al. 2021, "Emerging Properties in
+  Self-Supervised Vision Transformers", arXiv:2104.14294) on the unlabelled training images,
+  then frozen, with a linear head trained as the CDAM paper trains its head (Adam, random
+  resized crop and horizontal flip, 10 epochs; BCE on the four classes, as every shapes
+  model).
 * ``shapes-vit-fine``: the same architecture, initialisation and training images, the
   backbone trained end to end with the labels instead, then frozen and given a fresh linear
   head with the same recipe. The two entries differ only in how the backbone was trained.
@@ -57,7 +58,6 @@ from train_zoo import (
     HELDOUT_N,
     HELDOUT_SEED,
     set_accuracy,
-    whiten_patch_embed,
 )
 
 from captum_ext.checkpoint import save_checkpoint, verify_checkpoint
@@ -74,12 +74,15 @@ __all__ = [
     "augment_colour",
     "dino_loss",
     "forward_tokens",
+    "koleo_loss",
     "linear_probe",
     "main",
     "random_resized_crop",
+    "sinkhorn_knopp",
     "train_dino",
     "train_entry",
     "train_supervised",
+    "whiten_conv_stem",
 ]
 
 FINE: dict[str, Any] = dict(
@@ -95,8 +98,10 @@ _VIT = dict(
     num_heads=2,
     mlp_ratio=4.0,
     num_classes=len(SHAPE_CLASSES),
+    stem_chs=[16, 16, 32, 64],
+    stem_strides=[1, 2, 2, 2],
 )
-_WHITEN = {"name": "patch-whitening", "eps": 1e-3, "n_images": 1024, "data_seed": 7}
+_WHITEN = {"name": "stem-whitening", "eps": 1e-3, "n_images": 1024, "data_seed": 7}
 TRAIN_SEED = 11
 """Data seed of the backbones' training images (unlabelled for DINO, labelled for the twin)."""
 TRAIN_N = 16384
@@ -108,17 +113,19 @@ PROBE_N = 4096
 class DINOConfig:
     """The DINO recipe (defaults: the shipped entry's)."""
 
-    steps: int = 600
+    steps: int = 1500
     batch_size: int = 64
-    lr: float = 1e-3
+    lr: float = 2.5e-4
     min_lr: float = 1e-5
     warmup_frac: float = 0.1
     weight_decay: float = 0.04
     clip_grad: float = 3.0
     momentum: float = 0.99
     student_temp: float = 0.1
-    teacher_temp: float = 0.04
+    teacher_temp: float = 0.02
     center_momentum: float = 0.9
+    centering: str = "centre"
+    koleo: float = 0.0
     out_dim: int = 512
     hidden_dim: int = 256
     bottleneck_dim: int = 64
@@ -178,7 +185,7 @@ ENTRIES: dict[str, FineEntry] = {
             "shapes-vit-dino",
             "dino",
             notes=(
-                "Self-supervised (DINO) plain patchifying ViT at 96 px, patch 8 (12x12 tokens), "
+                "Self-supervised (DINO) conv-stem ViT at 96 px, patch 8 (12x12 tokens), "
                 "frozen, with a linear head trained alone (Adam, random resized crop + flip, "
                 "10 epochs), as in the CDAM paper. Twin: shapes-vit-fine (same architecture, "
                 "init and images, backbone trained with labels)."
@@ -188,7 +195,7 @@ ENTRIES: dict[str, FineEntry] = {
             "shapes-vit-fine",
             "supervised",
             notes=(
-                "Supervised twin of shapes-vit-dino: same architecture, patch-whitening init, "
+                "Supervised twin of shapes-vit-dino: same architecture, stem-whitening init, "
                 "seed and training images; the backbone trained end to end with the labels "
                 "(its head then discarded), frozen, and a fresh linear head trained with the "
                 "same recipe as shapes-vit-dino's. The two differ only in how the backbone "
@@ -230,6 +237,68 @@ def forward_tokens(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return model.forward_head(tokens, pre_logits=True)
 
 
+@torch.no_grad()
+def whiten_conv_stem(model: nn.Module, init: dict[str, Any], data_kwargs: dict[str, Any]) -> None:
+    """Initialise a conv-stem ViT's last (1x1) stem convolution by PCA whitening.
+
+    At random initialisation the conv-BN-ReLU blocks of the stem output positive features
+    with a large common component, so every token, and the class token after the blocks, is
+    nearly the same vector for every image (feature std across images about 0.02 against 0.2
+    across tokens): DINO then starts at its uniform-collapse fixed point and does not leave it.
+    Here the BatchNorm running statistics are first estimated on ``init["n_images"]`` images
+    (seed ``init["data_seed"]``, cumulative average), then the 1x1 convolution is set to
+    ``diag(1 / sqrt(lambda + eps)) V^T (f - mean)`` for the principal components ``V`` with
+    variances ``lambda`` of the stem features ``f`` of those images: every token feature
+    starts centred, with unit variance and decorrelated. The running statistics are kept.
+
+    Args:
+        model: A timm ``VisionTransformer`` whose ``patch_embed.proj`` is a conv stem ending
+            in a 1x1 ``Conv2d`` to ``embed_dim`` (``zoo_vit_convstem``).
+        init: ``{"eps", "n_images", "data_seed"}``.
+        data_kwargs: Keyword arguments of :class:`captum_ext.data.ShapesDataset`.
+    """
+    stem = model.patch_embed.proj
+    last = stem[-1] if isinstance(stem, nn.Sequential) else stem
+    if not (
+        isinstance(stem, nn.Sequential)
+        and isinstance(last, nn.Conv2d)
+        and last.kernel_size == (1, 1)
+    ):
+        raise ValueError(
+            f"whiten_conv_stem needs a conv stem ending in a 1x1 Conv2d, got {type(last).__name__}"
+            f" with kernel {getattr(last, 'kernel_size', None)}"
+        )
+    body = stem[:-1]
+    data = ShapesDataset(init["n_images"], init["data_seed"], **data_kwargs)
+    chunks = [
+        _images(data, torch.arange(i, min(len(data), i + 256)))[0] for i in range(0, len(data), 256)
+    ]
+    bns = [m for m in body if isinstance(m, nn.BatchNorm2d)]
+    saved = [m.momentum for m in bns]
+    try:
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average over the chunks
+        body.train()
+        for x in chunks:
+            body(x)
+    finally:
+        for m, mom in zip(bns, saved, strict=True):
+            m.momentum = mom
+    body.eval()
+    feats = torch.cat([body(x).permute(0, 2, 3, 1).reshape(-1, last.in_channels) for x in chunks])
+    feats = feats.double()
+    mean = feats.mean(0)
+    lam, vec = torch.linalg.eigh(torch.cov((feats - mean).T))  # ascending
+    d = last.out_channels
+    lam, vec = lam.flip(0)[:d], vec.flip(1)[:, :d]
+    if vec.shape[1] < d:
+        raise ValueError(f"stem width {last.in_channels} < embed_dim {d}: cannot whiten")
+    w = (vec / (lam.clamp_min(0) + init["eps"]).sqrt()).T
+    last.weight.copy_(w.reshape(last.weight.shape).float())
+    last.bias.copy_((-(w @ mean)).float())
+
+
 class DINOHead(nn.Module):
     """DINO projection head: a 3-layer MLP, L2 normalisation, a weight-normalised linear layer.
 
@@ -269,10 +338,54 @@ class DINOHead(nn.Module):
         return z @ F.normalize(self.last_v, dim=-1).T
 
 
+def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """KoLeo spreading term (DINOv2; Sablayrolles et al. 2019, arXiv:1806.03198).
+
+    ``-mean_i log(min_{j != i} ||x_i - x_j|| + eps)`` over the L2-normalised rows ``x_i`` of
+    ``features`` (``(B, D)``, ``B >= 2``): large when two images have nearly the same feature,
+    so adding it pushes the batch's features apart; it is what keeps the backbone from
+    mapping every image to one vector before the DINO loss has found features that match
+    views.
+    """
+    if features.shape[0] < 2:
+        raise ValueError(f"koleo_loss needs at least 2 rows, got {features.shape[0]}")
+    x = F.normalize(features, dim=-1)
+    d = torch.cdist(x, x)
+    d = d + torch.diag(torch.full((x.shape[0],), float("inf"), dtype=d.dtype))
+    return -(d.min(dim=1).values + eps).log().mean()
+
+
+@torch.no_grad()
+def sinkhorn_knopp(logits: torch.Tensor, temp: float, iterations: int = 3) -> torch.Tensor:
+    """Teacher probabilities with equal prototype marginals (DINOv2's Sinkhorn-Knopp centring).
+
+    ``Q = exp(logits / temp)`` (``(N, K)``), then ``iterations`` rounds of rescaling its
+    columns to sum ``1 / K`` and its rows to sum ``1 / N``; returned times ``N``, so every row
+    is a distribution over the ``K`` prototypes and, to the extent the iterations converge,
+    every prototype receives the same share of the batch (Oquab et al. 2023, arXiv:2304.07193;
+    Caron et al. 2020, SwAV). The batch itself prevents collapse, without a running centre.
+
+    Args:
+        logits: Teacher logits of every image of every global view, ``(N, K)``.
+        temp: The teacher temperature ``tau_t``.
+        iterations: Sinkhorn rounds (DINOv2: 3).
+
+    Returns:
+        ``(N, K)`` probabilities (rows sum to 1).
+    """
+    q = ((logits - logits.max()) / temp).exp().T  # (K, N)
+    k, n = q.shape
+    q = q / q.sum()
+    for _ in range(iterations):
+        q = q / q.sum(dim=1, keepdim=True) / k
+        q = q / q.sum(dim=0, keepdim=True) / n
+    return (q * n).T
+
+
 def dino_loss(
     student: Sequence[torch.Tensor],
     teacher: Sequence[torch.Tensor],
-    center: torch.Tensor,
+    center: torch.Tensor | None,
     student_temp: float,
     teacher_temp: float,
 ) -> torch.Tensor:
@@ -282,12 +395,14 @@ def dino_loss(
     gradient), ``P_s = softmax(g_s / tau_s)`` for every student view, and the loss is the mean
     over the pairs of different views (teacher view ``i``, student view ``j != i``) of the
     batch mean of ``-sum_k P_t[k] log P_s[k]``. The teacher views are the first
-    ``len(teacher)`` student views (the global crops).
+    ``len(teacher)`` student views (the global crops). With ``center=None`` the teacher
+    probabilities come from :func:`sinkhorn_knopp` over all teacher views of the batch
+    instead (DINOv2's centring).
 
     Args:
         student: Student logits per view, each ``(B, K)``; global views first.
         teacher: Teacher logits per global view, each ``(B, K)``.
-        center: The centre ``c``, shape ``(K,)``.
+        center: The centre ``c``, shape ``(K,)``, or None for Sinkhorn-Knopp centring.
         student_temp: ``tau_s``.
         teacher_temp: ``tau_t``.
 
@@ -300,7 +415,10 @@ def dino_loss(
             f"{len(student)} student and {len(teacher)} teacher views"
         )
     log_s = [F.log_softmax(s / student_temp, dim=-1) for s in student]
-    p_t = [F.softmax((t - center) / teacher_temp, dim=-1).detach() for t in teacher]
+    if center is None:
+        p_t = list(sinkhorn_knopp(torch.cat(list(teacher)), teacher_temp).split(len(teacher[0])))
+    else:
+        p_t = [F.softmax((t - center) / teacher_temp, dim=-1).detach() for t in teacher]
     total, terms = 0.0, 0
     for i, pt in enumerate(p_t):
         for j, ls in enumerate(log_s):
@@ -466,10 +584,14 @@ def train_dino(
     import copy
 
     steps = cfg.steps if steps is None else steps
+    if cfg.centering not in ("centre", "sinkhorn"):
+        raise ValueError(f"centering must be 'centre' or 'sinkhorn', got {cfg.centering!r}")
     head = DINOHead(
         model.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, bn=cfg.head_bn
     )
-    t_model, t_head = copy.deepcopy(model).eval(), copy.deepcopy(head)
+    # The teacher runs in train mode, as in DINO: its BatchNorms (conv stem, head) normalise
+    # with batch statistics and keep their own running statistics, which the backbone keeps.
+    t_model, t_head = copy.deepcopy(model).train(), copy.deepcopy(head).train()
     for p in [*t_model.parameters(), *t_head.parameters()]:
         p.requires_grad_(False)
     params = [p for p in [*model.parameters(), *head.parameters()] if p.requires_grad]
@@ -498,8 +620,12 @@ def train_dino(
         views = _views(x, cfg, generator)
         with torch.no_grad():
             t_out = [t_head(forward_tokens(t_model, v)) for v in views[:2]]
-        s_out = [head(forward_tokens(model, v)) for v in views]
-        loss = dino_loss(s_out, t_out, center, cfg.student_temp, cfg.teacher_temp)
+        feats = [forward_tokens(model, v) for v in views]
+        s_out = [head(f) for f in feats]
+        sk = cfg.centering == "sinkhorn"
+        loss = dino_loss(s_out, t_out, None if sk else center, cfg.student_temp, cfg.teacher_temp)
+        if cfg.koleo > 0:  # on the global views' backbone features, as DINOv2
+            loss = loss + cfg.koleo * (koleo_loss(feats[0]) + koleo_loss(feats[1])) / 2
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if step < freeze:
@@ -516,7 +642,11 @@ def train_dino(
         if len(losses) % 20 == 0:
             # Teacher entropy: ln(out_dim) = uniform collapse, 0 = one-hot collapse.
             with torch.no_grad():
-                pt = F.softmax((t_out[0] - center) / cfg.teacher_temp, dim=-1)
+                pt = (
+                    sinkhorn_knopp(torch.cat(t_out), cfg.teacher_temp)[: len(t_out[0])]
+                    if sk
+                    else F.softmax((t_out[0] - center) / cfg.teacher_temp, dim=-1)
+                )
                 ent = -(pt * pt.clamp_min(1e-12).log()).sum(-1).mean().item()
                 used = pt.argmax(-1).unique().numel()
             bar.set_postfix(loss=f"{sum(losses[-20:]) / 20:.4f}", t_ent=f"{ent:.2f}", used=used)
@@ -645,7 +775,7 @@ def train_entry(
         cache: Folder where the trained backbone is kept (``<name>.backbone.safetensors``)
             and reused on a rerun, or None.
         heldout_n: Held-out images (tests use fewer).
-        whiten_images: Overrides the patch-whitening image count (tests).
+        whiten_images: Overrides the stem-whitening image count (tests).
 
     Returns:
         The verified JSON record.
@@ -658,7 +788,7 @@ def train_entry(
         "name": entry.name,
         "family": "vit",
         "library": "timm",
-        "arch": "vit_tiny_patch16_224",
+        "arch": "zoo_vit_convstem",
         "model_kwargs": _VIT,
         "modality": "image",
         "task": "multilabel",
@@ -667,7 +797,7 @@ def train_entry(
     }
     model = build_model(record)
     whiten = _WHITEN if whiten_images is None else dict(_WHITEN, n_images=whiten_images)
-    whiten_patch_embed(model, whiten, FINE)
+    whiten_conv_stem(model, whiten, FINE)
     generator = torch.Generator().manual_seed(entry.seed)
     data = ShapesDataset(TRAIN_N, TRAIN_SEED, **FINE)
     cached = None if cache is None else cache / f"{entry.name}.backbone.safetensors"
