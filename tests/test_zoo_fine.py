@@ -123,3 +123,22 @@ def test_train_entry_runs_end_to_end_on_a_tiny_recipe(tmp_path):
     assert (tmp_path / "tiny-dino.safetensors").is_file()
     model = zoo.load("tiny-dino", directory=tmp_path)
     assert model(torch.rand(1, 3, 96, 96)).shape == (1, 4)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device present")
+def test_train_entry_on_cuda_writes_a_cpu_loadable_checkpoint(tmp_path):
+    td = _script()
+    entry = td.FineEntry(
+        "tiny-dino-cuda",
+        "dino",
+        dino=td.DINOConfig(steps=2, batch_size=4, out_dim=16, hidden_dim=16, bottleneck_dim=8),
+        probe=td.ProbeConfig(epochs=1, batch_size=4, n_train=8),
+    )
+    rec = td.train_entry(
+        entry, tmp_path, progress=False, heldout_n=16, whiten_images=16, device="cuda"
+    )
+    assert rec["train_device"] == "cuda"
+    model = zoo.load("tiny-dino-cuda", directory=tmp_path)
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert model(torch.rand(1, 3, 96, 96)).shape == (1, 4)

@@ -586,9 +586,10 @@ def train_dino(
     steps = cfg.steps if steps is None else steps
     if cfg.centering not in ("centre", "sinkhorn"):
         raise ValueError(f"centering must be 'centre' or 'sinkhorn', got {cfg.centering!r}")
+    device = next(model.parameters()).device
     head = DINOHead(
         model.embed_dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, bn=cfg.head_bn
-    )
+    ).to(device)
     # The teacher runs in train mode, as in DINO: its BatchNorms (conv stem, head) normalise
     # with batch statistics and keep their own running statistics, which the backbone keeps.
     t_model, t_head = copy.deepcopy(model).train(), copy.deepcopy(head).train()
@@ -606,7 +607,7 @@ def train_dino(
         ],
         lr=cfg.lr,
     )
-    center = torch.zeros(cfg.out_dim)
+    center = torch.zeros(cfg.out_dim, device=device)
     warmup = int(cfg.warmup_frac * steps)
     freeze = min(cfg.freeze_last_layer_steps, steps // 10)
     batches = _batches(data, cfg.batch_size, generator)
@@ -617,7 +618,8 @@ def train_dino(
         lr = _cosine(step, steps, cfg.lr, cfg.min_lr, warmup)
         for group in opt.param_groups:
             group["lr"] = lr
-        views = _views(x, cfg, generator)
+        # Augmented on the CPU (one random stream on every device), then moved.
+        views = [v.to(device) for v in _views(x, cfg, generator)]
         with torch.no_grad():
             t_out = [t_head(forward_tokens(t_model, v)) for v in views[:2]]
         feats = [forward_tokens(model, v) for v in views]
@@ -675,9 +677,11 @@ def train_supervised(
     model.train()
     losses: list[float] = []
     bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)
+    device = next(model.parameters()).device
     for _, (x, y) in zip(bar, batches):
         mirrored = torch.rand(len(x), generator=generator) < 0.5
         x[mirrored] = x[mirrored].flip(-1)
+        x, y = x.to(device), y.to(device)
         loss = F.binary_cross_entropy_with_logits(model(x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -713,10 +717,11 @@ def linear_probe(
     n = cfg.n_train if n_train is None else n_train
     epochs = cfg.epochs if epochs is None else epochs
     data = ShapesDataset(n, cfg.data_seed, **FINE)
+    device = next(model.parameters()).device
     model.reset_classifier(len(SHAPE_CLASSES))
     for p in model.parameters():
         p.requires_grad_(False)
-    head = model.get_classifier()
+    head = model.get_classifier().to(device)
     for p in head.parameters():
         p.requires_grad_(True)
     opt = torch.optim.Adam(head.parameters(), lr=cfg.lr)
@@ -726,7 +731,8 @@ def linear_probe(
     steps_per_epoch = max(1, n // cfg.batch_size)
     bar = tqdm(range(epochs * steps_per_epoch), desc=desc, disable=not progress, dynamic_ncols=True)
     for _, (x, y) in zip(bar, _batches(data, cfg.batch_size, generator)):
-        x = random_resized_crop(x, size, cfg.scale, generator)
+        x = random_resized_crop(x, size, cfg.scale, generator).to(device)
+        y = y.to(device)
         with torch.no_grad():
             feats = model.forward_head(model.forward_features(x), pre_logits=True)
         loss = F.binary_cross_entropy_with_logits(head(feats), y)
@@ -743,12 +749,13 @@ def linear_probe(
 def heldout_accuracy(model: nn.Module, seed: int = HELDOUT_SEED, n: int = HELDOUT_N) -> float:
     """Exact-set accuracy on ``n`` fresh fine-benchmark images of ``seed``."""
     model.eval()
+    device = next(model.parameters()).device
     correct = 0.0
     for start in range(0, n, 512):
         b = ShapesDataset(n, seed, **FINE).__getitems__(list(range(start, min(n, start + 512))))
-        x = torch.stack([i[0] for i in b])
+        x = torch.stack([i[0] for i in b]).to(device)
         y = torch.stack([i[1] for i in b])
-        correct += set_accuracy(model(x), y) * len(b)
+        correct += set_accuracy(model(x).cpu(), y) * len(b)
     return correct / n
 
 
@@ -765,6 +772,7 @@ def train_entry(
     *,
     heldout_n: int = HELDOUT_N,
     whiten_images: int | None = None,
+    device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
     """Train one entry (backbone, then the linear head) and write its checkpoint.
 
@@ -776,6 +784,9 @@ def train_entry(
             and reused on a rerun, or None.
         heldout_n: Held-out images (tests use fewer).
         whiten_images: Overrides the stem-whitening image count (tests).
+        device: Where the networks train (``"cpu"``, ``"cuda"``); the initialisation and the
+            augmentations run on the CPU, so the random stream is the same on every device
+            (the results are not bit-identical across devices: kernels differ).
 
     Returns:
         The verified JSON record.
@@ -798,6 +809,7 @@ def train_entry(
     model = build_model(record)
     whiten = _WHITEN if whiten_images is None else dict(_WHITEN, n_images=whiten_images)
     whiten_conv_stem(model, whiten, FINE)
+    model.to(device)
     generator = torch.Generator().manual_seed(entry.seed)
     data = ShapesDataset(TRAIN_N, TRAIN_SEED, **FINE)
     cached = None if cache is None else cache / f"{entry.name}.backbone.safetensors"
@@ -808,7 +820,7 @@ def train_entry(
         "init": whiten,
     }
     if cached is not None and cached.is_file():
-        model.load_state_dict(load_file(cached))
+        model.load_state_dict(load_file(cached, device=str(device)))
         backbone["cached"] = str(cached.name)
         losses: list[float] = []
     elif entry.backbone == "dino":
@@ -817,7 +829,7 @@ def train_entry(
         losses = train_supervised(model, data, entry.supervised, generator, progress=progress)
     if cached is not None and not cached.is_file():
         cached.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, cached)
+        save_file({k: v.cpu().contiguous() for k, v in model.state_dict().items()}, cached)
     if entry.backbone == "dino":
         backbone.update(
             objective="DINO self-distillation (labels unused)",
@@ -877,7 +889,7 @@ def train_entry(
         p.requires_grad_(False)
     accuracy = heldout_accuracy(model, n=heldout_n)
     seconds = time.perf_counter() - start
-    state = {k: v.detach().contiguous().float() for k, v in model.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous().float() for k, v in model.state_dict().items()}
     import timm
 
     record.update(
@@ -902,6 +914,7 @@ def train_entry(
             },
             "train_time_s": round(seconds, 1),
             "train_threads": torch.get_num_threads(),
+            "train_device": torch.device(device).type,
             "command": f"python benchmarks/training/train_dino.py --only {entry.name}",
             "versions": {"torch": torch.__version__, "timm": timm.__version__},
         }
@@ -917,6 +930,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
     p.add_argument("--cache", type=Path, default=None, help="keep/reuse trained backbones here")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument(
         "--dino",
         nargs="*",
@@ -938,7 +952,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 kind = fields[key]
                 over[key] = tuple(map(float, value.split(","))) if kind is tuple else kind(value)
             entry = replace(entry, dino=replace(entry.dino, **over))
-        rec = train_entry(entry, args.out, not args.no_progress, args.cache)
+        rec = train_entry(entry, args.out, not args.no_progress, args.cache, device=args.device)
         acc = rec["heldout"]["accuracy"]
         print(
             f"{name}: {rec['params']:,} params, held-out set accuracy {acc:.4f}, "
