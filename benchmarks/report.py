@@ -10,11 +10,13 @@ and prints the markdown.
 
     HF_HUB_OFFLINE=1 python benchmarks/report.py [--n 256] [--models shapes-vit ...]
         [--methods cdam tam ...] [--out benchmarks/results] [--seeds 2] [--threads 1]
-        [--paper-models shapes-vit-dino shapes-vit-fine --paper-n 512]
+        [--paper-models shapes-vit-dino shapes-vit-fine --paper-n 512 | --paper-json PATH]
 
 ``--paper-models`` appends the CDAM paper's analysis (``benchmarks/paper_analysis.py``) of
 those zoo ViTs on ``--paper-n`` fresh images to ``report.md`` (a section) and ``report.json``
 (``paper_analysis``), and writes its figure ``paper_analysis.png``; by default it is not run.
+``--paper-json PATH`` appends a stored run of ``paper_analysis.py`` instead (its JSON; the
+section names that run's command), so the analysis is not computed twice.
 
 ROAD (noisy linear imputation of every map and order) dominates the run time; ``--no-road``
 skips it, and the committed report was made with ``--n 64``. The header of ``report.md`` and
@@ -224,9 +226,46 @@ def paper_part(
     import paper_analysis
 
     result = paper_analysis.run(models, n=n, bootstrap=bootstrap, steps=steps, **settings)
+    return _paper_outputs(paper_analysis, result, out, "")
+
+
+def paper_json_part(path: Path, out: Path) -> tuple[str, dict[str, Any]]:
+    """:func:`paper_part` of a stored ``benchmarks/paper_analysis.py`` run (its JSON), without
+    recomputing: the section names the run's own command, and the figure is re-rendered.
+
+    Raises:
+        SystemExit: ``path`` is missing or not a paper-analysis JSON (one line).
+    """
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import paper_analysis
+
+    try:
+        stored = json.loads(Path(path).read_text(encoding="utf-8"))
+        models, run = stored["models"], stored["run"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        sys.exit(f"--paper-json {path}: not a paper_analysis.py result ({err})")
+    result = {
+        **stored,
+        "models": models,
+        "paper": paper_analysis.PAPER,
+        "paper_source": paper_analysis.PAPER_SOURCE,
+    }
+    note = (
+        f"Computed by `HF_HUB_OFFLINE=1 {run['command']}` ({run['seconds']:.0f} s, "
+        f"{run['threads']} thread(s)) and included from `{Path(path).name}`, not rerun here.\n\n"
+    )
+    return _paper_outputs(paper_analysis, result, out, note)
+
+
+def _paper_outputs(
+    paper_analysis: Any, result: dict[str, Any], out: Path, note: str
+) -> tuple[str, dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
     paper_analysis.figure(result, out / "paper_analysis.png")
     section = paper_analysis.markdown_section(result) + "\nFigure: `paper_analysis.png`.\n"
+    if note:
+        head, _, rest = section.partition("\n\n")
+        section = f"{head}\n\n{note}{rest}"
     payload = {**result, "models": [paper_analysis.without_example(m) for m in result["models"]]}
     return section, payload
 
@@ -255,7 +294,15 @@ def main() -> None:
         help="zoo ViTs for the CDAM paper's analysis, appended to the report (default: none)",
     )
     p.add_argument("--paper-n", type=int, default=512, help="fresh images per paper model")
+    p.add_argument(
+        "--paper-json",
+        metavar="PATH",
+        default=None,
+        help="append a stored paper_analysis.py result (its JSON) instead of --paper-models",
+    )
     args = p.parse_args()
+    if args.paper_json and args.paper_models:
+        sys.exit("give --paper-models (compute) or --paper-json (include a stored run), not both")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -310,7 +357,9 @@ def main() -> None:
     if not args.no_sanity and SANITY_MODEL in models:
         san = sanity(SANITY_MODEL, args.sanity_images, args.device)
     paper = None
-    if args.paper_models:
+    if args.paper_json:
+        paper = paper_json_part(Path(args.paper_json), Path(args.out))
+    elif args.paper_models:
         paper = paper_part(
             args.paper_models,
             args.paper_n,

@@ -235,3 +235,23 @@ def test_report_paper_part_returns_the_section_and_payload(tmp_path):
     assert "example" not in payload["models"][0]
     assert (tmp_path / "paper_analysis.png").is_file()
     json.dumps(payload["models"][0]["quantities"], allow_nan=True)
+
+
+def test_report_paper_json_part_includes_a_stored_run_without_recomputing(tiny, tmp_path):
+    report = _import("report")
+    out, _ = tiny
+    md, payload = report.paper_json_part(out / "paper_analysis.json", tmp_path)
+    assert md.startswith("## The CDAM paper's analysis\n\nComputed by `HF_HUB_OFFLINE=1 python")
+    assert "--n 6" in md and "not rerun here" in md
+    # the same tables as the stored run's own markdown
+    stored = (out / "paper_analysis.md").read_text()
+    assert "| r(CDAM, TAM) | 0.44 |" in md
+    table = [line for line in stored.splitlines() if line.startswith("| r(CDAM, TAM)")]
+    assert table and table[0] in md
+    assert payload["models"][0]["model"] == "shapes-vit-linear"
+    assert "example" not in payload["models"][0]
+    assert (tmp_path / "paper_analysis.png").stat().st_size > 10_000
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(SystemExit, match=r"not a paper_analysis\.py result"):
+        report.paper_json_part(bad, tmp_path)
