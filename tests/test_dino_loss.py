@@ -236,3 +236,21 @@ def test_koleo_loss_matches_the_nearest_neighbour_formula():
     assert td.koleo_loss(same) > td.koleo_loss(apart)
     with pytest.raises(ValueError, match="at least 2 rows"):
         td.koleo_loss(torch.ones(1, 3))
+
+
+def test_dino_probe_script_runs_a_step_and_reports_accuracies(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks" / "training"))
+    try:
+        import dino_probe
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks" / "training"))
+    log = tmp_path / "runs.jsonl"
+    argv = ["--steps", "1", "--probe-n", "32", "16", "--log", str(log), "--tag", "t"]
+    argv += ["batch_size=4", "out_dim=16", "n_local=2", "global_scale=0.5,1"]
+    result = dino_probe.main(argv)
+    assert result["overrides"]["global_scale"] == (0.5, 1.0)
+    for key in ("probe_train", "probe_test", "label_test"):
+        assert 0.0 <= result[key] <= 1.0
+    assert log.read_text().count("\n") == 1
+    with pytest.raises(SystemExit):
+        dino_probe.main(["--steps", "0", "no_such_field=1"])
