@@ -85,7 +85,7 @@ SPARSITY_THRESHOLD = 0.05
 """A token is near zero when ``|s| < SPARSITY_THRESHOLD * max |s|`` (of its map)."""
 
 FINE_MODELS = ("shapes-vit-dino", "shapes-vit-fine")
-"""The default models when the zoo has them (the paper's setting at a fine token grid)."""
+"""The default models, those of them the zoo has (the paper's setting at a fine token grid)."""
 
 FALLBACK_MODELS = ("shapes-vit-linear",)
 
@@ -829,10 +829,10 @@ def _json_ready(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def default_models() -> list[str]:
-    """The two fine-grid models when the zoo has them, else :data:`FALLBACK_MODELS`."""
+    """The fine-grid models the zoo has (:data:`FINE_MODELS`), else :data:`FALLBACK_MODELS`."""
     available = zoo.available()
     fine = [m for m in FINE_MODELS if m in available]
-    return fine if len(fine) == len(FINE_MODELS) else list(FALLBACK_MODELS)
+    return fine or list(FALLBACK_MODELS)
 
 
 def run(
@@ -884,7 +884,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "--models",
         nargs="*",
         default=None,
-        help=f"zoo names (default: {', '.join(FINE_MODELS)} when present, else "
+        help=f"zoo names (default: those of {', '.join(FINE_MODELS)} present, else "
         f"{', '.join(FALLBACK_MODELS)})",
     )
     p.add_argument("--n", type=int, default=512, help="fresh images per model")

@@ -255,3 +255,11 @@ def test_report_paper_json_part_includes_a_stored_run_without_recomputing(tiny, 
     bad.write_text("{}")
     with pytest.raises(SystemExit, match=r"not a paper_analysis\.py result"):
         report.paper_json_part(bad, tmp_path)
+
+
+def test_default_models_are_the_fine_models_the_zoo_has():
+    from captum_ext import zoo
+
+    present = [m for m in pa.FINE_MODELS if m in zoo.available()]
+    assert "shapes-vit-fine" in present
+    assert pa.default_models() == present
