@@ -8,22 +8,17 @@ formula, and the augmentations and the any-size forward are checked on tiny inpu
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from bench_scripts import training_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    sys.path.insert(0, str(ROOT / "benchmarks" / "training"))
-    try:
-        import train_dino
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks" / "training"))
-    return train_dino
+    return training_script("train_dino")
 
 
 def _literal_dino_loss(student, teacher, center, tau_s, tau_t) -> float:
@@ -239,11 +234,7 @@ def test_koleo_loss_matches_the_nearest_neighbour_formula():
 
 
 def test_dino_probe_script_runs_a_step_and_reports_accuracies(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks" / "training"))
-    try:
-        import dino_probe
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks" / "training"))
+    dino_probe = training_script("dino_probe")
     log = tmp_path / "runs.jsonl"
     argv = ["--steps", "1", "--probe-n", "32", "16", "--log", str(log), "--tag", "t"]
     argv += ["batch_size=4", "out_dim=16", "n_local=2", "global_scale=0.5,1"]

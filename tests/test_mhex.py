@@ -11,13 +11,13 @@ trip; damaged checkpoints; DDP under torchrun) is tested once for both in
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import tiny_models
 import torch
 import torch.nn.functional as F
+from bench_scripts import training_script
 from captum.attr import Attribution
 from method_table import TINY_CNN
 from torch import nn
@@ -554,12 +554,7 @@ def test_zoo_mhex_explains_sequences_with_counter_evidence():
 
 
 def _train_script():
-    sys.path.insert(0, str(ROOT / "benchmarks" / "training"))
-    try:
-        import train_mhex
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks" / "training"))
-    return train_mhex
+    return training_script("train_mhex")
 
 
 @pytest.mark.slow

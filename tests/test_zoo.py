@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 import pickle
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from bench_scripts import training_script
 
 from captum_ext import CDAM, UnsupportedModelError, adapter_for, zoo
 from captum_ext.data import SHAPE_CLASSES, TEXT_VOCAB, shapes, text_rationales
@@ -43,12 +43,7 @@ def _model(name: str) -> torch.nn.Module:
 
 
 def _train_script():
-    sys.path.insert(0, str(ROOT / "benchmarks" / "training"))
-    try:
-        import train_zoo
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks" / "training"))
-    return train_zoo
+    return training_script("train_zoo")
 
 
 def test_available_lists_every_entry_with_both_files():

@@ -7,11 +7,11 @@ a linear head trained alone; they differ only in how the backbone was trained.
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from bench_scripts import training_script
 
 from captum_ext import CDAM, TAM, zoo
 from captum_ext.data import shapes
@@ -33,12 +33,17 @@ def _model(name: str) -> torch.nn.Module:
 
 
 def _script():
-    sys.path.insert(0, str(ROOT / "benchmarks" / "training"))
-    try:
-        import train_dino
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks" / "training"))
-    return train_dino
+    return training_script("train_dino")
+
+
+def _tiny_entry(td, name: str):
+    """A DINO entry small enough to train in seconds."""
+    return td.FineEntry(
+        name,
+        "dino",
+        dino=td.DINOConfig(steps=2, batch_size=4, out_dim=16, hidden_dim=16, bottleneck_dim=8),
+        probe=td.ProbeConfig(epochs=1, batch_size=4, n_train=8),
+    )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -111,12 +116,7 @@ def test_maps_come_out_as_12x12_grids(name, method):
 @pytest.mark.slow
 def test_train_entry_runs_end_to_end_on_a_tiny_recipe(tmp_path):
     td = _script()
-    entry = td.FineEntry(
-        "tiny-dino",
-        "dino",
-        dino=td.DINOConfig(steps=2, batch_size=4, out_dim=16, hidden_dim=16, bottleneck_dim=8),
-        probe=td.ProbeConfig(epochs=1, batch_size=4, n_train=8),
-    )
+    entry = _tiny_entry(td, "tiny-dino")
     rec = td.train_entry(entry, tmp_path, progress=False, heldout_n=16, whiten_images=16)
     assert rec["name"] == "tiny-dino" and rec["backbone_frozen"] is True
     assert 0.0 <= rec["heldout"]["accuracy"] <= 1.0
@@ -129,12 +129,7 @@ def test_train_entry_runs_end_to_end_on_a_tiny_recipe(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device present")
 def test_train_entry_on_cuda_writes_a_cpu_loadable_checkpoint(tmp_path):
     td = _script()
-    entry = td.FineEntry(
-        "tiny-dino-cuda",
-        "dino",
-        dino=td.DINOConfig(steps=2, batch_size=4, out_dim=16, hidden_dim=16, bottleneck_dim=8),
-        probe=td.ProbeConfig(epochs=1, batch_size=4, n_train=8),
-    )
+    entry = _tiny_entry(td, "tiny-dino-cuda")
     rec = td.train_entry(
         entry, tmp_path, progress=False, heldout_n=16, whiten_images=16, device="cuda"
     )
