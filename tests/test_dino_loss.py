@@ -236,12 +236,28 @@ def test_koleo_loss_matches_the_nearest_neighbour_formula():
 def test_dino_probe_script_runs_a_step_and_reports_accuracies(tmp_path):
     dino_probe = training_script("dino_probe")
     log = tmp_path / "runs.jsonl"
-    argv = ["--steps", "1", "--probe-n", "32", "16", "--log", str(log), "--tag", "t"]
+    argv = ["--steps", "1", "--probe-n", "32", "16", "--decode-n", "32", "--log", str(log)]
     argv += ["batch_size=4", "out_dim=16", "n_local=2", "global_scale=0.5,1"]
     result = dino_probe.main(argv)
     assert result["overrides"]["global_scale"] == (0.5, 1.0)
     for key in ("probe_train", "probe_test", "label_test"):
         assert 0.0 <= result[key] <= 1.0
+    assert result["label_r2"] <= 1.0 and result["background_r2"] <= 1.0
     assert log.read_text().count("\n") == 1
     with pytest.raises(SystemExit):
         dino_probe.main(["--steps", "0", "no_such_field=1"])
+
+
+def test_dino_probe_reads_a_trained_backbone_without_training(tmp_path):
+    from safetensors.torch import save_file
+
+    from captum_ext.zoo._build import build_model
+
+    td, dino_probe = _script(), training_script("dino_probe")
+    rec = {"arch": "zoo_vit_convstem", "library": "timm", "model_kwargs": td._VIT}
+    state = {k: v.contiguous() for k, v in build_model(rec).state_dict().items()}
+    save_file(state, tmp_path / "b.safetensors")
+    argv = ["--backbone", str(tmp_path / "b.safetensors"), "--probe-n", "32", "16"]
+    result = dino_probe.main([*argv, "--decode-n", "32", "--steps", "5"])
+    assert result["steps"] == 0 and result["backbone"].endswith("b.safetensors")
+    assert result["final_loss"] is None

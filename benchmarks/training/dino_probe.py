@@ -9,7 +9,11 @@ Builds the fine entries' architecture with their initialisation (conv stem, stem
 standardised logistic regression (L-BFGS, 300 iterations, L2 1e-4) on the final class-token
 features of 4096 images (seed 13) and reports its exact-set and per-label accuracy on 1024
 images of seed 424242. ``--steps 0`` measures the untrained backbone, the bar a recipe must
-clear. Much cheaper than the full head training of ``train_dino.py`` (no crops, no epochs),
+clear; ``--backbone FILE`` probes a trained backbone instead (the ``--cache`` files of
+``train_dino.py``), without training. Besides the probe it reports the linear
+decodability (held-out R^2 of least squares from the standardised class-token features) of
+the labels and of the background's corner colours, which carry no class information: what
+a backbone encodes instead of the shapes. Much cheaper than the full head training of ``train_dino.py`` (no crops, no epochs),
 it only ranks recipes; the shipped numbers come from ``train_dino.py``. Prints one JSON line
 and appends it to ``--log``. Results: ``benchmarks/results/training.md``.
 """
@@ -77,6 +81,33 @@ def probe(model: torch.nn.Module, n_train: int = 4096, n_test: int = 1024) -> di
     }
 
 
+def decodability(model: torch.nn.Module, n: int = 2048, seed: int = td.PROBE_SEED) -> dict:
+    """Held-out R^2 (last quarter of ``n`` images) of least squares from the standardised
+    class-token features to the multi-hot labels and to the 12 background corner colours."""
+    from captum_ext.data import shapes
+
+    batch = shapes(n, seed, **td.FINE)
+    with torch.no_grad():
+        model.eval()
+        x = torch.cat(
+            [
+                model.forward_head(model.forward_features(batch.images[i : i + 256]), True)
+                for i in range(0, n, 256)
+            ]
+        )
+    fit = n - n // 4
+    x = (x - x[:fit].mean(0)) / (x[:fit].std(0) + 1e-6)
+    x = torch.cat([x, torch.ones(n, 1)], dim=1)
+    background = torch.tensor([sum(p.background, ()) for p in batch.params], dtype=x.dtype)
+
+    def r2(y: torch.Tensor) -> float:
+        w = torch.linalg.lstsq(x[:fit], y[:fit]).solution
+        res = ((y[fit:] - x[fit:] @ w) ** 2).sum(0)
+        return (1 - res / ((y[fit:] - y[fit:].mean(0)) ** 2).sum(0)).mean().item()
+
+    return {"label_r2": r2(batch.labels), "background_r2": r2(background)}
+
+
 def main(argv: list[str] | None = None) -> dict[str, object]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=250)
@@ -84,6 +115,8 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("--tag", default="")
     p.add_argument("--log", type=Path, default=None, help="append the JSON line here")
     p.add_argument("--probe-n", type=int, nargs=2, default=(4096, 1024), metavar=("TRAIN", "TEST"))
+    p.add_argument("--backbone", type=Path, default=None, help="probe this trained backbone")
+    p.add_argument("--decode-n", type=int, default=2048, help="images for the R^2 columns")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="DINOConfig fields")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -103,17 +136,23 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     td.whiten_conv_stem(model, td._WHITEN, td.FINE)
     t0 = time.perf_counter()
     losses: list[float] = []
-    if args.steps:
+    if args.backbone is not None:
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(args.backbone))
+    elif args.steps:
         data = ShapesDataset(td.TRAIN_N, td.TRAIN_SEED, **td.FINE)
         losses = td.train_dino(model, data, cfg, torch.Generator().manual_seed(0), steps=args.steps)
     seconds = time.perf_counter() - t0
     result: dict[str, object] = {
         "tag": args.tag,
-        "steps": args.steps,
+        "steps": 0 if args.backbone is not None else args.steps,
+        "backbone": None if args.backbone is None else str(args.backbone),
         "overrides": over,
         "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:])) if losses else None,
         "dino_s": round(seconds, 1),
         **probe(model, *args.probe_n),
+        **decodability(model, args.decode_n),
     }
     line = json.dumps(result)
     print(line, flush=True)
