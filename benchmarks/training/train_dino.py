@@ -359,7 +359,7 @@ def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
         raise ValueError(f"koleo_loss needs at least 2 rows, got {features.shape[0]}")
     x = F.normalize(features, dim=-1)
     d = torch.cdist(x, x)
-    d = d + torch.diag(torch.full((x.shape[0],), float("inf"), dtype=d.dtype))
+    d = d + torch.diag(torch.full((x.shape[0],), float("inf"), dtype=d.dtype, device=d.device))
     return -(d.min(dim=1).values + eps).log().mean()
 
 
@@ -371,7 +371,9 @@ def sinkhorn_knopp(logits: torch.Tensor, temp: float, iterations: int = 3) -> to
     columns to sum ``1 / K`` and its rows to sum ``1 / N``; returned times ``N``, so every row
     is a distribution over the ``K`` prototypes and, to the extent the iterations converge,
     every prototype receives the same share of the batch (Oquab et al. 2023, arXiv:2304.07193;
-    Caron et al. 2020, SwAV). The batch itself prevents collapse, without a running centre.
+    Caron et al. 2020, SwAV). It rules out the one-prototype collapse without a running centre,
+    not the uniform one: identical logits for every image give uniform rows, which meet the
+    marginals too.
 
     Args:
         logits: Teacher logits of every image of every global view, ``(N, K)``.
