@@ -261,3 +261,18 @@ def test_dino_probe_reads_a_trained_backbone_without_training(tmp_path):
     result = dino_probe.main([*argv, "--decode-n", "32", "--steps", "5"])
     assert result["steps"] == 0 and result["backbone"].endswith("b.safetensors")
     assert result["final_loss"] is None
+
+
+def test_colour_mixing_keeps_range_and_edges_and_parse_field_reads_booleans():
+    td = _script()
+    x = torch.zeros(4, 3, 8, 8)
+    x[:, :, 2:6, 2:6] = torch.rand(4, 3, 1, 1, generator=torch.Generator().manual_seed(0))
+    out = td.augment_colour(x, torch.Generator().manual_seed(1), mix=True)
+    assert out.shape == x.shape and out.min() >= 0 and out.max() <= 1
+    # a flat region stays flat: colour changes, the square's outline does not move
+    assert torch.allclose(out[:, :, 3, 3], out[:, :, 4, 4])
+    assert torch.allclose(out[:, :, 0, 0], out[:, :, 7, 7])
+    assert td.parse_field(bool, "0") is False and td.parse_field(bool, "true") is True
+    assert td.parse_field(tuple, "0.5,1") == (0.5, 1.0) and td.parse_field(int, "3") == 3
+    with pytest.raises(ValueError, match="boolean field"):
+        td.parse_field(bool, "yes")

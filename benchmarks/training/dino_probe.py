@@ -126,8 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
         key, _, value = item.partition("=")
         if key not in asdict(cfg):
             p.error(f"unknown DINOConfig field {key!r}; fields: {', '.join(asdict(cfg))}")
-        kind = type(getattr(cfg, key))
-        over[key] = tuple(map(float, value.split(","))) if kind is tuple else kind(value)
+        over[key] = td.parse_field(type(getattr(cfg, key)), value)
     cfg = replace(cfg, **over)
     torch.manual_seed(0)
     model = build_model(

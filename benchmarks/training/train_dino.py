@@ -77,6 +77,7 @@ __all__ = [
     "koleo_loss",
     "linear_probe",
     "main",
+    "parse_field",
     "random_resized_crop",
     "sinkhorn_knopp",
     "train_dino",
@@ -118,7 +119,8 @@ class DINOConfig:
     without class information after 1200 steps on the CPU (held-out 0.031 with the linear
     head); no ``shapes-vit-dino`` ships yet. ``centering``: ``"centre"`` (DINO's EMA centre)
     or ``"sinkhorn"`` (DINOv2's Sinkhorn-Knopp); ``koleo``: weight of DINOv2's KoLeo term on
-    the global views' class tokens (0: off).
+    the global views' class tokens (0: off); ``colour_mix``: random colour mixing and
+    inversion instead of the channel permutation (:func:`augment_colour`).
     """
 
     steps: int = 1200
@@ -141,6 +143,7 @@ class DINOConfig:
     n_local: int = 4
     global_scale: tuple[float, float] = (0.6, 1.0)
     local_scale: tuple[float, float] = (0.2, 0.5)
+    colour_mix: bool = False
     local_size: int = 32
     freeze_last_layer_steps: int = 50
 
@@ -493,17 +496,27 @@ def random_resized_crop(
 
 
 def augment_colour(
-    x: torch.Tensor, generator: torch.Generator, solarize: float = 0.0
+    x: torch.Tensor, generator: torch.Generator, solarize: float = 0.0, mix: bool = False
 ) -> torch.Tensor:
     """Batched colour augmentation for DINO views (images in [0, 1]).
 
     Random channel permutation, brightness and contrast jitter (factors in 0.6..1.4),
     saturation jitter (0.8..1.2), greyscale with probability 0.2 and solarisation
-    (``1 - x`` above 0.5) with probability ``solarize``.
+    (``1 - x`` above 0.5) with probability ``solarize``. With ``mix`` the permutation is
+    replaced by a random colour mixing (each output channel a random convex combination of
+    the input channels, then inverted, ``1 - c``, with probability 1/2): colours then tell
+    two views of one image apart as well as two images, while edges and shapes stay.
     """
     b = x.shape[0]
-    perm = torch.argsort(torch.rand(b, 3, generator=generator), dim=1)
-    x = torch.gather(x, 1, perm[:, :, None, None].expand_as(x))
+    if mix:
+        weights = torch.rand(b, 3, 3, generator=generator)
+        weights = weights / weights.sum(dim=2, keepdim=True)
+        x = torch.einsum("boc,bchw->bohw", weights, x)
+        invert = (torch.rand(b, 3, generator=generator) < 0.5)[:, :, None, None]
+        x = torch.where(invert, 1 - x, x)
+    else:
+        perm = torch.argsort(torch.rand(b, 3, generator=generator), dim=1)
+        x = torch.gather(x, 1, perm[:, :, None, None].expand_as(x))
     bright = _uniform(b, 0.6, 1.4, generator)[:, None, None, None]
     x = (x * bright).clamp(0, 1)
     mean = x.mean(dim=(1, 2, 3), keepdim=True)
@@ -522,12 +535,13 @@ def augment_colour(
 
 def _views(x: torch.Tensor, cfg: DINOConfig, g: torch.Generator) -> list[torch.Tensor]:
     size = x.shape[-1]
+    mix = cfg.colour_mix
     views = [
-        augment_colour(random_resized_crop(x, size, cfg.global_scale, g), g),
-        augment_colour(random_resized_crop(x, size, cfg.global_scale, g), g, solarize=0.2),
+        augment_colour(random_resized_crop(x, size, cfg.global_scale, g), g, mix=mix),
+        augment_colour(random_resized_crop(x, size, cfg.global_scale, g), g, solarize=0.2, mix=mix),
     ]
     views += [
-        augment_colour(random_resized_crop(x, cfg.local_size, cfg.local_scale, g), g)
+        augment_colour(random_resized_crop(x, cfg.local_size, cfg.local_scale, g), g, mix=mix)
         for _ in range(cfg.n_local)
     ]
     return views
@@ -855,7 +869,13 @@ def train_entry(
                 f"2 global crops (96 px, scale {entry.dino.global_scale[0]}.."
                 f"{entry.dino.global_scale[1]}) + {entry.dino.n_local} local crops "
                 f"({entry.dino.local_size} px, scale {entry.dino.local_scale[0]}.."
-                f"{entry.dino.local_scale[1]}), flip, channel permutation, brightness/contrast 0.6..1.4, "
+                f"{entry.dino.local_scale[1]}), flip, "
+                + (
+                    "random colour mixing + channel inversion p=0.5"
+                    if entry.dino.colour_mix
+                    else "channel permutation"
+                )
+                + ", brightness/contrast 0.6..1.4, "
                 "saturation 0.8..1.2, greyscale p=0.2, solarisation p=0.2 (2nd global)"
             ),
         )
@@ -935,6 +955,18 @@ def train_entry(
     return verify_checkpoint(paths.record, expect={"name": entry.name})
 
 
+def parse_field(kind: type, value: str) -> Any:
+    """A ``DINOConfig`` value from its command-line text (``KEY=VALUE``): tuples as
+    comma-separated floats, booleans as ``1/0/true/false``."""
+    if kind is tuple:
+        return tuple(map(float, value.split(",")))
+    if kind is bool:
+        if value.lower() not in ("1", "0", "true", "false"):
+            raise ValueError(f"a boolean field takes 1, 0, true or false, got {value!r}")
+        return value.lower() in ("1", "true")
+    return kind(value)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns 1 if an entry misses 0.95 held-out accuracy."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -961,8 +993,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             over = {}
             for item in args.dino:
                 key, value = item.split("=", 1)
-                kind = fields[key]
-                over[key] = tuple(map(float, value.split(","))) if kind is tuple else kind(value)
+                over[key] = parse_field(fields[key], value)
             entry = replace(entry, dino=replace(entry.dino, **over))
         rec = train_entry(entry, args.out, not args.no_progress, args.cache, device=args.device)
         acc = rec["heldout"]["accuracy"]
