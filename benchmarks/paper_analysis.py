@@ -910,7 +910,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     if args.from_json:
         path = Path(args.from_json)
-        result = {**json.loads(path.read_text()), "paper": PAPER, "paper_source": PAPER_SOURCE}
+        result = load_result(path)
         write_outputs(result, path.parent, path.stem)
         return result
     torch.set_num_threads(args.threads)
@@ -935,6 +935,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     write_outputs(result, Path(args.out), stem)
     print(markdown_section(result))
     return result
+
+
+def load_result(path: Path) -> dict[str, Any]:
+    """A written run (``paper_analysis.json``) with this script's paper values and source.
+
+    Raises:
+        ValueError: The file is not JSON or lacks the run's ``models`` or ``run``.
+    """
+    stored = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(stored, dict) or not {"models", "run"} <= stored.keys():
+        raise ValueError(f"{path}: no 'models' and 'run' of a paper_analysis.py run")
+    return {**stored, "paper": PAPER, "paper_source": PAPER_SOURCE}
 
 
 def write_outputs(result: dict[str, Any], out: Path, stem: str) -> None:

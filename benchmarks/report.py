@@ -240,16 +240,10 @@ def paper_json_part(path: Path, out: Path) -> tuple[str, dict[str, Any]]:
     import paper_analysis
 
     try:
-        stored = json.loads(Path(path).read_text(encoding="utf-8"))
-        models, run = stored["models"], stored["run"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
+        result = paper_analysis.load_result(path)
+    except (OSError, ValueError) as err:
         sys.exit(f"--paper-json {path}: not a paper_analysis.py result ({err})")
-    result = {
-        **stored,
-        "models": models,
-        "paper": paper_analysis.PAPER,
-        "paper_source": paper_analysis.PAPER_SOURCE,
-    }
+    run = result["run"]
     note = (
         f"Computed by `HF_HUB_OFFLINE=1 {run['command']}` ({run['seconds']:.0f} s, "
         f"{run['threads']} thread(s)) and included from `{Path(path).name}`, not rerun here.\n\n"

@@ -276,3 +276,12 @@ def test_colour_mixing_keeps_range_and_edges_and_parse_field_reads_booleans():
     assert td.parse_field(tuple, "0.5,1") == (0.5, 1.0) and td.parse_field(int, "3") == 3
     with pytest.raises(ValueError, match="boolean field"):
         td.parse_field(bool, "yes")
+
+
+def test_dino_overrides_parse_fields_and_refuse_unknown_ones():
+    td = _script()
+    over = td.dino_overrides(["lr=0.001", "colour_mix=1", "global_scale=0.5,1"])
+    assert over == {"lr": 0.001, "colour_mix": True, "global_scale": (0.5, 1.0)}
+    for bad in ("no_such_field=1", "lr"):
+        with pytest.raises(ValueError, match="expected KEY=VALUE with a DINOConfig field"):
+            td.dino_overrides([bad])

@@ -25,7 +25,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -36,21 +36,25 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_dino as td
 
-from captum_ext.data import ShapesDataset
-from captum_ext.zoo._build import build_model
+from captum_ext.data import ShapesDataset, shapes
 
 
 @torch.no_grad()
+def class_tokens(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """Final class-token (pre-logit) features ``(N, D)`` of ``images``, 256 at a time."""
+    model.eval()
+    return torch.cat(
+        [
+            model.forward_head(model.forward_features(images[i : i + 256]), pre_logits=True)
+            for i in range(0, len(images), 256)
+        ]
+    )
+
+
 def features(model: torch.nn.Module, seed: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Class-token features ``(n, D)`` and labels ``(n, 4)`` of ``n`` fine images of ``seed``."""
-    model.eval()
-    data = ShapesDataset(n, seed, **td.FINE)
-    feats, labels = [], []
-    for start in range(0, n, 256):
-        x, y = td._images(data, torch.arange(start, min(n, start + 256)))
-        feats.append(model.forward_head(model.forward_features(x), pre_logits=True))
-        labels.append(y)
-    return torch.cat(feats), torch.cat(labels)
+    batch = shapes(n, seed, **td.FINE)
+    return class_tokens(model, batch.images), batch.labels
 
 
 def probe(model: torch.nn.Module, n_train: int = 4096, n_test: int = 1024) -> dict[str, float]:
@@ -84,17 +88,8 @@ def probe(model: torch.nn.Module, n_train: int = 4096, n_test: int = 1024) -> di
 def decodability(model: torch.nn.Module, n: int = 2048, seed: int = td.PROBE_SEED) -> dict:
     """Held-out R^2 (last quarter of ``n`` images) of least squares from the standardised
     class-token features to the multi-hot labels and to the 12 background corner colours."""
-    from captum_ext.data import shapes
-
     batch = shapes(n, seed, **td.FINE)
-    with torch.no_grad():
-        model.eval()
-        x = torch.cat(
-            [
-                model.forward_head(model.forward_features(batch.images[i : i + 256]), True)
-                for i in range(0, n, 256)
-            ]
-        )
+    x = class_tokens(model, batch.images)
     fit = n - n // 4
     x = (x - x[:fit].mean(0)) / (x[:fit].std(0) + 1e-6)
     x = torch.cat([x, torch.ones(n, 1)], dim=1)
@@ -120,19 +115,13 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="DINOConfig fields")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = td.DINOConfig()
-    over: dict[str, object] = {}
-    for item in args.overrides:
-        key, _, value = item.partition("=")
-        if key not in asdict(cfg):
-            p.error(f"unknown DINOConfig field {key!r}; fields: {', '.join(asdict(cfg))}")
-        over[key] = td.parse_field(type(getattr(cfg, key)), value)
-    cfg = replace(cfg, **over)
+    try:
+        over = td.dino_overrides(args.overrides)
+    except ValueError as err:
+        p.error(str(err))
+    cfg = replace(td.DINOConfig(), **over)
     torch.manual_seed(0)
-    model = build_model(
-        {"arch": "zoo_vit_convstem", "library": "timm", "model_kwargs": td._VIT, "family": "vit"}
-    )
-    td.whiten_conv_stem(model, td._WHITEN, td.FINE)
+    model = td.new_model()
     t0 = time.perf_counter()
     losses: list[float] = []
     if args.backbone is not None:

@@ -41,7 +41,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +73,12 @@ __all__ = [
     "ProbeConfig",
     "augment_colour",
     "dino_loss",
+    "dino_overrides",
     "forward_tokens",
     "koleo_loss",
     "linear_probe",
     "main",
+    "new_model",
     "parse_field",
     "random_resized_crop",
     "sinkhorn_knopp",
@@ -102,6 +104,13 @@ _VIT = dict(
     stem_chs=[16, 16, 32, 64],
     stem_strides=[1, 2, 2, 2],
 )
+_ARCH: dict[str, Any] = {
+    "family": "vit",
+    "library": "timm",
+    "arch": "zoo_vit_convstem",
+    "model_kwargs": _VIT,
+}
+"""The fine entries' architecture, as their records state it (:func:`build_model`'s input)."""
 _WHITEN = {"name": "stem-whitening", "eps": 1e-3, "n_images": 1024, "data_seed": 7}
 TRAIN_SEED = 11
 """Data seed of the backbones' training images (unlabelled for DINO, labelled for the twin)."""
@@ -347,6 +356,34 @@ class DINOHead(nn.Module):
         """Logits ``(B, K)`` of features ``(B, in_dim)``."""
         z = F.normalize(self.mlp(x), dim=-1)
         return z @ F.normalize(self.last_v, dim=-1).T
+
+
+def new_model(whiten: dict[str, Any] = _WHITEN) -> nn.Module:
+    """The fine entries' architecture (:data:`_ARCH`), initialised by :func:`whiten_conv_stem`
+    with ``whiten`` on the fine data; on the CPU."""
+    model = build_model(_ARCH)
+    whiten_conv_stem(model, whiten, FINE)
+    return model
+
+
+def dino_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``DINOConfig`` field values from ``KEY=VALUE`` texts (:func:`parse_field`).
+
+    Raises:
+        ValueError: An item without ``=``, an unknown field (the message lists the fields) or
+            a value its field cannot take.
+    """
+    kinds = {f.name: type(getattr(DINOConfig(), f.name)) for f in fields(DINOConfig)}
+    over: dict[str, Any] = {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if not eq or key not in kinds:
+            raise ValueError(
+                f"expected KEY=VALUE with a DINOConfig field, got {item!r}; fields: "
+                f"{', '.join(kinds)}"
+            )
+        over[key] = parse_field(kinds[key], value)
+    return over
 
 
 def koleo_loss(features: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -821,19 +858,14 @@ def train_entry(
     torch.manual_seed(entry.seed)
     record: dict[str, Any] = {
         "name": entry.name,
-        "family": "vit",
-        "library": "timm",
-        "arch": "zoo_vit_convstem",
-        "model_kwargs": _VIT,
+        **_ARCH,
         "modality": "image",
         "task": "multilabel",
         "classes": list(SHAPE_CLASSES),
         "data": {"generator": "shapes", "kwargs": FINE},
     }
-    model = build_model(record)
     whiten = _WHITEN if whiten_images is None else dict(_WHITEN, n_images=whiten_images)
-    whiten_conv_stem(model, whiten, FINE)
-    model.to(device)
+    model = new_model(whiten).to(device)
     generator = torch.Generator().manual_seed(entry.seed)
     data = ShapesDataset(TRAIN_N, TRAIN_SEED, **FINE)
     cached = None if cache is None else cache / f"{entry.name}.backbone.safetensors"
@@ -989,11 +1021,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in args.only or list(ENTRIES):
         entry = ENTRIES[name]
         if args.dino:
-            fields = {f: type(getattr(entry.dino, f)) for f in asdict(entry.dino)}
-            over = {}
-            for item in args.dino:
-                key, value = item.split("=", 1)
-                over[key] = parse_field(fields[key], value)
+            try:
+                over = dino_overrides(args.dino)
+            except ValueError as err:
+                p.error(str(err))
             entry = replace(entry, dino=replace(entry.dino, **over))
         rec = train_entry(entry, args.out, not args.no_progress, args.cache, device=args.device)
         acc = rec["heldout"]["accuracy"]
