@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from captum_ext.data import SHAPE_CLASSES, ShapesDataset, shapes
+from captum_ext.data import SHAPE_CLASSES, ShapesDataset, recolour, shapes
 
 FINE = dict(layout="free", max_objects=2, size=96, patch=8, min_extent=16, max_extent=40)
 
@@ -128,3 +128,55 @@ def test_bad_min_extent_is_a_one_line_error(kwargs, match):
         with pytest.raises(ValueError, match=match) as err:
             make()
         assert "\n" not in str(err.value)
+
+
+def test_recolour_keeps_the_layout_and_draws_every_colour_anew():
+    b = shapes(24, 5, **FINE)
+    images, params = recolour(b.params, seed=1)
+    assert images.shape == b.images.shape and images.dtype == torch.float32
+    assert images.min() >= 0 and images.max() <= 1
+    for old, new in zip(b.params, params, strict=True):
+        assert [(o.class_index, o.top, o.left, o.extent) for o in old.objects] == [
+            (o.class_index, o.top, o.left, o.extent) for o in new.objects
+        ]
+        assert new.background != old.background and new.noise_seed != old.noise_seed
+        assert all(o.colour != q.colour for o, q in zip(old.objects, new.objects, strict=True))
+    # The new parameters render these images, with the old masks (labels unchanged).
+    again = shapes_from(params)
+    assert torch.equal(again.images, images) and torch.equal(again.masks, b.masks)
+    # Every object keeps the contrast rule: max channel gap to its background >= 0.3 before
+    # noise (the noise is a uniform of std 0.03: bounded by 0.03 * sqrt(3) per pixel, twice).
+    for n, p in enumerate(params):
+        bare = render_without_all(p)
+        for o in p.objects:
+            gap = (images[n] - bare).abs().amax(0)[again.masks[n, o.class_index]]
+            assert gap.min() > 0.3 - 2 * 0.03 * 3**0.5
+    # Deterministic in the seed; another seed gives other colours.
+    assert torch.equal(recolour(b.params, seed=1)[0], images)
+    assert not torch.equal(recolour(b.params, seed=2)[0], images)
+
+
+def test_recolour_refuses_bad_input_in_one_line():
+    b = shapes(2, 5, **FINE)
+    with pytest.raises(ValueError, match="seed must be an integer >= 0"):
+        recolour(b.params, seed=-1)
+    mixed = (b.params[0], shapes(1, 5, size=32).params[0])
+    with pytest.raises(ValueError, match="one size, got sizes \\[32, 96\\]"):
+        recolour(mixed, seed=0)
+    assert recolour((), seed=0)[0].shape[0] == 0
+
+
+def shapes_from(params):
+    """Images and masks rendered from ``params`` through the package's own renderer."""
+    from captum_ext.data.images import _batch_from_params
+
+    return _batch_from_params(params, params[0].size, seed=0, layout="free", patch=8)
+
+
+def render_without_all(p):
+    """Image ``p`` with its objects removed (background and noise only)."""
+    from dataclasses import replace
+
+    from captum_ext.data.images import _render
+
+    return torch.from_numpy(_render([replace(p, objects=())], p.size)[0][0])

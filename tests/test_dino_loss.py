@@ -285,3 +285,34 @@ def test_dino_overrides_parse_fields_and_refuse_unknown_ones():
     for bad in ("no_such_field=1", "lr"):
         with pytest.raises(ValueError, match="expected KEY=VALUE with a DINOConfig field"):
             td.dino_overrides([bad])
+
+
+def test_recoloured_views_share_only_the_layout_and_global_size_resamples_them():
+    from captum_ext.data import ShapesDataset
+
+    td = _script()
+    data = ShapesDataset(8, 3, layout="free", size=32)
+    idx = torch.tensor([5, 2, 7])
+    plain = td.DINOConfig(n_local=2)
+    bases = td._bases(data, idx, plain, torch.Generator().manual_seed(0))
+    assert len(bases) == 4 and all(torch.equal(b, bases[0]) for b in bases)
+    assert torch.equal(bases[0], torch.stack([data[i][0] for i in idx.tolist()]))
+    cfg = td.DINOConfig(n_local=2, recolour=True, global_size=16, local_size=8)
+    bases = td._bases(data, idx, cfg, torch.Generator().manual_seed(0))
+    assert len(bases) == 4 and bases[0].shape == (3, 3, 32, 32)
+    for a in range(4):
+        for b in range(a + 1, 4):
+            assert not torch.equal(bases[a], bases[b])  # colours and noise differ per view
+    # the layout is the images' own: every recolouring renders the dataset's masks
+    masks = torch.stack([data[i][2] for i in idx.tolist()]).any(1)
+    background = ~masks[..., 1:] & ~masks[..., :-1]  # both horizontal neighbours
+    for base in bases:
+        step = (base[..., 1:] - base[..., :-1]).abs().amax(1)
+        assert step[background].max() < 0.2  # smooth gradient + noise: no edge off the objects
+        assert step[masks[..., 1:] ^ masks[..., :-1]].mean() > 0.2  # objects keep their edges
+    views = td._views(bases, cfg, torch.Generator().manual_seed(1))
+    assert [v.shape[-1] for v in views] == [16, 16, 8, 8]
+    assert td.dino_overrides(["recolour=1", "global_size=48"]) == {
+        "recolour": True,
+        "global_size": 48,
+    }

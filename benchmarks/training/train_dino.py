@@ -61,7 +61,7 @@ from train_zoo import (
 )
 
 from captum_ext.checkpoint import save_checkpoint, verify_checkpoint
-from captum_ext.data import SHAPE_CLASSES, ShapesDataset
+from captum_ext.data import SHAPE_CLASSES, ShapesDataset, recolour
 from captum_ext.zoo._build import build_model
 
 __all__ = [
@@ -129,7 +129,11 @@ class DINOConfig:
     head); no ``shapes-vit-dino`` ships yet. ``centering``: ``"centre"`` (DINO's EMA centre)
     or ``"sinkhorn"`` (DINOv2's Sinkhorn-Knopp); ``koleo``: weight of DINOv2's KoLeo term on
     the global views' class tokens (0: off); ``colour_mix``: random colour mixing and
-    inversion instead of the channel permutation (:func:`augment_colour`).
+    inversion instead of the channel permutation (:func:`augment_colour`); ``recolour``: crop
+    every view from its own recolouring of the image (``captum_ext.data.recolour``: new
+    background, object colours and noise, the layout kept), so that views share only their
+    geometry; ``global_size``: side of the global crops in pixels (0: the image's), smaller
+    for cheaper steps (position embeddings resampled, as for the local crops).
     """
 
     steps: int = 1200
@@ -153,6 +157,8 @@ class DINOConfig:
     global_scale: tuple[float, float] = (0.6, 1.0)
     local_scale: tuple[float, float] = (0.2, 0.5)
     colour_mix: bool = False
+    recolour: bool = False
+    global_size: int = 0
     local_size: int = 32
     freeze_last_layer_steps: int = 50
 
@@ -570,18 +576,36 @@ def augment_colour(
     return x
 
 
-def _views(x: torch.Tensor, cfg: DINOConfig, g: torch.Generator) -> list[torch.Tensor]:
-    size = x.shape[-1]
+def _views(
+    bases: Sequence[torch.Tensor], cfg: DINOConfig, g: torch.Generator
+) -> list[torch.Tensor]:
+    """The 2 global and ``n_local`` local views, view ``k`` cropped from ``bases[k]``."""
+    size = cfg.global_size or bases[0].shape[-1]
     mix = cfg.colour_mix
     views = [
-        augment_colour(random_resized_crop(x, size, cfg.global_scale, g), g, mix=mix),
-        augment_colour(random_resized_crop(x, size, cfg.global_scale, g), g, solarize=0.2, mix=mix),
+        augment_colour(random_resized_crop(bases[0], size, cfg.global_scale, g), g, mix=mix),
+        augment_colour(
+            random_resized_crop(bases[1], size, cfg.global_scale, g), g, solarize=0.2, mix=mix
+        ),
     ]
     views += [
         augment_colour(random_resized_crop(x, cfg.local_size, cfg.local_scale, g), g, mix=mix)
-        for _ in range(cfg.n_local)
+        for x in bases[2 : 2 + cfg.n_local]
     ]
     return views
+
+
+def _bases(
+    data: ShapesDataset, idx: torch.Tensor, cfg: DINOConfig, g: torch.Generator
+) -> list[torch.Tensor]:
+    """The images every view of a batch is cropped from: the batch itself, or with
+    ``cfg.recolour`` one fresh recolouring of it per view (:func:`captum_ext.data.recolour`)."""
+    n_views = 2 + cfg.n_local
+    if not cfg.recolour:
+        return [_images(data, idx)[0]] * n_views
+    params = [data.params(i) for i in idx.tolist()]
+    seeds = torch.randint(0, 2**31 - 1, (n_views,), generator=g).tolist()
+    return [recolour(params, s)[0] for s in seeds]
 
 
 # --------------------------------------------------------------------------------------------
@@ -600,18 +624,23 @@ def _images(data: ShapesDataset, idx: torch.Tensor) -> tuple[torch.Tensor, torch
     return torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items])
 
 
-def _batches(
-    data: ShapesDataset, batch_size: int, generator: torch.Generator
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless ``(images, labels)`` batches of ``data`` in random order: a fresh permutation
-    (from ``generator``) whenever fewer than ``batch_size`` images are left in the current one."""
-    n = len(data)
+def _index_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """Endless batches of indices ``0..n-1`` in random order: a fresh permutation (from
+    ``generator``) whenever fewer than ``batch_size`` indices are left in the current one."""
     order, pos = torch.randperm(n, generator=generator), 0
     while True:
         if pos + batch_size > n:
             order, pos = torch.randperm(n, generator=generator), 0
-        yield _images(data, order[pos : pos + batch_size])
+        yield order[pos : pos + batch_size]
         pos += batch_size
+
+
+def _batches(
+    data: ShapesDataset, batch_size: int, generator: torch.Generator
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless ``(images, labels)`` batches of ``data`` in random order (:func:`_index_batches`)."""
+    for idx in _index_batches(len(data), batch_size, generator):
+        yield _images(data, idx)
 
 
 def train_dino(
@@ -671,16 +700,16 @@ def train_dino(
     center = torch.zeros(cfg.out_dim, device=device)
     warmup = int(cfg.warmup_frac * steps)
     freeze = min(cfg.freeze_last_layer_steps, steps // 10)
-    batches = _batches(data, cfg.batch_size, generator)
+    batches = _index_batches(len(data), cfg.batch_size, generator)
     model.train()
     losses: list[float] = []
     bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)
-    for step, (x, _) in zip(bar, batches):
+    for step, idx in zip(bar, batches):
         lr = _cosine(step, steps, cfg.lr, cfg.min_lr, warmup)
         for group in opt.param_groups:
             group["lr"] = lr
         # Augmented on the CPU (one random stream on every device), then moved.
-        views = [v.to(device) for v in _views(x, cfg, generator)]
+        views = [v.to(device) for v in _views(_bases(data, idx, cfg, generator), cfg, generator)]
         with torch.no_grad():
             t_out = [t_head(forward_tokens(t_model, v)) for v in views[:2]]
         feats = [forward_tokens(model, v) for v in views]
@@ -898,7 +927,14 @@ def train_entry(
             },
             schedule="linear warmup, cosine to min_lr; teacher momentum cosine to 1",
             augmentation=(
-                f"2 global crops (96 px, scale {entry.dino.global_scale[0]}.."
+                (
+                    "every view cropped from its own recolouring of the image (new "
+                    "background, object colours and noise, layout kept; data.recolour), "
+                    if entry.dino.recolour
+                    else ""
+                )
+                + f"2 global crops ({entry.dino.global_size or _VIT['img_size']} px, "
+                f"scale {entry.dino.global_scale[0]}.."
                 f"{entry.dino.global_scale[1]}) + {entry.dino.n_local} local crops "
                 f"({entry.dino.local_size} px, scale {entry.dino.local_scale[0]}.."
                 f"{entry.dino.local_scale[1]}), flip, "

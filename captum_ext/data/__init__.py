@@ -2,7 +2,8 @@
 
 * :func:`shapes` / :class:`ShapesDataset`: multi-label images of simple shapes on smooth
   random backgrounds with exact per-class object masks, in a patch-aligned or a free layout;
-  :func:`render_without` re-renders an image without one object.
+  :func:`render_without` re-renders an image without one object, :func:`recolour` with new
+  colours and noise.
 * :func:`text_rationales` / :class:`TextDataset`: binary sentiment token sequences with
   token-level rationales and counter evidence, over the small vocabulary ``TEXT_VOCAB``.
 """
@@ -15,6 +16,7 @@ from captum_ext.data.images import (
     ShapeObject,
     ShapesBatch,
     ShapesDataset,
+    recolour,
     render_without,
     shapes,
 )
@@ -38,6 +40,7 @@ __all__ = [
     "ShapesDataset",
     "TextBatch",
     "TextDataset",
+    "recolour",
     "render_without",
     "shapes",
     "text_rationales",

@@ -763,6 +763,63 @@ def render_without(
     return torch.from_numpy(images[0])
 
 
+def recolour(
+    params: Sequence[ImageParams], seed: int
+) -> tuple[torch.Tensor, tuple[ImageParams, ...]]:
+    """Render images again with their layout kept and every colour and the noise drawn anew.
+
+    Each image keeps its objects' classes, positions and extents (so its labels and masks are
+    unchanged) and gets new background corner colours, new object colours (with the same
+    contrast rule as :func:`shapes`, so every object stays visible) and a new noise stream.
+    Two recolourings of one image share nothing but its geometry: the view pairs of
+    self-supervised training on this data, where colour carries no class information.
+
+    Args:
+        params: Parameters of the images (``ShapesBatch.params`` or
+            ``ShapesDataset.params(i)``), all of the same ``size``.
+        seed: Non-negative integer seed of the new colours and noise.
+
+    Returns:
+        The images, shape (N, 3, H, W), float32 in [0, 1], and their new parameters.
+
+    Raises:
+        ValueError: If ``seed`` is negative or the images differ in size.
+    """
+    seed = _check_int("seed", seed, 0)
+    n = len(params)
+    sizes = {p.size for p in params}
+    if len(sizes) > 1:
+        raise ValueError(f"recolour needs images of one size, got sizes {sorted(sizes)}")
+    if n == 0:
+        return torch.empty(0, 3, 0, 0), ()
+    size = sizes.pop()
+    rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, n, 2])))
+    corners = rng.random((n, 4, 3))
+    owner = np.array([i for i, p in enumerate(params) for _ in p.objects], dtype=np.int64)
+    boxes = np.array(
+        [(o.top, o.left, o.extent) for p in params for o in p.objects], dtype=np.int64
+    ).reshape(-1, 3)
+    colours = _pick_colours(rng, corners[owner], boxes, size).tolist()
+    new: list[ImageParams] = []
+    k = 0
+    for i, p in enumerate(params):
+        objects = []
+        for o in p.objects:
+            objects.append(replace(o, colour=tuple(colours[k])))
+            k += 1
+        new.append(
+            replace(
+                p,
+                background=tuple(map(tuple, corners[i].tolist())),
+                noise_seed=(seed, n, 3),
+                noise_index=i,
+                objects=tuple(objects),
+            )
+        )
+    images, _ = _render(new, size)
+    return torch.from_numpy(images), tuple(new)
+
+
 class ShapesDataset(Dataset):
     """Map-style dataset of shape images, rendered lazily.
 
