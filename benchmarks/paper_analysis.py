@@ -26,7 +26,9 @@ answered ``yes``, ``no`` or ``inconclusive`` (the interval holds 0).
         [--seed S] [--bootstrap 1000] [--quick] [--out benchmarks/results]
 
 Writes ``paper_analysis.json``, ``paper_analysis.md`` and ``paper_analysis.png`` into ``--out``
-(``paper_analysis_quick.*`` with ``--quick``). :func:`markdown_section` renders a result as the
+(``paper_analysis_quick.*`` with ``--quick``); ``--merge A.json B.json`` combines runs of
+different models into one (a new model analysed alone, next to a stored run).
+:func:`markdown_section` renders a result as the
 report section ``benchmarks/report.py --paper-models`` appends.
 """
 
@@ -907,11 +909,25 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         help="re-render the markdown and figure of a written run (with this script's paper "
         "values and source), without computing",
     )
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="PATH",
+        help="combine written runs of different models (same seed and n) into one "
+        "paper_analysis.{md,json,png} in --out, without computing",
+    )
     args = p.parse_args(argv)
     if args.from_json:
         path = Path(args.from_json)
         result = load_result(path)
         write_outputs(result, path.parent, path.stem)
+        return result
+    if args.merge:
+        try:
+            result = merge_results([load_result(Path(f)) for f in args.merge])
+        except (OSError, ValueError) as err:
+            sys.exit(f"paper_analysis: --merge: {err}")
+        write_outputs(result, Path(args.out), "paper_analysis")
         return result
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -949,12 +965,52 @@ def load_result(path: Path) -> dict[str, Any]:
     return {**stored, "paper": PAPER, "paper_source": PAPER_SOURCE}
 
 
+def merge_results(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """One result from runs of different models: the models in order, the runs' commands
+    listed, their times summed.
+
+    Raises:
+        ValueError: A model is in more than one run, or the runs differ in seed or images.
+    """
+    models = [m for r in results for m in r["models"]]
+    names = [m["model"] for m in models]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"model(s) {', '.join(twice)} in more than one run")
+    setups = {(m["seed"], m["n_images"]) for m in models}
+    if len(setups) > 1:
+        raise ValueError(f"runs differ in (seed, images): {sorted(setups)}")
+    runs = [r["run"] for r in results]
+    threads = sorted({str(r["threads"]) for r in runs})
+    return {
+        "paper": PAPER,
+        "paper_source": PAPER_SOURCE,
+        "models": models,
+        "run": {
+            **runs[0],
+            "seconds": round(sum(r["seconds"] for r in runs), 1),
+            "threads": "/".join(threads),
+            "commands": [c for r in runs for c in run_commands(r)],
+        },
+    }
+
+
+def run_commands(run: dict[str, Any]) -> list[str]:
+    """The command(s) that computed a result (several after :func:`merge_results`)."""
+    return list(run.get("commands") or [run["command"]])
+
+
+def commands_markdown(run: dict[str, Any]) -> str:
+    """The run's command(s) as markdown code spans, ``HF_HUB_OFFLINE=1`` set."""
+    return " + ".join(f"`HF_HUB_OFFLINE=1 {c}`" for c in run_commands(run))
+
+
 def write_outputs(result: dict[str, Any], out: Path, stem: str) -> None:
     """Writes ``stem.md``, ``stem.json`` and ``stem.png`` into ``out`` (created if needed)."""
     out.mkdir(parents=True, exist_ok=True)
     header = (
-        f"# The CDAM paper's analysis on the zoo's ViTs\n\nCommand: `HF_HUB_OFFLINE=1 "
-        f"{result['run']['command']}`  \nRun time: {result['run']['seconds']:.0f} s, CPU, "
+        f"# The CDAM paper's analysis on the zoo's ViTs\n\nCommand: "
+        f"{commands_markdown(result['run'])}  \nRun time: {result['run']['seconds']:.0f} s, CPU, "
         f"{result['run']['threads']} thread(s), torch {result['run']['torch']}, "
         f"{result['run']['machine']}. Figure: `{stem}.png`.\n\n"
     )

@@ -245,7 +245,7 @@ def paper_json_part(path: Path, out: Path) -> tuple[str, dict[str, Any]]:
         sys.exit(f"--paper-json {path}: not a paper_analysis.py result ({err})")
     run = result["run"]
     note = (
-        f"Computed by `HF_HUB_OFFLINE=1 {run['command']}` ({run['seconds']:.0f} s, "
+        f"Computed by {paper_analysis.commands_markdown(run)} ({run['seconds']:.0f} s, "
         f"{run['threads']} thread(s)) and included from `{Path(path).name}`, not rerun here.\n\n"
     )
     return _paper_outputs(paper_analysis, result, out, note)

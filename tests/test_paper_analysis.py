@@ -263,3 +263,29 @@ def test_default_models_are_the_fine_models_the_zoo_has():
     present = [m for m in pa.FINE_MODELS if m in zoo.available()]
     assert "shapes-vit-fine" in present
     assert pa.default_models() == present
+
+
+def test_merge_combines_runs_of_different_models_and_refuses_overlaps(tiny, tmp_path):
+    out, result = tiny
+    other = json.loads((out / "paper_analysis.json").read_text())
+    other["models"][0]["model"] = "renamed"
+    other["run"] = {**other["run"], "command": "python benchmarks/paper_analysis.py --x"}
+    (tmp_path / "b.json").write_text(json.dumps(other))
+    merged_out = tmp_path / "merged"
+    argv = ["--merge", str(out / "paper_analysis.json"), str(tmp_path / "b.json")]
+    merged = pa.main([*argv, "--out", str(merged_out)])
+    assert [m["model"] for m in merged["models"]] == ["shapes-vit-linear", "renamed"]
+    assert merged["run"]["seconds"] == pytest.approx(2 * result["run"]["seconds"], abs=0.2)
+    md = (merged_out / "paper_analysis.md").read_text()
+    assert "| quantity | paper (ImageNet, DINO ViT-S/8) | shapes-vit-linear | renamed |" in md
+    assert md.count("`HF_HUB_OFFLINE=1 python benchmarks/paper_analysis.py") == 2
+    # the merged file is itself a result: --from-json renders it again unchanged
+    pa.main(["--from-json", str(merged_out / "paper_analysis.json")])
+    assert (merged_out / "paper_analysis.md").read_text() == md
+    with pytest.raises(SystemExit, match="shapes-vit-linear in more than one run"):
+        pa.main(["--merge", *argv[1:2], *argv[1:2], "--out", str(tmp_path / "x")])
+    other["models"][0]["seed"] += 1
+    (tmp_path / "c.json").write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="differ in \\(seed, images\\)"):
+        pa.main(["--merge", argv[1], str(tmp_path / "c.json"), "--out", str(tmp_path / "y")])
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
