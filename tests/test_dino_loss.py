@@ -293,7 +293,7 @@ def test_recoloured_views_share_only_the_layout_and_global_size_resamples_them()
     td = _script()
     data = ShapesDataset(8, 3, layout="free", size=32)
     idx = torch.tensor([5, 2, 7])
-    plain = td.DINOConfig(n_local=2)
+    plain = td.DINOConfig(n_local=2, recolour=False)
     bases = td._bases(data, idx, plain, torch.Generator().manual_seed(0))
     assert len(bases) == 4 and all(torch.equal(b, bases[0]) for b in bases)
     assert torch.equal(bases[0], torch.stack([data[i][0] for i in idx.tolist()]))
@@ -316,3 +316,53 @@ def test_recoloured_views_share_only_the_layout_and_global_size_resamples_them()
         "recolour": True,
         "global_size": 48,
     }
+
+
+def test_an_interrupted_dino_run_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(
+    tmp_path, monkeypatch
+):
+    from captum_ext.data import ShapesDataset
+
+    td = _script()
+    data = ShapesDataset(24, 3, layout="free", size=32)
+    cfg = td.DINOConfig(
+        batch_size=8, out_dim=16, hidden_dim=16, bottleneck_dim=8, local_size=16, n_local=2
+    )
+
+    def run(checkpoint=None, stats=None):
+        torch.manual_seed(0)
+        model = _convstem(td)
+        losses = td.train_dino(
+            model, data, cfg, torch.Generator().manual_seed(0), steps=5, progress=False,
+            checkpoint=checkpoint, checkpoint_every=2, stats=stats,
+        )  # fmt: skip
+        return model, losses
+
+    straight, straight_losses = run()
+    ck = tmp_path / "state.safetensors"
+    calls = {"n": 0}
+    views = td._views
+
+    def failing_views(*args):
+        calls["n"] += 1
+        if calls["n"] == 4:  # during the 4th step: the last checkpoint is the one after step 2
+            raise KeyboardInterrupt
+        return views(*args)
+
+    monkeypatch.setattr(td, "_views", failing_views)
+    with pytest.raises(KeyboardInterrupt):
+        run(ck)
+    monkeypatch.setattr(td, "_views", views)
+    assert ck.is_file()
+    stats = {}
+    resumed, resumed_losses = run(ck, stats)
+    assert stats["resumed_at"] == [2] and stats["seconds"] > 0
+    assert resumed_losses == pytest.approx(straight_losses, rel=1e-5)
+    for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), atol=1e-6), k
+    # another recipe refuses the checkpoint, in one line
+    with pytest.raises(ValueError, match="belongs to another recipe \\(differs in lr\\)"):
+        td.train_dino(
+            _convstem(td), data, td.replace(cfg, lr=1.0), torch.Generator(), steps=5,
+            progress=False, checkpoint=ck,
+        )  # fmt: skip

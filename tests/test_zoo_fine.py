@@ -117,8 +117,15 @@ def test_maps_come_out_as_12x12_grids(name, method):
 def test_train_entry_runs_end_to_end_on_a_tiny_recipe(tmp_path):
     td = _script()
     entry = _tiny_entry(td, "tiny-dino")
-    rec = td.train_entry(entry, tmp_path, progress=False, heldout_n=16, whiten_images=16)
+    cache = tmp_path / "cache"
+    rec = td.train_entry(
+        entry, tmp_path, progress=False, cache=cache, heldout_n=16, whiten_images=16
+    )
     assert rec["name"] == "tiny-dino" and rec["backbone_frozen"] is True
+    (phase,) = [p for p in rec["training"]["phases"] if p["name"] == "backbone"]
+    assert "recolouring" in phase["augmentation"] and "48 px" in phase["augmentation"]
+    assert phase["time_s"] > 0 and "resumed_at_steps" not in phase
+    assert (cache / "tiny-dino.backbone.safetensors").is_file()
     assert 0.0 <= rec["heldout"]["accuracy"] <= 1.0
     assert (tmp_path / "tiny-dino.safetensors").is_file()
     model = zoo.load("tiny-dino", directory=tmp_path)

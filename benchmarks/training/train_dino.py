@@ -23,11 +23,14 @@ teacher share the architecture; the teacher is an exponential moving average of 
 (momentum cosine from ``momentum`` to 1), its outputs are centred (centre an EMA of the batch
 mean of teacher outputs) and sharpened (temperature ``teacher_temp`` < ``student_temp``); the
 loss is the cross-entropy between teacher and student softmaxes over every pair of different
-views, the teacher seeing the 2 global crops (96 px) and the student those plus ``n_local``
-local crops (32 px, position embeddings resampled). Augmentations are batched tensor ops
-(random resized crop and flip by ``grid_sample``, colour jitter, channel permutation,
-greyscale, solarisation of the second global view), chosen so that colour, which carries no
-class information in this data, is useless for matching views.
+views, the teacher seeing the 2 global crops (``global_size``, 48 px by default) and the
+student those plus ``n_local`` local crops (24 px; position embeddings resampled).
+Augmentations are batched tensor ops (random resized crop and flip by ``grid_sample``, colour
+jitter, channel permutation, greyscale, solarisation of the second global view); with
+``recolour`` (the default) every view is cropped from its own recolouring of the image
+(``captum_ext.data.recolour``), so that colour, which carries no class information in this
+data, cannot be matched between views at all. ``--cache`` keeps the run state every 250
+steps; an interrupted run continues from it.
 
 Measured accuracies, times and file sizes: ``benchmarks/results/training.md``; every record
 holds its own.
@@ -36,6 +39,7 @@ holds its own.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -123,10 +127,10 @@ PROBE_N = 4096
 class DINOConfig:
     """The DINO recipe.
 
-    Defaults: the best-behaved run so far (run N of ``benchmarks/results/training.md``: the
-    teacher's entropy steady, the loss falling to the end), which still left the class token
-    without class information after 1200 steps on the CPU (held-out 0.031 with the linear
-    head); no ``shapes-vit-dino`` ships yet. ``centering``: ``"centre"`` (DINO's EMA centre)
+    Defaults: the first recipe whose class token learns the classes (run W of
+    ``benchmarks/results/training.md``: views recoloured, global crops at 48 px; 5000 steps
+    gave held-out 0.437 with the linear head, against 0.031 for run N's recipe without
+    recolouring), stretched to 20000 steps; no ``shapes-vit-dino`` ships yet. ``centering``: ``"centre"`` (DINO's EMA centre)
     or ``"sinkhorn"`` (DINOv2's Sinkhorn-Knopp); ``koleo``: weight of DINOv2's KoLeo term on
     the global views' class tokens (0: off); ``colour_mix``: random colour mixing and
     inversion instead of the channel permutation (:func:`augment_colour`); ``recolour``: crop
@@ -136,7 +140,7 @@ class DINOConfig:
     for cheaper steps (position embeddings resampled, as for the local crops).
     """
 
-    steps: int = 1200
+    steps: int = 20000
     batch_size: int = 64
     lr: float = 5e-4
     min_lr: float = 1e-5
@@ -157,9 +161,9 @@ class DINOConfig:
     global_scale: tuple[float, float] = (0.6, 1.0)
     local_scale: tuple[float, float] = (0.2, 0.5)
     colour_mix: bool = False
-    recolour: bool = False
-    global_size: int = 0
-    local_size: int = 32
+    recolour: bool = True
+    global_size: int = 48
+    local_size: int = 24
     freeze_last_layer_steps: int = 50
 
 
@@ -624,15 +628,28 @@ def _images(data: ShapesDataset, idx: torch.Tensor) -> tuple[torch.Tensor, torch
     return torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items])
 
 
-def _index_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+class _IndexBatches:
     """Endless batches of indices ``0..n-1`` in random order: a fresh permutation (from
-    ``generator``) whenever fewer than ``batch_size`` indices are left in the current one."""
-    order, pos = torch.randperm(n, generator=generator), 0
-    while True:
-        if pos + batch_size > n:
-            order, pos = torch.randperm(n, generator=generator), 0
-        yield order[pos : pos + batch_size]
-        pos += batch_size
+    ``generator``) whenever fewer than ``batch_size`` indices are left in the current one.
+    ``order`` and ``pos`` are its whole state (kept in DINO checkpoints)."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator) -> None:
+        self.n, self.batch_size, self.generator = n, batch_size, generator
+        self.order, self.pos = torch.randperm(n, generator=generator), 0
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self.pos + self.batch_size > self.n:
+            self.order, self.pos = torch.randperm(self.n, generator=self.generator), 0
+        self.pos += self.batch_size
+        return self.order[self.pos - self.batch_size : self.pos]
+
+
+def _index_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    """:class:`_IndexBatches` as a plain iterator."""
+    return _IndexBatches(n, batch_size, generator)
 
 
 def _batches(
@@ -641,6 +658,65 @@ def _batches(
     """Endless ``(images, labels)`` batches of ``data`` in random order (:func:`_index_batches`)."""
     for idx in _index_batches(len(data), batch_size, generator):
         yield _images(data, idx)
+
+
+def _save_dino_state(
+    path: Path,
+    parts: dict[str, nn.Module],
+    opt: torch.optim.Optimizer,
+    extra: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+) -> None:
+    """Everything a DINO run needs to continue, as one safetensors file (atomic replace)."""
+    from safetensors.torch import save_file
+
+    tensors = {
+        f"{name}.{k}": v.detach().cpu().contiguous()
+        for name, module in parts.items()
+        for k, v in module.state_dict().items()
+    }
+    for i, state in opt.state_dict()["state"].items():
+        for k, v in state.items():
+            tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().cpu().contiguous()
+    tensors.update({k: v.detach().cpu().contiguous() for k, v in extra.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, tmp, metadata={"dino_state": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def _load_dino_state(
+    path: Path, parts: dict[str, nn.Module], opt: torch.optim.Optimizer, recipe: dict[str, Any]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Restore a :func:`_save_dino_state` file into ``parts`` and ``opt``; returns the other
+    tensors and the metadata.
+
+    Raises:
+        ValueError: The file was written by a run with another recipe or step count.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), "pt") as f:
+        meta = json.loads(f.metadata()["dino_state"])
+    if meta["recipe"] != recipe:
+        changed = sorted(k for k in recipe if meta["recipe"].get(k) != recipe[k])
+        raise ValueError(
+            f"DINO checkpoint {path} belongs to another recipe (differs in "
+            f"{', '.join(changed)}); delete it or train with its recipe"
+        )
+    tensors = load_file(str(path))
+    for name, module in parts.items():
+        own = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
+        module.load_state_dict(own)
+    state = opt.state_dict()
+    for key, v in tensors.items():
+        if key.startswith("opt."):
+            _, i, k = key.split(".", 2)
+            state["state"].setdefault(int(i), {})[k] = v
+    opt.load_state_dict(state)
+    rest = {k: v for k, v in tensors.items() if k.split(".")[0] not in {*parts, "opt"}}
+    return rest, meta
 
 
 def train_dino(
@@ -652,6 +728,9 @@ def train_dino(
     steps: int | None = None,
     progress: bool = True,
     desc: str = "dino",
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 250,
+    stats: dict[str, Any] | None = None,
 ) -> list[float]:
     """DINO self-distillation of ``model``'s backbone on the (unlabelled) images of ``data``.
 
@@ -667,9 +746,19 @@ def train_dino(
         steps: Overrides ``cfg.steps`` (tests); the schedules are stretched to it.
         progress: Show a tqdm bar.
         desc: Progress bar label.
+        checkpoint: A file where the whole run state (student, teacher, heads, optimizer,
+            centre, random streams, losses) is saved every ``checkpoint_every`` steps and
+            from which a run with the same recipe continues; an interrupted run resumed this
+            way ends exactly as an uninterrupted one. None: no checkpoints.
+        checkpoint_every: Steps between checkpoints.
+        stats: If given, filled with ``seconds`` (training time over every resumed part)
+            and ``resumed_at`` (the steps the run continued from).
 
     Returns:
         The loss of every step.
+
+    Raises:
+        ValueError: An unknown centring, or a checkpoint of another recipe.
     """
     import copy
 
@@ -700,10 +789,47 @@ def train_dino(
     center = torch.zeros(cfg.out_dim, device=device)
     warmup = int(cfg.warmup_frac * steps)
     freeze = min(cfg.freeze_last_layer_steps, steps // 10)
-    batches = _index_batches(len(data), cfg.batch_size, generator)
-    model.train()
+    batches = _IndexBatches(len(data), cfg.batch_size, generator)
+    parts = {"student": model, "head": head, "teacher": t_model, "t_head": t_head}
+    recipe = {**asdict(cfg), "steps": steps, "global_scale": list(cfg.global_scale)}
+    recipe["local_scale"] = list(cfg.local_scale)
     losses: list[float] = []
-    bar = tqdm(range(steps), desc=desc, disable=not progress, dynamic_ncols=True)
+    first, seconds, resumed_at = 0, 0.0, []
+    if checkpoint is not None and Path(checkpoint).is_file():
+        rest, meta = _load_dino_state(Path(checkpoint), parts, opt, recipe)
+        center.copy_(rest["center"])
+        generator.set_state(rest["generator"])
+        batches.order, batches.pos = rest["order"], meta["pos"]
+        losses = rest["losses"].tolist()
+        first, seconds, resumed_at = meta["step"], meta["seconds"], [*meta["resumed_at"]]
+        resumed_at.append(first)
+    t_start = time.perf_counter()
+
+    def save(done: int) -> None:
+        extra = {
+            "center": center,
+            "generator": generator.get_state(),
+            "order": batches.order,
+            "losses": torch.tensor(losses, dtype=torch.float64),
+        }
+        meta = {
+            "step": done,
+            "pos": batches.pos,
+            "seconds": seconds + time.perf_counter() - t_start,
+            "resumed_at": resumed_at,
+            "recipe": recipe,
+        }
+        _save_dino_state(Path(checkpoint), parts, opt, extra, meta)
+
+    model.train()
+    bar = tqdm(
+        range(first, steps),
+        desc=desc,
+        disable=not progress,
+        dynamic_ncols=True,
+        initial=first,
+        total=steps,
+    )
     for step, idx in zip(bar, batches):
         lr = _cosine(step, steps, cfg.lr, cfg.min_lr, warmup)
         for group in opt.param_groups:
@@ -742,6 +868,10 @@ def train_dino(
                 ent = -(pt * pt.clamp_min(1e-12).log()).sum(-1).mean().item()
                 used = pt.argmax(-1).unique().numel()
             bar.set_postfix(loss=f"{sum(losses[-20:]) / 20:.4f}", t_ent=f"{ent:.2f}", used=used)
+        if checkpoint is not None and (step + 1) % checkpoint_every == 0 and step + 1 < steps:
+            save(step + 1)
+    if stats is not None:
+        stats.update(seconds=seconds + time.perf_counter() - t_start, resumed_at=resumed_at)
     model.load_state_dict(t_model.state_dict())  # the teacher is the backbone DINO keeps
     model.eval()
     return losses
@@ -871,7 +1001,9 @@ def train_entry(
         out: Output folder of ``<name>.safetensors`` and ``<name>.json``.
         progress: Show progress bars.
         cache: Folder where the trained backbone is kept (``<name>.backbone.safetensors``)
-            and reused on a rerun, or None.
+            and reused on a rerun, or None. A DINO backbone also keeps its run state there
+            (``<name>.dino-state.safetensors``, every 250 steps): an interrupted run
+            continues from it when rerun with the same recipe.
         heldout_n: Held-out images (tests use fewer).
         whiten_images: Overrides the stem-whitening image count (tests).
         device: Where the networks train (``"cpu"``, ``"cuda"``); the initialisation and the
@@ -899,6 +1031,8 @@ def train_entry(
     data = ShapesDataset(TRAIN_N, TRAIN_SEED, **FINE)
     cached = None if cache is None else cache / f"{entry.name}.backbone.safetensors"
     t0 = time.perf_counter()
+    stats: dict[str, Any] = {}
+    resumed_s = 0.0
     backbone: dict[str, Any] = {
         "name": "backbone",
         "data": {"kwargs": FINE, "seed": TRAIN_SEED, "n_train": TRAIN_N},
@@ -909,7 +1043,15 @@ def train_entry(
         backbone["cached"] = str(cached.name)
         losses: list[float] = []
     elif entry.backbone == "dino":
-        losses = train_dino(model, data, entry.dino, generator, progress=progress)
+        state = None if cache is None else cache / f"{entry.name}.dino-state.safetensors"
+        t_dino = time.perf_counter()
+        losses = train_dino(
+            model, data, entry.dino, generator, progress=progress, checkpoint=state, stats=stats
+        )
+        # earlier parts of a resumed run count too
+        resumed_s = stats["seconds"] - (time.perf_counter() - t_dino)
+        if stats["resumed_at"]:
+            backbone["resumed_at_steps"] = stats["resumed_at"]
     else:
         losses = train_supervised(model, data, entry.supervised, generator, progress=progress)
     if cached is not None and not cached.is_file():
@@ -960,7 +1102,7 @@ def train_entry(
             schedule={"name": "OneCycleLR", "pct_start": 0.1, "anneal_strategy": "cos"},
             augmentation="random horizontal flip",
         )
-    backbone["time_s"] = round(time.perf_counter() - t0, 1)
+    backbone["time_s"] = round(stats.get("seconds", time.perf_counter() - t0), 1)
     if losses:
         backbone["final_loss"] = _tail(losses)
         backbone["first_loss"] = round(losses[0], 5)
@@ -988,7 +1130,7 @@ def train_entry(
     for p in model.parameters():
         p.requires_grad_(False)
     accuracy = heldout_accuracy(model, n=heldout_n)
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start + resumed_s
     state = {k: v.detach().cpu().contiguous().float() for k, v in model.state_dict().items()}
     import timm
 
@@ -1040,7 +1182,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--only", nargs="+", choices=list(ENTRIES), help="train these entries only")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder")
-    p.add_argument("--cache", type=Path, default=None, help="keep/reuse trained backbones here")
+    p.add_argument(
+        "--cache",
+        type=Path,
+        default=None,
+        help="keep/reuse trained backbones here; DINO also keeps its run state here every "
+        "250 steps and continues from it when rerun with the same recipe",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
     p.add_argument(
