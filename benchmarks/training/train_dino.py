@@ -647,16 +647,11 @@ class _IndexBatches:
         return self.order[self.pos - self.batch_size : self.pos]
 
 
-def _index_batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
-    """:class:`_IndexBatches` as a plain iterator."""
-    return _IndexBatches(n, batch_size, generator)
-
-
 def _batches(
     data: ShapesDataset, batch_size: int, generator: torch.Generator
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless ``(images, labels)`` batches of ``data`` in random order (:func:`_index_batches`)."""
-    for idx in _index_batches(len(data), batch_size, generator):
+    """Endless ``(images, labels)`` batches of ``data`` in random order (:class:`_IndexBatches`)."""
+    for idx in _IndexBatches(len(data), batch_size, generator):
         yield _images(data, idx)
 
 
@@ -791,8 +786,7 @@ def train_dino(
     freeze = min(cfg.freeze_last_layer_steps, steps // 10)
     batches = _IndexBatches(len(data), cfg.batch_size, generator)
     parts = {"student": model, "head": head, "teacher": t_model, "t_head": t_head}
-    recipe = {**asdict(cfg), "steps": steps, "global_scale": list(cfg.global_scale)}
-    recipe["local_scale"] = list(cfg.local_scale)
+    recipe = json.loads(json.dumps({**asdict(cfg), "steps": steps}))  # as a checkpoint reads it
     losses: list[float] = []
     first, seconds, resumed_at = 0, 0.0, []
     if checkpoint is not None and Path(checkpoint).is_file():
