@@ -261,7 +261,7 @@ def test_default_models_are_the_fine_models_the_zoo_has():
     from captum_ext import zoo
 
     present = [m for m in pa.FINE_MODELS if m in zoo.available()]
-    assert "shapes-vit-fine" in present
+    assert present == list(pa.FINE_MODELS)  # both fine twins ship
     assert pa.default_models() == present
 
 

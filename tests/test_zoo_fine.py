@@ -17,10 +17,10 @@ from captum_ext import CDAM, TAM, zoo
 from captum_ext.data import shapes
 
 ROOT = Path(__file__).resolve().parents[1]
-NAMES = ("shapes-vit-fine",)
+NAMES = ("shapes-vit-dino", "shapes-vit-fine")
 FINE = dict(layout="free", max_objects=2, size=96, patch=8, min_extent=16, max_extent=40)
 # The held-out accuracies stated in docs/benchmark.md (each record must reach its own).
-STATED = {"shapes-vit-fine": 0.99}
+STATED = {"shapes-vit-dino": 0.93, "shapes-vit-fine": 0.99}
 FRESH_SEED = 987654  # never a training seed
 
 _MODELS: dict[str, torch.nn.Module] = {}
@@ -77,6 +77,22 @@ def test_record_states_a_frozen_backbone_and_a_head_only_probe(name):
         assert backbone["recipe"]["n_local"] >= 2
     else:
         assert rec["backbone_training"] == "supervised"
+
+
+def test_the_twins_differ_only_in_how_the_backbone_was_trained():
+    dino, fine = (zoo.info(n) for n in NAMES)
+    for key in ("library", "arch", "model_kwargs", "data", "classes", "params"):
+        assert dino[key] == fine[key], key
+    assert dino["training"]["init"] == fine["training"]["init"]
+    assert dino["training"]["seed"] == fine["training"]["seed"]
+    assert dino["training"]["data_seeds"] == fine["training"]["data_seeds"]
+    db, dp = dino["training"]["phases"]
+    fb, fp = fine["training"]["phases"]
+    assert db["data"] == fb["data"]  # the same training images (DINO ignores the labels)
+    same_probe = ("trainable", "data", "epochs", "batch_size", "optimizer", "augmentation")
+    assert {k: dp[k] for k in same_probe} == {k: fp[k] for k in same_probe}
+    a, b = _model(NAMES[0]).state_dict(), _model(NAMES[1]).state_dict()
+    assert not torch.equal(a["blocks.0.attn.qkv.weight"], b["blocks.0.attn.qkv.weight"])
 
 
 @pytest.mark.parametrize("name", NAMES)

@@ -130,9 +130,10 @@ class DINOConfig:
     Defaults: the first recipe whose class token learns the classes (run W of
     ``benchmarks/results/training.md``: views recoloured, global crops at 48 px; 5000 steps
     gave held-out 0.437 with the linear head, against 0.031 for run N's recipe without
-    recolouring), stretched to 20000 steps; no ``shapes-vit-dino`` ships yet. ``centering``: ``"centre"`` (DINO's EMA centre)
-    or ``"sinkhorn"`` (DINOv2's Sinkhorn-Knopp); ``koleo``: weight of DINOv2's KoLeo term on
-    the global views' class tokens (0: off); ``colour_mix``: random colour mixing and
+    recolouring), stretched to 20000 steps: the recipe of the shipped ``shapes-vit-dino``
+    (held-out 0.935). ``centering``: ``"centre"`` (DINO's EMA centre) or ``"sinkhorn"``
+    (DINOv2's Sinkhorn-Knopp); ``koleo``: weight of DINOv2's KoLeo term on the global views'
+    class tokens (0: off); ``colour_mix``: random colour mixing and
     inversion instead of the channel permutation (:func:`augment_colour`); ``recolour``: crop
     every view from its own recolouring of the image (``captum_ext.data.recolour``: new
     background, object colours and noise, the layout kept), so that views share only their
