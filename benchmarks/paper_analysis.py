@@ -689,8 +689,8 @@ def markdown_section(result: dict[str, Any], level: int = 2) -> str:
 
 
 def figure(result: dict[str, Any], path: Path) -> Path:
-    """Example maps of one image (first model) and the correlations / sparsities next to the
-    paper's values. Signed maps (CDAM, TAM): diverging, white = 0, ±max|map| per map;
+    """Example maps of one image per model (a row each) and the correlations / sparsities next
+    to the paper's values. Signed maps (CDAM, TAM): diverging, white = 0, ±max|map| per map;
     non-negative maps (AM, RP): white = 0 to max per map; one colour bar per map."""
     import matplotlib
 
@@ -699,52 +699,47 @@ def figure(result: dict[str, Any], path: Path) -> Path:
 
     from captum_ext.viz import cmap_for
 
-    ex = result["models"][0]["example"]
-    image = ex.get("image")
-    if image is None:  # a result read back from JSON: the image is rendered again
-        image = _example_image(result["models"][0])
-    panels = [
-        m
-        for m in (
-            "attention_map",
-            "tam",
-            "relevance",
-            "cdam",
-            "cdam_smooth",
-            "cdam_integrated",
-            "cdam_concept",
-        )
-        if m in ex["maps"]
-    ]
-    signed = {m: m != "attention_map" and m != "relevance" for m in panels}
-    fig = plt.figure(figsize=(2.0 * (len(panels) + 1), 6.2))
-    gs = fig.add_gridspec(2, len(panels) + 1, height_ratios=[1.0, 1.1], hspace=0.55)
-    ax = fig.add_subplot(gs[0, 0])
-    ax.imshow(np.asarray(image), interpolation="nearest")
-    ax.set_title(f"image (class {ex['class']})", fontsize=8)
-    ax.axis("off")
-    for i, m in enumerate(panels):
-        a = fig.add_subplot(gs[0, i + 1])
-        v = np.asarray(ex["maps"][m])
-        lim = float(np.abs(v).max()) or 1.0
-        im = a.imshow(
-            v,
-            cmap=cmap_for(signed[m]),
-            vmin=-lim if signed[m] else 0.0,
-            vmax=lim,
-            interpolation="nearest",
-        )
-        a.set_title(MAP_LABELS[m], fontsize=8)
-        a.axis("off")
-        bar = fig.colorbar(im, ax=a, orientation="horizontal", fraction=0.06, pad=0.04)
-        bar.ax.tick_params(labelsize=6)
-        unit = METHODS[m].unit if m in METHODS else METHODS["cdam"].unit
-        if m == "cdam_concept":
-            unit = "similarity × activation"
-        bar.set_label(unit, fontsize=6)
+    order = ("attention_map", "tam", "relevance", "cdam", "cdam_smooth", "cdam_integrated")
+    order += ("cdam_concept",)
+    models = result["models"]
+    n_cols = 1 + max(sum(m in model["example"]["maps"] for m in order) for model in models)
+    fig = plt.figure(figsize=(2.0 * n_cols, 2.6 * len(models) + 3.6))
+    gs = fig.add_gridspec(
+        len(models) + 1, n_cols, height_ratios=[1.0] * len(models) + [1.1], hspace=0.6
+    )
+    for row, model in enumerate(models):
+        ex = model["example"]
+        image = ex.get("image")
+        if image is None:  # a result read back from JSON: the image is rendered again
+            image = _example_image(model)
+        ax = fig.add_subplot(gs[row, 0])
+        ax.imshow(np.asarray(image), interpolation="nearest")
+        ax.set_title(f"{model['model']}\nimage (class {ex['class']})", fontsize=8)
+        ax.axis("off")
+        panels = [m for m in order if m in ex["maps"]]
+        for i, m in enumerate(panels):
+            signed = m not in ("attention_map", "relevance")
+            a = fig.add_subplot(gs[row, i + 1])
+            v = np.asarray(ex["maps"][m])
+            lim = float(np.abs(v).max()) or 1.0
+            im = a.imshow(
+                v,
+                cmap=cmap_for(signed),
+                vmin=-lim if signed else 0.0,
+                vmax=lim,
+                interpolation="nearest",
+            )
+            a.set_title(MAP_LABELS[m], fontsize=8)
+            a.axis("off")
+            bar = fig.colorbar(im, ax=a, orientation="horizontal", fraction=0.06, pad=0.04)
+            bar.ax.tick_params(labelsize=6)
+            unit = METHODS[m].unit if m in METHODS else METHODS["cdam"].unit
+            if m == "cdam_concept":
+                unit = "similarity × activation"
+            bar.set_label(unit, fontsize=6)
     # bars: the paper table's r and sparsity rows
     rows = [r for r in ROWS if r[0] in ("pearson_tam", "pearson_am", "sparsity")]
-    ax = fig.add_subplot(gs[1, :])
+    ax = fig.add_subplot(gs[len(models), :])
     series = [("paper", [PAPER[q].get(k) for q, k, _ in rows], None)]
     series += [
         (
@@ -785,9 +780,9 @@ def figure(result: dict[str, Any], path: Path) -> Path:
         "correlations and sparsity: paper (hatched; missing = not found) and each model", fontsize=8
     )
     fig.suptitle(
-        f"{result['models'][0]['model']}: maps of one image on the token grid. Signed maps "
-        "(TAM, CDAM variants): green = for the class, red = against, white = 0, ±max|map|; "
-        "AM, RP: white = 0 to max. One colour bar per map.",
+        "Maps of one image per model on its token grid. Signed maps (TAM, CDAM variants): "
+        "green = for the class, red = against, white = 0, ±max|map|; AM, RP: white = 0 to "
+        "max. One colour bar per map.",
         fontsize=8,
     )
     fig.savefig(path, dpi=130, bbox_inches="tight")

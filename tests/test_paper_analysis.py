@@ -212,6 +212,17 @@ def test_from_json_renders_the_same_markdown_and_the_figure(tiny, tmp_path):
     assert (tmp_path / "paper_analysis.png").stat().st_size > 10_000
 
 
+def test_figure_has_one_row_of_example_maps_per_model(tiny, tmp_path):
+    from PIL import Image
+
+    _, result = tiny
+    second = {**result["models"][0], "model": "renamed"}
+    one = pa.figure(result, tmp_path / "one.png")
+    two = pa.figure({**result, "models": [*result["models"], second]}, tmp_path / "two.png")
+    (w1, h1), (w2, h2) = Image.open(one).size, Image.open(two).size
+    assert w1 == w2 and h2 > h1 * 1.3  # a further row of maps, the same columns
+
+
 def test_run_refuses_unknown_and_non_vit_models():
     with pytest.raises(ValueError, match="not found"):
         pa.run(["no-such-model"], n=2)
