@@ -699,8 +699,15 @@ def figure(result: dict[str, Any], path: Path) -> Path:
 
     from captum_ext.viz import cmap_for
 
-    order = ("attention_map", "tam", "relevance", "cdam", "cdam_smooth", "cdam_integrated")
-    order += ("cdam_concept",)
+    order = (
+        "attention_map",
+        "tam",
+        "relevance",
+        "cdam",
+        "cdam_smooth",
+        "cdam_integrated",
+        "cdam_concept",
+    )
     models = result["models"]
     n_cols = 1 + max(sum(m in model["example"]["maps"] for m in order) for model in models)
     fig = plt.figure(figsize=(2.0 * n_cols, 2.6 * len(models) + 3.6))
