@@ -280,11 +280,11 @@ def test_colour_mixing_keeps_range_and_edges_and_parse_field_reads_booleans():
 
 def test_dino_overrides_parse_fields_and_refuse_unknown_ones():
     td = _script()
-    over = td.dino_overrides(["lr=0.001", "colour_mix=1", "global_scale=0.5,1"])
+    over = td.config_overrides(["lr=0.001", "colour_mix=1", "global_scale=0.5,1"])
     assert over == {"lr": 0.001, "colour_mix": True, "global_scale": (0.5, 1.0)}
     for bad in ("no_such_field=1", "lr"):
         with pytest.raises(ValueError, match="expected KEY=VALUE with a DINOConfig field"):
-            td.dino_overrides([bad])
+            td.config_overrides([bad])
 
 
 def test_recoloured_views_share_only_the_layout_and_global_size_resamples_them():
@@ -312,7 +312,7 @@ def test_recoloured_views_share_only_the_layout_and_global_size_resamples_them()
         assert step[masks[..., 1:] ^ masks[..., :-1]].mean() > 0.2  # objects keep their edges
     views = td._views(bases, cfg, torch.Generator().manual_seed(1))
     assert [v.shape[-1] for v in views] == [16, 16, 8, 8]
-    assert td.dino_overrides(["recolour=1", "global_size=48"]) == {
+    assert td.config_overrides(["recolour=1", "global_size=48"]) == {
         "recolour": True,
         "global_size": 48,
     }

@@ -7,6 +7,7 @@ a linear head trained alone; they differ only in how the backbone was trained.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -146,6 +147,45 @@ def test_train_entry_runs_end_to_end_on_a_tiny_recipe(tmp_path):
     assert (tmp_path / "tiny-dino.safetensors").is_file()
     model = zoo.load("tiny-dino", directory=tmp_path)
     assert model(torch.rand(1, 3, 96, 96)).shape == (1, 4)
+
+
+@pytest.mark.slow
+def test_a_cached_backbone_gives_the_same_entry_and_keeps_its_training_record(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    td = _script()
+    entry = _tiny_entry(td, "tiny-dino")
+    cache = tmp_path / "cache"
+    kw = dict(progress=False, cache=cache, heldout_n=16, whiten_images=16)
+    first = td.train_entry(entry, tmp_path / "a", **kw)
+    again = td.train_entry(entry, tmp_path / "b", **kw)  # backbone read from the cache
+    a = load_file(tmp_path / "a" / "tiny-dino.safetensors")
+    b = load_file(tmp_path / "b" / "tiny-dino.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # head included
+    (p1, _), (p2, h2) = first["training"]["phases"], again["training"]["phases"]
+    assert "cached" not in p1 and p2["cached"] == "tiny-dino.backbone.safetensors"
+    for key in ("time_s", "final_loss", "first_loss"):
+        assert p2[key] == p1[key], key
+    assert again["train_time_s"] >= p1["time_s"] + h2["time_s"]
+    assert again["heldout"] == first["heldout"]
+    # another recipe, or a backbone file without its record, is refused in one line
+    other = replace(entry, dino=replace(entry.dino, steps=3))
+    with pytest.raises(ValueError, match=r"another recipe \(differs in steps\)"):
+        td.train_entry(other, tmp_path / "c", **kw)
+    bare = cache / "tiny-dino.backbone.safetensors"
+    save_file(load_file(bare), bare)
+    with pytest.raises(ValueError, match="carries no training record"):
+        td.train_entry(entry, tmp_path / "c", **kw)
+
+
+def test_probe_overrides_parse_probe_fields():
+    td = _script()
+    assert td.config_overrides(["n_train=16384", "lr=0.001"], td.ProbeConfig) == {
+        "n_train": 16384,
+        "lr": 0.001,
+    }
+    with pytest.raises(ValueError, match="expected KEY=VALUE with a ProbeConfig field"):
+        td.config_overrides(["steps=3"], td.ProbeConfig)
 
 
 @pytest.mark.slow

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
-        over = td.dino_overrides(args.overrides)
+        over = td.config_overrides(args.overrides)
     except ValueError as err:
         p.error(str(err))
     cfg = replace(td.DINOConfig(), **over)

@@ -1,6 +1,7 @@
 """Train the fine-resolution zoo ViTs: a DINO self-supervised backbone and its supervised twin.
 
     python benchmarks/training/train_dino.py [--only NAME ...] [--out captum_ext/zoo/weights]
+        [--cache DIR] [--threads 1] [--device cpu] [--dino KEY=VALUE ...] [--probe KEY=VALUE ...]
 
 Two entries on the fine benchmark data (``FINE``: 96 x 96 px, patch 8, a 12 x 12 token grid,
 free layout, 1 or 2 objects of extent 16..40 px):
@@ -30,7 +31,8 @@ jitter, channel permutation, greyscale, solarisation of the second global view);
 ``recolour`` (the default) every view is cropped from its own recolouring of the image
 (``captum_ext.data.recolour``), so that colour, which carries no class information in this
 data, cannot be matched between views at all. ``--cache`` keeps the run state every 250
-steps; an interrupted run continues from it.
+steps (an interrupted run continues from it) and the trained backbone with its training
+record (a rerun, e.g. with another head recipe via ``--probe``, reuses it).
 
 Measured accuracies, times and file sizes: ``benchmarks/results/training.md``; every record
 holds its own.
@@ -76,8 +78,8 @@ __all__ = [
     "FineEntry",
     "ProbeConfig",
     "augment_colour",
+    "config_overrides",
     "dino_loss",
-    "dino_overrides",
     "forward_tokens",
     "koleo_loss",
     "linear_probe",
@@ -377,20 +379,21 @@ def new_model(whiten: dict[str, Any] = _WHITEN) -> nn.Module:
     return model
 
 
-def dino_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """``DINOConfig`` field values from ``KEY=VALUE`` texts (:func:`parse_field`).
+def config_overrides(items: Sequence[str], config: type = DINOConfig) -> dict[str, Any]:
+    """Field values of the recipe dataclass ``config`` (``DINOConfig`` or ``ProbeConfig``)
+    from ``KEY=VALUE`` texts (:func:`parse_field`).
 
     Raises:
         ValueError: An item without ``=``, an unknown field (the message lists the fields) or
             a value its field cannot take.
     """
-    kinds = {f.name: type(getattr(DINOConfig(), f.name)) for f in fields(DINOConfig)}
+    kinds = {f.name: type(getattr(config(), f.name)) for f in fields(config)}
     over: dict[str, Any] = {}
     for item in items:
         key, eq, value = item.partition("=")
         if not eq or key not in kinds:
             raise ValueError(
-                f"expected KEY=VALUE with a DINOConfig field, got {item!r}; fields: "
+                f"expected KEY=VALUE with a {config.__name__} field, got {item!r}; fields: "
                 f"{', '.join(kinds)}"
             )
         over[key] = parse_field(kinds[key], value)
@@ -995,8 +998,13 @@ def train_entry(
         entry: The entry.
         out: Output folder of ``<name>.safetensors`` and ``<name>.json``.
         progress: Show progress bars.
-        cache: Folder where the trained backbone is kept (``<name>.backbone.safetensors``)
-            and reused on a rerun, or None. A DINO backbone also keeps its run state there
+        cache: Folder where the trained backbone is kept (``<name>.backbone.safetensors``,
+            with its recipe and training record in the safetensors metadata) and reused on
+            a rerun, or None. A reused backbone's record (time, losses, resumptions) goes
+            into the new record and its time into ``train_time_s``; one trained with another
+            recipe, or without a record, raises ``ValueError``. The head's random streams
+            restart from the entry's seed, so a reused backbone gives the same entry as one
+            trained in the run. A DINO backbone also keeps its run state there
             (``<name>.dino-state.safetensors``, every 250 steps): an interrupted run
             continues from it when rerun with the same recipe.
         heldout_n: Held-out images (tests use fewer).
@@ -1033,7 +1041,9 @@ def train_entry(
         "data": {"kwargs": FINE, "seed": TRAIN_SEED, "n_train": TRAIN_N},
         "init": whiten,
     }
+    cached_phase: dict[str, Any] = {}
     if cached is not None and cached.is_file():
+        cached_phase = _cached_backbone_phase(cached, entry)
         model.load_state_dict(load_file(cached, device=str(device)))
         backbone["cached"] = str(cached.name)
         losses: list[float] = []
@@ -1049,9 +1059,6 @@ def train_entry(
             backbone["resumed_at_steps"] = stats["resumed_at"]
     else:
         losses = train_supervised(model, data, entry.supervised, generator, progress=progress)
-    if cached is not None and not cached.is_file():
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.cpu().contiguous() for k, v in model.state_dict().items()}, cached)
     if entry.backbone == "dino":
         backbone.update(
             objective="DINO self-distillation (labels unused)",
@@ -1101,13 +1108,24 @@ def train_entry(
     if losses:
         backbone["final_loss"] = _tail(losses)
         backbone["first_loss"] = round(losses[0], 5)
-    backbone_acc = None
-    if entry.backbone == "supervised":
-        backbone_acc = round(heldout_accuracy(model, n=heldout_n), 5)
-        backbone["heldout_accuracy_own_head"] = backbone_acc
+    if entry.backbone == "supervised" and not cached_phase:
+        backbone["heldout_accuracy_own_head"] = round(heldout_accuracy(model, n=heldout_n), 5)
+    if cached_phase:  # the cached backbone's own training, as its run recorded it
+        backbone.update(cached_phase)
+        resumed_s = cached_phase["time_s"]
+    elif cached is not None:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        kept = {k: backbone[k] for k in _CACHED_PHASE_KEYS if k in backbone}
+        meta = {"phase": json.dumps(kept), "recipe": json.dumps(_backbone_recipe(entry))}
+        state = {k: v.cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, cached, metadata=meta)
 
+    # The head's randomness does not depend on how the backbone was obtained (trained here or
+    # read from the cache): both streams start again from the entry's seed.
+    torch.manual_seed(entry.seed + 1)
     t0 = time.perf_counter()
-    probe_losses = linear_probe(model, entry.probe, generator, progress=progress)
+    probe_generator = torch.Generator().manual_seed(entry.seed + 1)
+    probe_losses = linear_probe(model, entry.probe, probe_generator, progress=progress)
     probe = {
         "name": "linear-probe",
         "objective": "multilabel (sigmoid/BCE)",
@@ -1160,6 +1178,47 @@ def train_entry(
     return verify_checkpoint(paths.record, expect={"name": entry.name})
 
 
+_CACHED_PHASE_KEYS = (
+    "time_s",
+    "final_loss",
+    "first_loss",
+    "resumed_at_steps",
+    "heldout_accuracy_own_head",
+)
+
+
+def _backbone_recipe(entry: FineEntry) -> dict[str, Any]:
+    """What a cached backbone must have been trained with to stand in for ``entry``'s."""
+    recipe = asdict(entry.dino) if entry.backbone == "dino" else asdict(entry.supervised)
+    return {"backbone": entry.backbone, "seed": entry.seed, **recipe}
+
+
+def _cached_backbone_phase(path: Path, entry: FineEntry) -> dict[str, Any]:
+    """The training record kept with a cached backbone (time, losses, resumptions).
+
+    Raises:
+        ValueError: The file carries no record (written before backbones kept one) or was
+            trained with another recipe; one line naming the file.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if "phase" not in meta or "recipe" not in meta:
+        raise ValueError(
+            f"cached backbone {path} carries no training record; delete it to train again"
+        )
+    want = json.loads(json.dumps(_backbone_recipe(entry)))  # tuples as lists, as stored
+    have = json.loads(meta["recipe"])
+    if have != want:
+        differ = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+        raise ValueError(
+            f"cached backbone {path} was trained with another recipe "
+            f"(differs in {', '.join(differ)}); delete it or use another --cache"
+        )
+    return json.loads(meta["phase"])
+
+
 def parse_field(kind: type, value: str) -> Any:
     """A ``DINOConfig`` value from its command-line text (``KEY=VALUE``): tuples as
     comma-separated floats, booleans as ``1/0/true/false``."""
@@ -1193,18 +1252,27 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="KEY=VALUE",
         help="override DINOConfig fields (experiments; the shipped entry uses the defaults)",
     )
+    p.add_argument(
+        "--probe",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override ProbeConfig fields of every entry trained (experiments; e.g. n_train=16384)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     failed = []
     for name in args.only or list(ENTRIES):
         entry = ENTRIES[name]
-        if args.dino:
-            try:
-                over = dino_overrides(args.dino)
-            except ValueError as err:
-                p.error(str(err))
-            entry = replace(entry, dino=replace(entry.dino, **over))
+        try:
+            dino = config_overrides(args.dino, DINOConfig)
+            probe = config_overrides(args.probe, ProbeConfig)
+        except ValueError as err:
+            p.error(str(err))
+        entry = replace(
+            entry, dino=replace(entry.dino, **dino), probe=replace(entry.probe, **probe)
+        )
         rec = train_entry(entry, args.out, not args.no_progress, args.cache, device=args.device)
         acc = rec["heldout"]["accuracy"]
         print(
