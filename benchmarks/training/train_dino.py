@@ -684,6 +684,14 @@ def _save_dino_state(
     os.replace(tmp, path)
 
 
+def _require_recipe(have: dict[str, Any], want: dict[str, Any], what: str, remedy: str) -> None:
+    """Raise ``ValueError("<what> (differs in <fields>); <remedy>")`` unless the recipe a file
+    recorded (``have``) is the one wanted."""
+    if have != want:
+        differ = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+        raise ValueError(f"{what} (differs in {', '.join(differ)}); {remedy}")
+
+
 def _load_dino_state(
     path: Path, parts: dict[str, nn.Module], opt: torch.optim.Optimizer, recipe: dict[str, Any]
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -698,12 +706,12 @@ def _load_dino_state(
 
     with safe_open(str(path), "pt") as f:
         meta = json.loads(f.metadata()["dino_state"])
-    if meta["recipe"] != recipe:
-        changed = sorted(k for k in recipe if meta["recipe"].get(k) != recipe[k])
-        raise ValueError(
-            f"DINO checkpoint {path} belongs to another recipe (differs in "
-            f"{', '.join(changed)}); delete it or train with its recipe"
-        )
+    _require_recipe(
+        meta["recipe"],
+        recipe,
+        f"DINO checkpoint {path} belongs to another recipe",
+        "delete it or train with its recipe",
+    )
     tensors = load_file(str(path))
     for name, module in parts.items():
         own = {k[len(name) + 1 :]: v for k, v in tensors.items() if k.startswith(name + ".")}
@@ -1208,14 +1216,12 @@ def _cached_backbone_phase(path: Path, entry: FineEntry) -> dict[str, Any]:
         raise ValueError(
             f"cached backbone {path} carries no training record; delete it to train again"
         )
-    want = json.loads(json.dumps(_backbone_recipe(entry)))  # tuples as lists, as stored
-    have = json.loads(meta["recipe"])
-    if have != want:
-        differ = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
-        raise ValueError(
-            f"cached backbone {path} was trained with another recipe "
-            f"(differs in {', '.join(differ)}); delete it or use another --cache"
-        )
+    _require_recipe(
+        json.loads(meta["recipe"]),
+        json.loads(json.dumps(_backbone_recipe(entry))),  # tuples as lists, as stored
+        f"cached backbone {path} was trained with another recipe",
+        "delete it or use another --cache",
+    )
     return json.loads(meta["phase"])
 
 
