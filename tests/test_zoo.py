@@ -34,9 +34,6 @@ ENTRIES = (*IMAGE, "text-bert")
 # 96 px, 12 x 12 tokens (benchmarks/training/train_dino.py)
 FINE = ("shapes-vit-dino", "shapes-vit-fine")
 TRANSFORMERS = (*IMAGE[1:], "text-bert")
-# Held-out exact-set accuracy each entry must reach: 0.95, except shapes-vit-dino (0.935 stated
-# in docs/benchmark.md; its fresh-data check, with sampling error, is in test_zoo_fine.py).
-MIN_ACCURACY = {"shapes-vit-dino": 0.93}
 
 _MODELS: dict[str, torch.nn.Module] = {}
 
@@ -86,7 +83,7 @@ def test_info_and_data_kwargs_match_the_shipped_json(name):
     script = "training/train_dino.py" if name in FINE else "train_zoo.py"
     assert rec["command"] == f"python benchmarks/{script} --only {name}"
     assert rec["train_time_s"] > 0
-    assert rec["heldout"]["accuracy"] >= MIN_ACCURACY.get(name, 0.95)
+    assert rec["heldout"]["accuracy"] >= 0.95
     assert HELDOUT_SEED not in rec["training"]["data_seeds"]
     assert rec["heldout"]["seed"] not in rec["training"]["data_seeds"]
     assert isinstance(rec["training"]["seed"], int)
@@ -115,9 +112,11 @@ def test_linear_probe_entry_records_frozen_backbone_and_head_phases():
         assert torch.equal(a, b) != k.startswith("head."), k  # same backbone, new head
 
 
-@pytest.mark.parametrize("name", [n for n in IMAGE if n not in MIN_ACCURACY])
+@pytest.mark.parametrize("name", IMAGE)
 def test_image_models_reach_95_percent_set_accuracy_on_fresh_data(name):
-    batch = shapes(256, HELDOUT_SEED, **zoo.data_kwargs(name))
+    # 1024 images: at the lowest stated accuracy (0.971) a 256-image slice has a standard
+    # error of 0.010, too coarse to check a 0.95 floor.
+    batch = shapes(1024, HELDOUT_SEED, **zoo.data_kwargs(name))
     with torch.no_grad():
         logits = _model(name)(batch.images)
     correct = ((logits > 0) == (batch.labels > 0.5)).all(dim=1).float().mean().item()
