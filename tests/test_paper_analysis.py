@@ -300,3 +300,81 @@ def test_merge_combines_runs_of_different_models_and_refuses_overlaps(tiny, tmp_
     with pytest.raises(SystemExit, match="differ in \\(seed, images\\)"):
         pa.main(["--merge", argv[1], str(tmp_path / "c.json"), "--out", str(tmp_path / "y")])
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+# The stated tables of docs/cdam_paper.md against the committed run they quote.
+_DOC_ROWS = {
+    "CDAM": "cdam",
+    "smooth CDAM (32 samples)": "cdam_smooth",
+    "integrated CDAM (32 steps)": "cdam_integrated",
+    "concept CDAM (8 examples)": "cdam_concept",
+    "TAM": "tam",
+    "RP": "relevance",
+    "AM": "attention_map",
+}
+_DOC_COLUMNS = (
+    "pointing_game",
+    "relevance_mass_accuracy",
+    "discrimination_score",
+    "deletion_auc",
+    "insertion_auc",
+)
+
+
+def _committed_fine_run() -> dict:
+    payload = json.loads((BENCH / "results" / "paper_analysis.json").read_text())
+    return {m["model"]: m for m in payload["models"]}
+
+
+def _doc_section() -> str:
+    text = (BENCH.parent / "docs" / "cdam_paper.md").read_text()
+    start = text.index("## Results at 96 px")
+    return text[start : text.index("\n## ", start + 1)]
+
+
+def test_cdam_paper_doc_states_the_committed_96px_metrics():
+    runs = _committed_fine_run()
+    assert list(runs) == ["shapes-vit-dino", "shapes-vit-fine"]
+    rows = {}
+    for line in _doc_section().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split(" | ")]
+        if cells and cells[0] in _DOC_ROWS:
+            rows[cells[0]] = cells[1:]
+    assert set(rows) == set(_DOC_ROWS)
+    for label, key in _DOC_ROWS.items():
+        assert len(rows[label]) == len(_DOC_COLUMNS), label
+        for cell, metric in zip(rows[label], _DOC_COLUMNS, strict=True):
+            dino, fine = (float(v.replace("*", "")) for v in cell.split("\\|"))
+            for stated, model in ((dino, "shapes-vit-dino"), (fine, "shapes-vit-fine")):
+                mean = runs[model]["metrics"][key][metric]["mean"]
+                assert abs(stated - mean) <= 0.005 + 1e-9, (label, metric, model, stated, mean)
+
+
+def test_cdam_paper_doc_states_the_committed_claim_verdicts():
+    runs = _committed_fine_run()
+    lines = _doc_section().splitlines()
+    head = next(i for i, row in enumerate(lines) if row.startswith("| the paper's claim |"))
+    claims = runs["shapes-vit-dino"]["claims"]
+    rows = lines[head + 2 : head + 2 + len(claims)]  # the table lists them in the run's order
+    for row, claim in zip(rows, claims, strict=True):
+        dino, fine = row.strip().strip("|").split(" | ")[1:]
+        for cell, model in ((dino, "shapes-vit-dino"), (fine, "shapes-vit-fine")):
+            verdict = next(c for c in runs[model]["claims"] if c["key"] == claim["key"])["verdict"]
+            assert cell.startswith(f"**{verdict}"), (claim["claim"], model, cell)
+
+
+def test_readme_method_guide_states_the_committed_96px_pointing():
+    runs = _committed_fine_run()
+
+    def pg(model: str, key: str) -> str:
+        return f"{runs[f'shapes-vit-{model}']['metrics'][key]['pointing_game']['mean']:.2f}"
+
+    readme = (BENCH.parent / "README.md").read_text()
+    for phrase in (
+        f"{pg('fine', 'cdam')} at 12 × 12 tokens (TAM {pg('fine', 'tam')})",
+        f"a DINO backbone with a linear head ({pg('dino', 'cdam')}, TAM {pg('dino', 'tam')})",
+        f"best on the DINO ViT ({pg('dino', 'tam')}), {pg('fine', 'tam')} on its supervised twin",
+        f"best at 12 × 12 ({pg('fine', 'relevance')})",
+        f"{pg('dino', 'relevance')} on the DINO ViT",
+    ):
+        assert phrase in readme, phrase
