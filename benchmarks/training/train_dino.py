@@ -133,9 +133,9 @@ class DINOConfig:
     ``benchmarks/results/training.md``: views recoloured, global crops at 48 px; 5000 steps
     gave held-out 0.437 with the linear head, against 0.031 for run N's recipe without
     recolouring), stretched to 20000 steps: the recipe of the shipped ``shapes-vit-dino``
-    (held-out 0.971 with the 16384-image head). ``centering``: ``"centre"`` (DINO's EMA centre) or ``"sinkhorn"``
-    (DINOv2's Sinkhorn-Knopp); ``koleo``: weight of DINOv2's KoLeo term on the global views'
-    class tokens (0: off); ``colour_mix``: random colour mixing and
+    (held-out 0.971 with the 16384-image head). ``centering``: ``"centre"`` (DINO's EMA
+    centre) or ``"sinkhorn"`` (DINOv2's Sinkhorn-Knopp); ``koleo``: weight of DINOv2's KoLeo
+    term on the global views' class tokens (0: off); ``colour_mix``: random colour mixing and
     inversion instead of the channel permutation (:func:`augment_colour`); ``recolour``: crop
     every view from its own recolouring of the image (``captum_ext.data.recolour``: new
     background, object colours and noise, the layout kept), so that views share only their
@@ -186,9 +186,8 @@ class ProbeConfig:
 
     Adam, random resized crop (``scale``) and horizontal flip, ``epochs`` epochs over
     ``n_train`` images (16384: why, in ``benchmarks/results/training.md``), BCE on the four
-    classes. The crop scale is narrower than torchvision's
-    default (0.08..1) because the labels of a multi-object image stay true only while the crop
-    keeps every object.
+    classes. The crop scale is narrower than torchvision's default (0.08..1) because the
+    labels of a multi-object image stay true only while the crop keeps every object.
     """
 
     epochs: int = 10
