@@ -1226,8 +1226,8 @@ def _cached_backbone_phase(path: Path, entry: FineEntry) -> dict[str, Any]:
 
 
 def parse_field(kind: type, value: str) -> Any:
-    """A ``DINOConfig`` value from its command-line text (``KEY=VALUE``): tuples as
-    comma-separated floats, booleans as ``1/0/true/false``."""
+    """A ``DINOConfig`` or ``ProbeConfig`` value from its command-line text (``KEY=VALUE``):
+    tuples as comma-separated floats, booleans as ``1/0/true/false``."""
     if kind is tuple:
         return tuple(map(float, value.split(",")))
     if kind is bool:
@@ -1263,22 +1263,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         nargs="*",
         default=[],
         metavar="KEY=VALUE",
-        help="override ProbeConfig fields of every entry trained (experiments; e.g. n_train=16384)",
+        help="override ProbeConfig fields of every entry trained (experiments; e.g. n_train=4096)",
     )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    try:
+        dino = config_overrides(args.dino, DINOConfig)
+        probe = config_overrides(args.probe, ProbeConfig)
+    except ValueError as err:
+        p.error(str(err))
     failed = []
     for name in args.only or list(ENTRIES):
-        entry = ENTRIES[name]
-        try:
-            dino = config_overrides(args.dino, DINOConfig)
-            probe = config_overrides(args.probe, ProbeConfig)
-        except ValueError as err:
-            p.error(str(err))
-        entry = replace(
-            entry, dino=replace(entry.dino, **dino), probe=replace(entry.probe, **probe)
-        )
+        base = ENTRIES[name]
+        entry = replace(base, dino=replace(base.dino, **dino), probe=replace(base.probe, **probe))
         rec = train_entry(entry, args.out, not args.no_progress, args.cache, device=args.device)
         acc = rec["heldout"]["accuracy"]
         print(
